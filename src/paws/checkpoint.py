@@ -1,0 +1,119 @@
+"""Checkpoints: written atomically, read without unpickling arbitrary objects.
+
+A checkpoint is a dict of tensors and plain Python values. It is written to a temporary file in
+the same folder, flushed and fsynced, then renamed over the old one, so a crash or a full disk
+mid-write leaves the previous checkpoint intact. Reading uses ``torch.load(weights_only=True)``,
+which refuses pickled code.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from paws.errors import UserError
+
+__all__ = ["save", "load", "rng_state", "set_rng_state", "FORMAT_VERSION"]
+
+FORMAT_VERSION = 1
+
+
+def save(state: dict[str, Any], path: str | Path) -> None:
+    """Write ``state`` to ``path`` atomically (temporary file, fsync, rename).
+
+    Raises:
+        UserError: when the write fails (e.g. the disk is full); the old file is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as e:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise UserError(
+            f"could not write checkpoint {path}: {e.strerror or e}; "
+            "the previous checkpoint is intact"
+        ) from e
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint with ``weights_only=True``.
+
+    Raises:
+        UserError: if the file is missing, corrupt, or holds anything but tensors and plain
+            values (e.g. a file crafted to run code when unpickled).
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / "last.pt"
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure means an unusable file
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            first = "it holds objects other than tensors and plain values, refused for safety"
+        raise UserError(f"cannot load checkpoint {path}: {first}") from e
+    if not isinstance(state, dict) or "model" not in state:
+        raise UserError(f"{path} is not a paws checkpoint")
+    return state
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, NumPy and torch RNG states, as tensors and plain values."""
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": list(random.getstate()[1]),
+        "python_version": random.getstate()[0],
+        "python_gauss": random.getstate()[2],
+        "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
+        "numpy_pos": int(np_state[2]),
+        "numpy_gauss": [int(np_state[3]), float(np_state[4])],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` saved."""
+    random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
+    np.random.set_state(
+        (
+            "MT19937",
+            state["numpy"].numpy().astype(np.uint32),
+            state["numpy_pos"],
+            state["numpy_gauss"][0],
+            state["numpy_gauss"][1],
+        )
+    )
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,265 @@
+"""The ``paws`` command: thin wrappers that parse arguments and call the library.
+
+Mistakes a user can make end in one line on stderr and exit status 2 (``--debug`` shows the
+traceback); interrupted training exits with 128 + the signal number after saving a checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from paws.errors import UserError
+
+__all__ = ["main", "COMMANDS"]
+
+COMMANDS: dict[
+    str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
+] = {}
+
+
+def command(name: str, help: str):  # noqa: A002 - argparse's word
+    """Register ``paws NAME``: decorate a function that adds arguments and returns a runner."""
+
+    def register(add_args: Callable[[argparse.ArgumentParser], Callable]) -> Callable:
+        COMMANDS[name] = (add_args, help)  # type: ignore[assignment]
+        return add_args
+
+    return register
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--config",
+        metavar="FILE",
+        help="YAML config file or recipe name "
+        "(fashion_mnist, cifar10_wrn28_2, imagenet_resnet50_10pct, ...); default: "
+        "the Fashion-MNIST CPU recipe",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set optim.epochs=20 (repeatable)",
+    )
+
+
+def _load(args: argparse.Namespace):
+    from paws.config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def _default_out(prefix: str, dataset: str) -> Path:
+    return Path("runs") / f"{prefix}-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _print_json(obj: object) -> None:
+    print(json.dumps(obj, indent=2))
+
+
+@command("train", "pre-train PAWS (default: Fashion-MNIST with 10 labels per class)")
+def _train_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
+    _config_args(p)
+    p.add_argument("--out", metavar="RUN_DIR", help="run directory (default: runs/paws-...)")
+    p.add_argument(
+        "--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint"
+    )
+
+    def run(args: argparse.Namespace) -> int:
+        from paws import distributed
+        from paws.config import load_config
+        from paws.train import train
+
+        if args.resume:
+            run_dir = Path(args.resume)
+            if not (run_dir / "config.yaml").is_file():
+                raise UserError(f"{run_dir} is not a run directory (no config.yaml)")
+            cfg = load_config(args.config or run_dir / "config.yaml", args.overrides)
+            out = run_dir
+        else:
+            cfg = _load(args)
+            out = Path(args.out) if args.out else _default_out("paws", cfg.data.dataset)
+            out = Path(distributed.broadcast_object(str(out)))
+        try:
+            result = train(cfg, out, resume=bool(args.resume))
+        finally:
+            distributed.destroy()
+        if result["status"] == "interrupted":
+            return 128 + int(result.get("signal") or 2)
+        ev = result["eval"]
+        if ev is not None:
+            print(
+                f"PAWS-NN test accuracy: top-1 {ev['top1']:.2f}%  top-5 {ev['top5']:.2f}%  "
+                f"({ev['num_query']} test images, {ev['num_support']} labelled supports)"
+            )
+        print(f"run saved in {out}")
+        return 0
+
+    return run
+
+
+def _model_from(path: str, overrides: list[str]):
+    """Load a checkpoint's config (with overrides) and model."""
+    from paws import checkpoint
+    from paws.config import apply_overrides, from_dict
+    from paws.train import build_model
+
+    state = checkpoint.load(path)
+    cfg = from_dict(apply_overrides(state["config"], overrides))
+    return state, cfg, build_model
+
+
+@command("eval", "PAWS-NN accuracy of a checkpoint (labelled images as support)")
+def _eval_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
+    p.add_argument("checkpoint", help="checkpoint file or run directory")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set data.root=/data/fmnist",
+    )
+    p.add_argument("--features", choices=["head", "trunk"], help="embedding to classify")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    def run(args: argparse.Namespace) -> int:
+        from paws.data import load_datasets
+        from paws.evaluate import paws_nn
+        from paws.train import setup_runtime
+
+        overrides = list(args.overrides)
+        if args.features:
+            overrides.append(f"eval.features={args.features}")
+        state, cfg, build_model = _model_from(args.checkpoint, overrides)
+        device = setup_runtime(cfg)
+        data = load_datasets(cfg)
+        if data.test is None:
+            raise UserError("no test set to evaluate: set data.test to a <class>/<image> folder")
+        model = build_model(cfg, data.channels)
+        model.load_state_dict(state["model"])
+        model.to(device)
+        ev = paws_nn(model, data, cfg, device, progress=True)
+        out = {k: ev[k] for k in ("top1", "top5", "num_support", "num_query", "features")}
+        if args.json:
+            _print_json(out)
+        else:
+            print(
+                f"PAWS-NN top-1 {out['top1']:.2f}%  top-5 {out['top5']:.2f}%  "
+                f"({out['num_query']} queries, {out['num_support']} supports, "
+                f"{out['features']} features)"
+            )
+        return 0
+
+    return run
+
+
+@command("baseline", "supervised-only baseline on the labelled images, same encoder and budget")
+def _baseline_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
+    _config_args(p)
+    p.add_argument("--out", metavar="DIR", help="where to write baseline.json")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    def run(args: argparse.Namespace) -> int:
+        from paws.baseline import train_baseline
+
+        cfg = _load(args)
+        result = train_baseline(cfg, args.out)
+        if args.json:
+            _print_json(result)
+        else:
+            print(
+                f"supervised-only test accuracy: top-1 {result['top1']:.2f}%  top-5 "
+                f"{result['top5']:.2f}%  ({result['num_labeled']} labelled images, "
+                f"{result['steps']} steps, {result['seconds']:.0f} s)"
+            )
+        return 0
+
+    return run
+
+
+@command("config", "show a resolved config, or every key with its doc")
+def _config_cmd_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
+    _config_args(p)
+    p.add_argument("--keys", action="store_true", help="list every key with type and doc")
+
+    def run(args: argparse.Namespace) -> int:
+        import yaml
+
+        from paws.config import describe, to_dict
+
+        if args.keys:
+            print(describe())
+        else:
+            print(yaml.safe_dump(to_dict(_load(args)), sort_keys=False), end="")
+        return 0
+
+    return run
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="paws", description="PAWS semi-supervised learning: pre-train, evaluate, apply."
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress output")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (add_args, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(make_runner=add_args(p))
+    return parser
+
+
+def _one_line(e: BaseException) -> str:
+    """The user-facing line of an error, also when a data-loader worker wrapped it."""
+    text = str(e)
+    marker = "paws.errors.UserError: "
+    if marker in text:
+        text = text.rsplit(marker, 1)[1]
+    return text.strip().splitlines()[0] if text.strip() else type(e).__name__
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``paws`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if (
+        not argv
+        or argv[0].startswith("-")
+        and argv[0] not in ("-h", "--help", "--quiet", "--debug")
+    ):
+        argv = ["train", *argv]
+    if argv and argv[0] in ("--quiet", "--debug") and (len(argv) == 1 or argv[1] not in COMMANDS):
+        argv = [argv[0], "train", *argv[1:]]
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        args = parser.parse_args(["train"])
+    if args.quiet:
+        os.environ["PAWS_QUIET"] = "1"
+    try:
+        return int(args.make_runner(args) or 0)
+    except UserError as e:
+        if args.debug:
+            raise
+        print(f"paws: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("paws: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - a wrapped user error from a data-loader worker
+        if not args.debug and "paws.errors.UserError: " in str(e):
+            print(f"paws: error: {_one_line(e)}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,222 @@
+"""Process-group plumbing, kept at the edges: every function is a no-op in a single process.
+
+Launch with ``torchrun`` (gloo on CPU, NCCL on GPU). Gradient conventions: data-parallel
+training averages parameter gradients over ranks, so the collective operations below pass back
+the *sum* of all ranks' upstream gradients; divided by the world size in the averaging, that is
+the exact gradient of the mean loss over ranks.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "init",
+    "is_initialized",
+    "get_rank",
+    "get_world_size",
+    "is_main",
+    "barrier",
+    "all_gather",
+    "all_reduce_sum",
+    "all_reduce_mean",
+    "reduce_scalars",
+    "broadcast_object",
+    "convert_batchnorm",
+    "GlobalBatchNorm",
+    "destroy",
+]
+
+
+def is_initialized() -> bool:
+    """Whether a process group with more than one process is running."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def get_rank() -> int:
+    """This process's rank (0 without a process group)."""
+    return dist.get_rank() if is_initialized() else 0
+
+
+def get_world_size() -> int:
+    """Number of processes (1 without a process group)."""
+    return dist.get_world_size() if is_initialized() else 1
+
+
+def is_main() -> bool:
+    """True on rank 0, which alone writes checkpoints, logs and reports."""
+    return get_rank() == 0
+
+
+def init(device: str = "auto") -> torch.device:
+    """Join the process group described by torchrun's environment, if any.
+
+    Args:
+        device: "auto", "cpu" or "cuda"; "auto" picks CUDA when available.
+
+    Returns:
+        The device this process computes on (``cuda:LOCAL_RANK`` under torchrun on GPUs).
+    """
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(
+            backend="nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=30)
+        )
+    return torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
+
+
+def destroy() -> None:
+    """Leave the process group (no-op without one)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    """Wait for every process (no-op in one process)."""
+    if is_initialized():
+        dist.barrier()
+
+
+class _AllGather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad.chunk(dist.get_world_size())[dist.get_rank()]
+
+
+class _AllReduceSum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        x = x.clone().contiguous()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone().contiguous()
+        dist.all_reduce(grad)
+        return grad
+
+
+def all_gather(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's ``x`` along dim 0, in rank order, passing gradients back.
+
+    Args:
+        x: (N, ...) with the same shape on every rank.
+
+    Returns:
+        (W*N, ...); the backward hands each rank the summed gradient of its own rows.
+    """
+    return _AllGather.apply(x) if is_initialized() else x
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """Differentiable sum over ranks (identity in one process)."""
+    return _AllReduceSum.apply(x) if is_initialized() else x
+
+
+def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
+    """Differentiable mean over ranks (identity in one process)."""
+    return all_reduce_sum(x) / get_world_size() if is_initialized() else x
+
+
+def reduce_scalars(values: dict[str, float]) -> dict[str, float]:
+    """Average a dict of Python floats over ranks, for logging."""
+    if not is_initialized() or not values:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t)
+    return {k: float(v) / get_world_size() for k, v in zip(keys, t.tolist())}
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Send a picklable object from rank 0 to every rank (identity in one process)."""
+    if not is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+class GlobalBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
+    """Batch norm whose training statistics span every rank (any backend, CPU included).
+
+    PyTorch's SyncBatchNorm runs on GPUs only; this one uses the differentiable all-reduce above,
+    so a gloo run on CPU normalises exactly as one process holding the global batch would. In one
+    process it is plain batch norm.
+    """
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"expected at least 2-D input, got {x.dim()}-D")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        if not (self.training and is_initialized()):
+            return super().forward(x)
+        dims = [0] + list(range(2, x.dim()))
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        count = all_reduce_sum(torch.tensor(float(x.numel() // x.shape[1]), device=x.device))
+        mean = all_reduce_sum(x.sum(dim=dims)) / count
+        var = all_reduce_sum(((x - mean.view(shape)) ** 2).sum(dim=dims)) / count
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                m = self.momentum if self.momentum is not None else 0.1
+                unbiased = var * count / (count - 1).clamp_min(1)
+                self.running_mean.mul_(1 - m).add_(m * mean)
+                self.running_var.mul_(1 - m).add_(m * unbiased)
+        y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y
+
+
+def convert_batchnorm(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """Make every batch-norm layer global across ranks (the paper's "global batch norm").
+
+    Uses ``torch.nn.SyncBatchNorm`` on CUDA and :class:`GlobalBatchNorm` elsewhere. Returns the
+    module unchanged in a single process.
+    """
+    if not is_initialized():
+        return module
+    if device.type == "cuda":
+        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    return _swap_bn(module)
+
+
+def _swap_bn(module: torch.nn.Module) -> torch.nn.Module:
+    out = module
+    if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and not isinstance(
+        module, GlobalBatchNorm
+    ):
+        out = GlobalBatchNorm(
+            module.num_features,
+            module.eps,
+            module.momentum,
+            module.affine,
+            module.track_running_stats,
+        )
+        out.load_state_dict(module.state_dict())
+        out.train(module.training)
+    for name, child in module.named_children():
+        out.add_module(name, _swap_bn(child))
+    return out

@@ -1,0 +1,146 @@
+"""PAWS-NN: classify images by soft nearest neighbours against the labelled images (Appendix A).
+
+Every query is compared with every labelled image (tau 0.1, no augmentation, centre crop) and
+takes the class of highest probability under ``snn``. Supports are processed in chunks with a
+streaming softmax, so memory stays bounded for any number of supports and queries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from paws.config import Config
+from paws.data import Datasets, ImageSet, eval_batches
+from paws.models import PAWSModel
+from paws.progress import Progress
+
+__all__ = ["embed_images", "snn_classify", "accuracy", "paws_nn"]
+
+
+@torch.no_grad()
+def embed_images(
+    model: PAWSModel,
+    images: ImageSet,
+    cfg: Config,
+    channels: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    device: torch.device,
+    features: str | None = None,
+    progress: bool = False,
+    desc: str = "embed",
+) -> torch.Tensor:
+    """Embeddings of every image (evaluation view), in order.
+
+    Returns:
+        (N, D) float32 on ``device``.
+    """
+    was_training = model.training
+    model.eval()
+    out: list[torch.Tensor] = []
+    batches = eval_batches(images, cfg, channels, mean, std, device)
+    total = (len(images) + cfg.eval.batch_size - 1) // cfg.eval.batch_size
+    bar = Progress(total, desc) if progress else None
+    for x, _ in batches:
+        out.append(model.embed(x, features or cfg.eval.features).float())
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    model.train(was_training)
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def snn_classify(
+    queries: torch.Tensor,
+    supports: torch.Tensor,
+    support_labels: torch.Tensor,
+    num_classes: int,
+    tau: float = 0.1,
+    chunk_size: int = 8192,
+    query_batch: int = 1024,
+) -> torch.Tensor:
+    """Soft nearest-neighbour class probabilities, chunked over supports and queries.
+
+    Equal to ``snn(queries, supports, one_hot(support_labels), tau)`` but never materialises
+    more than (query_batch, chunk_size) similarities.
+
+    Args:
+        queries: (N, D) embeddings.
+        supports: (S, D) embeddings of labelled images.
+        support_labels: (S,) int class ids.
+        num_classes: K.
+        tau: temperature.
+        chunk_size: supports per chunk.
+        query_batch: queries per block.
+
+    Returns:
+        (N, K) probabilities.
+    """
+    q_all = F.normalize(queries.float(), dim=1)
+    s_all = F.normalize(supports.float(), dim=1)
+    labels = support_labels.to(s_all.device).long()
+    out = []
+    for q in q_all.split(query_batch):
+        running_max = torch.full((len(q), 1), float("-inf"), device=q.device)
+        class_sums = torch.zeros(len(q), num_classes, device=q.device)
+        for s, y in zip(s_all.split(chunk_size), labels.split(chunk_size)):
+            logits = q @ s.T / tau
+            new_max = torch.maximum(running_max, logits.max(dim=1, keepdim=True).values)
+            class_sums *= torch.exp(running_max - new_max)
+            class_sums.index_add_(1, y, torch.exp(logits - new_max))
+            running_max = new_max
+        out.append(class_sums / class_sums.sum(dim=1, keepdim=True))
+    return torch.cat(out)
+
+
+def accuracy(probs: torch.Tensor, labels: torch.Tensor, k: int = 1) -> float:
+    """Top-k accuracy in percent. probs: (N, K); labels: (N,)."""
+    k = min(k, probs.shape[1])
+    top = probs.topk(k, dim=1).indices.cpu()
+    return 100.0 * float((top == labels.view(-1, 1).cpu()).any(dim=1).float().mean())
+
+
+def paws_nn(
+    model: PAWSModel,
+    data: Datasets,
+    cfg: Config,
+    device: torch.device,
+    queries: ImageSet | None = None,
+    progress: bool = False,
+) -> dict:
+    """PAWS-NN accuracy of ``queries`` (default: the test set) with the labelled set as support.
+
+    Returns:
+        ``{"top1", "top5", "num_support", "num_query", "features", "predictions",
+        "labels", "confusion"}`` (accuracies in percent; predictions and labels as lists).
+    """
+    queries = queries if queries is not None else data.test
+    if queries is None:
+        raise ValueError("no query images: the dataset has no test set")
+    args = (cfg, data.channels, data.mean, data.std, device)
+    sup = embed_images(model, data.labeled, *args, progress=progress, desc="embed supports")
+    qry = embed_images(model, queries, *args, progress=progress, desc="embed queries")
+    k = len(data.classes)
+    probs = snn_classify(
+        qry, sup, torch.from_numpy(data.labeled.labels), k, cfg.eval.tau, cfg.eval.chunk_size
+    )
+    y = torch.from_numpy(queries.labels)
+    pred = probs.argmax(dim=1).cpu()
+    confusion = np.zeros((k, k), dtype=np.int64)
+    np.add.at(confusion, (y.numpy(), pred.numpy()), 1)
+    return {
+        "top1": accuracy(probs, y, 1),
+        "top5": accuracy(probs, y, 5),
+        "num_support": len(data.labeled),
+        "num_query": len(queries),
+        "features": cfg.eval.features,
+        "predictions": pred.tolist(),
+        "labels": y.tolist(),
+        "confusion": confusion.tolist(),
+    }

@@ -1,0 +1,371 @@
+"""Encoders (a registry), the projection and prediction heads, and the PAWS model around them.
+
+``create_encoder(name, in_channels=3, small_images=False, **kw)`` builds a trunk that maps
+(N, C, H, W) images to (N, F) features and exposes ``num_features``. Registered encoders:
+
+- ``resnet18``, ``resnet34``, ``resnet50``: torchvision ResNets with the ImageNet stem (7x7 conv,
+  stride 2, max-pool) or, with ``small_images=True``, the CIFAR stem (3x3 conv, stride 1, no
+  max-pool); ``width`` multiplies every stage's channels (ResNet-50 2x/4x of Table 2).
+- ``wide_resnet28_2`` (other widen factors through ``width``): pre-activation
+  WideResNet-28 without dropout (Appendix C).
+- ``cnn_small``: a small VGG-style CNN that trains fast on a CPU.
+
+Every encoder takes 1-channel (grayscale) or 3-channel input.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+from paws.errors import UserError
+
+__all__ = [
+    "ENCODERS",
+    "register_encoder",
+    "create_encoder",
+    "ProjectionHead",
+    "PredictionHead",
+    "PAWSModel",
+    "load_encoder_weights",
+]
+
+ENCODERS: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_encoder(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Decorator adding an encoder factory to :data:`ENCODERS` under ``name``."""
+
+    def add(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        ENCODERS[name] = factory
+        return factory
+
+    return add
+
+
+def create_encoder(
+    name: str, in_channels: int = 3, small_images: bool = False, **kwargs: object
+) -> nn.Module:
+    """Build a registered encoder trunk.
+
+    Args:
+        name: a key of :data:`ENCODERS`.
+        in_channels: 1 for grayscale, 3 for colour images.
+        small_images: use a stem for small inputs (e.g. 28x28 or 32x32) where the architecture
+            has one.
+        **kwargs: architecture options, e.g. ``width`` (ResNet width multiplier, CNN base
+            channels, WideResNet widen factor).
+
+    Returns:
+        A module mapping (N, in_channels, H, W) to (N, module.num_features).
+    """
+    if name not in ENCODERS:
+        raise UserError(f"unknown encoder '{name}'; choose one of: {', '.join(sorted(ENCODERS))}")
+    return ENCODERS[name](in_channels=in_channels, small_images=small_images, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# ResNets (torchvision), with a small-image stem and grayscale input.
+
+
+class _TorchvisionResNet(nn.Module):
+    def __init__(self, net: torchvision.models.ResNet, in_channels: int, small_images: bool):
+        super().__init__()
+        width = net.conv1.out_channels
+        if small_images:
+            net.conv1 = nn.Conv2d(in_channels, width, 3, stride=1, padding=1, bias=False)
+            net.maxpool = nn.Identity()
+        elif in_channels != 3:
+            net.conv1 = nn.Conv2d(in_channels, width, 7, stride=2, padding=3, bias=False)
+        self.num_features = net.fc.in_features
+        net.fc = nn.Identity()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def _widen_resnet(block: type, layers: Sequence[int], width: int) -> torchvision.models.ResNet:
+    """torchvision ResNet with every stage ``width`` times wider (SimCLR's ResNet-50 (2x))."""
+    net = torchvision.models.ResNet(block, list(layers))
+    if width == 1:
+        return net
+    # torchvision's width_per_group widens only the bottleneck; widen the stem and stages too.
+    net.inplanes = 64 * width
+    net.conv1 = nn.Conv2d(3, 64 * width, 7, 2, 3, bias=False)
+    net.bn1 = nn.BatchNorm2d(64 * width)
+    for i, (planes, n) in enumerate(zip((64, 128, 256, 512), layers)):
+        stride = 1 if i == 0 else 2
+        setattr(net, f"layer{i + 1}", net._make_layer(block, planes * width, n, stride=stride))
+    net.fc = nn.Linear(512 * width * block.expansion, 1000)
+    for m in net.modules():  # the same initialisation torchvision applies
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+    return net
+
+
+@register_encoder("resnet18")
+def resnet18(in_channels: int = 3, small_images: bool = False, width: int = 1) -> nn.Module:
+    """ResNet-18 trunk (512 features times ``width``)."""
+    net = _widen_resnet(torchvision.models.resnet.BasicBlock, (2, 2, 2, 2), width)
+    return _TorchvisionResNet(net, in_channels, small_images)
+
+
+@register_encoder("resnet34")
+def resnet34(in_channels: int = 3, small_images: bool = False, width: int = 1) -> nn.Module:
+    """ResNet-34 trunk (512 features times ``width``)."""
+    net = _widen_resnet(torchvision.models.resnet.BasicBlock, (3, 4, 6, 3), width)
+    return _TorchvisionResNet(net, in_channels, small_images)
+
+
+@register_encoder("resnet50")
+def resnet50(in_channels: int = 3, small_images: bool = False, width: int = 1) -> nn.Module:
+    """ResNet-50 trunk (2048 features times ``width``; width 2 and 4 as in Table 2)."""
+    net = _widen_resnet(torchvision.models.resnet.Bottleneck, (3, 4, 6, 3), width)
+    return _TorchvisionResNet(net, in_channels, small_images)
+
+
+# --------------------------------------------------------------------------------------------
+# WideResNet-28 (pre-activation, Zagoruyko & Komodakis 2016), without dropout (Appendix C).
+
+
+class _WideBlock(nn.Module):
+    def __init__(self, in_planes: int, planes: int, stride: int):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, padding=1, bias=True)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=stride, padding=1, bias=True)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Conv2d(in_planes, planes, 1, stride=stride, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv1(F.relu(self.bn1(x)))
+        out = self.conv2(F.relu(self.bn2(out)))
+        return out + self.shortcut(x)
+
+
+class WideResNet(nn.Module):
+    """Pre-activation WideResNet trunk of depth 6n+4; 64*widen features."""
+
+    def __init__(self, depth: int = 28, widen: int = 2, in_channels: int = 3):
+        super().__init__()
+        if (depth - 4) % 6:
+            raise UserError(f"WideResNet depth must be 6n+4, got {depth}")
+        n = (depth - 4) // 6
+        widths = [16, 16 * widen, 32 * widen, 64 * widen]
+        self.conv1 = nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=True)
+        layers, in_planes = [], widths[0]
+        for planes, stride in zip(widths[1:], (1, 2, 2)):
+            blocks = []
+            for i in range(n):
+                blocks.append(_WideBlock(in_planes, planes, stride if i == 0 else 1))
+                in_planes = planes
+            layers.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3 = layers
+        self.bn = nn.BatchNorm2d(widths[3])
+        self.num_features = widths[3]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layer3(self.layer2(self.layer1(self.conv1(x))))
+        return F.adaptive_avg_pool2d(F.relu(self.bn(x)), 1).flatten(1)
+
+
+@register_encoder("wide_resnet28_2")
+def wide_resnet28_2(
+    in_channels: int = 3, small_images: bool = True, width: int = 2, depth: int = 28
+) -> nn.Module:
+    """WideResNet-28-2 trunk (128 features), the CIFAR-10 encoder of Appendix C; ``width`` is
+    the widen factor (2)."""
+    return WideResNet(depth, width, in_channels)
+
+
+# --------------------------------------------------------------------------------------------
+# A small CNN for CPU runs.
+
+
+class SmallCNN(nn.Module):
+    """Three stages of two 3x3 conv-BN-ReLU layers (w, 2w, 4w channels), 2x2 max-pool between
+    stages, global average pooling: 4w features. About 0.28M parameters at w = 32."""
+
+    def __init__(self, in_channels: int = 1, width: int = 32):
+        super().__init__()
+        layers: list[nn.Module] = []
+        c_in = in_channels
+        for stage, c in enumerate((width, 2 * width, 4 * width)):
+            if stage:
+                layers.append(nn.MaxPool2d(2))
+            for _ in range(2):
+                layers += [
+                    nn.Conv2d(c_in, c, 3, padding=1, bias=False),
+                    nn.BatchNorm2d(c),
+                    nn.ReLU(inplace=True),
+                ]
+                c_in = c
+        self.features = nn.Sequential(*layers)
+        self.num_features = 4 * width
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.adaptive_avg_pool2d(self.features(x), 1).flatten(1)
+
+
+@register_encoder("cnn_small")
+def cnn_small(in_channels: int = 3, small_images: bool = True, width: int = 32) -> nn.Module:
+    """Small fast CNN (4*width features) for CPU training on small images."""
+    return SmallCNN(in_channels, width)
+
+
+# --------------------------------------------------------------------------------------------
+# Heads and the model.
+
+
+class ProjectionHead(nn.Module):
+    """MLP projection head: ``layers`` linear layers, batch norm and ReLU on the hidden ones.
+
+    The paper's head has 3 layers of 2048 (ImageNet) or 128 (CIFAR-10) units (Appendix A, C).
+    """
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, layers: int = 3):
+        super().__init__()
+        mods: OrderedDict[str, nn.Module] = OrderedDict()
+        d = in_dim
+        for i in range(1, layers):
+            mods[f"fc{i}"] = nn.Linear(d, hidden_dim)
+            mods[f"bn{i}"] = nn.BatchNorm1d(hidden_dim)
+            mods[f"relu{i}"] = nn.ReLU(inplace=True)
+            d = hidden_dim
+        mods[f"fc{layers}"] = nn.Linear(d, out_dim)
+        self.mlp = nn.Sequential(mods)
+        self.out_dim = out_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(x)
+
+
+class PredictionHead(nn.Module):
+    """2-layer MLP prediction head of Table 5: BN on its input and on the hidden layer."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.mlp = nn.Sequential(
+            OrderedDict(
+                [
+                    ("bn0", nn.BatchNorm1d(dim)),
+                    ("fc1", nn.Linear(dim, hidden_dim)),
+                    ("bn1", nn.BatchNorm1d(hidden_dim)),
+                    ("relu1", nn.ReLU(inplace=True)),
+                    ("fc2", nn.Linear(hidden_dim, dim)),
+                ]
+            )
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(x)
+
+
+class PAWSModel(nn.Module):
+    """Encoder trunk, projection head and optional prediction head.
+
+    ``forward`` returns two embeddings of every view: ``h`` after the projection head and ``z``
+    after the prediction head (``z is h`` without one). Following the official implementation
+    (facebookresearch/suncet, ``src/paws_train.py``), anchors and anchor supports use ``z`` while
+    targets and target supports use ``h``: the prediction head is an extra mapping on the anchor
+    side only, as in BYOL, and targets stay in the projection space it predicts.
+    """
+
+    def __init__(self, encoder: nn.Module, projection: nn.Module, prediction: nn.Module | None):
+        super().__init__()
+        self.encoder = encoder
+        self.projection = projection
+        self.prediction = prediction
+        self.channels_last = False
+
+    def trunk(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) images to (N, F) trunk features."""
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.encoder(x)
+
+    def forward(self, views: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embed a list of view batches, one trunk forward per run of equal-sized views.
+
+        Args:
+            views: tensors (N_i, C, H_i, W_i); consecutive tensors of the same size are
+                concatenated and encoded together (so batch norm sees them as one batch).
+
+        Returns:
+            ``(h, z)``, each (sum N_i, D), rows in the order of ``views``.
+        """
+        if isinstance(views, torch.Tensor):
+            views = [views]
+        hs = []
+        start = 0
+        while start < len(views):
+            end = start + 1
+            while end < len(views) and views[end].shape[-2:] == views[start].shape[-2:]:
+                end += 1
+            x = torch.cat(list(views[start:end])) if end - start > 1 else views[start]
+            hs.append(self.projection(self.trunk(x)))
+            start = end
+        h = torch.cat(hs) if len(hs) > 1 else hs[0]
+        z = self.prediction(h) if self.prediction is not None else h
+        return h, z
+
+    def embed(self, x: torch.Tensor, features: str = "head") -> torch.Tensor:
+        """Embeddings for evaluation: ``"head"`` (the space anchors are classified in) or
+        ``"trunk"`` (encoder output). x: (N, C, H, W); returns (N, D)."""
+        if features == "trunk":
+            return self.trunk(x)
+        return self.forward([x])[1]
+
+
+def load_encoder_weights(encoder: nn.Module, path: str | Path) -> tuple[list[str], list[str]]:
+    """Initialise an encoder from a local torchvision or timm state dict.
+
+    Accepts ``.safetensors`` or a PyTorch file (loaded with ``weights_only=True``); strips the
+    usual prefixes (``module.``, ``encoder.``, ``backbone.``, ``model.``), ignores classifier
+    keys (``fc.``, ``head.``, ``classifier.``), and sums RGB stem filters for 1-channel input.
+
+    Returns:
+        ``(missing, unexpected)`` key lists after matching.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"encoder weights file not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure here is a bad file
+        raise UserError(f"cannot read encoder weights {path}: {e}") from e
+    for key in ("state_dict", "model", "encoder"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    target = encoder.state_dict()
+    inner = "net." if any(k.startswith("net.") for k in target) else ""
+    cleaned: dict[str, torch.Tensor] = {}
+    for k, v in state.items():
+        for prefix in ("module.", "encoder.", "backbone.", "model.", "net."):
+            if k.startswith(prefix):
+                k = k[len(prefix) :]
+        if k.split(".")[0] in ("fc", "head", "classifier"):
+            continue
+        k = inner + k
+        if k in target and v.dim() == 4 and target[k].shape[1] == 1 and v.shape[1] == 3:
+            v = v.sum(dim=1, keepdim=True)
+        if k in target and target[k].shape == v.shape:
+            cleaned[k] = v
+    if not cleaned:
+        raise UserError(f"no tensor in {path} matches the encoder; is it the same architecture?")
+    result = encoder.load_state_dict(cleaned, strict=False)
+    return list(result.missing_keys), list(result.unexpected_keys)

@@ -1,0 +1,173 @@
+"""Which images each step uses: class-balanced support batches and unlabelled batches.
+
+Both samplers are pure functions of ``(seed, step)``: a resumed run draws exactly the batches an
+uninterrupted one would, and every rank can compute every other rank's share without talking.
+
+Support batches (paper Appendix A): each step draws C classes and k distinct images of each,
+*with replacement across steps* (an image may reappear next step, never twice in one step).
+Sizes are global: C x k images over all ranks together, so a recipe means the same on 1 or 64
+processes. Ranks split them either by images (every rank sees all C classes, k / W images each)
+or, with ``unique_classes``, by classes (C / W classes each, k images each), as the official
+``ClassStratifiedSampler`` (facebookresearch/suncet) does for ImageNet.
+
+Support labels are positions in the step's class list (0..C-1), not dataset class ids, as in the
+official ``make_labels_matrix``: the soft nearest-neighbour prediction is over the C classes
+present, so ME-MAX spreads predictions over them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from paws.errors import UserError
+
+__all__ = ["SupportSampler", "UnlabeledSampler"]
+
+
+def _rng(seed: int, step: int, stream: int) -> np.random.Generator:
+    return np.random.default_rng([seed, step, stream])
+
+
+class SupportSampler:
+    """Class-balanced support batches, deterministic from ``(seed, step)``.
+
+    Args:
+        labels: dataset class id of every labelled image.
+        classes_per_step: C, classes per step over all ranks.
+        images_per_class: k, distinct images per class per step over all ranks.
+        seed: base seed.
+        rank: this process's rank.
+        world_size: number of processes.
+        unique_classes: split ranks by classes instead of by images.
+        class_names: names used in error messages.
+    """
+
+    def __init__(
+        self,
+        labels: Sequence[int] | np.ndarray | torch.Tensor,
+        classes_per_step: int,
+        images_per_class: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        unique_classes: bool = False,
+        class_names: Sequence[str] | None = None,
+    ):
+        labels = np.asarray(labels, dtype=np.int64)
+        self.classes = np.unique(labels)
+        names = list(class_names) if class_names is not None else None
+        name = lambda c: f"'{names[c]}'" if names and c < len(names) else str(c)  # noqa: E731
+        C, k, W = classes_per_step, images_per_class, world_size
+        if C < 1 or k < 1:
+            raise UserError("support.classes and support.images_per_class must be at least 1")
+        if C > len(self.classes):
+            raise UserError(
+                f"support.classes is {C} but the labelled set has only {len(self.classes)} "
+                f"classes; set support.classes to at most {len(self.classes)}"
+            )
+        self.pools = [np.flatnonzero(labels == c) for c in self.classes]
+        for c, pool in zip(self.classes, self.pools):
+            if len(pool) < k:
+                raise UserError(
+                    f"class {name(int(c))} has {len(pool)} labelled images but "
+                    f"support.images_per_class is {k}; lower it to {len(pool)} or label more images"
+                )
+        if unique_classes and C % W:
+            raise UserError(
+                f"support.classes ({C}) must be divisible by the {W} processes "
+                "when support.unique_classes is true"
+            )
+        if not unique_classes and k % W:
+            raise UserError(
+                f"support.images_per_class ({k}) must be divisible by the {W} "
+                "processes (or set support.unique_classes: true)"
+            )
+        self.C, self.k, self.seed = C, k, seed
+        self.rank, self.world_size, self.unique_classes = rank, W, unique_classes
+
+    def global_batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """The whole step's draw over all ranks.
+
+        Returns:
+            ``(indices, classes)``: (C, k) indices into the labelled set, row c holding k
+            distinct images of dataset class ``classes[c]``; classes (C,) distinct.
+        """
+        rng = _rng(self.seed, step, 1)
+        chosen = rng.choice(len(self.classes), size=self.C, replace=False)
+        idx = np.stack(
+            [self.pools[c][rng.choice(len(self.pools[c]), self.k, replace=False)] for c in chosen]
+        )
+        return idx, self.classes[chosen]
+
+    def _shard(self, rank: int) -> tuple[slice, slice]:
+        """(class rows, image columns) of the global (C, k) draw that ``rank`` loads."""
+        if self.unique_classes:
+            n = self.C // self.world_size
+            return slice(rank * n, (rank + 1) * n), slice(None)
+        n = self.k // self.world_size
+        return slice(None), slice(rank * n, (rank + 1) * n)
+
+    def positions(self, rank: int) -> np.ndarray:
+        """Class positions (0..C-1) of the rows ``rank`` loads, class by class."""
+        rows, cols = self._shard(rank)
+        pos = np.arange(self.C)[rows]
+        per_class = len(range(self.k)[cols])
+        return np.repeat(pos, per_class)
+
+    def local_batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """This rank's share of the step's draw.
+
+        Returns:
+            ``(indices, positions)``: (n,) labelled-set indices, class by class, and their
+            class positions in ``[0, C)``.
+        """
+        idx, _ = self.global_batch(step)
+        rows, cols = self._shard(self.rank)
+        return idx[rows, cols].reshape(-1), self.positions(self.rank)
+
+    def gathered_positions(self, views: int = 1) -> np.ndarray:
+        """Class positions of the support rows after an all-gather, when every rank stacks its
+        ``views`` augmented views as ``[view 1 rows; view 2 rows; ...]``. Same every step."""
+        return np.concatenate([np.tile(self.positions(r), views) for r in range(self.world_size)])
+
+
+class UnlabeledSampler:
+    """Unlabelled batches: a fresh permutation per epoch, sliced into global batches, each
+    split evenly over ranks; the last incomplete batch of an epoch is dropped.
+
+    Args:
+        num_images: size of the unlabelled set.
+        batch_size: global batch size (over all ranks).
+        seed: base seed.
+        rank: this process's rank.
+        world_size: number of processes.
+    """
+
+    def __init__(
+        self, num_images: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1
+    ):
+        if batch_size % world_size:
+            raise UserError(
+                f"optim.batch_size ({batch_size}) must be divisible by the {world_size} processes"
+            )
+        if num_images < batch_size:
+            raise UserError(
+                f"the unlabelled set has {num_images} images, fewer than "
+                f"optim.batch_size ({batch_size}); lower the batch size"
+            )
+        self.num_images, self.batch_size, self.seed = num_images, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.steps_per_epoch = num_images // batch_size
+        self._epoch, self._perm = -1, np.empty(0, dtype=np.int64)
+
+    def local_batch(self, step: int) -> np.ndarray:
+        """(batch_size / world_size,) indices of this rank's images at ``step``."""
+        epoch, i = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            self._epoch, self._perm = epoch, _rng(self.seed, epoch, 2).permutation(self.num_images)
+        batch = self._perm[i * self.batch_size : (i + 1) * self.batch_size]
+        n = self.batch_size // self.world_size
+        return batch[self.rank * n : (self.rank + 1) * n]

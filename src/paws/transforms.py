@@ -1,0 +1,318 @@
+"""SimCLR augmentations with multi-crop, in two interchangeable forms.
+
+- :class:`BatchViews` augments a whole uint8 batch ``(N, C, H, W)`` at once, on the tensor's
+  device, with per-image random parameters drawn from a ``torch.Generator`` (so a step's views
+  are a function of ``(seed, step)``). Used for datasets held in memory (Fashion-MNIST, CIFAR,
+  small image folders): on a CPU it costs a few percent of a training step, where per-image PIL
+  transforms in worker processes compete with the two compute threads.
+- :func:`multicrop_transform` / :func:`support_transform` / :func:`eval_transform` build
+  ``torchvision.transforms.v2`` pipelines applied per image in data-loader workers, for datasets
+  read from disk (ImageNet and large folders).
+
+Both follow SimCLR / PAWS: RandomResizedCrop (scale and size from the config), horizontal flip,
+colour jitter of strength s (brightness, contrast, saturation 0.8s, hue 0.2s, applied with
+probability 0.8 in random order), random grey (0.2), optional Gaussian blur (sigma in [0.1, 2]),
+then normalisation. Grey (1-channel) images get brightness and contrast only.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import kornia
+import torch
+import torch.nn.functional as F
+from torchvision.transforms import v2
+
+from paws.config import ViewsConfig
+
+__all__ = [
+    "BatchViews",
+    "resized_crop",
+    "color_distort",
+    "eval_batch",
+    "multicrop_transform",
+    "support_transform",
+    "eval_transform",
+]
+
+_GREY = (0.299, 0.587, 0.114)
+
+
+def _uniform(n: int, lo: float, hi: float, gen: torch.Generator | None) -> torch.Tensor:
+    return torch.rand(n, generator=gen) * (hi - lo) + lo
+
+
+def resized_crop(
+    x: torch.Tensor,
+    size: int,
+    scale: Sequence[float],
+    ratio: Sequence[float] = (3 / 4, 4 / 3),
+    flip: bool = True,
+    gen: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Per-image RandomResizedCrop (+ horizontal flip) of a float batch, by affine resampling.
+
+    Each image gets a crop of area fraction ~ U(scale) and log aspect ratio ~ U(log ratio), at a
+    uniform position inside the image (sides clipped to the image), bilinearly resized to
+    ``size`` x ``size``; with ``flip`` half the crops are mirrored.
+
+    Args:
+        x: (N, C, H, W) float images.
+        size: output side.
+        scale: (low, high) area fraction.
+        ratio: (low, high) aspect ratio w/h.
+        flip: random horizontal flip.
+        gen: CPU generator for the random parameters.
+
+    Returns:
+        (N, C, size, size).
+    """
+    n = x.shape[0]
+    area = _uniform(n, scale[0], scale[1], gen)
+    log_r = _uniform(n, math.log(ratio[0]), math.log(ratio[1]), gen)
+    aspect = torch.exp(log_r) * x.shape[-2] / x.shape[-1]  # w/h in normalised units
+    w = torch.sqrt(area * aspect).clamp(max=1.0)
+    h = torch.sqrt(area / aspect).clamp(max=1.0)
+    cx = (torch.rand(n, generator=gen) * 2 - 1) * (1 - w)
+    cy = (torch.rand(n, generator=gen) * 2 - 1) * (1 - h)
+    sign = torch.ones(n)
+    if flip:
+        sign = torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0)
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 2] = w * sign, cx
+    theta[:, 1, 1], theta[:, 1, 2] = h, cy
+    theta = theta.to(device=x.device, dtype=x.dtype)
+    grid = F.affine_grid(theta, [n, x.shape[1], size, size], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def _grey(x: torch.Tensor) -> torch.Tensor:
+    if x.shape[1] == 1:
+        return x
+    w = torch.tensor(_GREY, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x * w).sum(dim=1, keepdim=True)
+
+
+def color_distort(
+    x: torch.Tensor,
+    strength: float,
+    p_jitter: float = 0.8,
+    p_grey: float = 0.2,
+    gen: torch.Generator | None = None,
+) -> torch.Tensor:
+    """SimCLR colour distortion of a float batch in [0, 1], per-image random factors.
+
+    Brightness and contrast factors ~ U[max(0, 1 - 0.8s), 1 + 0.8s] (torchvision's ColorJitter
+    semantics), saturation likewise and hue ~ U[-0.2s, 0.2s] for colour images, applied in a
+    random order with probability ``p_jitter``; then random grey with probability ``p_grey``.
+
+    Args:
+        x: (N, C, H, W) float images in [0, 1], C in {1, 3}.
+        strength: s.
+        p_jitter: probability of jitter per image.
+        p_grey: probability of grey per colour image.
+        gen: CPU generator.
+
+    Returns:
+        (N, C, H, W) in [0, 1].
+    """
+    n, dev = x.shape[0], x.device
+    colour = x.shape[1] == 3
+    if strength > 0 and p_jitter > 0:
+        apply = (torch.rand(n, generator=gen) < p_jitter).float()
+        s = 0.8 * strength
+        factors = {
+            name: _uniform(n, max(0.0, 1 - s), 1 + s, gen)
+            for name in ("brightness", "contrast", "saturation")
+        }
+        factors["hue"] = _uniform(n, -0.2 * strength, 0.2 * strength, gen)
+        ops = ["brightness", "contrast"] + (["saturation", "hue"] if colour else [])
+        order = torch.randperm(len(ops), generator=gen).tolist()
+        for i in order:
+            op = ops[i]
+            if op == "hue":
+                f = (factors["hue"] * apply).to(dev)
+                chosen = f != 0
+                if chosen.any():
+                    x = x.clone()
+                    x[chosen] = kornia.enhance.adjust_hue(x[chosen], f[chosen] * 2 * math.pi)
+                continue
+            f = (1 + (factors[op] - 1) * apply).to(dev, x.dtype).view(n, 1, 1, 1)
+            if op == "brightness":
+                x = x * f
+            elif op == "contrast":
+                x = (x - _grey(x).mean(dim=(1, 2, 3), keepdim=True)) * f + _grey(x).mean(
+                    dim=(1, 2, 3), keepdim=True
+                )
+            else:
+                g = _grey(x)
+                x = (x - g) * f + g
+            x = x.clamp(0, 1)
+    if colour and p_grey > 0:
+        grey = (torch.rand(n, generator=gen) < p_grey).to(dev).view(n, 1, 1, 1)
+        x = torch.where(grey, _grey(x).expand_as(x), x)
+    return x
+
+
+def _blur(x: torch.Tensor, prob: float, gen: torch.Generator | None) -> torch.Tensor:
+    n = x.shape[0]
+    chosen = torch.rand(n, generator=gen) < prob
+    if not chosen.any():
+        return x
+    sigma = _uniform(int(chosen.sum()), 0.1, 2.0, gen).to(x.device, x.dtype)
+    k = max(3, int(0.1 * x.shape[-1]) // 2 * 2 + 1)  # about 10% of the side, odd (SimCLR)
+    x = x.clone()
+    chosen = chosen.to(x.device)
+    x[chosen] = kornia.filters.gaussian_blur2d(
+        x[chosen], (k, k), torch.stack([sigma, sigma], dim=1), border_type="reflect"
+    )
+    return x
+
+
+class BatchViews:
+    """Multi-crop views of uint8 batches, augmented as tensors on their device.
+
+    Args:
+        cfg: the views section of the config.
+        mean: per-channel normalisation mean.
+        std: per-channel normalisation std.
+    """
+
+    def __init__(self, cfg: ViewsConfig, mean: Sequence[float], std: Sequence[float]):
+        self.cfg = cfg
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+
+    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean.to(x.device)) / self.std.to(x.device)
+
+    def view(
+        self, x: torch.Tensor, size: int, scale: Sequence[float], gen: torch.Generator | None
+    ) -> torch.Tensor:
+        """One augmented, normalised view of every image: (N, C, H, W) uint8 to
+        (N, C, size, size) float32."""
+        c = self.cfg
+        x = x.float().div_(255)
+        x = resized_crop(x, size, scale, c.ratio, c.flip, gen)
+        x = color_distort(x, c.color_strength, c.color_prob, c.gray_prob, gen)
+        if c.blur_prob > 0:
+            x = _blur(x, c.blur_prob, gen)
+        return self._normalise(x)
+
+    def multicrop(self, x: torch.Tensor, gen: torch.Generator | None) -> list[torch.Tensor]:
+        """``[large 1, large 2, small 1, ..., small M]`` views of a uint8 batch (N, C, H, W)."""
+        c = self.cfg
+        large = self.view(x.repeat(2, 1, 1, 1), c.large_size, c.large_scale, gen).chunk(2)
+        views = list(large)
+        if c.small_crops:
+            small = self.view(x.repeat(c.small_crops, 1, 1, 1), c.small_size, c.small_scale, gen)
+            views += list(small.chunk(c.small_crops))
+        return views
+
+    def support(self, x: torch.Tensor, num_views: int, gen: torch.Generator | None) -> torch.Tensor:
+        """``num_views`` large views of each support image, stacked view by view:
+        (num_views * N, C, large_size, large_size)."""
+        c = self.cfg
+        return self.view(x.repeat(num_views, 1, 1, 1), c.large_size, c.large_scale, gen)
+
+    def eval(self, x: torch.Tensor) -> torch.Tensor:
+        """Deterministic evaluation view: resize + centre crop, normalised."""
+        return self._normalise(eval_batch(x, self.cfg.large_size, self.cfg.eval_crop))
+
+
+def eval_batch(x: torch.Tensor, size: int, crop_fraction: float = 1.0) -> torch.Tensor:
+    """Resize the shorter side to ``size / crop_fraction`` and centre-crop ``size``.
+
+    Args:
+        x: (N, C, H, W) uint8 or float in [0, 1].
+
+    Returns:
+        (N, C, size, size) float in [0, 1].
+    """
+    if x.dtype == torch.uint8:
+        x = x.float().div_(255)
+    resize = int(round(size / crop_fraction))
+    h, w = x.shape[-2:]
+    if min(h, w) != resize:
+        if h <= w:
+            new = (resize, max(resize, int(round(w * resize / h))))
+        else:
+            new = (max(resize, int(round(h * resize / w))), resize)
+        x = F.interpolate(x, size=new, mode="bilinear", antialias=True, align_corners=False)
+    h, w = x.shape[-2:]
+    top, left = (h - size) // 2, (w - size) // 2
+    return x[..., top : top + size, left : left + size].clamp(0, 1)
+
+
+# --------------------------------------------------------------------------------------------
+# Per-image torchvision.transforms.v2 pipelines, for images read from disk.
+
+
+def _per_image(
+    cfg: ViewsConfig,
+    size: int,
+    scale: Sequence[float],
+    channels: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+) -> v2.Compose:
+    s = cfg.color_strength
+    steps: list[Callable] = [
+        v2.ToImage(),
+        v2.RandomResizedCrop(size, scale=tuple(scale), ratio=tuple(cfg.ratio), antialias=True),
+    ]
+    if cfg.flip:
+        steps.append(v2.RandomHorizontalFlip())
+    if s > 0 and cfg.color_prob > 0:
+        colour = channels == 3
+        jitter = v2.ColorJitter(
+            0.8 * s, 0.8 * s, 0.8 * s if colour else 0, 0.2 * s if colour else 0
+        )
+        steps.append(v2.RandomApply([jitter], p=cfg.color_prob))
+    if channels == 3 and cfg.gray_prob > 0:
+        steps.append(v2.RandomGrayscale(p=cfg.gray_prob))
+    if cfg.blur_prob > 0:
+        k = max(3, int(0.1 * size) // 2 * 2 + 1)
+        steps.append(v2.RandomApply([v2.GaussianBlur(k, sigma=(0.1, 2.0))], p=cfg.blur_prob))
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+    return v2.Compose(steps)
+
+
+def multicrop_transform(
+    cfg: ViewsConfig, channels: int, mean: Sequence[float], std: Sequence[float]
+) -> Callable[[object], list[torch.Tensor]]:
+    """Per-image transform returning ``[large 1, large 2, small 1, ..., small M]`` tensors.
+
+    Args:
+        cfg: views config.
+        channels: 1 or 3 (images are converted to this mode before the transform).
+        mean, std: normalisation.
+    """
+    large = _per_image(cfg, cfg.large_size, cfg.large_scale, channels, mean, std)
+    small = _per_image(cfg, cfg.small_size, cfg.small_scale, channels, mean, std)
+    return lambda img: [large(img), large(img)] + [small(img) for _ in range(cfg.small_crops)]
+
+
+def support_transform(
+    cfg: ViewsConfig, channels: int, mean: Sequence[float], std: Sequence[float], num_views: int
+) -> Callable[[object], list[torch.Tensor]]:
+    """Per-image transform returning ``num_views`` large views of a support image."""
+    large = _per_image(cfg, cfg.large_size, cfg.large_scale, channels, mean, std)
+    return lambda img: [large(img) for _ in range(num_views)]
+
+
+def eval_transform(
+    size: int, crop_fraction: float, mean: Sequence[float], std: Sequence[float]
+) -> v2.Compose:
+    """Per-image evaluation transform: resize shorter side to size / crop_fraction, centre crop."""
+    return v2.Compose(
+        [
+            v2.ToImage(),
+            v2.Resize(int(round(size / crop_fraction)), antialias=True),
+            v2.CenterCrop(size),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(list(mean), list(std)),
+        ]
+    )
