@@ -106,17 +106,6 @@ def _train_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], in
     return run
 
 
-def _model_from(path: str, overrides: list[str]):
-    """Load a checkpoint's config (with overrides) and model."""
-    from paws import checkpoint
-    from paws.config import apply_overrides, from_dict
-    from paws.train import build_model
-
-    state = checkpoint.load(path)
-    cfg = from_dict(apply_overrides(state["config"], overrides))
-    return state, cfg, build_model
-
-
 @command("eval", "PAWS-NN accuracy of a checkpoint (labelled images as support)")
 def _eval_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
     p.add_argument("checkpoint", help="checkpoint file or run directory")
@@ -134,18 +123,16 @@ def _eval_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int
     def run(args: argparse.Namespace) -> int:
         from paws.data import load_datasets
         from paws.evaluate import paws_nn
-        from paws.train import setup_runtime
+        from paws.train import restore_model, setup_runtime
 
         overrides = list(args.overrides)
         if args.features:
             overrides.append(f"eval.features={args.features}")
-        state, cfg, build_model = _model_from(args.checkpoint, overrides)
+        cfg, model, _ = restore_model(args.checkpoint, overrides)
         device = setup_runtime(cfg)
         data = load_datasets(cfg)
         if data.test is None:
             raise UserError("no test set to evaluate: set data.test to a <class>/<image> folder")
-        model = build_model(cfg, data.channels)
-        model.load_state_dict(state["model"])
         model.to(device)
         ev = paws_nn(model, data, cfg, device, progress=True)
         out = {k: ev[k] for k in ("top1", "top5", "num_support", "num_query", "features")}

@@ -41,6 +41,7 @@ from paws.sampling import SupportSampler, UnlabeledSampler
 __all__ = [
     "build_encoder",
     "build_model",
+    "restore_model",
     "train_step",
     "train",
     "setup_runtime",
@@ -94,6 +95,45 @@ def build_model(cfg: Config, channels: int) -> PAWSModel:
     projection = ProjectionHead(encoder.num_features, m.proj_hidden, m.proj_out, m.proj_layers)
     prediction = PredictionHead(m.proj_out, m.pred_hidden) if m.pred_head else None
     return PAWSModel(encoder, projection, prediction)
+
+
+def restore_model(
+    path: str | Path, overrides: list[str] | None = None, channels: int | None = None
+) -> tuple[Config, PAWSModel, dict[str, Any]]:
+    """Rebuild a pre-trained model from a checkpoint (file or run directory).
+
+    Args:
+        path: checkpoint file, or a run directory (its ``last.pt``).
+        overrides: ``key=value`` config overrides (e.g. ``data.root=...``); keys that change
+            the architecture would not match the saved weights.
+        channels: input channels (default: from the saved config's dataset).
+
+    Returns:
+        ``(config, model on the CPU in eval mode, checkpoint dict)``.
+    """
+    from paws.config import apply_overrides, from_dict
+
+    state = checkpoint.load(path)
+    cfg = from_dict(apply_overrides(state["config"], list(overrides or [])))
+    if channels is None:
+        channels = int(state.get("channels") or _channels_of(state["model"]))
+    model = build_model(cfg, channels)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise UserError(
+            f"{path} does not match the configured model: {str(e).splitlines()[0]}"
+        ) from e
+    model.eval()
+    return cfg, model, state
+
+
+def _channels_of(state_dict: dict[str, torch.Tensor]) -> int:
+    """Input channels of the first convolution in a saved encoder."""
+    for k, v in state_dict.items():
+        if k.startswith("encoder.") and v.dim() == 4:
+            return int(v.shape[1])
+    raise UserError("cannot tell the input channels of this checkpoint's encoder")
 
 
 def amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
@@ -328,7 +368,13 @@ class _Stop:
 
 
 def _state(
-    model: PAWSModel, optimizer: LARS, scaler: Any, step: int, cfg: Config, steps_per_epoch: int
+    model: PAWSModel,
+    optimizer: LARS,
+    scaler: Any,
+    step: int,
+    cfg: Config,
+    steps_per_epoch: int,
+    data: Datasets,
 ) -> dict[str, Any]:
     return {
         "format": checkpoint.FORMAT_VERSION,
@@ -339,6 +385,10 @@ def _state(
         "step": step,
         "epoch": step / steps_per_epoch,
         "config": to_dict(cfg),
+        "channels": data.channels,
+        "classes": list(data.classes),
+        "mean": list(data.mean),
+        "std": list(data.std),
         "rng": checkpoint.rng_state(),
     }
 
@@ -499,7 +549,7 @@ def train(
             if done % cfg.run.checkpoint_every == 0 or stop.signum is not None:
                 if distributed.is_main():
                     checkpoint.save(
-                        _state(model, optimizer, scaler, done, cfg, unl.steps_per_epoch),
+                        _state(model, optimizer, scaler, done, cfg, unl.steps_per_epoch, data),
                         out / "last.pt",
                     )
                 last_good = out / "last.pt"
@@ -522,7 +572,7 @@ def train(
                 return {"status": "interrupted", "step": done, "eval": None, "signal": stop.signum}
     progress.close()
     if distributed.is_main():
-        final = _state(model, optimizer, scaler, result["step"], cfg, unl.steps_per_epoch)
+        final = _state(model, optimizer, scaler, result["step"], cfg, unl.steps_per_epoch, data)
         checkpoint.save(final, out / "last.pt")
         checkpoint.save(final, out / "final.pt")
         if data.test is not None:
