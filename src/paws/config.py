@@ -73,16 +73,21 @@ class DataConfig:
     labeled: str | None = _f(None, "folder dataset: labelled images as <class>/<image>")
     test: str | None = _f(None, "folder dataset: optional test images as <class>/<image>")
     labels_per_class: int | None = _f(
-        10, "labelled subset: this many images per class (drawn with split_seed)", (1, None)
+        10,
+        "labelled subset of a built-in dataset: this many images per class (drawn with "
+        "split_seed); label_fraction and split_file take precedence",
+        (1, None),
     )
     label_fraction: float | None = _f(
         None,
-        "labelled subset: this fraction of each class (instead of labels_per_class)",
+        "labelled subset of a built-in dataset: this fraction of each class (split_file takes "
+        "precedence)",
         (0.0, 1.0),
     )
     split_file: str | None = _f(
         None,
-        "labelled subset: file with one image name per line (SimCLR/PAWS ImageNet 1%/10% lists)",
+        "labelled subset: file with one image name per line (SimCLR/PAWS ImageNet 1%/10% lists, "
+        "CIFAR indices; for folders, names relative to data.labeled)",
     )
     split_seed: int = _f(0, "seed of the labelled-subset draw", (0, None))
     unlabeled_includes_labeled: bool = _f(
@@ -95,8 +100,10 @@ class DataConfig:
         "square size (default: views.large_size * 8/7)",
         (8, 4096),
     )
-    in_memory: Literal["auto", "yes", "no"] = _f(
-        "auto", "decode images once into uint8 memory ('auto': when they fit memory_limit_gb)"
+    in_memory: bool | Literal["auto"] = _f(
+        "auto",
+        "decode images once into uint8 memory: true, false, or 'auto' (when they fit "
+        "memory_limit_gb)",
     )
     memory_limit_gb: float = _f(4.0, "largest in-memory dataset for in_memory: auto", (0.0, None))
     workers: int = _f(-1, "data-loader worker processes for on-disk datasets (-1: auto)", (-1, 256))
@@ -285,16 +292,6 @@ class Config:
     def validate(self) -> Config:
         """Cross-field checks; returns self."""
         d, v = self.data, self.views
-        subsets = [
-            k
-            for k in ("labels_per_class", "label_fraction", "split_file")
-            if getattr(d, k) is not None
-        ]
-        if len(subsets) > 1 and d.dataset != "folder":
-            raise UserError(
-                f"data.{subsets[0]} and data.{subsets[1]} both choose the labelled "
-                "subset; set one of them (the others to null)"
-            )
         if d.dataset == "folder" and not d.labeled:
             raise UserError(
                 "data.dataset is 'folder' but data.labeled is not set: point it to "

@@ -464,8 +464,9 @@ def select_labeled(images: ImageSet, cfg: DataConfig, num_classes: int) -> np.nd
     """Indices of the labelled subset of a fully labelled set, per ``cfg``.
 
     ``split_file`` lines are matched to image names (an index for Fashion-MNIST/CIFAR, a file
-    name or relative path for folders); ``labels_per_class`` and ``label_fraction`` draw per
-    class with ``split_seed``. With none of them set, every image is labelled.
+    name or relative path for folders); otherwise ``label_fraction`` or else
+    ``labels_per_class`` images are drawn per class with ``split_seed``. With none of them set,
+    every image is labelled.
     """
     if cfg.split_file:
         wanted = _read_split(cfg.split_file)
@@ -486,16 +487,16 @@ def select_labeled(images: ImageSet, cfg: DataConfig, num_classes: int) -> np.nd
     chosen = []
     for c in range(num_classes):
         pool = np.flatnonzero(images.labels == c)
-        if cfg.labels_per_class is not None:
+        if cfg.label_fraction is not None:
+            n = max(1, int(round(cfg.label_fraction * len(pool))))
+        else:
             n = cfg.labels_per_class
             if n > len(pool):
                 raise UserError(
-                    f"data.labels_per_class is {n} but class {c} has only "
-                    f"{len(pool)} images; lower it"
+                    f"data.labels_per_class is {n} but class {c} has only {len(pool)} images; "
+                    "lower it"
                 )
-        else:
-            n = max(1, int(round(cfg.label_fraction * len(pool))))
-        chosen.append(rng.choice(pool, size=n, replace=False))
+        chosen.append(rng.choice(pool, size=min(n, len(pool)), replace=False))
     return np.sort(np.concatenate(chosen))
 
 
@@ -536,7 +537,7 @@ def _folder_sets(cfg: Config) -> Datasets:
     unique = list(dict.fromkeys(f for s in sets for f in s.files or []))
     channels = d.channels or (1 if all(_is_grey(f) for f in unique[:2000]) else 3)
     size = d.image_size or max(cfg.views.large_size, round(cfg.views.large_size * 8 / 7))
-    in_memory = d.in_memory == "yes" or (
+    in_memory = d.in_memory is True or (
         d.in_memory == "auto" and _fits(len(unique), size, channels, d.memory_limit_gb)
     )
     skipped: list[str] = []

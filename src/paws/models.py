@@ -192,25 +192,33 @@ def wide_resnet28_2(
 
 
 class SmallCNN(nn.Module):
-    """Three stages of two 3x3 conv-BN-ReLU layers (w, 2w, 4w channels), 2x2 max-pool between
-    stages, global average pooling: 4w features. About 0.28M parameters at w = 32."""
+    """A 3x3 conv stem (w channels), then two stages of two 3x3 conv-BN-ReLU layers (2w and 4w
+    channels), each after a 2x2 max-pool, and global average pooling: 4w features.
+
+    Pooling right after the stem keeps most convolutions at a quarter of the input resolution,
+    which is what makes it fast on a CPU. About 0.28M parameters at w = 32."""
 
     def __init__(self, in_channels: int = 1, width: int = 32):
         super().__init__()
-        layers: list[nn.Module] = []
-        c_in = in_channels
-        for stage, c in enumerate((width, 2 * width, 4 * width)):
-            if stage:
-                layers.append(nn.MaxPool2d(2))
-            for _ in range(2):
-                layers += [
-                    nn.Conv2d(c_in, c, 3, padding=1, bias=False),
-                    nn.BatchNorm2d(c),
-                    nn.ReLU(inplace=True),
-                ]
-                c_in = c
-        self.features = nn.Sequential(*layers)
-        self.num_features = 4 * width
+
+        def block(c_in: int, c_out: int) -> list[nn.Module]:
+            return [
+                nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
+                nn.BatchNorm2d(c_out),
+                nn.ReLU(inplace=True),
+            ]
+
+        w = width
+        self.features = nn.Sequential(
+            *block(in_channels, w),
+            nn.MaxPool2d(2),
+            *block(w, 2 * w),
+            *block(2 * w, 2 * w),
+            nn.MaxPool2d(2),
+            *block(2 * w, 4 * w),
+            *block(4 * w, 4 * w),
+        )
+        self.num_features = 4 * w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.adaptive_avg_pool2d(self.features(x), 1).flatten(1)

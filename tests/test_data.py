@@ -1,0 +1,255 @@
+"""Datasets in their real on-disk formats (built small and synthetic), subsets and batches."""
+
+from __future__ import annotations
+
+import gzip
+import pickle
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY, folder_overrides, write_folder
+from PIL import Image
+
+from paws.config import load_config
+from paws.data import (
+    ImageSet,
+    augmented_batches,
+    load_cifar,
+    load_datasets,
+    load_fashion_mnist,
+    read_image,
+    select_labeled,
+)
+from paws.errors import UserError
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim)
+    header += b"".join(struct.pack(">I", d) for d in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def write_fashion(root: Path, n_train: int = 60, n_test: int = 20) -> None:
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        write_idx(root / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+        write_idx(root / f"{split}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+
+
+def write_cifar10(root: Path, per_batch: int = 20) -> Path:
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {
+            "data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
+            "labels": [int(i % 10) for i in range(per_batch)],
+        }
+        with open(folder / name, "wb") as f:
+            pickle.dump(batch, f)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": [f"c{i}" for i in range(10)]}, f)
+    return root
+
+
+def write_cifar100(root: Path, n: int = 200) -> Path:
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in ("train", "test"):
+        batch = {
+            "data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+            "fine_labels": [int(i % 100) for i in range(n)],
+        }
+        with open(folder / name, "wb") as f:
+            pickle.dump(batch, f)
+    with open(folder / "meta", "wb") as f:
+        pickle.dump({"fine_label_names": [f"f{i}" for i in range(100)]}, f)
+    return root
+
+
+def test_fashion_mnist_idx_files(tmp_path):
+    write_fashion(tmp_path)
+    train, test = load_fashion_mnist(str(tmp_path))
+    assert train.images.shape == (60, 1, 28, 28) and train.images.dtype == torch.uint8
+    assert test.images.shape == (20, 1, 28, 28)
+    assert list(train.labels[:12]) == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]
+    cfg = load_config(None, [f"data.root={tmp_path}", "data.labels_per_class=3"])
+    data = load_datasets(cfg)
+    assert len(data.labeled) == 30 and len(data.unlabeled) == 60  # labelled ones included
+    assert np.bincount(data.labeled.labels).tolist() == [3] * 10
+    assert np.all(data.unlabeled.labels == -1)
+    assert data.channels == 1 and len(data.mean) == 1
+
+
+def test_truncated_idx_file_is_a_user_error(tmp_path):
+    write_fashion(tmp_path)
+    with gzip.open(tmp_path / "train-images-idx3-ubyte.gz", "rb") as f:
+        raw = f.read()
+    with gzip.open(tmp_path / "train-images-idx3-ubyte.gz", "wb") as f:
+        f.write(raw[:-100])
+    with pytest.raises(UserError, match="truncated"):
+        load_fashion_mnist(str(tmp_path))
+
+
+def test_cifar10_batches(tmp_path):
+    write_cifar10(tmp_path)
+    train, test, classes = load_cifar(str(tmp_path), "cifar10")
+    assert train.images.shape == (100, 3, 32, 32) and test.images.shape == (20, 3, 32, 32)
+    assert classes == [f"c{i}" for i in range(10)]
+    cfg = load_config("cifar10_wrn28_2", [f"data.root={tmp_path}", "data.labels_per_class=2"])
+    data = load_datasets(cfg)
+    assert len(data.labeled) == 20 and data.channels == 3 and len(data.mean) == 3
+
+
+def test_cifar100_batches(tmp_path):
+    write_cifar100(tmp_path)
+    train, test, classes = load_cifar(str(tmp_path / "cifar-100-python"), "cifar100")
+    assert len(train) == 200 and len(classes) == 100 and train.labels.max() == 99
+
+
+def test_cifar_loader_refuses_pickled_code(tmp_path):
+    write_cifar10(tmp_path)
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    with open(tmp_path / "cifar-10-batches-py" / "data_batch_1", "wb") as f:
+        pickle.dump({"data": Evil(), "labels": []}, f)
+    with pytest.raises(UserError, match="refusing"):
+        load_cifar(str(tmp_path), "cifar10")
+
+
+def test_cifar_split_file_of_indices(tmp_path):
+    write_cifar10(tmp_path)
+    split = tmp_path / "split.txt"
+    split.write_text("3\n17\n42\n")
+    cfg = load_config(
+        "cifar10_wrn28_2",
+        [f"data.root={tmp_path}", f"data.split_file={split}"],
+    )
+    data = load_datasets(cfg)
+    assert data.labeled.names == ["3", "17", "42"]
+
+
+def test_imagenet_style_folders_with_split_file(tmp_path):
+    for split, n in (("train", 4), ("val", 2)):
+        for wnid in ("n01440764", "n01443537"):
+            d = tmp_path / split / wnid
+            d.mkdir(parents=True)
+            for i in range(n):
+                Image.new("RGB", (40, 30), (i * 40, 10, 200)).save(d / f"{wnid}_{i}.JPEG")
+    split_file = tmp_path / "1percent.txt"
+    split_file.write_text("n01440764_0.JPEG\nn01443537_3.JPEG\n")
+    cfg = load_config(
+        "imagenet_resnet50_1pct",
+        [f"data.root={tmp_path}", f"data.split_file={split_file}", "data.workers=0"],
+    )
+    data = load_datasets(cfg)
+    assert not data.unlabeled.in_memory
+    assert len(data.unlabeled) == 8 and len(data.labeled) == 2 and len(data.test) == 4
+    assert data.classes == ["n01440764", "n01443537"]
+    assert sorted(data.labeled.labels.tolist()) == [0, 1]
+
+
+def test_split_file_naming_missing_images(tmp_path):
+    write_fashion(tmp_path)
+    split = tmp_path / "split.txt"
+    split.write_text("1\n99999\n")
+    cfg = load_config(None, [f"data.root={tmp_path}", f"data.split_file={split}"])
+    with pytest.raises(UserError, match="99999"):
+        load_datasets(cfg)
+
+
+def test_label_fraction_and_labels_per_class():
+    labels = np.repeat(np.arange(4), 50)
+    images = ImageSet(labels=labels, names=[str(i) for i in range(200)])
+    cfg = load_config(None, ["data.label_fraction=0.1"]).data
+    chosen = select_labeled(images, cfg, 4)
+    assert np.bincount(labels[chosen]).tolist() == [5, 5, 5, 5]
+    cfg = load_config(None, ["data.labels_per_class=7", "data.split_seed=3"]).data
+    a, b = select_labeled(images, cfg, 4), select_labeled(images, cfg, 4)
+    assert np.array_equal(a, b) and np.bincount(labels[a]).tolist() == [7] * 4
+    cfg2 = load_config(None, ["data.labels_per_class=7", "data.split_seed=4"]).data
+    assert not np.array_equal(a, select_labeled(images, cfg2, 4))
+
+
+def test_folder_of_mixed_image_modes_is_decoded_into_memory(tmp_path):
+    labeled = tmp_path / "labeled"
+    (labeled / "cat").mkdir(parents=True)
+    (labeled / "dog").mkdir(parents=True)
+    Image.new("L", (20, 31), 128).save(labeled / "cat" / "grey.png")
+    Image.new("RGBA", (50, 40), (255, 0, 0, 128)).save(labeled / "cat" / "alpha.png")
+    Image.new("P", (17, 17), 3).save(labeled / "dog" / "palette.gif")
+    Image.new("RGB", (64, 48), (0, 0, 255)).save(labeled / "dog" / "rgb.jpg")
+    (labeled / "dog" / "notes.txt").write_text("not an image, ignored")
+    cfg = load_config(None, ["data.dataset=folder", f"data.labeled={labeled}", *TINY])
+    data = load_datasets(cfg)
+    assert data.classes == ["cat", "dog"]
+    assert data.channels == 3
+    assert data.labeled.images.shape == (4, 3, 14, 14)  # 12 * 8/7 rounded
+    assert len(data.unlabeled) == 4 and data.test is None
+    # the half-transparent red is composited on white: pinkish, not dark
+    alpha = data.labeled.images[data.labeled.names.index("cat/alpha.png")]
+    assert alpha[0].float().mean() > 250 and alpha[1].float().mean() > 100
+
+
+def test_grey_folder_gets_one_channel(image_folders):
+    cfg = load_config(None, folder_overrides(image_folders))
+    data = load_datasets(cfg)
+    assert data.channels == 1
+    assert len(data.unlabeled) == 24 + 12  # nested unlabelled folder + the labelled images
+    assert len(data.labeled) == 12 and len(data.test) == 12
+    assert data.unlabeled.images.dtype == torch.uint8
+
+
+def test_read_image_names_bad_file(tmp_path):
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"this is not a jpeg")
+    with pytest.raises(UserError, match="broken.jpg"):
+        read_image(bad)
+
+
+def test_test_folder_with_unknown_class(tmp_path):
+    labeled = write_folder(tmp_path / "labeled", classes=2, per_class=2)
+    test = write_folder(tmp_path / "test", classes=2, per_class=2, names=["class_0", "zebra"])
+    cfg = load_config(
+        None, ["data.dataset=folder", f"data.labeled={labeled}", f"data.test={test}", *TINY]
+    )
+    with pytest.raises(UserError, match="zebra"):
+        load_datasets(cfg)
+
+
+def _views(data, cfg, index_fn, workers):
+    cfg.data.workers = workers
+    out = []
+    for step, views, _ in augmented_batches(
+        data.unlabeled, index_fn, 2, 4, cfg.views, data, cfg, torch.device("cpu"), multicrop=True
+    ):
+        out.append((step, views))
+    return out
+
+
+def test_views_are_a_function_of_the_step_in_memory_and_on_disk(image_folders):
+    index_fn = lambda step: np.arange(step, step + 4)  # noqa: E731
+    for in_memory in ("true", "false"):
+        cfg = load_config(None, folder_overrides(image_folders, f"data.in_memory={in_memory}"))
+        data = load_datasets(cfg)
+        assert data.unlabeled.in_memory == (in_memory == "true")
+        a = _views(data, cfg, index_fn, 0)
+        b = _views(data, cfg, index_fn, 0)
+        assert [s for s, _ in a] == [2, 3]
+        assert len(a[0][1]) == 2 + cfg.views.small_crops
+        assert a[0][1][0].shape == (4, 1, 12, 12) and a[0][1][2].shape == (4, 1, 8, 8)
+        for (_, va), (_, vb) in zip(a, b):
+            assert all(torch.equal(x, y) for x, y in zip(va, vb))
+        assert not torch.equal(a[0][1][0], a[1][1][0])
+        if in_memory == "false":  # the number of worker processes does not change the views
+            c = _views(data, cfg, index_fn, 2)
+            assert all(torch.equal(x, y) for x, y in zip(a[1][1], c[1][1]))
