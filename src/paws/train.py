@@ -295,12 +295,17 @@ def _monitor(
 class _Metrics:
     """Appends rows to a CSV file (and TensorBoard when asked), rank 0 only."""
 
-    def __init__(self, path: Path, tensorboard_dir: Path | None = None):
+    def __init__(self, path: Path, tensorboard_dir: Path | None = None, upto: int | None = None):
         self.path, self.writer = path, None
         self.fields: list[str] | None = None
-        if path.is_file():
-            with open(path) as f:
-                self.fields = next(csv.reader(f), None)
+        if path.is_file() and distributed.is_main():
+            with open(path, newline="") as f:
+                rows = list(csv.reader(f))
+            self.fields = rows[0] if rows else None
+            if upto is not None and rows:  # drop rows logged after the checkpoint resumed from
+                kept = [r for r in rows[1:] if r and int(float(r[0])) <= upto]
+                with open(path, "w", newline="") as f:
+                    csv.writer(f).writerows([rows[0], *kept])
         if tensorboard_dir is not None:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -502,8 +507,9 @@ def train(
     metrics = _Metrics(
         out / "metrics.csv",
         out / "tensorboard" if cfg.run.tensorboard and distributed.is_main() else None,
+        upto=start,
     )
-    evals = _Metrics(out / "evals.csv")
+    evals = _Metrics(out / "evals.csv", upto=start)
     progress = Progress(steps, "train", initial=start)
     global_batch = cfg.optim.batch_size
     last_good, result = None, {"status": "done", "step": start, "eval": None}
