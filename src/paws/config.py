@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -156,9 +158,9 @@ class ModelConfig:
         "cnn_small", "encoder: cnn_small, resnet18, resnet34, resnet50, wide_resnet28_2"
     )
     width: int = _f(
-        32,
+        0,
         "encoder width: cnn_small base channels, ResNet width multiplier, "
-        "WideResNet widen factor (0: the architecture's default)",
+        "WideResNet widen factor (0: the architecture's default: 32, 1, 2)",
         (0, 1024),
     )
     small_images: bool | None = _f(
@@ -322,6 +324,30 @@ class Config:
 # Reading, checking and writing.
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML with YAML 1.2 scalars: only true/false are booleans, so choices such as
+    ``run.amp: off`` and ``data.in_memory: no`` stay strings, and ``1e-6`` is a float (PyYAML's
+    YAML 1.1 rules read it as a string)."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader: plain data only
+
+
 def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
@@ -335,6 +361,9 @@ def _type_name(tp: Any) -> str:
     if origin is list:
         return f"list of {_type_name(typing.get_args(tp)[0])}"
     return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+_YAML11_BOOLS = {"yes": True, "on": True, "no": False, "off": False}
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -365,6 +394,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is bool:
         if isinstance(value, bool):
             return value
+        if isinstance(value, str) and value.lower() in _YAML11_BOOLS:
+            return _YAML11_BOOLS[value.lower()]
         raise bad
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -373,7 +404,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise bad
         return value
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
             raise bad
         return float(value)
     if tp is str:
@@ -447,7 +478,7 @@ def recipe_path(name_or_path: str) -> Path:
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text())
+        data = _yaml_load(path.read_text())
     except yaml.YAMLError as e:
         raise UserError(f"cannot parse {path}: {str(e).splitlines()[0]}") from e
     if data is None:
@@ -465,7 +496,7 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
             raise UserError(f"--set expects key=value, got '{item}'")
         key, raw = item.split("=", 1)
         try:
-            value = yaml.safe_load(raw) if raw.strip() else None
+            value = _yaml_load(raw) if raw.strip() else None
         except yaml.YAMLError:
             value = raw
         parts = key.strip().split(".")

@@ -106,7 +106,8 @@ def color_distort(
 
     Brightness and contrast factors ~ U[max(0, 1 - 0.8s), 1 + 0.8s] (torchvision's ColorJitter
     semantics), saturation likewise and hue ~ U[-0.2s, 0.2s] for colour images, applied in a
-    random order with probability ``p_jitter``; then random grey with probability ``p_grey``.
+    random order (one order per call, factors per image) with probability ``p_jitter``; then
+    random grey with probability ``p_grey``.
 
     Args:
         x: (N, C, H, W) float images in [0, 1], C in {1, 3}.

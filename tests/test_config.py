@@ -1,0 +1,257 @@
+"""Config: unknown keys, types, ranges, choices, overrides, round trip, docs, cross-field checks."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import yaml
+
+from paws.config import (
+    Config,
+    apply_overrides,
+    describe,
+    from_dict,
+    load_config,
+    recipe_path,
+    save_config,
+    to_dict,
+)
+from paws.errors import UserError
+
+
+def _error(overrides: list[str]) -> str:
+    with pytest.raises(UserError) as e:
+        load_config(None, overrides)
+    msg = str(e.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_defaults_are_valid():
+    cfg = load_config()
+    assert isinstance(cfg, Config)
+    assert cfg == from_dict({}) == Config().validate()
+
+
+def test_unknown_section_suggests_the_closest():
+    assert _error(["optm.ref_lr=1"]) == "unknown config key 'optm'; did you mean 'optim'?"
+
+
+def test_unknown_nested_key_suggests_the_closest():
+    assert (
+        _error(["optim.ref_l=1"])
+        == "unknown config key 'optim.ref_l'; did you mean 'optim.ref_lr'?"
+    )
+    assert "did you mean 'support.images_per_class'" in _error(["support.image_per_class=3"])
+
+
+def test_unknown_key_without_close_match_lists_valid_keys():
+    msg = _error(["loss.zzzzzz=1"])
+    assert "unknown config key 'loss.zzzzzz'" in msg
+    assert "valid keys: tau, sharpen, me_max" in msg
+
+
+def test_unknown_key_in_a_yaml_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("views:\n  large_sise: 32\n")
+    with pytest.raises(UserError, match="'views.large_sise'; did you mean 'views.large_size'"):
+        load_config(path)
+
+
+def test_wrong_types():
+    assert _error(["optim.batch_size=abc"]) == "optim.batch_size must be int, got 'abc'"
+    assert _error(["model.proj_hidden=2.5"]) == "model.proj_hidden must be int, got 2.5"
+    assert _error(["views.flip=3"]) == "views.flip must be bool, got 3"
+    assert _error(["optim.start_lr=true"]) == "optim.start_lr must be float, got True"
+    assert "views.large_scale must be list of float" in _error(["views.large_scale=0.5"])
+    assert "views.large_scale[1] must be float" in _error(["views.large_scale=[0.5, x]"])
+    assert _error(["data.root=[1]"]) == "data.root must be str or null, got [1]"
+    assert "must be float" in _error(["optim.momentum=.nan"])
+    assert _error(["optim=3"]) == "config section 'optim' must be a mapping"
+
+
+def test_gentle_conversions():
+    cfg = load_config(None, ["optim.ref_lr=2", "optim.batch_size=64.0", "views.ratio=[1, 2]"])
+    assert cfg.optim.ref_lr == 2.0 and isinstance(cfg.optim.ref_lr, float)
+    assert cfg.optim.batch_size == 64 and isinstance(cfg.optim.batch_size, int)
+    assert cfg.views.ratio == [1.0, 2.0]
+    cfg = from_dict({"views": {"large_scale": (0.2, 0.9)}})
+    assert cfg.views.large_scale == [0.2, 0.9]
+
+
+def test_out_of_range():
+    assert _error(["optim.batch_size=0"]) == "optim.batch_size must be >= 1, got 0"
+    assert _error(["optim.momentum=1.5"]) == "optim.momentum must be in [0.0, 0.9999], got 1.5"
+    assert _error(["support.views=9"]) == "support.views must be in [1, 8], got 9"
+    assert _error(["optim.ref_lr=-1"]) == "optim.ref_lr must be >= 0.0, got -1.0"
+    # Bounds are inclusive.
+    assert load_config(None, ["support.views=8", "optim.momentum=0"]).support.views == 8
+
+
+def test_literal_choices_with_suggestion():
+    assert (
+        _error(["run.device=cuda1"])
+        == "run.device must be one of auto, cpu, cuda; got 'cuda1' (did you mean 'cuda'?)"
+    )
+    msg = _error(["data.dataset=cifar"])
+    assert "data.dataset must be one of fashion_mnist, cifar10, cifar100, imagenet, folder" in msg
+    assert "did you mean 'cifar10'?" in msg
+    assert "did you mean" not in _error(["eval.features=zzz"])
+
+
+def test_choices_that_yaml_1_1_would_read_as_booleans():
+    # PyYAML's defaults read off/no/yes as booleans; these are choices, and must stay strings.
+    cfg = load_config(None, ["run.amp=off", "data.in_memory=no"])
+    assert cfg.run.amp == "off" and cfg.data.in_memory == "no"
+    assert load_config(None, ["data.in_memory=yes"]).data.in_memory == "yes"
+    # Switches still accept the YAML 1.1 spellings.
+    assert load_config(None, ["views.flip=off"]).views.flip is False
+    assert load_config(None, ["views.flip=no", "model.pred_head=yes"]).model.pred_head is True
+    assert "views.flip must be bool, got 'maybe'" in _error(["views.flip=maybe"])
+
+
+def test_yaml_file_scalars(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "optim:\n  weight_decay: 1e-5\n  final_lr: 0\nrun:\n  amp: off\nviews:\n  flip: false\n"
+    )
+    cfg = load_config(path)
+    assert cfg.optim.weight_decay == pytest.approx(1e-5)
+    assert cfg.optim.final_lr == 0.0 and cfg.run.amp == "off" and cfg.views.flip is False
+
+
+def test_overrides_parse_yaml_values():
+    cfg = load_config(
+        None,
+        [
+            "optim.weight_decay=1e-5",
+            "optim.ref_lr=0.5",
+            "optim.steps=7",
+            "views.large_scale=[0.2, 1]",
+            "data.labels_per_class=null",
+            "data.label_fraction=0.1",
+            "views.flip=false",
+            "model.pred_head=true",
+            "finetune.lrs=[0.1]",
+            "data.root=some/dir",
+            "run.channels_last=",
+        ],
+    )
+    assert cfg.optim.weight_decay == pytest.approx(1e-5)
+    assert cfg.optim.ref_lr == 0.5 and cfg.optim.steps == 7
+    assert cfg.views.large_scale == [0.2, 1.0]
+    assert cfg.data.labels_per_class is None and cfg.data.label_fraction == 0.1
+    assert cfg.views.flip is False and cfg.model.pred_head is True
+    assert cfg.finetune.lrs == [0.1]
+    assert cfg.data.root == "some/dir"
+    assert cfg.run.channels_last is None  # an empty value is null
+
+
+def test_overrides_later_wins_and_input_is_not_modified():
+    base = {"optim": {"ref_lr": 1.0, "start_lr": 0.1}}
+    out = apply_overrides(base, ["optim.ref_lr=2", "optim.ref_lr=3"])
+    assert out == {"optim": {"ref_lr": 3, "start_lr": 0.1}}
+    assert base == {"optim": {"ref_lr": 1.0, "start_lr": 0.1}}
+
+
+def test_override_without_equals_sign():
+    assert _error(["optim.ref_lr"]) == "--set expects key=value, got 'optim.ref_lr'"
+
+
+def test_save_and_load_round_trip(tmp_path):
+    cfg = load_config(
+        None,
+        [
+            "optim.weight_decay=1e-5",
+            "run.amp=off",
+            "data.in_memory=no",
+            "views.small_crops=0",
+            "data.mean=[0.5]",
+            "data.std=[0.25]",
+            "model.pred_head=true",
+        ],
+    )
+    path = tmp_path / "config.yaml"
+    save_config(cfg, path)
+    again = load_config(path)
+    assert again == cfg
+    assert to_dict(again) == to_dict(cfg)
+    # The file is plain YAML any reader understands, with every section.
+    plain = yaml.safe_load(path.read_text())
+    assert set(plain) == {f.name for f in dataclasses.fields(Config)}
+
+
+def test_recipe_path(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("")
+    assert recipe_path(str(path)) == path
+    assert load_config(path) == Config()
+    with pytest.raises(UserError, match="config file not found: no_such_recipe"):
+        recipe_path("no_such_recipe")
+
+
+def test_bad_yaml_files_are_one_line_errors(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("optim: [1, 2\n")
+    with pytest.raises(UserError, match="cannot parse") as e:
+        load_config(path)
+    assert "\n" not in str(e.value)
+    path.write_text("- 1\n- 2\n")
+    with pytest.raises(UserError, match="must hold a mapping"):
+        load_config(path)
+
+
+def test_describe_lists_every_key_with_its_doc():
+    text = describe()
+    lines = text.splitlines()
+    for section in dataclasses.fields(Config):
+        assert f"{section.name}:" in lines
+        for f in dataclasses.fields(section.default_factory):
+            doc = f.metadata.get("doc", "")
+            assert doc.strip(), f"{section.name}.{f.name} has no doc"
+            matching = [line for line in lines if line.startswith(f"  {f.name} (")]
+            assert any(line.endswith(doc) for line in matching), f"{section.name}.{f.name}"
+    assert "  ref_lr (float, default 1.2): " in text
+    assert "  device ('auto' | 'cpu' | 'cuda', default 'auto'): compute device" in text
+
+
+def test_cross_field_validation():
+    assert "data.labels_per_class and data.label_fraction both choose" in _error(
+        ["data.label_fraction=0.1"]
+    )
+    assert "data.labeled is not set" in _error(["data.dataset=folder"])
+    ok = load_config(None, ["data.dataset=folder", "data.labeled=some/dir"])
+    assert ok.data.labeled == "some/dir"
+    assert (
+        _error(["views.large_scale=[0.5, 0.2]"])
+        == "views.large_scale must be [low, high] with 0 < low <= high <= 1, got [0.5, 0.2]"
+    )
+    assert "views.small_scale must be" in _error(["views.small_scale=[0.1, 1.5]"])
+    assert "views.ratio must be [low, high] with 0 < low <= high, got" in _error(
+        ["views.ratio=[0, 1]"]
+    )
+    assert load_config(None, ["views.ratio=[0.5, 3]"]).views.ratio == [0.5, 3.0]
+    assert _error(["data.mean=[0.1, 0.2]"]) == "data.mean needs 1 or 3 values, got 2"
+    assert "finetune.lrs and finetune.epochs must not be empty" in _error(["finetune.lrs=[]"])
+
+
+def test_every_field_has_a_default_and_a_doc():
+    for section in dataclasses.fields(Config):
+        for f in dataclasses.fields(section.default_factory):
+            assert (
+                f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+            )
+            assert f.metadata.get("doc"), f"{section.name}.{f.name}"
+
+
+def test_switching_encoder_keeps_its_standard_width():
+    # model.width defaults to each architecture's own width, so naming another encoder does not
+    # carry the small CNN's 32 channels over as a 32x ResNet.
+    from paws.train import build_encoder
+
+    assert load_config().model.width == 0
+    assert build_encoder(load_config(), 1).num_features == 4 * 32
+    resnet = build_encoder(load_config(None, ["model.encoder=resnet18"]), 3)
+    assert resnet.num_features == 512
+    assert build_encoder(load_config(None, ["model.width=8"]), 1).num_features == 32
