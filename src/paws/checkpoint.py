@@ -31,8 +31,11 @@ def save(state: dict[str, Any], path: str | Path) -> None:
         UserError: when the write fails (e.g. the disk is full); the old file is untouched.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise _write_error(path, e) from e
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(state, f)
@@ -44,21 +47,37 @@ def save(state: dict[str, Any], path: str | Path) -> None:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
-    except OSError as e:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except OSError:
             pass
-        raise UserError(
-            f"could not write checkpoint {path}: {e.strerror or e}; "
-            "the previous checkpoint is intact"
-        ) from e
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        cause = _os_error(e) if isinstance(e, Exception) else None
+        if cause is not None:
+            raise _write_error(path, cause) from e
         raise
+
+
+def _os_error(e: BaseException) -> OSError | None:
+    """The OSError behind ``e``: torch.save reports a failed write (a full disk) as a
+    RuntimeError whose context is the OSError."""
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, OSError):
+            return cur
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
+def _write_error(path: Path, e: OSError) -> UserError:
+    kept = (
+        "the previous checkpoint is intact"
+        if path.is_file()
+        else "no earlier checkpoint exists at that path"
+    )
+    return UserError(f"could not write checkpoint {path}: {e.strerror or e}; {kept}")
 
 
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -80,7 +99,7 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
         if "weights_only" in str(e) or "Unsupported global" in str(e):
             first = "it holds objects other than tensors and plain values, refused for safety"
         raise UserError(f"cannot load checkpoint {path}: {first}") from e
-    if not isinstance(state, dict) or "model" not in state:
+    if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise UserError(f"{path} is not a paws checkpoint")
     return state
 

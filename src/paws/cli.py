@@ -100,6 +100,11 @@ def _train_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], in
                 f"PAWS-NN test accuracy: top-1 {ev['top1']:.2f}%  top-5 {ev['top5']:.2f}%  "
                 f"({ev['num_query']} test images, {ev['num_support']} labelled supports)"
             )
+        if result.get("skipped"):
+            print(
+                f"skipped {result['skipped']} unreadable images "
+                f"(listed in {out / 'skipped_images.txt'})"
+            )
         print(f"run saved in {out}")
         return 0
 
