@@ -187,3 +187,18 @@ def test_resume_refuses_a_config_that_changes_the_run(folder, tmp_path, capsys, 
     assert "optim.batch_size (6 -> 3)" in line and "model.width (4 -> 8)" in line
     assert "log_every" not in line
     assert (run / "last.pt").read_bytes() == before
+
+
+def test_batches_end_quietly_when_workers_stop_after_a_signal():
+    from paws.train import _Stop, _until_stopped
+
+    def batches():
+        yield 1
+        yield 2
+        raise RuntimeError("DataLoader worker (pid 1234) exited unexpectedly")
+
+    stop = _Stop()
+    with pytest.raises(RuntimeError, match="exited unexpectedly"):
+        list(_until_stopped(batches(), stop))  # no signal: a real failure
+    stop.signum = signal.SIGTERM
+    assert list(_until_stopped(batches(), stop)) == [1, 2]

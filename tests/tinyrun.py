@@ -7,6 +7,7 @@ a few tens of steps: seconds on one CPU core, most of it importing torch.
 from __future__ import annotations
 
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -117,3 +118,23 @@ class torch_state:
     def __exit__(self, *exc: Any) -> None:
         torch.set_num_threads(self.threads)
         torch.use_deterministic_algorithms(self.deterministic)
+
+
+class _Evil:
+    """Runs a shell command when unpickled."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def write_evil_checkpoint(path: Path, marker: Path, fmt: str) -> Path:
+    """A checkpoint file that creates ``marker`` if unpickled: a raw pickle or torch's zip."""
+    payload = {"model": {"w": torch.zeros(1)}, "config": {}, "hook": _Evil(marker)}
+    if fmt == "pickle":
+        path.write_bytes(pickle.dumps(payload))
+    else:
+        torch.save(payload, path)
+    return path

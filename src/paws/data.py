@@ -689,11 +689,12 @@ def step_generator(seed: int, step: int, stream: int) -> torch.Generator:
 
 
 def _worker_init(worker_id: int) -> None:
-    """Data-loader workers leave SIGINT and SIGTERM to the main process, which saves a
-    checkpoint and then shuts them down; a terminal's Ctrl-C or a scheduler's SIGTERM reaches
-    the whole process group, and a worker killed by it would crash the main process."""
+    """Signals for data-loader workers. A terminal's Ctrl-C reaches the whole process group:
+    workers leave SIGINT to the main process, which saves a checkpoint and shuts them down. A
+    worker killed by a signal (some schedulers send SIGTERM to every process) makes PyTorch
+    raise in the main process at an arbitrary point, so on SIGTERM a worker exits quietly."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
 
 
 def _skip_or_raise(error: UserError, skip_bad: bool, reported: set[Path], path: Path) -> None:

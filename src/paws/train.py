@@ -16,6 +16,7 @@ import math
 import os
 import signal
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -366,6 +367,21 @@ class _Stop:
             signal.signal(s, handler)
 
 
+def _until_stopped(batches: Iterator[Batch], stop: _Stop) -> Iterator[Batch]:
+    """The batches, ending early if fetching one fails after a stop signal: data-loader
+    workers get a process group's SIGTERM too, and stop."""
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except Exception:
+            if stop.signum is None:
+                raise
+            return
+        yield batch
+
+
 def _finite(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> bool:
     """Whether every weight, buffer and optimiser state tensor is finite (checked before a
     checkpoint, so that a checkpoint named as good is good)."""
@@ -547,8 +563,22 @@ def train(
     result = {"status": "done", "step": start, "eval": None, "skipped": len(data.skipped)}
     model.train()
     t_last, wait_sum, n_since = time.perf_counter(), 0.0, 0
+
+    def save_checkpoint(done: int) -> tuple[Path, int]:
+        """Write last.pt after ``done`` steps; returns it as the last good checkpoint."""
+        if not _finite(model, optimizer):
+            raise _diverged(f"the weights became infinite or NaN by step {done}", last_good)
+        if distributed.is_main():
+            checkpoint.save(
+                _state(model, optimizer, scaler, done, cfg, unl.steps_per_epoch, data),
+                out / "last.pt",
+            )
+        distributed.barrier()
+        return out / "last.pt", done
+
     with _Stop() as stop:
-        for batch in step_batches(data, cfg, unl, sup, start, steps, device):
+        batches = step_batches(data, cfg, unl, sup, start, steps, device)
+        for batch in _until_stopped(batches, stop):
             step = batch.step
             lr = schedule(step)
             set_lr(optimizer, lr)
@@ -580,18 +610,8 @@ def train(
                 row.update(distributed.reduce_scalars(r.extra))
                 metrics.log(row)
                 t_last, wait_sum, n_since = now, 0.0, 0
-            if stop.signum is not None:
-                info(f"received signal {stop.signum}: saving a checkpoint at step {done}")
-            if done % cfg.run.checkpoint_every == 0 or stop.signum is not None:
-                if not _finite(model, optimizer):
-                    raise _diverged(f"the weights became infinite or NaN by step {done}", last_good)
-                if distributed.is_main():
-                    checkpoint.save(
-                        _state(model, optimizer, scaler, done, cfg, unl.steps_per_epoch, data),
-                        out / "last.pt",
-                    )
-                last_good = (out / "last.pt", done)
-                distributed.barrier()
+            if done % cfg.run.checkpoint_every == 0:
+                last_good = save_checkpoint(done)
             if (
                 cfg.run.eval_every
                 and done % cfg.run.eval_every == 0
@@ -605,9 +625,15 @@ def train(
                 distributed.barrier()
             result["step"] = done
             if stop.signum is not None:
-                progress.close()
-                info(f"stopped at step {done}; continue with: paws train --resume {out}")
-                return {"status": "interrupted", "step": done, "eval": None, "signal": stop.signum}
+                break
+        if stop.signum is not None:
+            done = result["step"]
+            info(f"received signal {stop.signum}: saving a checkpoint at step {done}")
+            if last_good is None or last_good[1] != done:
+                last_good = save_checkpoint(done)
+            progress.close()
+            info(f"stopped at step {done}; continue with: paws train --resume {out}")
+            return {"status": "interrupted", "step": done, "eval": None, "signal": stop.signum}
     progress.close()
     if not _finite(model, optimizer):
         raise _diverged(f"the weights became infinite or NaN by step {result['step']}", last_good)
