@@ -206,3 +206,13 @@ def test_the_code_never_unpickles_arbitrary_objects():
         assert not re.search(r"pickle\.loads?\(|\.Unpickler\(", text), path.name
         unpicklers += len(re.findall(r"class \w+\(pickle\.Unpickler\)", text))
     assert loads >= 2 and unpicklers == 1  # checkpoints, encoder weights; CIFAR batches
+
+
+def test_partial_writes_of_a_killed_process_are_removed(tmp_path):
+    checkpoint.save(_state(1), tmp_path / "last.pt")
+    stale = tmp_path / ".last.pt.k3j2x9.tmp"  # as save names them
+    stale.write_bytes(b"PK\x03\x04 cut short")
+    (tmp_path / "notes.tmp").write_text("not ours")
+    assert checkpoint.remove_partial_writes(tmp_path) == [stale]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "notes.tmp"]
+    _assert_state(checkpoint.load(tmp_path / "last.pt"), _state(1))

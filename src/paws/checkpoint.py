@@ -20,7 +20,7 @@ import torch
 
 from paws.errors import UserError
 
-__all__ = ["save", "load", "rng_state", "set_rng_state", "FORMAT_VERSION"]
+__all__ = ["save", "load", "remove_partial_writes", "rng_state", "set_rng_state", "FORMAT_VERSION"]
 
 FORMAT_VERSION = 1
 
@@ -57,6 +57,22 @@ def save(state: dict[str, Any], path: str | Path) -> None:
         if cause is not None:
             raise _write_error(path, cause) from e
         raise
+
+
+def remove_partial_writes(folder: str | Path) -> list[Path]:
+    """Delete the temporary files of writes a killed process left in ``folder``.
+
+    Returns:
+        The files removed.
+    """
+    removed = []
+    for p in Path(folder).glob(".*.pt.*.tmp"):
+        try:
+            p.unlink()
+            removed.append(p)
+        except OSError:
+            pass
+    return removed
 
 
 def _os_error(e: BaseException) -> OSError | None:

@@ -401,9 +401,12 @@ def read_image(path: Path, channels: int | None = None) -> Image.Image:
             mode = "L" if channels == 1 else "RGB"
             return im.convert(mode)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        if isinstance(e, UnidentifiedImageError):
+            reason = "not an image, or in a format Pillow cannot read"
+        else:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else "corrupt"
         raise UserError(
-            f"cannot read image {path}: {str(e).splitlines()[0] if str(e) else 'corrupt'}"
-            "; fix or remove it, or set data.on_bad_image: skip"
+            f"cannot read image {path}: {reason}; fix or remove it, or set data.on_bad_image: skip"
         ) from e
 
 

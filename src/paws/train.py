@@ -468,7 +468,11 @@ def train(
             raise UserError(f"{out / 'last.pt'} holds no training state to resume from")
         diff = _shape_diff(state["config"], to_dict(cfg))
         if diff:
-            raise UserError("cannot resume: the config changes the run's shape: " + "; ".join(diff))
+            raise UserError(
+                "cannot resume: the config changes the run's shape: "
+                + "; ".join(diff)
+                + "; resume with the run's own config, or start a new run with --out"
+            )
     elif distributed.is_main() and (out / "last.pt").exists():
         raise UserError(
             f"{out} already holds a run; resume it with --resume {out} or choose another --out"
@@ -538,6 +542,7 @@ def train(
         start = int(state["step"])
         last_good = (out / "last.pt", start)
         if distributed.is_main():
+            checkpoint.remove_partial_writes(out)
             _truncate_rows(out / "metrics.csv", start)
             _truncate_rows(out / "evals.csv", start)
         info(f"resuming {out} at step {start}/{steps}")
