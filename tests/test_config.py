@@ -67,7 +67,7 @@ def test_wrong_types():
     assert "views.large_scale must be list of float" in _error(["views.large_scale=0.5"])
     assert "views.large_scale[1] must be float" in _error(["views.large_scale=[0.5, x]"])
     assert _error(["data.root=[1]"]) == "data.root must be str or null, got [1]"
-    assert "must be float" in _error(["optim.momentum=.nan"])
+    assert "optim.momentum must be a finite number" in _error(["optim.momentum=.nan"])
     assert _error(["optim=3"]) == "config section 'optim' must be a mapping"
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import random
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ import torch
 
 from paws.errors import UserError
 
-__all__ = ["save", "load", "rng_state", "set_rng_state", "FORMAT_VERSION"]
+__all__ = ["save", "load", "remove_partial_writes", "rng_state", "set_rng_state", "FORMAT_VERSION"]
 
 FORMAT_VERSION = 1
 
@@ -31,8 +32,11 @@ def save(state: dict[str, Any], path: str | Path) -> None:
         UserError: when the write fails (e.g. the disk is full); the old file is untouched.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise _write_error(path, e) from e
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(state, f)
@@ -44,21 +48,53 @@ def save(state: dict[str, Any], path: str | Path) -> None:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
-    except OSError as e:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except OSError:
             pass
-        raise UserError(
-            f"could not write checkpoint {path}: {e.strerror or e}; "
-            "the previous checkpoint is intact"
-        ) from e
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        cause = _os_error(e) if isinstance(e, Exception) else None
+        if cause is not None:
+            raise _write_error(path, cause) from e
         raise
+
+
+def remove_partial_writes(folder: str | Path) -> list[Path]:
+    """Delete the temporary files of writes a killed process left in ``folder``.
+
+    Returns:
+        The files removed.
+    """
+    removed = []
+    for p in Path(folder).glob(".*.pt.*.tmp"):
+        try:
+            p.unlink()
+            removed.append(p)
+        except OSError:
+            pass
+    return removed
+
+
+def _os_error(e: BaseException) -> OSError | None:
+    """The OSError behind ``e``: torch.save reports a failed write (a full disk) as a
+    RuntimeError whose context is the OSError."""
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, OSError):
+            return cur
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
+def _write_error(path: Path, e: OSError) -> UserError:
+    kept = (
+        "the previous checkpoint is intact"
+        if path.is_file()
+        else "no earlier checkpoint exists at that path"
+    )
+    return UserError(f"could not write checkpoint {path}: {e.strerror or e}; {kept}")
 
 
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -74,13 +110,15 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # e.g. about the pickle protocol: the error says it
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure means an unusable file
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if "weights_only" in str(e) or "Unsupported global" in str(e):
             first = "it holds objects other than tensors and plain values, refused for safety"
         raise UserError(f"cannot load checkpoint {path}: {first}") from e
-    if not isinstance(state, dict) or "model" not in state:
+    if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise UserError(f"{path} is not a paws checkpoint")
     return state
 

@@ -100,6 +100,11 @@ def _train_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], in
                 f"PAWS-NN test accuracy: top-1 {ev['top1']:.2f}%  top-5 {ev['top5']:.2f}%  "
                 f"({ev['num_query']} test images, {ev['num_support']} labelled supports)"
             )
+        if result.get("skipped"):
+            print(
+                f"skipped {result['skipped']} unreadable images "
+                f"(listed in {out / 'skipped_images.txt'})"
+            )
         print(f"run saved in {out}")
         return 0
 
@@ -217,14 +222,11 @@ def _one_line(e: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``paws`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if (
-        not argv
-        or argv[0].startswith("-")
-        and argv[0] not in ("-h", "--help", "--quiet", "--debug")
-    ):
-        argv = ["train", *argv]
-    if argv and argv[0] in ("--quiet", "--debug") and (len(argv) == 1 or argv[1] not in COMMANDS):
-        argv = [argv[0], "train", *argv[1:]]
+    n = 0  # global flags come first, in any order; the command defaults to train
+    while n < len(argv) and argv[n] in ("--quiet", "--debug"):
+        n += 1
+    if n == len(argv) or argv[n].startswith("-") and argv[n] not in ("-h", "--help"):
+        argv = [*argv[:n], "train", *argv[n:]]
     parser = _parser()
     args = parser.parse_args(argv)
     if args.command is None:

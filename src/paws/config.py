@@ -364,6 +364,7 @@ def _type_name(tp: Any) -> str:
 
 
 _YAML11_BOOLS = {"yes": True, "on": True, "no": False, "off": False}
+_NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -382,6 +383,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 pass
         raise bad
     if origin is Literal:
+        if isinstance(value, bool):
+            # YAML 1.1 reads unquoted yes/no/on/off as booleans: map them back to the words.
+            words = ("yes", "on", "true") if value else ("no", "off", "false")
+            value = next((w for w in words if w in args), value)
         if value in args:
             return value
         close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
@@ -397,6 +402,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, str) and value.lower() in _YAML11_BOOLS:
             return _YAML11_BOOLS[value.lower()]
         raise bad
+    if tp in (int, float) and isinstance(value, str) and _NUMBER.match(value.strip()):
+        value = float(value)  # YAML 1.1 reads 1e-4 (no dot, no sign) as a string
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             if isinstance(value, float) and value.is_integer():
@@ -404,8 +411,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise bad
         return value
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad
+        if not math.isfinite(value):
+            raise UserError(f"{key} must be a finite number, got {value}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):

@@ -14,6 +14,7 @@ import gzip
 import os
 import pickle
 import shutil
+import signal
 import subprocess
 import time
 import warnings
@@ -29,6 +30,7 @@ from PIL import Image, UnidentifiedImageError
 from paws import distributed
 from paws.config import Config, DataConfig, ViewsConfig
 from paws.errors import UserError
+from paws.progress import info
 from paws.sampling import SupportSampler, UnlabeledSampler
 from paws.transforms import (
     BatchViews,
@@ -247,7 +249,11 @@ def load_fashion_mnist(root: str | None) -> tuple[ImageSet, ImageSet]:
 
 
 class _CifarUnpickler(pickle.Unpickler):
-    """Unpickles CIFAR batch files only: plain containers and numpy arrays, nothing else."""
+    """Unpickles CIFAR batch files only: plain containers and numpy arrays, nothing else.
+
+    The allowed names build arrays and bytes (as the original Python 2 batches and files
+    re-pickled by Python 3 store them); any other global, e.g. ``os.system``, is refused.
+    """
 
     ALLOWED = {
         ("numpy.core.multiarray", "_reconstruct"),
@@ -256,6 +262,9 @@ class _CifarUnpickler(pickle.Unpickler):
         ("numpy", "dtype"),
         ("numpy.core.multiarray", "scalar"),
         ("numpy._core.multiarray", "scalar"),
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"),
+        ("_codecs", "encode"),
     }
 
     def find_class(self, module: str, name: str) -> object:
@@ -264,12 +273,16 @@ class _CifarUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
 
 
-def _unpickle(path: Path) -> dict:
+def _unpickle(path: Path, *keys: str) -> dict:
     try:
         with open(path, "rb") as f:
-            return _CifarUnpickler(f, encoding="latin1").load()
-    except (OSError, pickle.UnpicklingError, EOFError, ValueError) as e:
-        raise UserError(f"cannot read CIFAR batch {path}: {e}") from e
+            d = _CifarUnpickler(f, encoding="latin1").load()
+    except Exception as e:  # noqa: BLE001 - any failure means a corrupt or hostile file
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot read CIFAR batch {path}: {first}") from e
+    if not isinstance(d, dict) or any(k not in d for k in keys):
+        raise UserError(f"{path} is not a CIFAR batch file (expected keys {', '.join(keys)})")
+    return d
 
 
 def load_cifar(root: str | None, which: str = "cifar10") -> tuple[ImageSet, ImageSet, list[str]]:
@@ -302,13 +315,13 @@ def load_cifar(root: str | None, which: str = "cifar10") -> tuple[ImageSet, Imag
     def read(files: list[str]) -> ImageSet:
         xs, ys = [], []
         for f in files:
-            d = _unpickle(folder / f)
+            d = _unpickle(folder / f, "data", key)
             xs.append(np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
             ys.append(np.asarray(d[key], dtype=np.int64))
         x, y = np.concatenate(xs), np.concatenate(ys)
         return ImageSet(labels=y, names=[str(i) for i in range(len(y))], images=torch.from_numpy(x))
 
-    classes = [str(c) for c in _unpickle(folder / meta)[names_key]]
+    classes = [str(c) for c in _unpickle(folder / meta, names_key)[names_key]]
     return read(train_files), read(test_files), classes
 
 
@@ -388,9 +401,12 @@ def read_image(path: Path, channels: int | None = None) -> Image.Image:
             mode = "L" if channels == 1 else "RGB"
             return im.convert(mode)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        if isinstance(e, UnidentifiedImageError):
+            reason = "not an image, or in a format Pillow cannot read"
+        else:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else "corrupt"
         raise UserError(
-            f"cannot read image {path}: {str(e).splitlines()[0] if str(e) else 'corrupt'}"
-            "; fix or remove it, or set data.on_bad_image: skip"
+            f"cannot read image {path}: {reason}; fix or remove it, or set data.on_bad_image: skip"
         ) from e
 
 
@@ -477,8 +493,8 @@ def select_labeled(images: ImageSet, cfg: DataConfig, num_classes: int) -> np.nd
         missing = [w for w in wanted if w not in lookup]
         if missing:
             raise UserError(
-                f"split file {cfg.split_file} names {len(missing)} images that are "
-                f"not in the dataset, e.g. '{missing[0]}'"
+                f"split file {cfg.split_file} names {len(missing)} image(s) not in the "
+                f"dataset, e.g. '{missing[0]}'; fix the names or the data folder"
             )
         return np.unique([lookup[w] for w in wanted])
     if cfg.labels_per_class is None and cfg.label_fraction is None:
@@ -676,6 +692,25 @@ def step_generator(seed: int, step: int, stream: int) -> torch.Generator:
     return g
 
 
+def _worker_init(worker_id: int) -> None:
+    """Signals for data-loader workers. A terminal's Ctrl-C reaches the whole process group:
+    workers leave SIGINT to the main process, which saves a checkpoint and shuts them down. A
+    worker killed by a signal (some schedulers send SIGTERM to every process) makes PyTorch
+    raise in the main process at an arbitrary point, so on SIGTERM a worker exits quietly."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
+
+
+def _skip_or_raise(error: UserError, skip_bad: bool, reported: set[Path], path: Path) -> None:
+    """Policy ``data.on_bad_image`` for a file read in a data-loader worker: raise, or report
+    the file (once per worker) and go on."""
+    if not skip_bad:
+        raise error
+    if path not in reported:
+        reported.add(path)
+        info(f"skipping unreadable image {path}")
+
+
 class _StepFiles(torch.utils.data.Dataset):
     """Files read per item; the item key is (step, index) and seeds that item's augmentation,
     so views depend neither on the number of workers nor on resuming."""
@@ -691,6 +726,7 @@ class _StepFiles(torch.utils.data.Dataset):
     ):
         self.images, self.transform, self.channels = images, transform, channels
         self.seed, self.stream, self.skip_bad = seed, stream, skip_bad
+        self.reported: set[Path] = set()
 
     def __len__(self) -> int:
         return len(self.images)
@@ -699,12 +735,14 @@ class _StepFiles(torch.utils.data.Dataset):
         step, i = key
         files = self.images.files or []
         for attempt in range(len(files)):
+            path = files[(i + attempt) % len(files)]
             try:
-                img = read_image(files[(i + attempt) % len(files)], self.channels)
+                img = read_image(path, self.channels)
                 break
-            except UserError:
-                if not self.skip_bad:
-                    raise
+            except UserError as e:  # a bad file is replaced by the next readable one
+                _skip_or_raise(e, self.skip_bad, self.reported, path)
+        else:
+            raise UserError(f"none of the {len(files)} images could be read")
         seed = np.random.SeedSequence([self.seed, step, self.stream, i]).generate_state(1)[0]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(seed))
@@ -775,6 +813,7 @@ def augmented_batches(
         pin_memory=device.type == "cuda",
         collate_fn=_stack_views,
         prefetch_factor=4 if workers else None,
+        worker_init_fn=_worker_init,
     )
     t0 = time.perf_counter()
     for step, batch in zip(range(start, stop), loader):
@@ -826,7 +865,7 @@ def step_batches(
 class _EvalFiles(torch.utils.data.Dataset):
     def __init__(self, images: ImageSet, transform: Callable, channels: int, skip_bad: bool):
         self.images, self.transform, self.channels = images, transform, channels
-        self.skip_bad = skip_bad
+        self.skip_bad, self.reported = skip_bad, set()
 
     def __len__(self) -> int:
         return len(self.images)
@@ -834,9 +873,8 @@ class _EvalFiles(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         try:
             img = read_image(self.images.files[i], self.channels)
-        except UserError:
-            if not self.skip_bad:
-                raise
+        except UserError as e:
+            _skip_or_raise(e, self.skip_bad, self.reported, self.images.files[i])
             img = Image.new("L" if self.channels == 1 else "RGB", (8, 8))
         return self.transform(img), i
 
@@ -865,7 +903,11 @@ def eval_batches(
     ds = _EvalFiles(images, tf, channels, cfg.data.on_bad_image == "skip")
     workers = default_workers(cfg.data.workers)
     loader = torch.utils.data.DataLoader(
-        ds, batch_size=bs, num_workers=workers, pin_memory=device.type == "cuda"
+        ds,
+        batch_size=bs,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        worker_init_fn=_worker_init,
     )
     for x, idx in loader:
         yield x.to(device, non_blocking=True), idx

@@ -16,6 +16,7 @@ import math
 import os
 import signal
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -364,12 +365,46 @@ class _Stop:
     def _handle(self, signum: int, frame: Any) -> None:
         if self.signum is not None:  # a second signal: stop now
             raise KeyboardInterrupt
-        self.signum = signum
-        info(f"received signal {signum}: saving a checkpoint after this step")
+        self.signum = signum  # reported by the loop: printing here could re-enter print
 
     def __exit__(self, *exc: Any) -> None:
         for s, handler in self.old.items():
             signal.signal(s, handler)
+
+
+def _until_stopped(batches: Iterator[Batch], stop: _Stop) -> Iterator[Batch]:
+    """The batches, ending early if fetching one fails after a stop signal: data-loader
+    workers get a process group's SIGTERM too, and stop."""
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except Exception:
+            if stop.signum is None:
+                raise
+            return
+        yield batch
+
+
+def _finite(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> bool:
+    """Whether every weight, buffer and optimiser state tensor is finite (checked before a
+    checkpoint, so that a checkpoint named as good is good)."""
+    tensors = [*model.state_dict().values()]
+    tensors += [v for st in optimizer.state.values() for v in st.values() if torch.is_tensor(v)]
+    return all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
+
+
+def _truncate_rows(path: Path, last_step: int) -> None:
+    """Drop CSV rows logged after ``last_step`` (steps a crashed run did after its checkpoint)."""
+    if not path.is_file():
+        return
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    keep = rows[:1] + [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) <= last_step]
+    if len(keep) != len(rows):
+        with open(path, "w", newline="") as f:
+            csv.writer(f).writerows(keep)
 
 
 def _state(
@@ -398,6 +433,16 @@ def _state(
     }
 
 
+def _diverged(what: str, last_good: tuple[Path, int] | None) -> UserError:
+    """The one-line error of a run whose loss or weights stopped being finite."""
+    where = (
+        f"the last good checkpoint is {last_good[0]} (step {last_good[1]})"
+        if last_good
+        else "no checkpoint was written before it"
+    )
+    return UserError(f"{what}; {where}; lower optim.ref_lr or check the data")
+
+
 def train(
     cfg: Config, out_dir: str | Path, resume: bool = False, data: Datasets | None = None
 ) -> dict[str, Any]:
@@ -411,7 +456,8 @@ def train(
 
     Returns:
         ``{"status": "done" | "interrupted", "step", "eval": PAWS-NN result or None,
-        "signal": signal number when interrupted}``.
+        "skipped": number of unreadable images skipped, "signal": signal number when
+        interrupted}``.
     """
     from paws.evaluate import paws_nn  # evaluation imports the data loaders; keep it lazy
 
@@ -419,11 +465,19 @@ def train(
     device = setup_runtime(cfg)
     rank, world = distributed.get_rank(), distributed.get_world_size()
     state = None
-    if resume:
+    if resume and not (out / "last.pt").exists():
+        info(f"{out} has no checkpoint yet: starting it from step 0")
+    elif resume:
         state = checkpoint.load(out / "last.pt")
+        if any(k not in state for k in ("optimizer", "step", "rng")):
+            raise UserError(f"{out / 'last.pt'} holds no training state to resume from")
         diff = _shape_diff(state["config"], to_dict(cfg))
         if diff:
-            raise UserError("cannot resume: the config changes the run's shape: " + "; ".join(diff))
+            raise UserError(
+                "cannot resume: the config changes the run's shape: "
+                + "; ".join(diff)
+                + "; resume with the run's own config, or start a new run with --out"
+            )
     elif distributed.is_main() and (out / "last.pt").exists():
         raise UserError(
             f"{out} already holds a run; resume it with --resume {out} or choose another --out"
@@ -483,7 +537,7 @@ def train(
         cfg.support.label_smoothing,
     ).to(device)
 
-    start = 0
+    start, last_good = 0, None
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -491,6 +545,11 @@ def train(
             scaler.load_state_dict(state["scaler"])
         checkpoint.set_rng_state(state["rng"])
         start = int(state["step"])
+        last_good = (out / "last.pt", start)
+        if distributed.is_main():
+            checkpoint.remove_partial_writes(out)
+            _truncate_rows(out / "metrics.csv", start)
+            _truncate_rows(out / "evals.csv", start)
         info(f"resuming {out} at step {start}/{steps}")
     del state
 
@@ -512,22 +571,32 @@ def train(
     evals = _Metrics(out / "evals.csv", upto=start)
     progress = Progress(steps, "train", initial=start)
     global_batch = cfg.optim.batch_size
-    last_good, result = None, {"status": "done", "step": start, "eval": None}
+    result = {"status": "done", "step": start, "eval": None, "skipped": len(data.skipped)}
     model.train()
     t_last, wait_sum, n_since = time.perf_counter(), 0.0, 0
+
+    def save_checkpoint(done: int) -> tuple[Path, int]:
+        """Write last.pt after ``done`` steps; returns it as the last good checkpoint."""
+        if not _finite(model, optimizer):
+            raise _diverged(f"the weights became infinite or NaN by step {done}", last_good)
+        if distributed.is_main():
+            checkpoint.save(
+                _state(model, optimizer, scaler, done, cfg, unl.steps_per_epoch, data),
+                out / "last.pt",
+            )
+        distributed.barrier()
+        return out / "last.pt", done
+
     with _Stop() as stop:
-        for batch in step_batches(data, cfg, unl, sup, start, steps, device):
+        batches = step_batches(data, cfg, unl, sup, start, steps, device)
+        for batch in _until_stopped(batches, stop):
             step = batch.step
             lr = schedule(step)
             set_lr(optimizer, lr)
             monitor = cfg.run.monitor_every > 0 and step % cfg.run.monitor_every == 0
             r = train_step(net, optimizer, batch, labels, cfg, scaler, dtype, monitor)
             if not math.isfinite(r.loss):
-                where = f"; the last good checkpoint is {last_good}" if last_good else ""
-                raise UserError(
-                    f"the loss became {r.loss} at step {step}{where}; lower "
-                    "optim.ref_lr or check the data"
-                )
+                raise _diverged(f"the loss became {r.loss} at step {step + 1}", last_good)
             wait_sum += batch.wait
             n_since += 1
             done = step + 1
@@ -552,14 +621,8 @@ def train(
                 row.update(distributed.reduce_scalars(r.extra))
                 metrics.log(row)
                 t_last, wait_sum, n_since = now, 0.0, 0
-            if done % cfg.run.checkpoint_every == 0 or stop.signum is not None:
-                if distributed.is_main():
-                    checkpoint.save(
-                        _state(model, optimizer, scaler, done, cfg, unl.steps_per_epoch, data),
-                        out / "last.pt",
-                    )
-                last_good = out / "last.pt"
-                distributed.barrier()
+            if done % cfg.run.checkpoint_every == 0:
+                last_good = save_checkpoint(done)
             if (
                 cfg.run.eval_every
                 and done % cfg.run.eval_every == 0
@@ -573,10 +636,18 @@ def train(
                 distributed.barrier()
             result["step"] = done
             if stop.signum is not None:
-                progress.close()
-                info(f"stopped at step {done}; continue with: paws train --resume {out}")
-                return {"status": "interrupted", "step": done, "eval": None, "signal": stop.signum}
+                break
+        if stop.signum is not None:
+            done = result["step"]
+            info(f"received signal {stop.signum}: saving a checkpoint at step {done}")
+            if last_good is None or last_good[1] != done:
+                last_good = save_checkpoint(done)
+            progress.close()
+            info(f"stopped at step {done}; continue with: paws train --resume {out}")
+            return {"status": "interrupted", "step": done, "eval": None, "signal": stop.signum}
     progress.close()
+    if not _finite(model, optimizer):
+        raise _diverged(f"the weights became infinite or NaN by step {result['step']}", last_good)
     if distributed.is_main():
         final = _state(model, optimizer, scaler, result["step"], cfg, unl.steps_per_epoch, data)
         checkpoint.save(final, out / "last.pt")

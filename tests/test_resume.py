@@ -1,0 +1,204 @@
+"""Exact resume: a run killed at an arbitrary step (SIGKILL), or stopped by SIGINT or SIGTERM,
+and resumed with ``--resume`` ends with the weights of a run that was never interrupted."""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from tinyrun import (
+    error_line,
+    popen,
+    run_cli,
+    tiny_config,
+    torch_state,
+    write_config,
+    write_folder,
+)
+
+from paws import cli
+
+STEPS = 16  # tiny_config's optim.steps; checkpoints every 4 steps
+STORAGE = {
+    "memory": {"data__in_memory": "yes"},
+    "disk": {"data__in_memory": "no", "data__workers": 2},
+}
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_folder(tmp_path_factory.mktemp("data") / "labeled")
+
+
+@pytest.fixture(scope="module")
+def reference(folder: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The run directory of an uninterrupted run, per storage mode, made once."""
+    runs: dict[str, Path] = {}
+
+    def get(storage: str) -> Path:
+        if storage not in runs:
+            base = tmp_path_factory.mktemp(f"reference-{storage}")
+            cfg = write_config(base / "cfg.yaml", tiny_config(folder, **STORAGE[storage]))
+            with pytest.MonkeyPatch.context() as mp, torch_state():
+                mp.setenv("PAWS_QUIET", "1")
+                argv = ["--quiet", "train", "--config", str(cfg), "--out", str(base / "run")]
+                assert cli.main(argv) == 0
+            runs[storage] = base / "run"
+        return runs[storage]
+
+    return get
+
+
+def _rows(run: Path) -> list[dict[str, str]]:
+    try:
+        with open(run / "metrics.csv", newline="") as f:
+            return list(csv.DictReader(f))
+    except (FileNotFoundError, StopIteration):
+        return []
+
+
+def _start_and_wait(argv: list[str], run: Path, steps: int):
+    """Start ``paws ARGV`` and return once it has logged ``steps`` steps."""
+    p = popen(argv)
+    deadline = time.monotonic() + 300
+    while len(_rows(run)) < steps:
+        if p.poll() is not None:
+            pytest.fail(f"the run ended before step {steps}: {p.communicate()}")
+        if time.monotonic() > deadline:
+            os.killpg(p.pid, signal.SIGKILL)
+            pytest.fail(f"the run did not reach step {steps} in 300 s")
+        time.sleep(0.05)
+    return p
+
+
+def _assert_same_run(run: Path, ref: Path) -> None:
+    """Bit-identical final weights and optimiser state, and the same loss at every step."""
+    got = torch.load(run / "final.pt", map_location="cpu", weights_only=True)
+    want = torch.load(ref / "final.pt", map_location="cpu", weights_only=True)
+    assert got["step"] == want["step"] == STEPS
+    assert got["model"].keys() == want["model"].keys()
+    for k in want["model"]:
+        assert torch.equal(got["model"][k], want["model"][k]), k
+    momentum = [s["momentum_buffer"] for s in want["optimizer"]["state"].values()]
+    assert momentum and all(
+        torch.equal(s["momentum_buffer"], m)
+        for s, m in zip(got["optimizer"]["state"].values(), momentum)
+    )
+    rows, ref_rows = _rows(run), _rows(ref)
+    assert [r["step"] for r in rows] == [str(s) for s in range(1, STEPS + 1)]
+    assert [r["loss"] for r in rows] == [r["loss"] for r in ref_rows]
+
+
+@pytest.mark.parametrize("storage", ["memory", "disk"])
+def test_sigkill_then_resume_is_bit_identical(
+    storage, folder, reference, tmp_path, capsys, monkeypatch
+):
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_config(folder, **STORAGE[storage]))
+    run = tmp_path / "run"
+    p = _start_and_wait(["--quiet", "train", "--config", str(cfg), "--out", str(run)], run, 7)
+    os.kill(p.pid, signal.SIGKILL)
+    p.communicate(timeout=60)
+    try:
+        os.killpg(p.pid, signal.SIGKILL)  # data-loader workers, as on a lost machine
+    except ProcessLookupError:
+        pass
+    assert p.returncode == -signal.SIGKILL
+    assert not (run / "final.pt").exists()
+    saved = torch.load(run / "last.pt", weights_only=True)["step"]
+    logged = len(_rows(run))
+    assert 4 <= saved <= logged < STEPS  # killed mid-run, after a checkpoint
+
+    # Workers may change on resume: each image's augmentation is seeded by (seed, step, index).
+    resume = ["--quiet", "train", "--resume", str(run), "--set", "data.workers=0"]
+    code, _, err = run_cli(resume, capsys, monkeypatch)
+    assert code == 0, err
+    _assert_same_run(run, reference(storage))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_saves_a_checkpoint_and_exits_cleanly(
+    sig, folder, reference, tmp_path, capsys, monkeypatch
+):
+    # Sent to the whole process group, as a terminal's Ctrl-C or a scheduler does, with
+    # data-loader workers running.
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_config(folder, **STORAGE["disk"]))
+    run = tmp_path / "run"
+    p = _start_and_wait(["train", "--config", str(cfg), "--out", str(run)], run, 5)
+    os.killpg(p.pid, sig)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 128 + sig, err
+    assert "Traceback" not in err and "Error" not in err, err
+    stopped = int(re.search(r"stopped at step (\d+)", err).group(1))
+    assert f"paws train --resume {run}" in err
+    assert 5 <= stopped < STEPS
+    assert torch.load(run / "last.pt", weights_only=True)["step"] == stopped
+    assert not (run / "final.pt").exists()
+
+    code, _, err = run_cli(["--quiet", "train", "--resume", str(run)], capsys, monkeypatch)
+    assert code == 0, err
+    _assert_same_run(run, reference("disk"))
+
+
+def test_resume_before_the_first_checkpoint_starts_over(
+    folder, reference, tmp_path, capsys, monkeypatch
+):
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_config(folder, **STORAGE["memory"]))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(cfg.read_text())  # as a run killed while loading data
+    code, _, err = run_cli(["--quiet", "train", "--resume", str(run)], capsys, monkeypatch)
+    assert code == 0, err
+    _assert_same_run(run, reference("memory"))
+
+
+def test_resume_refuses_a_config_that_changes_the_run(folder, tmp_path, capsys, monkeypatch):
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_config(folder, optim__steps=4))
+    run = tmp_path / "run"
+    code, _, err = run_cli(
+        ["--quiet", "train", "--config", str(cfg), "--out", str(run)], capsys, monkeypatch
+    )
+    assert code == 0, err
+    before = (run / "last.pt").read_bytes()
+    code, _, err = run_cli(
+        [
+            "--quiet",
+            "train",
+            "--resume",
+            str(run),
+            "--set",
+            "optim.batch_size=3",
+            "--set",
+            "model.width=8",
+            "--set",
+            "run.log_every=2",  # safe to change: not named
+        ],
+        capsys,
+        monkeypatch,
+    )
+    assert code == 2
+    line = error_line(err)
+    assert line.startswith("cannot resume: the config changes the run's shape")
+    assert "optim.batch_size (6 -> 3)" in line and "model.width (4 -> 8)" in line
+    assert "log_every" not in line
+    assert (run / "last.pt").read_bytes() == before
+
+
+def test_batches_end_quietly_when_workers_stop_after_a_signal():
+    from paws.train import _Stop, _until_stopped
+
+    def batches():
+        yield 1
+        yield 2
+        raise RuntimeError("DataLoader worker (pid 1234) exited unexpectedly")
+
+    stop = _Stop()
+    with pytest.raises(RuntimeError, match="exited unexpectedly"):
+        list(_until_stopped(batches(), stop))  # no signal: a real failure
+    stop.signum = signal.SIGTERM
+    assert list(_until_stopped(batches(), stop)) == [1, 2]
