@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import shutil
 import subprocess
 import sys
 from html.parser import HTMLParser
@@ -18,6 +19,7 @@ pytest.importorskip("sklearn")
 
 from tiny_runs import image_folders, tiny_run  # noqa: E402
 
+from paws.cli import main  # noqa: E402
 from paws.report import build_report  # noqa: E402
 
 SECTIONS = (
@@ -129,25 +131,29 @@ def test_report_compares_two_runs_from_the_command_line(runs, tmp_path: Path) ->
     assert len(page.images) == 7
 
 
-def test_report_without_plotting_libraries_says_how_to_install(runs, tmp_path: Path) -> None:
-    code = (
-        "import sys; sys.modules['matplotlib'] = None; "
-        "from paws.cli import main; sys.exit(main(['report', sys.argv[1]]))"
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", code, str(runs[0])], capture_output=True, text=True, timeout=120
-    )
-    assert proc.returncode == 2
-    lines = proc.stderr.strip().splitlines()
+def test_report_without_plotting_libraries_says_how_to_install(runs, monkeypatch, capsys) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now fails
+    assert main(["report", str(runs[0])]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "pip install 'paws-ssl[report]'" in lines[0]
 
 
-def test_report_of_a_missing_run_is_one_line(tmp_path: Path) -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "paws", "report", str(tmp_path / "nope")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 2
-    assert proc.stderr.strip() == f"paws: error: run directory not found: {tmp_path / 'nope'}"
+def test_report_of_a_missing_run_is_one_line(tmp_path: Path, capsys) -> None:
+    assert main(["report", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"paws: error: run directory not found: {tmp_path / 'nope'}\n"
+
+
+def test_report_of_an_unfinished_run_says_what_is_missing(runs, tmp_path: Path) -> None:
+    run = tmp_path / "unfinished"
+    shutil.copytree(runs[1], run)
+    for name in ("predictions.json", "eval.json", "evals.csv", "final.pt"):
+        (run / name).unlink()
+    paths = build_report([run], tsne_points=12, grid_images=4)
+    assert paths["html"] == run / "report.html"
+    page = _check_html(paths["html"])
+    assert len(page.images) == 2  # curves and the t-SNE map (from last.pt)
+    text = paths["html"].read_text()
+    assert "No evaluations (evals.csv)" in text
+    assert "unfinished: no predictions.json" in text
+    _check_png(paths["png"].read_bytes())

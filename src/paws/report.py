@@ -261,20 +261,24 @@ def plot_curves(runs: Sequence[RunRecord]) -> bytes | None:
                 ks = {len(r.classes) for r in runs if r.classes}
                 if not ks:
                     ks = {int(r.config.get("support", {}).get("classes", 0)) for r in runs} - {0}
+                # Entropy never exceeds log K: room above that line keeps its label off the curves.
                 for k in sorted(ks):
-                    ax.axhline(
-                        math.log(k),
-                        color="0.4",
-                        linestyle="--",
-                        linewidth=1,
-                        label=f"maximum: log {k} = {math.log(k):.2f}",
+                    ax.axhline(math.log(k), color="0.4", linestyle="--", linewidth=1)
+                    ax.annotate(
+                        f"maximum: log {k} = {math.log(k):.2f}",
+                        (1.0, math.log(k)),
+                        xycoords=("axes fraction", "data"),
+                        xytext=(-4, 3),
+                        textcoords="offset points",
+                        ha="right",
+                        va="bottom",
+                        fontsize=9,
+                        color="0.3",
                     )
                 if ks:
-                    ax.legend(
-                        handles=[h for h in ax.get_lines() if h.get_label().startswith("max")],
-                        loc="best",
-                        fontsize=9,
-                    )
+                    lo, _ = ax.get_ylim()
+                    top = math.log(max(ks))
+                    ax.set_ylim(lo, top + 0.2 * max(top - lo, 0.05))
             if not drawn:
                 ax.text(
                     0.5,
@@ -316,21 +320,13 @@ def plot_accuracy(runs: Sequence[RunRecord]) -> bytes | None:
     with rc(_STYLE):
         fig = Figure(figsize=(_WIDTH, 4.6), layout="constrained")
         ax = fig.subplots()
-        xmax = 1.0
+        xmax, ends = 1.0, []
         for i, r in enumerate(runs):
             c = _colour(i)
             if len(r.evals.get("step", [])):
                 x, y = r.evals["step"], r.evals["top1"]
                 ax.plot(x, y, color=c, marker="o", linewidth=1.8, label=f"{r.name}: PAWS-NN")
-                ax.annotate(
-                    f"{y[-1]:.1f}%",
-                    (x[-1], y[-1]),
-                    xytext=(6, 0),
-                    textcoords="offset points",
-                    va="center",
-                    fontsize=9,
-                    color=c,
-                )
+                ends.append((float(x[-1]), float(y[-1]), c))
                 xmax = max(xmax, float(np.nanmax(x)))
             if r.baseline and "top1" in r.baseline:
                 ax.axhline(
@@ -346,6 +342,7 @@ def plot_accuracy(runs: Sequence[RunRecord]) -> bytes | None:
                 label = f"chance ({chance:.0f}%)"
                 ax.axhline(chance, color="0.5", linestyle=":", linewidth=1.2, label=label)
                 break
+        _label_ends(ax, ends)
         ax.set_xlim(0, xmax * 1.08)
         ax.set_ylim(0, 100)
         ax.set_title("PAWS-NN test accuracy per evaluation")
@@ -354,6 +351,26 @@ def plot_accuracy(runs: Sequence[RunRecord]) -> bytes | None:
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
         _epoch_axis(ax, runs)
         return _png(fig)
+
+
+def _label_ends(ax: Any, ends: list[tuple[float, float, str]], gap: float = 4.5) -> None:
+    """Write each curve's last accuracy next to its last point, spread so labels never touch."""
+    placed: list[tuple[float, float]] = []
+    for x, y, colour in sorted(ends, key=lambda e: e[1]):
+        ty = y
+        for px, py in placed:
+            if abs(px - x) <= 0.05 * max(x, px, 1.0) and ty - py < gap:
+                ty = py + gap
+        placed.append((x, ty))
+        ax.annotate(
+            f"{y:.1f}%",
+            (x, ty),
+            xytext=(7, 0),
+            textcoords="offset points",
+            va="center",
+            fontsize=9,
+            color=colour,
+        )
 
 
 def _short(name: str, n: int = 14) -> str:
@@ -673,11 +690,15 @@ def _summary_png(rows: list[list[str]]) -> bytes:
         fig = Figure(figsize=(_WIDTH, 1.2 + 0.45 * len(rows)), layout="constrained")
         ax = fig.subplots()
         ax.axis("off")
-        table = ax.table(cellText=rows, colLabels=_SUMMARY_HEAD, loc="center", cellLoc="left")
+        # Columns as wide as their longest text, scaled to fill exactly the figure's width.
+        chars = [max(len(c) for c in col) + 2 for col in zip(_SUMMARY_HEAD, *rows)]
+        widths = [c / sum(chars) for c in chars]
+        table = ax.table(
+            cellText=rows, colLabels=_SUMMARY_HEAD, colWidths=widths, loc="center", cellLoc="left"
+        )
         table.auto_set_font_size(False)
-        table.set_fontsize(12)
+        table.set_fontsize(11 if sum(chars) < 150 else 9)
         table.scale(1.0, 1.8)
-        table.auto_set_column_width(list(range(len(_SUMMARY_HEAD))))
         for (row, _), cell in table.get_celld().items():
             cell.set_edgecolor("0.8")
             if row == 0:
