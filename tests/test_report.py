@@ -26,8 +26,7 @@ SECTIONS = (
     "Summary",
     "Training curves",
     "PAWS-NN accuracy",
-    "Last evaluation: confusion matrix",
-    "Last evaluation: per-class accuracy",
+    "Last evaluation: confusion matrix and per-class accuracy",
     "t-SNE map of test embeddings",
     "Test images: predicted and true labels",
 )
@@ -99,8 +98,8 @@ def test_report_of_one_run(runs, tmp_path: Path) -> None:
     page = _check_html(paths["html"])
     for title in SECTIONS:
         assert title in page.headings, (title, page.headings)
-    # Curves, accuracy, confusion, per-class, t-SNE and the image grid.
-    assert len(page.images) == 6
+    # Curves, accuracy, last evaluation, t-SNE and the image grid.
+    assert len(page.images) == 5
     text = paths["html"].read_text()
     assert "supervised only" in text.lower() and "40.00%" in text
     assert "No baseline.json" not in text
@@ -128,7 +127,7 @@ def test_report_compares_two_runs_from_the_command_line(runs, tmp_path: Path) ->
     # Both runs are named; only the first has a baseline.
     assert "tau-0.1" in text and "tau-0.2" in text
     assert "No baseline.json for tau-0.2" in text
-    assert len(page.images) == 7
+    assert len(page.images) == 6
 
 
 def test_report_without_plotting_libraries_says_how_to_install(runs, monkeypatch, capsys) -> None:

@@ -216,10 +216,13 @@ def _epoch_axis(ax: Any, runs: Sequence[RunRecord]) -> None:
     per = {round(r.steps_per_epoch, 6) for r in runs if r.steps_per_epoch}
     if len(per) != 1:
         return
+    from matplotlib.ticker import MaxNLocator
+
     spe = per.pop()
     top = ax.secondary_xaxis("top", functions=(lambda s: s / spe, lambda e: e * spe))
     top.set_xlabel("epoch", fontsize=10)
     top.tick_params(labelsize=9)
+    top.xaxis.set_major_locator(MaxNLocator(nbins=5, steps=[1, 2, 2.5, 5, 10]))
 
 
 def _line(ax: Any, x: np.ndarray, y: np.ndarray, colour: str, label: str) -> None:
@@ -320,15 +323,17 @@ def plot_accuracy(runs: Sequence[RunRecord]) -> bytes | None:
     with rc(_STYLE):
         fig = Figure(figsize=(_WIDTH, 4.6), layout="constrained")
         ax = fig.subplots()
-        xmax, ends = 1.0, []
+        xmax, ends, values = 1.0, [], []
         for i, r in enumerate(runs):
             c = _colour(i)
             if len(r.evals.get("step", [])):
                 x, y = r.evals["step"], r.evals["top1"]
                 ax.plot(x, y, color=c, marker="o", linewidth=1.8, label=f"{r.name}: PAWS-NN")
                 ends.append((float(x[-1]), float(y[-1]), c))
+                values += [float(v) for v in y if np.isfinite(v)]
                 xmax = max(xmax, float(np.nanmax(x)))
             if r.baseline and "top1" in r.baseline:
+                values.append(float(r.baseline["top1"]))
                 ax.axhline(
                     r.baseline["top1"],
                     color=c,
@@ -336,15 +341,18 @@ def plot_accuracy(runs: Sequence[RunRecord]) -> bytes | None:
                     linewidth=1.4,
                     label=f"{r.name}: supervised only ({r.baseline['top1']:.1f}%)",
                 )
+        # Zoom on the values (in steps of 10%) so close runs stay apart; chance when in view.
+        lo = max(0.0, 10 * math.floor((min(values) - 5) / 10))
+        hi = min(100.0, 10 * math.ceil((max(values) + 5) / 10))
         for r in runs:
-            if r.classes:
+            if r.classes and 100.0 / len(r.classes) >= lo:
                 chance = 100.0 / len(r.classes)
                 label = f"chance ({chance:.0f}%)"
                 ax.axhline(chance, color="0.5", linestyle=":", linewidth=1.2, label=label)
                 break
-        _label_ends(ax, ends)
+        _label_ends(ax, ends, gap=0.045 * (hi - lo))
         ax.set_xlim(0, xmax * 1.08)
-        ax.set_ylim(0, 100)
+        ax.set_ylim(lo, hi)
         ax.set_title("PAWS-NN test accuracy per evaluation")
         ax.set_xlabel("step")
         ax.set_ylabel("top-1 accuracy (%)")
@@ -353,7 +361,7 @@ def plot_accuracy(runs: Sequence[RunRecord]) -> bytes | None:
         return _png(fig)
 
 
-def _label_ends(ax: Any, ends: list[tuple[float, float, str]], gap: float = 4.5) -> None:
+def _label_ends(ax: Any, ends: list[tuple[float, float, str]], gap: float) -> None:
     """Write each curve's last accuracy next to its last point, spread so labels never touch."""
     placed: list[tuple[float, float]] = []
     for x, y, colour in sorted(ends, key=lambda e: e[1]):
@@ -370,6 +378,7 @@ def _label_ends(ax: Any, ends: list[tuple[float, float, str]], gap: float = 4.5)
             va="center",
             fontsize=9,
             color=colour,
+            bbox={"boxstyle": "square,pad=0.15", "facecolor": "white", "edgecolor": "none"},
         )
 
 
@@ -377,85 +386,80 @@ def _short(name: str, n: int = 14) -> str:
     return name if len(name) <= n else name[: n - 1] + "…"
 
 
-def plot_confusion(runs: Sequence[RunRecord]) -> bytes | None:
-    """Row-normalised confusion matrix of each run's last evaluation, side by side."""
-    have = [(i, r) for i, r in enumerate(runs) if r.predictions]
-    if not have:
-        return None
-    Figure, rc = _require()
-    cols = min(len(have), 2)
-    rows = math.ceil(len(have) / cols)
-    cell = 6.2 if cols == 1 else _WIDTH / 2
-    with rc(_STYLE):
-        height = cell * rows * (0.95 if cols == 2 else 1.0)
-        fig = Figure(figsize=(_WIDTH, height), layout="constrained")
-        axes = np.atleast_1d(fig.subplots(rows, cols)).ravel()
-        image = None
-        for ax, (_, r) in zip(axes, have):
-            cm = np.asarray(r.predictions["confusion"], dtype=np.float64)
-            classes = r.predictions["classes"]
-            pct = 100.0 * cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
-            image = ax.imshow(pct, cmap="Blues", vmin=0, vmax=100)
-            ax.grid(False)
-            kk = len(classes)
-            if kk <= 30:
-                ax.set_xticks(range(kk), [_short(c) for c in classes], rotation=45, ha="right")
-                ax.set_yticks(range(kk), [_short(c) for c in classes])
-            if kk <= 12:
-                for t in range(kk):
-                    for p in range(kk):
-                        if cm[t, p]:
-                            ax.text(
-                                p,
-                                t,
-                                f"{pct[t, p]:.0f}",
-                                ha="center",
-                                va="center",
-                                fontsize=10 if kk <= 10 else 8,
-                                color="white" if pct[t, p] > 55 else "black",
-                            )
-            acc = 100.0 * np.trace(cm) / max(cm.sum(), 1)
-            ax.set_title(f"{r.name}: top-1 {acc:.1f}% ({int(cm.sum())} test images)")
-            ax.set_xlabel("predicted class")
-            ax.set_ylabel("true class")
-        for ax in axes[len(have) :]:
-            ax.set_visible(False)
-        if image is not None:
-            fig.colorbar(image, ax=list(axes[: len(have)]), label="% of the true class", shrink=0.8)
-        return _png(fig)
-
-
-def plot_per_class(runs: Sequence[RunRecord]) -> bytes | None:
-    """Per-class accuracy of each run's last evaluation, as grouped horizontal bars."""
-    have = [(i, r) for i, r in enumerate(runs) if r.predictions]
-    if not have:
-        return None
-    classes = have[0][1].predictions["classes"]
-    have = [(i, r) for i, r in have if r.predictions["classes"] == classes]
-    Figure, rc = _require()
+def _confusion_panel(ax: Any, run: RunRecord) -> Any:
+    """Row-normalised confusion matrix of a run's last evaluation; returns the image."""
+    cm = np.asarray(run.predictions["confusion"], dtype=np.float64)
+    classes = run.predictions["classes"]
+    pct = 100.0 * cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+    image = ax.imshow(pct, cmap="Blues", vmin=0, vmax=100)
+    ax.grid(False)
     k = len(classes)
-    height = min(max(3.0, 0.32 * k * max(1, len(have)) ** 0.5 + 1.5), 40.0)
+    if k <= 30:
+        ax.set_xticks(range(k), [_short(c) for c in classes], rotation=45, ha="right")
+        ax.set_yticks(range(k), [_short(c) for c in classes])
+    if k <= 12:
+        for t in range(k):
+            for p in range(k):
+                if cm[t, p]:
+                    ax.text(
+                        p,
+                        t,
+                        f"{pct[t, p]:.0f}",
+                        ha="center",
+                        va="center",
+                        fontsize=10 if k <= 10 else 8,
+                        color="white" if pct[t, p] > 55 else "black",
+                    )
+    acc = 100.0 * np.trace(cm) / max(cm.sum(), 1)
+    ax.set_title(f"{run.name}: top-1 {acc:.1f}% ({int(cm.sum())} test images)")
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    return image
+
+
+def _per_class_panel(ax: Any, have: Sequence[tuple[int, RunRecord]], classes: list[str]) -> None:
+    """Per-class accuracy of each run's last evaluation, as grouped horizontal bars."""
+    k = len(classes)
+    width = 0.8 / len(have)
+    for j, (i, r) in enumerate(have):
+        cm = np.asarray(r.predictions["confusion"], dtype=np.float64)
+        acc = 100.0 * np.diag(cm) / np.maximum(cm.sum(axis=1), 1)
+        pos = np.arange(k) - 0.4 + width * (j + 0.5)
+        ax.barh(pos, acc, height=width, color=_colour(i), label=r.name)
+        if k * len(have) <= 40:
+            for y, a in zip(pos, acc):
+                ax.text(a + 1.0, y, f"{a:.0f}", va="center", fontsize=9, color="0.2")
+    ax.set_yticks(range(k), [_short(c, 20) for c in classes] if k <= 60 else [""] * k)
+    ax.set_ylim(k - 0.5, -0.5)
+    ax.set_xlim(0, 112)
+    ax.set_xlabel("accuracy on the class's test images (%)")
+    ax.set_ylabel("true class")
+    ax.set_title("Per-class PAWS-NN accuracy")
+    ax.grid(axis="y", visible=False)
+    if len(have) > 1:
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=min(len(have), 3))
+
+
+def plot_last_eval(runs: Sequence[RunRecord]) -> bytes | None:
+    """Confusion matrix of each run's last evaluation and the per-class accuracy of all runs
+    (those with the first run's classes), two panels a row."""
+    have = [(i, r) for i, r in enumerate(runs) if r.predictions]
+    if not have:
+        return None
+    classes = list(have[0][1].predictions["classes"])
+    same = [(i, r) for i, r in have if list(r.predictions["classes"]) == classes]
+    Figure, rc = _require()
+    panels = len(have) + 1
+    rows = math.ceil(panels / 2)
     with rc(_STYLE):
-        fig = Figure(figsize=(_WIDTH, height), layout="constrained")
-        ax = fig.subplots()
-        width = 0.8 / len(have)
-        for j, (i, r) in enumerate(have):
-            cm = np.asarray(r.predictions["confusion"], dtype=np.float64)
-            acc = 100.0 * np.diag(cm) / np.maximum(cm.sum(axis=1), 1)
-            pos = np.arange(k) - 0.4 + width * (j + 0.5)
-            ax.barh(pos, acc, height=width, color=_colour(i), label=r.name)
-            if k <= 30:
-                for y, a in zip(pos, acc):
-                    ax.text(a + 0.8, y, f"{a:.0f}", va="center", fontsize=8, color="0.2")
-        ax.set_yticks(range(k), [_short(c, 20) for c in classes] if k <= 60 else [""] * k)
-        ax.invert_yaxis()
-        ax.set_xlim(0, 108)
-        ax.set_xlabel("accuracy on the class's test images (%)")
-        ax.set_ylabel("class")
-        ax.set_title("Per-class PAWS-NN accuracy (last evaluation)")
-        ax.grid(axis="y", visible=False)
-        if len(have) > 1:
-            ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+        fig = Figure(figsize=(_WIDTH, 7.0 * rows), layout="constrained")
+        axes = np.atleast_1d(fig.subplots(rows, 2)).ravel()
+        for ax, (_, r) in zip(axes, have):
+            image = _confusion_panel(ax, r)
+            fig.colorbar(image, ax=ax, label="% of the true class", shrink=0.75, pad=0.02)
+        _per_class_panel(axes[len(have)], same, classes)
+        for ax in axes[panels:]:
+            ax.set_visible(False)
         return _png(fig)
 
 
@@ -474,8 +478,9 @@ def plot_tsne(items: Sequence[tuple[int, RunRecord, np.ndarray, np.ndarray]], cl
     k = len(classes)
     colours = _class_colours(k)
     with rc(_STYLE):
-        height = (6.4 if cols == 1 else 5.4) * rows
-        fig = Figure(figsize=(_WIDTH, height), layout="constrained")
+        # One map: about square beside its legend, rather than stretched over the page width.
+        size = (9.5, 7.0) if cols == 1 else (_WIDTH, 5.6 * rows)
+        fig = Figure(figsize=size, layout="constrained")
         axes = np.atleast_1d(fig.subplots(rows, cols)).ravel()
         for ax, (_, r, xy, y) in zip(axes, items):
             for c in range(k):
@@ -835,22 +840,17 @@ def build_report(
             ),
         )
     )
-    confusion, per_class = plot_confusion(runs), plot_per_class(runs)
-    missing = "No predictions.json (written at the end of training when there is a test set)."
+    last = plot_last_eval(runs)
     sections.append(
         Section(
-            "Last evaluation: confusion matrix",
-            confusion,
-            caption="Each row is a true class; cells give the percentage of its test images "
-            "predicted as each class.",
-            note="" if confusion else missing,
-        )
-    )
-    sections.append(
-        Section(
-            "Last evaluation: per-class accuracy",
-            per_class,
-            note="" if per_class else missing,
+            "Last evaluation: confusion matrix and per-class accuracy",
+            last,
+            caption="Each row of a confusion matrix is a true class; cells give the percentage "
+            "of its test images predicted as each class. Bars: the share of each class's test "
+            "images classified correctly.",
+            note=""
+            if last
+            else "No predictions.json (written at the end of training when there is a test set).",
         )
     )
 
