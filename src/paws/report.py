@@ -20,7 +20,7 @@ import io
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,17 @@ import numpy as np
 from paws.errors import UserError
 from paws.progress import info
 
-__all__ = ["RunRecord", "Section", "load_run", "build_report"]
+__all__ = [
+    "RunRecord",
+    "Section",
+    "load_run",
+    "build_report",
+    "plot_curves",
+    "plot_accuracy",
+    "plot_last_eval",
+    "plot_tsne",
+    "plot_grid",
+]
 
 _INSTALL = "pip install 'paws-ssl[report]'"
 _STYLE = {
@@ -94,7 +104,6 @@ class Section:
     caption: str = ""
     note: str = ""
     alt: str = ""
-    extra_html: str = field(default="", repr=False)
 
 
 def _require() -> tuple[Any, Any]:
@@ -771,7 +780,6 @@ def _html(runs: Sequence[RunRecord], rows: list[list[str]], sections: list[Secti
             parts.append(f'<img alt="{e(s.alt or s.title)}" src="data:image/png;base64,{data}">')
         if s.note:
             parts.append(f'<p class="note">{e(s.note)}</p>')
-        parts.append(s.extra_html)
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
 
