@@ -479,7 +479,9 @@ def _class_colours(k: int) -> list[Any]:
     return [cmap(i if k <= 20 else i / max(1, k - 1)) for i in range(k)]
 
 
-def plot_tsne(items: Sequence[tuple[int, RunRecord, np.ndarray, np.ndarray]], classes: list[str]):
+def plot_tsne(
+    items: Sequence[tuple[int, RunRecord, np.ndarray, np.ndarray]], classes: list[str]
+) -> bytes:
     """t-SNE maps, one panel a run: ``items`` holds (colour index, run, (N, 2) map, (N,) labels)."""
     Figure, rc = _require()
     cols = min(len(items), 2)
