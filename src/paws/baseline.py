@@ -112,7 +112,7 @@ def train_baseline(
         loss.backward()
         optimizer.step()
         done = step + 1
-        progress.update(1, loss=float(loss))
+        progress.update(1, loss=loss.item())
         if b.time_limit is not None and time.time() - start > b.time_limit:
             break
     progress.close()

@@ -197,6 +197,39 @@ def _config_cmd_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace
     return run
 
 
+@command("report", "draw a run's curves, accuracy, confusion matrix, t-SNE map and predictions")
+def _report_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (several: overlaid)")
+    p.add_argument(
+        "--out", metavar="DIR", help="where report.png and report.html go (default: first RUN_DIR)"
+    )
+    p.add_argument(
+        "--tsne-points",
+        type=int,
+        default=2000,
+        metavar="N",
+        help="test images in the t-SNE map (default 2000; 0: no map)",
+    )
+    p.add_argument(
+        "--grid-images",
+        type=int,
+        default=32,
+        metavar="N",
+        help="test images shown with their predictions (default 32; 0: none)",
+    )
+
+    def run(args: argparse.Namespace) -> int:
+        from paws.report import build_report
+
+        if args.tsne_points < 0 or args.grid_images < 0:
+            raise UserError("--tsne-points and --grid-images must be 0 or more")
+        paths = build_report(args.runs, args.out, args.tsne_points, args.grid_images)
+        print(f"report written: {paths['html']} and {paths['png']}")
+        return 0
+
+    return run
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="paws", description="PAWS semi-supervised learning: pre-train, evaluate, apply."
@@ -207,6 +240,11 @@ def _parser() -> argparse.ArgumentParser:
     for name, (add_args, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(make_runner=add_args(p))
+        # Also accepted after the command (paws train --quiet); SUPPRESS keeps a value given
+        # before it.
+        p.add_argument(
+            "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress output"
+        )
     return parser
 
 

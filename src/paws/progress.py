@@ -23,9 +23,9 @@ def quiet() -> bool:
 
 
 def info(message: str) -> None:
-    """Print a status line (to stderr) unless quiet."""
+    """Print a status line (to stderr) unless quiet, above any progress bar."""
     if not quiet():
-        print(message, file=sys.stderr, flush=True)
+        tqdm.write(message, file=sys.stderr)
 
 
 class Progress:

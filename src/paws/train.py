@@ -281,10 +281,12 @@ def _monitor(
     targets = sharpen(snn(large, target_supports.float(), labels, cfg.loss.tau), cfg.loss.sharpen)
     probs = snn(z[n_sup:], anchor_supports.float(), labels, cfg.loss.tau)
     pbar = sharpen(probs, cfg.loss.sharpen).mean(0)
+    # SuNCEt is scored against hard labels: with smoothed ones its floor would not be 0.
+    hard = torch.nn.functional.one_hot(labels.argmax(dim=1), labels.shape[1]).float()
     return {
         "target_confidence": float(targets.max(dim=1).values.mean()),
         "instance_loss": float(nt_xent(large[:n_img], large[n_img:], cfg.loss.tau)),
-        "support_loss": float(supervised_nce(anchor_supports, labels, cfg.loss.tau)),
+        "support_loss": float(supervised_nce(anchor_supports.float(), hard, cfg.loss.tau)),
         "mean_entropy": float(-(pbar * pbar.clamp_min(1e-12).log()).sum()),
     }
 
@@ -296,8 +298,15 @@ def _monitor(
 class _Metrics:
     """Appends rows to a CSV file (and TensorBoard when asked), rank 0 only."""
 
-    def __init__(self, path: Path, tensorboard_dir: Path | None = None, upto: int | None = None):
-        self.path, self.writer = path, None
+    def __init__(
+        self,
+        path: Path,
+        tensorboard_dir: Path | None = None,
+        writer: Any = None,
+        tag: str = "",
+        upto: int | None = None,
+    ):
+        self.path, self.writer, self.tag = path, writer, tag
         self.fields: list[str] | None = None
         if path.is_file() and distributed.is_main():
             with open(path, newline="") as f:
@@ -329,7 +338,11 @@ class _Metrics:
         if self.writer is not None:
             for k, v in row.items():
                 if k != "step" and isinstance(v, (int, float)):
-                    self.writer.add_scalar(k, v, row["step"])
+                    self.writer.add_scalar(self.tag + k, v, row["step"])
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
 
 
 def _fmt(v: Any) -> Any:
@@ -566,12 +579,14 @@ def train(
     metrics = _Metrics(
         out / "metrics.csv",
         out / "tensorboard" if cfg.run.tensorboard and distributed.is_main() else None,
+        tag="train/",
         upto=start,
     )
-    evals = _Metrics(out / "evals.csv", upto=start)
+    evals = _Metrics(out / "evals.csv", writer=metrics.writer, tag="eval/", upto=start)
     progress = Progress(steps, "train", initial=start)
     global_batch = cfg.optim.batch_size
     result = {"status": "done", "step": start, "eval": None, "skipped": len(data.skipped)}
+    shown: dict[str, float] = {}  # the latest PAWS-NN accuracy, shown next to the loss
     model.train()
     t_last, wait_sum, n_since = time.perf_counter(), 0.0, 0
 
@@ -600,7 +615,7 @@ def train(
             wait_sum += batch.wait
             n_since += 1
             done = step + 1
-            progress.update(1, loss=r.loss, lr=lr)
+            progress.update(1, loss=r.loss, lr=lr, **shown)
             if done % cfg.run.log_every == 0 or done == steps or r.extra:
                 now = time.perf_counter()
                 elapsed = now - t_last
@@ -633,6 +648,7 @@ def train(
                     ev = paws_nn(model, data, cfg, device)
                     evals.log({"step": done, "top1": ev["top1"], "top5": ev["top5"]})
                     info(f"step {done}: PAWS-NN top-1 {ev['top1']:.2f}%")
+                    shown["top1"] = ev["top1"]
                 distributed.barrier()
             result["step"] = done
             if stop.signum is not None:
@@ -643,6 +659,7 @@ def train(
             if last_good is None or last_good[1] != done:
                 last_good = save_checkpoint(done)
             progress.close()
+            metrics.close()
             info(f"stopped at step {done}; continue with: paws train --resume {out}")
             return {"status": "interrupted", "step": done, "eval": None, "signal": stop.signum}
     progress.close()
@@ -670,5 +687,6 @@ def train(
                 + "\n"
             )
             result["eval"] = summary
+    metrics.close()
     distributed.barrier()
     return result
