@@ -87,13 +87,19 @@ def _train_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], in
         else:
             cfg = _load(args)
             out = Path(args.out) if args.out else _default_out("paws", cfg.data.dataset)
-            out = Path(distributed.broadcast_object(str(out)))
         try:
+            # Under torchrun: join the process group now, so every rank writes to rank 0's
+            # (time-stamped) run directory.
+            distributed.init(cfg.run.device)
+            out = Path(distributed.broadcast_object(str(out)))
             result = train(cfg, out, resume=bool(args.resume))
+            main = distributed.is_main()
         finally:
             distributed.destroy()
         if result["status"] == "interrupted":
             return 128 + int(result.get("signal") or 2)
+        if not main:
+            return 0
         ev = result["eval"]
         if ev is not None:
             print(

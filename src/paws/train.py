@@ -183,12 +183,22 @@ def total_steps(cfg: Config, steps_per_epoch: int) -> int:
 
 @dataclass
 class StepResult:
-    """Scalars of one step (floats; monitor-only entries when requested)."""
+    """Scalars of one step, as detached tensors on the compute device.
 
-    loss: float
-    cross_entropy: float
-    me_max: float
-    extra: dict[str, float]
+    Reading them waits for the device and (under several processes) talks to the other ranks,
+    so the training loop reads them only on logging and checkpoint steps: :meth:`read`.
+    """
+
+    loss: torch.Tensor
+    cross_entropy: torch.Tensor
+    me_max: torch.Tensor
+    extra: dict[str, torch.Tensor]
+
+    def read(self) -> dict[str, float]:
+        """The scalars as floats, averaged over ranks (one transfer, one all-reduce)."""
+        names = ["loss", "cross_entropy", "me_max", *self.extra]
+        values = torch.stack([self.loss, self.cross_entropy, self.me_max, *self.extra.values()])
+        return dict(zip(names, distributed.all_reduce_mean(values.float()).tolist()))
 
 
 def train_step(
@@ -259,7 +269,7 @@ def train_step(
         if monitor
         else {}
     )
-    return StepResult(loss.item(), cross_entropy.item(), me_max.item(), extra)
+    return StepResult(loss.detach(), cross_entropy.detach(), me_max.detach(), extra)
 
 
 @torch.no_grad()
@@ -272,19 +282,19 @@ def _monitor(
     n_sup: int,
     n_img: int,
     cfg: Config,
-) -> dict[str, float]:
+) -> dict[str, torch.Tensor]:
     """Fig. 4 metrics on the step's own batch: target confidence (4c), instance-discrimination
-    and support-classification losses (4b), entropy of the mean prediction."""
+    and support-classification losses (4b), entropy of the mean prediction (scalar tensors)."""
     h, z = h.float(), z.float()
     large = h[n_sup : n_sup + 2 * n_img]
     targets = sharpen(snn(large, target_supports.float(), labels, cfg.loss.tau), cfg.loss.sharpen)
     probs = snn(z[n_sup:], anchor_supports.float(), labels, cfg.loss.tau)
     pbar = sharpen(probs, cfg.loss.sharpen).mean(0)
     return {
-        "target_confidence": float(targets.max(dim=1).values.mean()),
-        "instance_loss": float(nt_xent(large[:n_img], large[n_img:], cfg.loss.tau)),
-        "support_loss": float(supervised_nce(anchor_supports, labels, cfg.loss.tau)),
-        "mean_entropy": float(-(pbar * pbar.clamp_min(1e-12).log()).sum()),
+        "target_confidence": targets.max(dim=1).values.mean(),
+        "instance_loss": nt_xent(large[:n_img], large[n_img:], cfg.loss.tau),
+        "support_loss": supervised_nce(anchor_supports, labels, cfg.loss.tau),
+        "mean_entropy": -(pbar * pbar.clamp_min(1e-12).log()).sum(),
     }
 
 
@@ -419,10 +429,12 @@ def train(
         diff = _shape_diff(state["config"], to_dict(cfg))
         if diff:
             raise UserError("cannot resume: the config changes the run's shape: " + "; ".join(diff))
-    elif distributed.is_main() and (out / "last.pt").exists():
+    elif (out / "last.pt").exists():
         raise UserError(
             f"{out} already holds a run; resume it with --resume {out} or choose another --out"
         )
+    # Every rank has looked at the run directory before rank 0 writes into it.
+    distributed.barrier()
     if distributed.is_main():
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
@@ -489,15 +501,7 @@ def train(
         info(f"resuming {out} at step {start}/{steps}")
     del state
 
-    net: torch.nn.Module = model
-    if cfg.run.compile:
-        net = torch.compile(model)
-    if world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(
-            net,
-            device_ids=[device.index] if device.type == "cuda" else None,
-            broadcast_buffers=False,
-        )
+    net = distributed.data_parallel(model, device, compile=cfg.run.compile)
 
     metrics = _Metrics(
         out / "metrics.csv",
@@ -509,6 +513,7 @@ def train(
     last_good, result = None, {"status": "done", "step": start, "eval": None}
     model.train()
     t_last, wait_sum, n_since = time.perf_counter(), 0.0, 0
+    shown: dict[str, float] = {}
     with _Stop() as stop:
         for batch in step_batches(data, cfg, unl, sup, start, steps, device):
             step = batch.step
@@ -516,25 +521,33 @@ def train(
             set_lr(optimizer, lr)
             monitor = cfg.run.monitor_every > 0 and step % cfg.run.monitor_every == 0
             r = train_step(net, optimizer, batch, labels, cfg, scaler, dtype, monitor)
-            if not math.isfinite(r.loss):
-                where = f"; the last good checkpoint is {last_good}" if last_good else ""
-                raise UserError(
-                    f"the loss became {r.loss} at step {step}{where}; lower "
-                    "optim.ref_lr or check the data"
-                )
             wait_sum += batch.wait
             n_since += 1
             done = step + 1
-            progress.update(1, loss=r.loss, lr=lr)
-            if done % cfg.run.log_every == 0 or done == steps or r.extra:
+            # Every rank stops at the same step, whichever received the signal.
+            stopping = distributed.any_true(stop.signum is not None)
+            log = done % cfg.run.log_every == 0 or done == steps or bool(r.extra)
+            save = done % cfg.run.checkpoint_every == 0 or stopping
+            if log or save:
+                # Reading the loss waits for the device: only on these steps.
+                values = r.read()
+                if not math.isfinite(values["loss"]):
+                    where = f"; the last good checkpoint is {last_good}" if last_good else ""
+                    raise UserError(
+                        f"the loss became {values['loss']} by step {done}{where}; lower "
+                        "optim.ref_lr or check the data"
+                    )
+                shown["loss"] = values["loss"]
+            progress.update(1, **shown, lr=lr)
+            if log:
                 now = time.perf_counter()
                 elapsed = now - t_last
                 row = {
                     "step": done,
                     "epoch": done / unl.steps_per_epoch,
-                    "loss": r.loss,
-                    "cross_entropy": r.cross_entropy,
-                    "me_max": r.me_max,
+                    "loss": values["loss"],
+                    "cross_entropy": values["cross_entropy"],
+                    "me_max": values["me_max"],
                     "lr": lr,
                     "images_per_s": global_batch * n_since / max(elapsed, 1e-9),
                     "data_wait": wait_sum / max(elapsed, 1e-9),
@@ -543,10 +556,10 @@ def train(
                     "support_loss": "",
                     "mean_entropy": "",
                 }
-                row.update(distributed.reduce_scalars(r.extra))
+                row.update({k: v for k, v in values.items() if k in r.extra})
                 metrics.log(row)
                 t_last, wait_sum, n_since = now, 0.0, 0
-            if done % cfg.run.checkpoint_every == 0 or stop.signum is not None:
+            if save:
                 if distributed.is_main():
                     checkpoint.save(
                         _state(model, optimizer, scaler, done, cfg, unl.steps_per_epoch, data),
@@ -566,10 +579,11 @@ def train(
                     info(f"step {done}: PAWS-NN top-1 {ev['top1']:.2f}%")
                 distributed.barrier()
             result["step"] = done
-            if stop.signum is not None:
+            if stopping:
                 progress.close()
                 info(f"stopped at step {done}; continue with: paws train --resume {out}")
-                return {"status": "interrupted", "step": done, "eval": None, "signal": stop.signum}
+                signum = stop.signum or int(signal.SIGTERM)
+                return {"status": "interrupted", "step": done, "eval": None, "signal": signum}
     progress.close()
     if distributed.is_main():
         final = _state(model, optimizer, scaler, result["step"], cfg, unl.steps_per_epoch, data)
