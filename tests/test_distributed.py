@@ -26,7 +26,7 @@ import torch.multiprocessing as mp
 
 from paws import distributed
 from paws.config import load_config
-from paws.data import Batch
+from paws.data import Batch, Datasets, ImageSet, step_batches
 from paws.losses import smooth_labels
 from paws.optim import LARS, param_groups
 from paws.sampling import SupportSampler, UnlabeledSampler
@@ -234,3 +234,49 @@ def test_gathered_positions_layout(world: int, unique_classes: bool):
     assert np.array_equal(np.concatenate(gathered_pos), positions)
     assert np.array_equal(labels[np.concatenate(gathered_idx)], classes[positions])
     assert np.bincount(positions).tolist() == [2 * 4] * 4
+
+
+def test_views_do_not_depend_on_the_number_of_processes():
+    """Each image gets the same augmented views whichever process holds it."""
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(3), 6)
+    images = ImageSet(
+        labels=labels,
+        names=[str(i) for i in range(len(labels))],
+        images=torch.from_numpy(rng.integers(0, 255, (len(labels), 1, 14, 14), dtype=np.uint8)),
+    )
+    data = Datasets(images, images, None, ["a", "b", "c"], 1, (0.5,), (0.25,))
+    cfg = load_config(
+        None,
+        [
+            "views.large_size=12",
+            "views.small_size=8",
+            "views.small_crops=2",
+            "views.blur_prob=0.5",
+            "optim.batch_size=8",
+            "support.classes=3",
+            "support.images_per_class=4",
+        ],
+    )
+
+    def batches(rank: int, world: int) -> list[Batch]:
+        unl = UnlabeledSampler(len(labels), 8, 0, rank, world)
+        sup = SupportSampler(labels, 3, 4, 0, rank, world)
+        return list(step_batches(data, cfg, unl, sup, 0, 3, torch.device("cpu")))
+
+    one = batches(0, 1)
+    for world in (2, 4):
+        shards = [batches(r, world) for r in range(world)]
+        for step in range(3):
+            for v in range(4):
+                joined = torch.cat([s[step].views[v] for s in shards])
+                # Equal up to rounding (the blur's convolution sums by batch size).
+                torch.testing.assert_close(joined, one[step].views[v], atol=1e-6, rtol=0)
+            # Supports: (views * n, ...) per process, rows at SupportSampler.shard_rows.
+            full = one[step].supports.view(2, 12, 1, 12, 12)
+            for r, s in enumerate(shards):
+                rows = SupportSampler(labels, 3, 4, 0, r, world).shard_rows()
+                local = s[step].supports.view(2, len(rows), 1, 12, 12)
+                torch.testing.assert_close(local, full[:, rows], atol=1e-6, rtol=0)
+        assert not torch.equal(one[step].views[0], one[step].views[1])

@@ -9,6 +9,7 @@ the exact gradient of the mean loss over ranks.
 from __future__ import annotations
 
 import datetime
+import inspect
 import os
 from typing import Any
 
@@ -246,11 +247,13 @@ def data_parallel(
     """
     net = model
     if is_initialized():
-        net = torch.nn.parallel.DistributedDataParallel(
-            model,
-            device_ids=[device.index] if device.type == "cuda" else None,
-            broadcast_buffers=False,
-        )
+        ddp = torch.nn.parallel.DistributedDataParallel
+        # Newer PyTorch renames broadcast_buffers; syncing once at start is harmless here.
+        if "forward_sync_buffers" in inspect.signature(ddp).parameters:
+            no_sync: dict[str, bool] = {"forward_sync_buffers": False}
+        else:
+            no_sync = {"broadcast_buffers": False}
+        net = ddp(model, device_ids=[device.index] if device.type == "cuda" else None, **no_sync)
     if compile:
         net = torch.compile(net)
     return net
