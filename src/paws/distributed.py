@@ -69,6 +69,7 @@ def init(device: str = "auto") -> torch.device:
         The device this process computes on (``cuda:LOCAL_RANK`` under torchrun on GPUs); the
         CPU when no GPU is available, whatever ``device`` asks (callers check).
     """
+    global _HOST_GROUP
     use_cuda = device in ("auto", "cuda") and torch.cuda.is_available()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -76,14 +77,16 @@ def init(device: str = "auto") -> torch.device:
     if use_cuda:
         torch.cuda.set_device(here)
     if world_size > 1 and not dist.is_initialized():
+        options: dict[str, Any] = {}
+        if use_cuda and "device_id" in inspect.signature(dist.init_process_group).parameters:
+            # Bind the NCCL group to this GPU, so barriers and object broadcasts use it.
+            options["device_id"] = here
         dist.init_process_group(
             backend="nccl" if use_cuda else "gloo",
             timeout=datetime.timedelta(minutes=30),
-            # NCCL: bind the group to this GPU, so barriers and object broadcasts use it.
-            device_id=here if use_cuda else None,
+            **options,
         )
         if use_cuda:
-            global _HOST_GROUP
             _HOST_GROUP = dist.new_group(backend="gloo")
     return here
 

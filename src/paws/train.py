@@ -41,6 +41,8 @@ from paws.sampling import SupportSampler, UnlabeledSampler
 __all__ = [
     "build_encoder",
     "build_model",
+    "training_model",
+    "build_optimizer",
     "restore_model",
     "train_step",
     "train",
@@ -136,6 +138,34 @@ def _channels_of(state_dict: dict[str, torch.Tensor]) -> int:
     raise UserError("cannot tell the input channels of this checkpoint's encoder")
 
 
+def training_model(cfg: Config, channels: int, device: torch.device) -> PAWSModel:
+    """The model as training runs it: on ``device``, batch norm global across processes
+    (``run.sync_bn``), channels-last memory where it is faster (``run.channels_last``)."""
+    model = build_model(cfg, channels).to(device)
+    if cfg.run.sync_bn:
+        model = distributed.convert_batchnorm(model, device)
+    model.channels_last = (
+        cfg.run.channels_last if cfg.run.channels_last is not None else device.type == "cuda"
+    )
+    if model.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def build_optimizer(cfg: Config, model: torch.nn.Module) -> LARS:
+    """LARS over the model's parameter groups, as ``optim`` configures it."""
+    optimizer = LARS(
+        param_groups(model, cfg.optim.weight_decay),
+        lr=cfg.optim.start_lr,
+        momentum=cfg.optim.momentum,
+        trust_coefficient=cfg.optim.trust_coefficient,
+    )
+    if not cfg.optim.lars:
+        for g in optimizer.param_groups:
+            g["lars"] = False
+    return optimizer
+
+
 def amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for the forward pass, or None for fp32."""
     if device.type != "cuda" or cfg.run.amp == "off":
@@ -168,7 +198,9 @@ def setup_runtime(cfg: Config) -> torch.device:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = not cfg.run.deterministic
-        torch.backends.cuda.matmul.allow_tf32 = True
+        # TF32 convolutions in the encoder, but float32 matrix products: the loss compares
+        # embeddings by cosine / tau in float32, and TF32's 10-bit mantissa would round them.
+        torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(cfg.run.seed)
     return device
@@ -445,23 +477,8 @@ def train(
         (out / "skipped_images.txt").write_text("\n".join(data.skipped) + "\n")
         info(f"skipped {len(data.skipped)} unreadable images (listed in skipped_images.txt)")
 
-    model = build_model(cfg, data.channels).to(device)
-    if cfg.run.sync_bn:
-        model = distributed.convert_batchnorm(model, device)
-    model.channels_last = (
-        cfg.run.channels_last if cfg.run.channels_last is not None else device.type == "cuda"
-    )
-    if model.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = LARS(
-        param_groups(model, cfg.optim.weight_decay),
-        lr=cfg.optim.start_lr,
-        momentum=cfg.optim.momentum,
-        trust_coefficient=cfg.optim.trust_coefficient,
-    )
-    if not cfg.optim.lars:
-        for g in optimizer.param_groups:
-            g["lars"] = False
+    model = training_model(cfg, data.channels, device)
+    optimizer = build_optimizer(cfg, model)
     dtype = amp_dtype(cfg, device)
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
 

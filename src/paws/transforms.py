@@ -119,12 +119,21 @@ def resized_crop(
     sign = torch.ones(n)
     if flip:
         sign = torch.where(_rand(n, gen) < 0.5, -1.0, 1.0)
-    theta = torch.zeros(n, 2, 3)
-    theta[:, 0, 0], theta[:, 0, 2] = w * sign, cx
-    theta[:, 1, 1], theta[:, 1, 2] = h, cy
-    theta = theta.to(device=x.device, dtype=x.dtype)
-    grid = F.affine_grid(theta, [n, x.shape[1], size, size], align_corners=False)
+    grid = _crop_grid(w * sign, h, cx, cy, size).to(device=x.device, dtype=x.dtype)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def _crop_grid(
+    sx: torch.Tensor, sy: torch.Tensor, cx: torch.Tensor, cy: torch.Tensor, size: int
+) -> torch.Tensor:
+    """(N, size, size, 2) sampling grid of axis-aligned crops: what ``F.affine_grid`` gives for
+    ``theta = [[sx, 0, cx], [0, sy, cy]]`` (align_corners=False), as an outer sum of two
+    coordinate lines instead of a batched matrix product (half of the augmentation's time)."""
+    n = sx.shape[0]
+    base = (torch.arange(size, dtype=torch.float32) * 2 + 1) / size - 1
+    gx = sx.view(n, 1, 1) * base.view(1, 1, size) + cx.view(n, 1, 1)
+    gy = sy.view(n, 1, 1) * base.view(1, size, 1) + cy.view(n, 1, 1)
+    return torch.stack(torch.broadcast_tensors(gx, gy), dim=-1)
 
 
 def _grey(x: torch.Tensor) -> torch.Tensor:
