@@ -135,3 +135,15 @@ def test_bfloat16_autocast_keeps_the_loss_in_float32_and_close():
     (plain, _), (mixed, _) = _one_step(False, None), _one_step(False, torch.bfloat16)
     assert mixed["loss"] == pytest.approx(plain["loss"], abs=5e-2)
     assert mixed["loss"] != plain["loss"]  # the forward did run in bfloat16
+
+
+@pytest.mark.parametrize("size", [8, 28])
+def test_crop_grid_equals_affine_grid(size: int):
+    from paws.transforms import _crop_grid
+
+    g = torch.Generator().manual_seed(0)
+    sx, sy, cx, cy = (torch.rand(5, generator=g) * 2 - 1 for _ in range(4))
+    theta = torch.zeros(5, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = sx, cx, sy, cy
+    expected = F.affine_grid(theta, [5, 1, size, size], align_corners=False)
+    torch.testing.assert_close(_crop_grid(sx, sy, cx, cy, size), expected, atol=1e-6, rtol=0)
