@@ -87,7 +87,10 @@ def _logged_steps(run: Path) -> list[int]:
     if not path.is_file():
         return []
     with open(path) as f:
-        return [int(row["step"]) for row in csv.DictReader(f)]
+        try:
+            return [int(row["step"]) for row in csv.DictReader(f)]
+        except (KeyError, ValueError):  # a row being written
+            return []
 
 
 def _interrupt(processes: int, run: Path, folder: Path, after: int = 2) -> tuple[int, str]:
