@@ -257,7 +257,8 @@ def train_step(
         monitor: also compute the monitor-only metrics of Fig. 4 (no gradient).
 
     Returns:
-        The step's scalars.
+        The step's scalars as tensors, without waiting for the device; ``.read()`` gives
+        floats averaged over ranks.
     """
     device_type = batch.supports.device.type
     n_sup, n_img = batch.supports.shape[0], batch.views[0].shape[0]
