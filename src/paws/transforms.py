@@ -119,7 +119,8 @@ def resized_crop(
     sign = torch.ones(n)
     if flip:
         sign = torch.where(_rand(n, gen) < 0.5, -1.0, 1.0)
-    grid = _crop_grid(w * sign, h, cx, cy, size).to(device=x.device, dtype=x.dtype)
+    sx, sy, cx, cy = (t.to(device=x.device, dtype=x.dtype) for t in (w * sign, h, cx, cy))
+    grid = _crop_grid(sx, sy, cx, cy, size)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
@@ -130,7 +131,7 @@ def _crop_grid(
     ``theta = [[sx, 0, cx], [0, sy, cy]]`` (align_corners=False), as an outer sum of two
     coordinate lines instead of a batched matrix product (half of the augmentation's time)."""
     n = sx.shape[0]
-    base = (torch.arange(size, dtype=torch.float32) * 2 + 1) / size - 1
+    base = (torch.arange(size, device=sx.device, dtype=sx.dtype) * 2 + 1) / size - 1
     gx = sx.view(n, 1, 1) * base.view(1, 1, size) + cx.view(n, 1, 1)
     gy = sy.view(n, 1, 1) * base.view(1, size, 1) + cy.view(n, 1, 1)
     return torch.stack(torch.broadcast_tensors(gx, gy), dim=-1)
