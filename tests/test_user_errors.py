@@ -243,7 +243,7 @@ def test_nan_loss_names_the_step_and_the_last_good_checkpoint(
     line = expect_error(paws_train(tmp_path, capsys, monkeypatch, cfg))
     run = tmp_path / "run"
     assert line == (
-        f"the loss became nan at step 7; the last good checkpoint is {run / 'last.pt'} (step 6); "
+        f"the loss became nan by step 7; the last good checkpoint is {run / 'last.pt'} (step 6); "
         "lower optim.ref_lr or check the data"
     )
     assert _finite_checkpoint(run / "last.pt") == 6
@@ -257,7 +257,7 @@ def test_divergence_never_names_a_corrupt_checkpoint(folder, tmp_path, capsys, m
     line = expect_error(paws_train(tmp_path, capsys, monkeypatch, cfg))
     run = tmp_path / "run"
     m = re.fullmatch(
-        r"the (?:loss became nan at|weights became infinite or NaN by) step (\d+); the last "
+        r"the (?:loss became nan|weights became infinite or NaN) by step (\d+); the last "
         rf"good checkpoint is {re.escape(str(run / 'last.pt'))} \(step (\d+)\); lower "
         r"optim.ref_lr or check the data",
         line,

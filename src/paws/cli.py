@@ -16,7 +16,7 @@ from pathlib import Path
 
 from paws.errors import UserError
 
-__all__ = ["main", "COMMANDS"]
+__all__ = ["main", "COMMANDS", "quiet_idle_threads"]
 
 COMMANDS: dict[
     str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
@@ -87,13 +87,19 @@ def _train_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], in
         else:
             cfg = _load(args)
             out = Path(args.out) if args.out else _default_out("paws", cfg.data.dataset)
-            out = Path(distributed.broadcast_object(str(out)))
         try:
+            # Under torchrun: join the process group now, so every rank writes to rank 0's
+            # (time-stamped) run directory.
+            distributed.init(cfg.run.device)
+            out = Path(distributed.broadcast_object(str(out)))
             result = train(cfg, out, resume=bool(args.resume))
+            main = distributed.is_main()
         finally:
             distributed.destroy()
         if result["status"] == "interrupted":
             return 128 + int(result.get("signal") or 2)
+        if not main:
+            return 0
         ev = result["eval"]
         if ev is not None:
             print(
@@ -257,8 +263,19 @@ def _one_line(e: BaseException) -> str:
     return text.strip().splitlines()[0] if text.strip() else type(e).__name__
 
 
+def quiet_idle_threads() -> None:
+    """Let idle OpenMP threads sleep instead of spinning (unless the user chose otherwise).
+
+    Must run before torch is imported. On a CPU shared with other work, threads spinning between
+    parallel regions made a training step about 1.4 times and batch augmentation about 20 times
+    slower (2 cores); a sleeping thread costs a wake-up of microseconds per region.
+    """
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``paws`` console script."""
+    quiet_idle_threads()
     argv = list(sys.argv[1:] if argv is None else argv)
     n = 0  # global flags come first, in any order; the command defaults to train
     while n < len(argv) and argv[n] in ("--quiet", "--debug"):

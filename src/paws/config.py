@@ -194,8 +194,9 @@ class OptimConfig:
     start_lr: float = _f(0.3, "learning rate at step 0", (0.0, None))
     ref_lr: float = _f(
         1.2,
-        "learning rate at the end of warm-up; with LARS, scale it with the "
-        "global batch (paper: 6.4 at 4096, 1.2 at 256)",
+        "learning rate at the end of warm-up, for the global batch_size: the same on any "
+        "number of processes; if you change batch_size, scale it about with the square root "
+        "of the change, as the paper does (6.4 at 4096, 1.2 at 256)",
         (0.0, None),
     )
     final_lr: float = _f(0.012, "learning rate at the last step (cosine decay)", (0.0, None))

@@ -27,13 +27,13 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from paws import distributed
 from paws.config import Config, DataConfig, ViewsConfig
 from paws.errors import UserError
 from paws.progress import info
 from paws.sampling import SupportSampler, UnlabeledSampler
 from paws.transforms import (
     BatchViews,
+    ShardGenerator,
     eval_transform,
     multicrop_transform,
     support_transform,
@@ -685,10 +685,10 @@ def default_workers(requested: int) -> int:
 
 
 def step_generator(seed: int, step: int, stream: int) -> torch.Generator:
-    """CPU generator for the random augmentation of one step, stream and rank."""
-    rank = distributed.get_rank()
+    """CPU generator for the random augmentation of one step and stream (the same on every
+    process: each draws for the global batch and keeps its rows, see ``ShardGenerator``)."""
     g = torch.Generator()
-    g.manual_seed(int(np.random.SeedSequence([seed, step, stream, rank]).generate_state(1)[0]))
+    g.manual_seed(int(np.random.SeedSequence([seed, step, stream]).generate_state(1)[0]))
     return g
 
 
@@ -777,6 +777,7 @@ def augmented_batches(
     multicrop: bool,
     num_views: int = 1,
     stream: int = 0,
+    shard: tuple[int, np.ndarray] | None = None,
 ) -> Iterator[tuple[int, list[torch.Tensor], float]]:
     """Augmented views of ``images[index_fn(step)]`` for each step in ``[start, stop)``.
 
@@ -784,7 +785,9 @@ def augmented_batches(
     otherwise ``num_views`` large views stacked view by view in one (num_views * n, C, H, W)
     tensor. In-memory images are augmented as batches on ``device``; files are decoded and
     augmented per image in data-loader workers. Random parameters come from
-    ``(run.seed, step, stream)``.
+    ``(run.seed, step, stream)`` and, under several processes, an image's place in the global
+    batch: ``shard`` is ``(global batch size, positions of this process's images in it)``, so
+    views do not depend on the number of processes (on disk: on the image index).
 
     Yields:
         ``(step, views, seconds waited for them)``.
@@ -797,6 +800,8 @@ def augmented_batches(
             t0 = time.perf_counter()
             x = on_device[torch.from_numpy(np.asarray(index_fn(step))).to(device)]
             gen = step_generator(seed, step, stream)
+            if shard is not None:
+                gen = ShardGenerator(gen, shard[0], shard[1])
             out = aug.multicrop(x, gen) if multicrop else [aug.support(x, num_views, gen)]
             yield step, out, time.perf_counter() - t0
         return
@@ -844,6 +849,7 @@ def step_batches(
         device,
         multicrop=True,
         stream=0,
+        shard=(unl.global_size, unl.shard_rows()),
     )
     supports = augmented_batches(
         data.labeled,
@@ -857,6 +863,7 @@ def step_batches(
         multicrop=False,
         num_views=cfg.support.views,
         stream=1,
+        shard=(sup.global_size, sup.shard_rows()),
     )
     for (step, v, wait_v), (_, s, wait_s) in zip(views, supports):
         yield Batch(step, v, s[0], wait_v + wait_s)

@@ -9,6 +9,7 @@ the exact gradient of the mean loss over ranks.
 from __future__ import annotations
 
 import datetime
+import inspect
 import os
 from typing import Any
 
@@ -27,10 +28,15 @@ __all__ = [
     "all_reduce_mean",
     "reduce_scalars",
     "broadcast_object",
+    "any_true",
     "convert_batchnorm",
+    "data_parallel",
     "GlobalBatchNorm",
     "destroy",
 ]
+
+
+_HOST_GROUP: Any = None  # a gloo group for host-side flags when the main group is NCCL
 
 
 def is_initialized() -> bool:
@@ -60,24 +66,37 @@ def init(device: str = "auto") -> torch.device:
         device: "auto", "cpu" or "cuda"; "auto" picks CUDA when available.
 
     Returns:
-        The device this process computes on (``cuda:LOCAL_RANK`` under torchrun on GPUs).
+        The device this process computes on (``cuda:LOCAL_RANK`` under torchrun on GPUs); the
+        CPU when no GPU is available, whatever ``device`` asks (callers check).
     """
-    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    global _HOST_GROUP
+    use_cuda = device in ("auto", "cuda") and torch.cuda.is_available()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    here = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
     if use_cuda:
-        torch.cuda.set_device(local_rank)
+        torch.cuda.set_device(here)
     if world_size > 1 and not dist.is_initialized():
+        options: dict[str, Any] = {}
+        if use_cuda and "device_id" in inspect.signature(dist.init_process_group).parameters:
+            # Bind the NCCL group to this GPU, so barriers and object broadcasts use it.
+            options["device_id"] = here
         dist.init_process_group(
-            backend="nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=30)
+            backend="nccl" if use_cuda else "gloo",
+            timeout=datetime.timedelta(minutes=30),
+            **options,
         )
-    return torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
+        if use_cuda:
+            _HOST_GROUP = dist.new_group(backend="gloo")
+    return here
 
 
 def destroy() -> None:
     """Leave the process group (no-op without one)."""
+    global _HOST_GROUP
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    _HOST_GROUP = None
 
 
 def barrier() -> None:
@@ -148,6 +167,17 @@ def reduce_scalars(values: dict[str, float]) -> dict[str, float]:
     return {k: float(v) / get_world_size() for k, v in zip(keys, t.tolist())}
 
 
+def any_true(flag: bool) -> bool:
+    """Whether ``flag`` is true on any rank, so that every rank takes the same branch (e.g. to
+    stop after a signal that reached only some processes). ``flag`` itself in one process."""
+    if not is_initialized():
+        return flag
+    # On the host (gloo), so that asking does not wait for the GPUs.
+    t = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(t, group=_HOST_GROUP)
+    return bool(t.item() > 0)
+
+
 def broadcast_object(obj: Any) -> Any:
     """Send a picklable object from rank 0 to every rank (identity in one process)."""
     if not is_initialized():
@@ -174,13 +204,17 @@ class GlobalBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
             return super().forward(x)
         dims = [0] + list(range(2, x.dim()))
         shape = [1, -1] + [1] * (x.dim() - 2)
-        count = all_reduce_sum(torch.tensor(float(x.numel() // x.shape[1]), device=x.device))
-        mean = all_reduce_sum(x.sum(dim=dims)) / count
+        # One all-reduce for the sums and the row count (the count carries no gradient).
+        sums = all_reduce_sum(torch.cat([x.sum(dim=dims), x.new_tensor([x.numel() / x.shape[1]])]))
+        count = sums[-1].detach()
+        mean = sums[:-1] / count
         var = all_reduce_sum(((x - mean.view(shape)) ** 2).sum(dim=dims)) / count
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
-                m = self.momentum if self.momentum is not None else 0.1
+                # momentum None: cumulative average, as torch's batch norm does.
+                n = float(self.num_batches_tracked)
+                m = self.momentum if self.momentum is not None else 1.0 / n
                 unbiased = var * count / (count - 1).clamp_min(1)
                 self.running_mean.mul_(1 - m).add_(m * mean)
                 self.running_var.mul_(1 - m).add_(m * unbiased)
@@ -203,17 +237,45 @@ def convert_batchnorm(module: torch.nn.Module, device: torch.device) -> torch.nn
     return _swap_bn(module)
 
 
+def data_parallel(
+    model: torch.nn.Module, device: torch.device, compile: bool = False
+) -> torch.nn.Module:
+    """The module a training step calls: ``model`` wrapped for data parallelism and compiled.
+
+    Under several processes: DistributedDataParallel, which averages parameter gradients over
+    ranks during the backward pass (buffers such as batch-norm statistics are not broadcast: they
+    are global already, see :func:`convert_batchnorm`). With ``compile``: ``torch.compile`` of
+    the (wrapped) module, so DDP's graph splitting overlaps communication with the backward.
+    Parameters stay shared with ``model``, which remains the module to checkpoint and evaluate.
+    """
+    net = model
+    if is_initialized():
+        ddp = torch.nn.parallel.DistributedDataParallel
+        # Newer PyTorch renames broadcast_buffers; syncing once at start is harmless here.
+        if "forward_sync_buffers" in inspect.signature(ddp).parameters:
+            no_sync: dict[str, bool] = {"forward_sync_buffers": False}
+        else:
+            no_sync = {"broadcast_buffers": False}
+        net = ddp(model, device_ids=[device.index] if device.type == "cuda" else None, **no_sync)
+    if compile:
+        net = torch.compile(net)
+    return net
+
+
 def _swap_bn(module: torch.nn.Module) -> torch.nn.Module:
     out = module
     if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and not isinstance(
         module, GlobalBatchNorm
     ):
+        like = next(iter(module.parameters()), module.running_mean)
         out = GlobalBatchNorm(
             module.num_features,
             module.eps,
             module.momentum,
             module.affine,
             module.track_running_stats,
+            device=like.device if like is not None else None,
+            dtype=like.dtype if like is not None else None,
         )
         out.load_state_dict(module.state_dict())
         out.train(module.training)

@@ -82,18 +82,23 @@ def snn_classify(
     Returns:
         (N, K) probabilities.
     """
-    q_all = F.normalize(queries.float(), dim=1)
+    # 1/tau is folded into the queries, and one similarity block is reused for every chunk:
+    # exp in place, then a product with the chunk's one-hot labels sums it per class.
+    q_all = F.normalize(queries.float(), dim=1).div_(tau)
     s_all = F.normalize(supports.float(), dim=1)
     labels = support_labels.to(s_all.device).long()
+    block = q_all.new_empty(min(query_batch, len(q_all)), min(chunk_size, len(s_all)))
     out = []
     for q in q_all.split(query_batch):
         running_max = torch.full((len(q), 1), float("-inf"), device=q.device)
         class_sums = torch.zeros(len(q), num_classes, device=q.device)
         for s, y in zip(s_all.split(chunk_size), labels.split(chunk_size)):
-            logits = q @ s.T / tau
-            new_max = torch.maximum(running_max, logits.max(dim=1, keepdim=True).values)
-            class_sums *= torch.exp(running_max - new_max)
-            class_sums.index_add_(1, y, torch.exp(logits - new_max))
+            full = len(q) == block.shape[0] and len(s) == block.shape[1]
+            logits = torch.mm(q, s.T, out=block) if full else q @ s.T
+            new_max = torch.maximum(running_max, logits.amax(dim=1, keepdim=True))
+            class_sums.mul_(torch.exp(running_max - new_max))
+            onehot = F.one_hot(y, num_classes).to(logits.dtype)
+            class_sums.addmm_(logits.sub_(new_max).exp_(), onehot)
             running_max = new_max
         out.append(class_sums / class_sums.sum(dim=1, keepdim=True))
     return torch.cat(out)

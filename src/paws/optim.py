@@ -63,6 +63,8 @@ class LARS(torch.optim.Optimizer):
         trust_coefficient: LARS eta (0.001 in the official code).
         eps: guards the trust ratio's denominator.
         nesterov: Nesterov variant of classical momentum (used for fine-tuning).
+        foreach: update a group's parameters together with ``torch._foreach_*`` kernels
+            (same arithmetic as the per-parameter loop, which ``False`` selects).
     """
 
     def __init__(
@@ -74,6 +76,7 @@ class LARS(torch.optim.Optimizer):
         trust_coefficient: float = 0.001,
         eps: float = 1e-8,
         nesterov: bool = False,
+        foreach: bool = True,
     ):
         if lr < 0 or momentum < 0 or weight_decay < 0 or trust_coefficient <= 0:
             raise ValueError("lr, momentum and weight_decay must be >= 0, trust_coefficient > 0")
@@ -87,33 +90,62 @@ class LARS(torch.optim.Optimizer):
             nesterov=nesterov,
         )
         super().__init__(params, defaults)
+        self.foreach = foreach
 
     @torch.no_grad()
     def step(self, closure: None = None) -> None:  # type: ignore[override]
         """Apply one update: trust ratio, weight decay, then classical momentum."""
         for group in self.param_groups:
-            lr, beta, wd = group["lr"], group["momentum"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = p.grad
-                if wd != 0:
-                    g = g.add(p, alpha=wd)
-                if group["lars"]:
-                    w_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(p.grad)
-                    ratio = (
-                        group["trust_coefficient"] * w_norm / (g_norm + wd * w_norm + group["eps"])
-                    )
-                    g = g * torch.where((w_norm > 0) & (g_norm > 0), ratio, torch.ones_like(ratio))
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p)
-                v = state["momentum_buffer"]
-                v.mul_(beta).add_(g, alpha=-lr)
-                if group["nesterov"]:
-                    p.add_(v, alpha=beta).add_(g, alpha=-lr)
-                else:
-                    p.add_(v)
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            for p in params:
+                if "momentum_buffer" not in self.state[p]:
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+            same_kind = len({(p.device, p.dtype) for p in params}) == 1
+            if self.foreach and same_kind:
+                self._update_foreach(group, params)
+            else:
+                for p in params:
+                    self._update_one(group, p)
+
+    def _update_one(self, group: dict, p: torch.Tensor) -> None:
+        """The update of one parameter, written out (the reference for the fused path)."""
+        lr, beta, wd = group["lr"], group["momentum"], group["weight_decay"]
+        g = p.grad
+        if wd != 0:
+            g = g.add(p, alpha=wd)
+        if group["lars"]:
+            w_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(p.grad)
+            ratio = group["trust_coefficient"] * w_norm / (g_norm + wd * w_norm + group["eps"])
+            g = g * torch.where((w_norm > 0) & (g_norm > 0), ratio, torch.ones_like(ratio))
+        v = self.state[p]["momentum_buffer"]
+        v.mul_(beta).add_(g, alpha=-lr)
+        if group["nesterov"]:
+            p.add_(v, alpha=beta).add_(g, alpha=-lr)
+        else:
+            p.add_(v)
+
+    def _update_foreach(self, group: dict, params: list[torch.Tensor]) -> None:
+        """The same update for all parameters of a group at once (a few fused kernels instead
+        of about ten per parameter, which dominate a step on a GPU for small models)."""
+        lr, beta, wd = group["lr"], group["momentum"], group["weight_decay"]
+        grads = [p.grad for p in params]
+        g = torch._foreach_add(grads, params, alpha=wd) if wd != 0 else grads
+        if group["lars"]:
+            w_norm = torch.stack(torch._foreach_norm(params))
+            g_norm = torch.stack(torch._foreach_norm(grads))
+            ratio = group["trust_coefficient"] * w_norm / (g_norm + wd * w_norm + group["eps"])
+            ratio = torch.where((w_norm > 0) & (g_norm > 0), ratio, torch.ones_like(ratio))
+            g = torch._foreach_mul(g, list(ratio.unbind()))
+        v = [self.state[p]["momentum_buffer"] for p in params]
+        torch._foreach_mul_(v, beta)
+        torch._foreach_add_(v, g, alpha=-lr)
+        if group["nesterov"]:
+            torch._foreach_add_(params, v, alpha=beta)
+            torch._foreach_add_(params, g, alpha=-lr)
+        else:
+            torch._foreach_add_(params, v)
 
 
 class WarmupCosine:

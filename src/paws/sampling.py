@@ -117,6 +117,17 @@ class SupportSampler:
         per_class = len(range(self.k)[cols])
         return np.repeat(pos, per_class)
 
+    @property
+    def global_size(self) -> int:
+        """Support images per step over all ranks (C x k)."""
+        return self.C * self.k
+
+    def shard_rows(self, rank: int | None = None) -> np.ndarray:
+        """Where ``rank``'s images (default: this rank's) sit in the step's global draw,
+        flattened class by class: positions in ``[0, C*k)``, in :meth:`local_batch` order."""
+        rows, cols = self._shard(self.rank if rank is None else rank)
+        return np.arange(self.C * self.k).reshape(self.C, self.k)[rows, cols].reshape(-1)
+
     def local_batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
         """This rank's share of the step's draw.
 
@@ -162,6 +173,17 @@ class UnlabeledSampler:
         self.rank, self.world_size = rank, world_size
         self.steps_per_epoch = num_images // batch_size
         self._epoch, self._perm = -1, np.empty(0, dtype=np.int64)
+
+    @property
+    def global_size(self) -> int:
+        """Unlabelled images per step over all ranks."""
+        return self.batch_size
+
+    def shard_rows(self, rank: int | None = None) -> np.ndarray:
+        """Where ``rank``'s images (default: this rank's) sit in the step's global batch."""
+        n = self.batch_size // self.world_size
+        r = self.rank if rank is None else rank
+        return np.arange(r * n, (r + 1) * n)
 
     def local_batch(self, step: int) -> np.ndarray:
         """(batch_size / world_size,) indices of this rank's images at ``step``."""

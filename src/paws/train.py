@@ -42,6 +42,8 @@ from paws.sampling import SupportSampler, UnlabeledSampler
 __all__ = [
     "build_encoder",
     "build_model",
+    "training_model",
+    "build_optimizer",
     "restore_model",
     "train_step",
     "train",
@@ -137,6 +139,34 @@ def _channels_of(state_dict: dict[str, torch.Tensor]) -> int:
     raise UserError("cannot tell the input channels of this checkpoint's encoder")
 
 
+def training_model(cfg: Config, channels: int, device: torch.device) -> PAWSModel:
+    """The model as training runs it: on ``device``, batch norm global across processes
+    (``run.sync_bn``), channels-last memory where it is faster (``run.channels_last``)."""
+    model = build_model(cfg, channels).to(device)
+    if cfg.run.sync_bn:
+        model = distributed.convert_batchnorm(model, device)
+    model.channels_last = (
+        cfg.run.channels_last if cfg.run.channels_last is not None else device.type == "cuda"
+    )
+    if model.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def build_optimizer(cfg: Config, model: torch.nn.Module) -> LARS:
+    """LARS over the model's parameter groups, as ``optim`` configures it."""
+    optimizer = LARS(
+        param_groups(model, cfg.optim.weight_decay),
+        lr=cfg.optim.start_lr,
+        momentum=cfg.optim.momentum,
+        trust_coefficient=cfg.optim.trust_coefficient,
+    )
+    if not cfg.optim.lars:
+        for g in optimizer.param_groups:
+            g["lars"] = False
+    return optimizer
+
+
 def amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for the forward pass, or None for fp32."""
     if device.type != "cuda" or cfg.run.amp == "off":
@@ -169,7 +199,9 @@ def setup_runtime(cfg: Config) -> torch.device:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = not cfg.run.deterministic
-        torch.backends.cuda.matmul.allow_tf32 = True
+        # TF32 convolutions in the encoder, but float32 matrix products: the loss compares
+        # embeddings by cosine / tau in float32, and TF32's 10-bit mantissa would round them.
+        torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(cfg.run.seed)
     return device
@@ -184,12 +216,22 @@ def total_steps(cfg: Config, steps_per_epoch: int) -> int:
 
 @dataclass
 class StepResult:
-    """Scalars of one step (floats; monitor-only entries when requested)."""
+    """Scalars of one step, as detached tensors on the compute device.
 
-    loss: float
-    cross_entropy: float
-    me_max: float
-    extra: dict[str, float]
+    Reading them waits for the device and (under several processes) talks to the other ranks,
+    so the training loop reads them only on logging and checkpoint steps: :meth:`read`.
+    """
+
+    loss: torch.Tensor
+    cross_entropy: torch.Tensor
+    me_max: torch.Tensor
+    extra: dict[str, torch.Tensor]
+
+    def read(self) -> dict[str, float]:
+        """The scalars as floats, averaged over ranks (one transfer, one all-reduce)."""
+        names = ["loss", "cross_entropy", "me_max", *self.extra]
+        values = torch.stack([self.loss, self.cross_entropy, self.me_max, *self.extra.values()])
+        return dict(zip(names, distributed.all_reduce_mean(values.float()).tolist()))
 
 
 def train_step(
@@ -216,7 +258,8 @@ def train_step(
         monitor: also compute the monitor-only metrics of Fig. 4 (no gradient).
 
     Returns:
-        The step's scalars.
+        The step's scalars as tensors, without waiting for the device; ``.read()`` gives
+        floats averaged over ranks.
     """
     device_type = batch.supports.device.type
     n_sup, n_img = batch.supports.shape[0], batch.views[0].shape[0]
@@ -260,7 +303,7 @@ def train_step(
         if monitor
         else {}
     )
-    return StepResult(loss.item(), cross_entropy.item(), me_max.item(), extra)
+    return StepResult(loss.detach(), cross_entropy.detach(), me_max.detach(), extra)
 
 
 @torch.no_grad()
@@ -273,9 +316,9 @@ def _monitor(
     n_sup: int,
     n_img: int,
     cfg: Config,
-) -> dict[str, float]:
+) -> dict[str, torch.Tensor]:
     """Fig. 4 metrics on the step's own batch: target confidence (4c), instance-discrimination
-    and support-classification losses (4b), entropy of the mean prediction."""
+    and support-classification losses (4b), entropy of the mean prediction (scalar tensors)."""
     h, z = h.float(), z.float()
     large = h[n_sup : n_sup + 2 * n_img]
     targets = sharpen(snn(large, target_supports.float(), labels, cfg.loss.tau), cfg.loss.sharpen)
@@ -284,10 +327,10 @@ def _monitor(
     # SuNCEt is scored against hard labels: with smoothed ones its floor would not be 0.
     hard = torch.nn.functional.one_hot(labels.argmax(dim=1), labels.shape[1]).float()
     return {
-        "target_confidence": float(targets.max(dim=1).values.mean()),
-        "instance_loss": float(nt_xent(large[:n_img], large[n_img:], cfg.loss.tau)),
-        "support_loss": float(supervised_nce(anchor_supports.float(), hard, cfg.loss.tau)),
-        "mean_entropy": float(-(pbar * pbar.clamp_min(1e-12).log()).sum()),
+        "target_confidence": targets.max(dim=1).values.mean(),
+        "instance_loss": nt_xent(large[:n_img], large[n_img:], cfg.loss.tau),
+        "support_loss": supervised_nce(anchor_supports.float(), hard, cfg.loss.tau),
+        "mean_entropy": -(pbar * pbar.clamp_min(1e-12).log()).sum(),
     }
 
 
@@ -304,18 +347,12 @@ class _Metrics:
         tensorboard_dir: Path | None = None,
         writer: Any = None,
         tag: str = "",
-        upto: int | None = None,
     ):
         self.path, self.writer, self.tag = path, writer, tag
         self.fields: list[str] | None = None
         if path.is_file() and distributed.is_main():
             with open(path, newline="") as f:
-                rows = list(csv.reader(f))
-            self.fields = rows[0] if rows else None
-            if upto is not None and rows:  # drop rows logged after the checkpoint resumed from
-                kept = [r for r in rows[1:] if r and int(float(r[0])) <= upto]
-                with open(path, "w", newline="") as f:
-                    csv.writer(f).writerows([rows[0], *kept])
+                self.fields = next(csv.reader(f), None)
         if tensorboard_dir is not None:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -491,10 +528,12 @@ def train(
                 + "; ".join(diff)
                 + "; resume with the run's own config, or start a new run with --out"
             )
-    elif distributed.is_main() and (out / "last.pt").exists():
+    elif (out / "last.pt").exists():
         raise UserError(
             f"{out} already holds a run; resume it with --resume {out} or choose another --out"
         )
+    # Every rank has looked at the run directory before rank 0 writes into it.
+    distributed.barrier()
     if distributed.is_main():
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
@@ -505,23 +544,8 @@ def train(
         (out / "skipped_images.txt").write_text("\n".join(data.skipped) + "\n")
         info(f"skipped {len(data.skipped)} unreadable images (listed in skipped_images.txt)")
 
-    model = build_model(cfg, data.channels).to(device)
-    if cfg.run.sync_bn:
-        model = distributed.convert_batchnorm(model, device)
-    model.channels_last = (
-        cfg.run.channels_last if cfg.run.channels_last is not None else device.type == "cuda"
-    )
-    if model.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = LARS(
-        param_groups(model, cfg.optim.weight_decay),
-        lr=cfg.optim.start_lr,
-        momentum=cfg.optim.momentum,
-        trust_coefficient=cfg.optim.trust_coefficient,
-    )
-    if not cfg.optim.lars:
-        for g in optimizer.param_groups:
-            g["lars"] = False
+    model = training_model(cfg, data.channels, device)
+    optimizer = build_optimizer(cfg, model)
     dtype = amp_dtype(cfg, device)
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
 
@@ -566,23 +590,14 @@ def train(
         info(f"resuming {out} at step {start}/{steps}")
     del state
 
-    net: torch.nn.Module = model
-    if cfg.run.compile:
-        net = torch.compile(model)
-    if world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(
-            net,
-            device_ids=[device.index] if device.type == "cuda" else None,
-            broadcast_buffers=False,
-        )
+    net = distributed.data_parallel(model, device, compile=cfg.run.compile)
 
     metrics = _Metrics(
         out / "metrics.csv",
         out / "tensorboard" if cfg.run.tensorboard and distributed.is_main() else None,
         tag="train/",
-        upto=start,
     )
-    evals = _Metrics(out / "evals.csv", writer=metrics.writer, tag="eval/", upto=start)
+    evals = _Metrics(out / "evals.csv", writer=metrics.writer, tag="eval/")
     progress = Progress(steps, "train", initial=start)
     global_batch = cfg.optim.batch_size
     result = {"status": "done", "step": start, "eval": None, "skipped": len(data.skipped)}
@@ -602,6 +617,7 @@ def train(
         distributed.barrier()
         return out / "last.pt", done
 
+    stopping = False
     with _Stop() as stop:
         batches = step_batches(data, cfg, unl, sup, start, steps, device)
         for batch in _until_stopped(batches, stop):
@@ -610,21 +626,29 @@ def train(
             set_lr(optimizer, lr)
             monitor = cfg.run.monitor_every > 0 and step % cfg.run.monitor_every == 0
             r = train_step(net, optimizer, batch, labels, cfg, scaler, dtype, monitor)
-            if not math.isfinite(r.loss):
-                raise _diverged(f"the loss became {r.loss} at step {step + 1}", last_good)
             wait_sum += batch.wait
             n_since += 1
             done = step + 1
-            progress.update(1, loss=r.loss, lr=lr, **shown)
-            if done % cfg.run.log_every == 0 or done == steps or r.extra:
+            # Every rank stops at the same step, whichever received the signal.
+            stopping = distributed.any_true(stop.signum is not None)
+            log = done % cfg.run.log_every == 0 or done == steps or bool(r.extra)
+            save = done % cfg.run.checkpoint_every == 0
+            if log or save or stopping:
+                # Reading the loss waits for the device: only on these steps.
+                values = r.read()
+                if not math.isfinite(values["loss"]):
+                    raise _diverged(f"the loss became {values['loss']} by step {done}", last_good)
+                shown["loss"] = values["loss"]
+            progress.update(1, **shown, lr=lr)
+            if log:
                 now = time.perf_counter()
                 elapsed = now - t_last
                 row = {
                     "step": done,
                     "epoch": done / unl.steps_per_epoch,
-                    "loss": r.loss,
-                    "cross_entropy": r.cross_entropy,
-                    "me_max": r.me_max,
+                    "loss": values["loss"],
+                    "cross_entropy": values["cross_entropy"],
+                    "me_max": values["me_max"],
                     "lr": lr,
                     "images_per_s": global_batch * n_since / max(elapsed, 1e-9),
                     "data_wait": wait_sum / max(elapsed, 1e-9),
@@ -633,10 +657,10 @@ def train(
                     "support_loss": "",
                     "mean_entropy": "",
                 }
-                row.update(distributed.reduce_scalars(r.extra))
+                row.update({k: v for k, v in values.items() if k in r.extra})
                 metrics.log(row)
                 t_last, wait_sum, n_since = now, 0.0, 0
-            if done % cfg.run.checkpoint_every == 0:
+            if save:
                 last_good = save_checkpoint(done)
             if (
                 cfg.run.eval_every
@@ -651,17 +675,18 @@ def train(
                     shown["top1"] = ev["top1"]
                 distributed.barrier()
             result["step"] = done
-            if stop.signum is not None:
+            if stopping:
                 break
-        if stop.signum is not None:
+        if stopping or stop.signum is not None:
             done = result["step"]
-            info(f"received signal {stop.signum}: saving a checkpoint at step {done}")
+            info(f"stopping: saving a checkpoint at step {done}")
             if last_good is None or last_good[1] != done:
                 last_good = save_checkpoint(done)
             progress.close()
             metrics.close()
             info(f"stopped at step {done}; continue with: paws train --resume {out}")
-            return {"status": "interrupted", "step": done, "eval": None, "signal": stop.signum}
+            signum = stop.signum or int(signal.SIGTERM)
+            return {"status": "interrupted", "step": done, "eval": None, "signal": signum}
     progress.close()
     if not _finite(model, optimizer):
         raise _diverged(f"the weights became infinite or NaN by step {result['step']}", last_good)

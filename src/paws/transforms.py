@@ -4,7 +4,11 @@
   device, with per-image random parameters drawn from a ``torch.Generator`` (so a step's views
   are a function of ``(seed, step)``). Used for datasets held in memory (Fashion-MNIST, CIFAR,
   small image folders): on a CPU it costs a few percent of a training step, where per-image PIL
-  transforms in worker processes compete with the two compute threads.
+  transforms in worker processes compete with the two compute threads. Under several processes
+  a :class:`ShardGenerator` draws the parameters of the whole global batch and keeps this
+  process's rows, so an image's views do not depend on the number of processes. The batch
+  functions never wait for the device (no data-dependent branches), so on a GPU the next step's
+  augmentation is queued while the current step computes.
 - :func:`multicrop_transform` / :func:`support_transform` / :func:`eval_transform` build
   ``torchvision.transforms.v2`` pipelines applied per image in data-loader workers, for datasets
   read from disk (ImageNet and large folders).
@@ -29,6 +33,7 @@ from paws.config import ViewsConfig
 
 __all__ = [
     "BatchViews",
+    "ShardGenerator",
     "resized_crop",
     "color_distort",
     "eval_batch",
@@ -40,8 +45,42 @@ __all__ = [
 _GREY = (0.299, 0.587, 0.114)
 
 
-def _uniform(n: int, lo: float, hi: float, gen: torch.Generator | None) -> torch.Tensor:
-    return torch.rand(n, generator=gen) * (hi - lo) + lo
+class ShardGenerator:
+    """Random numbers for one shard of a global batch, independent of how it is sharded.
+
+    Every draw is made for all ``total`` rows of the global batch (per view) from ``generator``,
+    which is the same on every process, and this shard's ``rows`` are kept. An image's random
+    augmentation thus depends on the seed, the step and its place in the global batch only.
+
+    Args:
+        generator: the step's CPU generator (identical on every process).
+        total: rows of the global batch.
+        rows: positions of this shard's rows in the global batch, in the shard's order.
+    """
+
+    def __init__(self, generator: torch.Generator, total: int, rows: Sequence[int] | torch.Tensor):
+        self.generator, self.total = generator, total
+        self.rows = torch.as_tensor(rows, dtype=torch.long)
+
+    def rand(self, n: int) -> torch.Tensor:
+        """(n,) uniform numbers for n = views x shard rows, laid out view by view."""
+        views, rest = divmod(n, len(self.rows))
+        if rest or not views:
+            raise ValueError(f"{n} rows are not whole views of a {len(self.rows)}-row shard")
+        return torch.rand(views, self.total, generator=self.generator)[:, self.rows].reshape(-1)
+
+
+Random = torch.Generator | ShardGenerator | None
+
+
+def _rand(n: int, gen: Random) -> torch.Tensor:
+    if isinstance(gen, ShardGenerator):
+        return gen.rand(n)
+    return torch.rand(n, generator=gen)
+
+
+def _uniform(n: int, lo: float, hi: float, gen: Random) -> torch.Tensor:
+    return _rand(n, gen) * (hi - lo) + lo
 
 
 def resized_crop(
@@ -50,7 +89,7 @@ def resized_crop(
     scale: Sequence[float],
     ratio: Sequence[float] = (3 / 4, 4 / 3),
     flip: bool = True,
-    gen: torch.Generator | None = None,
+    gen: Random = None,
 ) -> torch.Tensor:
     """Per-image RandomResizedCrop (+ horizontal flip) of a float batch, by affine resampling.
 
@@ -64,7 +103,7 @@ def resized_crop(
         scale: (low, high) area fraction.
         ratio: (low, high) aspect ratio w/h.
         flip: random horizontal flip.
-        gen: CPU generator for the random parameters.
+        gen: CPU generator (or shard generator) for the random parameters.
 
     Returns:
         (N, C, size, size).
@@ -75,17 +114,27 @@ def resized_crop(
     aspect = torch.exp(log_r) * x.shape[-2] / x.shape[-1]  # w/h in normalised units
     w = torch.sqrt(area * aspect).clamp(max=1.0)
     h = torch.sqrt(area / aspect).clamp(max=1.0)
-    cx = (torch.rand(n, generator=gen) * 2 - 1) * (1 - w)
-    cy = (torch.rand(n, generator=gen) * 2 - 1) * (1 - h)
+    cx = (_rand(n, gen) * 2 - 1) * (1 - w)
+    cy = (_rand(n, gen) * 2 - 1) * (1 - h)
     sign = torch.ones(n)
     if flip:
-        sign = torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0)
-    theta = torch.zeros(n, 2, 3)
-    theta[:, 0, 0], theta[:, 0, 2] = w * sign, cx
-    theta[:, 1, 1], theta[:, 1, 2] = h, cy
-    theta = theta.to(device=x.device, dtype=x.dtype)
-    grid = F.affine_grid(theta, [n, x.shape[1], size, size], align_corners=False)
+        sign = torch.where(_rand(n, gen) < 0.5, -1.0, 1.0)
+    sx, sy, cx, cy = (t.to(device=x.device, dtype=x.dtype) for t in (w * sign, h, cx, cy))
+    grid = _crop_grid(sx, sy, cx, cy, size)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def _crop_grid(
+    sx: torch.Tensor, sy: torch.Tensor, cx: torch.Tensor, cy: torch.Tensor, size: int
+) -> torch.Tensor:
+    """(N, size, size, 2) sampling grid of axis-aligned crops: what ``F.affine_grid`` gives for
+    ``theta = [[sx, 0, cx], [0, sy, cy]]`` (align_corners=False), as an outer sum of two
+    coordinate lines instead of a batched matrix product (half of the augmentation's time)."""
+    n = sx.shape[0]
+    base = (torch.arange(size, device=sx.device, dtype=sx.dtype) * 2 + 1) / size - 1
+    gx = sx.view(n, 1, 1) * base.view(1, 1, size) + cx.view(n, 1, 1)
+    gy = sy.view(n, 1, 1) * base.view(1, size, 1) + cy.view(n, 1, 1)
+    return torch.stack(torch.broadcast_tensors(gx, gy), dim=-1)
 
 
 def _grey(x: torch.Tensor) -> torch.Tensor:
@@ -100,7 +149,7 @@ def color_distort(
     strength: float,
     p_jitter: float = 0.8,
     p_grey: float = 0.2,
-    gen: torch.Generator | None = None,
+    gen: Random = None,
 ) -> torch.Tensor:
     """SimCLR colour distortion of a float batch in [0, 1], per-image random factors.
 
@@ -114,7 +163,7 @@ def color_distort(
         strength: s.
         p_jitter: probability of jitter per image.
         p_grey: probability of grey per colour image.
-        gen: CPU generator.
+        gen: CPU generator (or shard generator).
 
     Returns:
         (N, C, H, W) in [0, 1].
@@ -122,7 +171,7 @@ def color_distort(
     n, dev = x.shape[0], x.device
     colour = x.shape[1] == 3
     if strength > 0 and p_jitter > 0:
-        apply = (torch.rand(n, generator=gen) < p_jitter).float()
+        apply = (_rand(n, gen) < p_jitter).float()
         s = 0.8 * strength
         factors = {
             name: _uniform(n, max(0.0, 1 - s), 1 + s, gen)
@@ -130,46 +179,67 @@ def color_distort(
         }
         factors["hue"] = _uniform(n, -0.2 * strength, 0.2 * strength, gen)
         ops = ["brightness", "contrast"] + (["saturation", "hue"] if colour else [])
-        order = torch.randperm(len(ops), generator=gen).tolist()
+        order = torch.randperm(len(ops), generator=_base(gen)).tolist()
         for i in order:
             op = ops[i]
             if op == "hue":
-                f = (factors["hue"] * apply).to(dev)
-                chosen = f != 0
-                if chosen.any():
-                    x = x.clone()
-                    x[chosen] = kornia.enhance.adjust_hue(x[chosen], f[chosen] * 2 * math.pi)
+                shift = (factors["hue"] * apply * 2 * math.pi).to(dev, x.dtype)
+                x = _on_rows(x, shift != 0, shift, kornia.enhance.adjust_hue)
                 continue
             f = (1 + (factors[op] - 1) * apply).to(dev, x.dtype).view(n, 1, 1, 1)
             if op == "brightness":
                 x = x * f
             elif op == "contrast":
-                x = (x - _grey(x).mean(dim=(1, 2, 3), keepdim=True)) * f + _grey(x).mean(
-                    dim=(1, 2, 3), keepdim=True
-                )
+                m = _grey(x).mean(dim=(1, 2, 3), keepdim=True)
+                x = (x - m) * f + m
             else:
                 g = _grey(x)
                 x = (x - g) * f + g
-            x = x.clamp(0, 1)
+            x = x.clamp_(0, 1)
     if colour and p_grey > 0:
-        grey = (torch.rand(n, generator=gen) < p_grey).to(dev).view(n, 1, 1, 1)
+        grey = (_rand(n, gen) < p_grey).to(dev).view(n, 1, 1, 1)
         x = torch.where(grey, _grey(x).expand_as(x), x)
     return x
 
 
-def _blur(x: torch.Tensor, prob: float, gen: torch.Generator | None) -> torch.Tensor:
+def _base(gen: Random) -> torch.Generator | None:
+    """The generator itself: for draws shared by the whole batch (every shard the same)."""
+    return gen.generator if isinstance(gen, ShardGenerator) else gen
+
+
+def _on_rows(
+    x: torch.Tensor,
+    chosen: torch.Tensor,
+    params: torch.Tensor,
+    fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """``fn(rows, their params)`` on the chosen rows of x, the others unchanged.
+
+    On the CPU only the chosen rows are computed; on other devices every row is and the result
+    is selected, because indexing by a boolean mask would wait for the device.
+    """
+    if x.device.type == "cpu":
+        if not bool(chosen.any()):
+            return x
+        out = x.clone()
+        out[chosen] = fn(x[chosen], params[chosen])
+        return out
+    return torch.where(chosen.view(-1, *[1] * (x.dim() - 1)), fn(x, params), x)
+
+
+def _blur(x: torch.Tensor, prob: float, gen: Random) -> torch.Tensor:
     n = x.shape[0]
-    chosen = torch.rand(n, generator=gen) < prob
-    if not chosen.any():
-        return x
-    sigma = _uniform(int(chosen.sum()), 0.1, 2.0, gen).to(x.device, x.dtype)
+    chosen = (_rand(n, gen) < prob).to(x.device)
+    sigma = _uniform(n, 0.1, 2.0, gen).to(x.device, x.dtype)
     k = max(3, int(0.1 * x.shape[-1]) // 2 * 2 + 1)  # about 10% of the side, odd (SimCLR)
-    x = x.clone()
-    chosen = chosen.to(x.device)
-    x[chosen] = kornia.filters.gaussian_blur2d(
-        x[chosen], (k, k), torch.stack([sigma, sigma], dim=1), border_type="reflect"
+    return _on_rows(
+        x,
+        chosen,
+        sigma,
+        lambda rows, s: kornia.filters.gaussian_blur2d(
+            rows, (k, k), torch.stack([s, s], dim=1), border_type="reflect"
+        ),
     )
-    return x
 
 
 class BatchViews:
@@ -189,9 +259,7 @@ class BatchViews:
     def _normalise(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean.to(x.device)) / self.std.to(x.device)
 
-    def view(
-        self, x: torch.Tensor, size: int, scale: Sequence[float], gen: torch.Generator | None
-    ) -> torch.Tensor:
+    def view(self, x: torch.Tensor, size: int, scale: Sequence[float], gen: Random) -> torch.Tensor:
         """One augmented, normalised view of every image: (N, C, H, W) uint8 to
         (N, C, size, size) float32."""
         c = self.cfg
@@ -202,7 +270,7 @@ class BatchViews:
             x = _blur(x, c.blur_prob, gen)
         return self._normalise(x)
 
-    def multicrop(self, x: torch.Tensor, gen: torch.Generator | None) -> list[torch.Tensor]:
+    def multicrop(self, x: torch.Tensor, gen: Random) -> list[torch.Tensor]:
         """``[large 1, large 2, small 1, ..., small M]`` views of a uint8 batch (N, C, H, W)."""
         c = self.cfg
         large = self.view(x.repeat(2, 1, 1, 1), c.large_size, c.large_scale, gen).chunk(2)
@@ -212,7 +280,7 @@ class BatchViews:
             views += list(small.chunk(c.small_crops))
         return views
 
-    def support(self, x: torch.Tensor, num_views: int, gen: torch.Generator | None) -> torch.Tensor:
+    def support(self, x: torch.Tensor, num_views: int, gen: Random) -> torch.Tensor:
         """``num_views`` large views of each support image, stacked view by view:
         (num_views * N, C, large_size, large_size)."""
         c = self.cfg
