@@ -260,7 +260,12 @@ def _tighten_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], 
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="checkpoint file, run directory or export folder")
     p.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument(
+        "--device",
+        default="auto",
+        choices=["auto", "cpu", "cuda"],
+        help="compute device (auto: CUDA when available)",
+    )
     p.add_argument("--batch-size", type=int, metavar="N", help="images per forward pass")
     _checkpoint_overrides(p, "data.root=DIR")
 
@@ -397,7 +402,12 @@ def _export_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], i
         metavar="DIR",
         help="export folder (default: export-<checkpoint name> next to the checkpoint)",
     )
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument(
+        "--device",
+        default="auto",
+        choices=["auto", "cpu", "cuda"],
+        help="compute device (auto: CUDA when available)",
+    )
     _checkpoint_overrides(p, "data.root=DIR")
 
     def run(args: argparse.Namespace) -> int:

@@ -4,8 +4,8 @@ A linear classifier, initialised to zero, is put on the first layer of the pre-t
 head (trunk -> fc1 -> bn1 -> relu -> linear: :class:`paws.models.FineTunedClassifier`); encoder
 and classifier are fine-tuned together with supervised cross-entropy on the labelled images only,
 by SGD with Nesterov momentum 0.9 (classical momentum, :class:`paws.optim.LARS` with adaptation
-off), no weight decay, a cosine learning-rate decay, and random crop + horizontal flip as the only
-augmentation.
+off), no weight decay, a cosine learning-rate decay, and random crop (the pre-training's large
+crops: ``views.large_size``, ``views.large_scale``) + horizontal flip as the only augmentation.
 
 Model selection follows BYOL and SimCLR: the learning rate and the number of epochs are swept
 (``finetune.lrs`` x ``finetune.epochs``); each setting is trained on the labelled images minus a
