@@ -147,7 +147,7 @@ def _bn_state(state: dict) -> dict:
 def test_tighten_freezes_batchnorm_and_trains_the_rest(run, tmp_path, capsys, monkeypatch):
     paths, run_dir = run
     monkeypatch.delenv("PAWS_QUIET", raising=False)  # set by earlier `paws --quiet` calls
-    overrides = ["tighten.steps=20", "tighten.lr=0.002", "tighten.classes=4"]
+    overrides = ["tighten.steps=20", "tighten.classes=4"]
     report = tighten_checkpoint(run_dir, overrides, tmp_path)
     assert "smallest labelled class has 8 images: using 8 per class" in capsys.readouterr().err
     before, after = checkpoint.load(run_dir), checkpoint.load(tmp_path / "tighten.pt")

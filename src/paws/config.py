@@ -272,7 +272,12 @@ class TightenConfig:
         64, "distinct images per class per batch (at most the smallest class)", (1, None)
     )
     lr: float = _f(0.1, "learning rate at step 0, cosine decay to 0", (0.0, None))
-    momentum: float = _f(0.9, "classical momentum (SGD, no weight decay)", (0.0, 0.9999))
+    momentum: float = _f(0.9, "classical momentum (no weight decay)", (0.0, 0.9999))
+    lars: bool = _f(
+        True,
+        "LARS adaptation of the weights (trust coefficient optim.trust_coefficient), as the "
+        "official code; off: plain momentum SGD, which needs a far smaller lr",
+    )
     tau: float = _f(0.1, "SuNCEt temperature", (1e-4, 10.0))
 
 
