@@ -107,8 +107,8 @@ _SHARED: dict[str, tuple[dict[str, Path], Path]] = {}
 
 
 def shared_run(tmp_path_factory) -> tuple[dict[str, Path], Path]:
-    """One tiny run per test session, pre-trained with labels of classes 0-3 only while the
-    unlabelled images hold classes 0-5 (classes 4 and 5 are new to the labels)."""
+    """One tiny run shared by all tests of a pytest run, pre-trained with labels of classes 0-3
+    only while the unlabelled images hold classes 0-5 (classes 4 and 5 are new to the labels)."""
     if "run" not in _SHARED:
         root = tmp_path_factory.mktemp("shared_run")
         _SHARED["run"] = pretrain(root, [0, 1, 2, 3], [0, 1, 2, 3, 4, 5])
