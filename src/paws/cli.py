@@ -184,6 +184,266 @@ def _baseline_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace],
     return run
 
 
+def _checkpoint_overrides(p: argparse.ArgumentParser, example: str) -> None:
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"override a key of the checkpoint's config, e.g. --set {example} (repeatable)",
+    )
+
+
+@command("finetune", "fine-tune a linear classifier and the encoder on the labels (Appendix A)")
+def _finetune_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
+    p.add_argument("checkpoint", help="pre-trained checkpoint file or run directory")
+    p.add_argument(
+        "--out",
+        metavar="DIR",
+        help="where to write finetune.pt and finetune.json "
+        "(default: the checkpoint's run directory)",
+    )
+    _checkpoint_overrides(p, "finetune.lrs=[0.05,0.1]")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    def run(args: argparse.Namespace) -> int:
+        from paws.finetune import finetune_checkpoint
+
+        r = finetune_checkpoint(args.checkpoint, args.overrides, args.out)
+        if args.json:
+            _print_json(r)
+            return 0
+        for row in r["sweep"]:
+            print(
+                f"  lr {row['lr']:<6g} {row['epochs']:>4d} epochs  "
+                f"validation top-1 {row['val_top1']:6.2f}%"
+            )
+        val = f" (validation top-1 {r['val_top1']:.2f}%)" if r["val_top1"] is not None else ""
+        print(f"chosen: lr {r['lr']:g}, {r['epochs']} epochs{val}")
+        if r["test"] is not None:
+            print(
+                f"fine-tuned test accuracy: top-1 {r['test']['top1']:.2f}%  top-5 "
+                f"{r['test']['top5']:.2f}%  ({r['test']['num_query']} test images, single "
+                f"centre crop); PAWS-NN of the pre-trained model: top-1 "
+                f"{r['paws_nn']['top1']:.2f}%"
+            )
+        print(f"fine-tuned model saved as {r['checkpoint']}")
+        return 0
+
+    return run
+
+
+@command("tighten", "tighten the labelled clusters with SuNCEt, then PAWS-NN (Appendix C)")
+def _tighten_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
+    p.add_argument("checkpoint", help="pre-trained checkpoint file or run directory")
+    p.add_argument(
+        "--out",
+        metavar="DIR",
+        help="where to write tighten.pt and tighten.json (default: the checkpoint's run directory)",
+    )
+    _checkpoint_overrides(p, "tighten.steps=100")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    def run(args: argparse.Namespace) -> int:
+        from paws.tighten import tighten_checkpoint
+
+        r = tighten_checkpoint(args.checkpoint, args.overrides, args.out)
+        if args.json:
+            _print_json(r)
+            return 0
+        print(
+            f"{r['steps']} SuNCEt steps of {r['classes']} classes x {r['images_per_class']} "
+            f"images: loss {r['loss_first']:.3f} -> {r['loss_last']:.3f}"
+        )
+        if r["paws_nn_after"] is not None:
+            print(
+                f"PAWS-NN test accuracy: top-1 {r['paws_nn_before']['top1']:.2f}% before, "
+                f"{r['paws_nn_after']['top1']:.2f}% after tightening  "
+                f"({r['paws_nn_after']['num_query']} test images)"
+            )
+        print(f"tightened model saved as {r['checkpoint']}")
+        return 0
+
+    return run
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="checkpoint file, run directory or export folder")
+    p.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
+    p.add_argument(
+        "--device",
+        default="auto",
+        choices=["auto", "cpu", "cuda"],
+        help="compute device (auto: CUDA when available)",
+    )
+    p.add_argument("--batch-size", type=int, metavar="N", help="images per forward pass")
+    _checkpoint_overrides(p, "data.root=DIR")
+
+
+def _open_model(args: argparse.Namespace):
+    from paws.inference import load
+
+    model = load(args.checkpoint, device=args.device, overrides=args.overrides)
+    if args.batch_size is not None:
+        if args.batch_size < 1:
+            raise UserError("--batch-size must be at least 1")
+        model.batch_size = args.batch_size
+    return model
+
+
+@command("predict", "classify images: top-k classes with probabilities, as CSV or JSON")
+def _predict_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
+    _model_args(p)
+    p.add_argument(
+        "--support",
+        metavar="DIR",
+        help="pre-trained models: classify against this <class>/<image> folder (any classes, "
+        "also ones unseen in pre-training); default: the run's labelled images",
+    )
+    p.add_argument("--top-k", type=int, default=1, metavar="K", help="classes per image")
+    p.add_argument("--format", choices=["csv", "json"], help="default: from --out, else csv")
+    p.add_argument("--out", metavar="FILE", help="write here instead of standard output")
+
+    def run(args: argparse.Namespace) -> int:
+        import csv
+        import io
+
+        from paws.inference import expand_images
+        from paws.progress import info
+
+        if args.top_k < 1:
+            raise UserError("--top-k must be at least 1")
+        fmt = args.format or ("json" if (args.out or "").endswith(".json") else "csv")
+        files = expand_images(args.images)
+        model = _open_model(args)
+        if args.support:
+            model.set_support(args.support, progress=True)
+        if model.is_classifier:
+            info(f"classifying {len(files)} images with the fine-tuned classifier")
+        else:
+            s = model.load_support(progress=True)
+            info(
+                f"classifying {len(files)} images against {len(s.labels)} support images of "
+                f"{len(s.classes)} classes ({s.features} features, tau {model.tau:g})"
+            )
+        top = model.predict(files, top_k=args.top_k, progress=True)
+        if fmt == "json":
+            rows = [
+                {"file": str(f), "top": [{"class": c, "probability": pr} for c, pr in t]}
+                for f, t in zip(files, top)
+            ]
+            text = json.dumps(rows, indent=2) + "\n"
+        else:
+            buf = io.StringIO()
+            writer = csv.writer(buf, lineterminator="\n")
+            k = len(top[0]) if top else 0
+            header = ["file"]
+            for i in range(1, k + 1):
+                header += [f"class_{i}", f"probability_{i}"]
+            writer.writerow(header)
+            for f, t in zip(files, top):
+                writer.writerow([str(f)] + [v for c, pr in t for v in (c, f"{pr:.6f}")])
+            text = buf.getvalue()
+        if args.out:
+            Path(args.out).write_text(text)
+            info(f"predictions written to {args.out}")
+        else:
+            sys.stdout.write(text)
+        return 0
+
+    return run
+
+
+@command("embed", "embeddings of images (.npy with a file list, or .safetensors)")
+def _embed_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
+    _model_args(p)
+    p.add_argument(
+        "--out",
+        required=True,
+        metavar="FILE",
+        help="FILE.npy (file list in FILE.txt) or FILE.safetensors (file list in its metadata)",
+    )
+    p.add_argument(
+        "--features",
+        choices=["head", "trunk"],
+        default="head",
+        help="head: the space PAWS-NN classifies in (fine-tuned: the classifier's input); "
+        "trunk: the encoder output",
+    )
+
+    def run(args: argparse.Namespace) -> int:
+        from paws.inference import expand_images
+        from paws.progress import info
+
+        out = Path(args.out)
+        if out.suffix not in (".npy", ".safetensors"):
+            raise UserError(f"--out must end in .npy or .safetensors, got {out.name}")
+        files = expand_images(args.images)
+        model = _open_model(args)
+        emb = model.embed(files, features=args.features, progress=True)
+        names = [str(f) for f in files]
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if out.suffix == ".npy":
+            import numpy as np
+
+            np.save(out, emb.numpy())
+            out.with_suffix(".txt").write_text("\n".join(names) + "\n")
+            where = f"{out} (files listed in {out.with_suffix('.txt')})"
+        else:
+            from safetensors.torch import save_file
+
+            save_file(
+                {"embeddings": emb.contiguous()},
+                str(out),
+                metadata={"files": json.dumps(names), "features": args.features},
+            )
+            where = str(out)
+        info(f"{emb.shape[0]} embeddings of size {emb.shape[1]} ({args.features}) in {where}")
+        return 0
+
+    return run
+
+
+@command("export", "write a model as safetensors + JSON that paws.load() reads without config")
+def _export_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
+    p.add_argument("checkpoint", help="checkpoint file or run directory")
+    p.add_argument(
+        "--out",
+        metavar="DIR",
+        help="export folder (default: export-<checkpoint name> next to the checkpoint)",
+    )
+    p.add_argument(
+        "--device",
+        default="auto",
+        choices=["auto", "cpu", "cuda"],
+        help="compute device (auto: CUDA when available)",
+    )
+    _checkpoint_overrides(p, "data.root=DIR")
+
+    def run(args: argparse.Namespace) -> int:
+        from paws.inference import from_checkpoint
+
+        src = Path(args.checkpoint)
+        if args.out:
+            out = Path(args.out)
+        elif src.is_dir():
+            out = src / "export"
+        else:
+            out = src.parent / f"export-{src.stem}"
+        model = from_checkpoint(src, args.overrides, args.device)
+        write = model.export(out, progress=True)
+        what = (
+            "fine-tuned classifier"
+            if model.is_classifier
+            else (f"{model.kind} model with {len(model.support.labels)} support embeddings")
+        )
+        print(f"exported {what} ({len(model.classes)} classes) to {write}")
+        return 0
+
+    return run
+
+
 @command("config", "show a resolved config, or every key with its doc")
 def _config_cmd_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
     _config_args(p)

@@ -259,12 +259,17 @@ class BaselineConfig:
 
 @dataclass
 class FinetuneConfig:
-    lrs: list[float] = _f([0.01, 0.02, 0.05, 0.1, 0.2], "learning rates swept (Appendix A)")
-    epochs: list[int] = _f([30, 50], "epoch counts swept (Appendix A)")
-    batch_size: int = _f(256, "labelled images per step (paper: 1024)", (1, None))
+    lrs: list[float] = _f(
+        [0.01, 0.02, 0.05, 0.1, 0.2], "learning rates swept (Appendix A; each > 0)"
+    )
+    epochs: list[int] = _f([30, 50], "epoch counts swept (Appendix A; each >= 1)")
+    batch_size: int = _f(
+        256, "labelled images per step (paper: 1024; at most the labelled set)", (2, None)
+    )
     val_fraction: float = _f(
         0.2,
-        "fraction of each labelled class held out to choose the setting (never the test set)",
+        "fraction of each labelled class held out to choose the setting (never the test set); "
+        "0 only with a single setting",
         (0.0, 0.9),
     )
 
@@ -272,9 +277,17 @@ class FinetuneConfig:
 @dataclass
 class TightenConfig:
     steps: int = _f(180, "SuNCEt fine-tuning steps (Appendix C)", (1, None))
-    classes: int = _f(10, "classes per batch", (1, None))
-    images_per_class: int = _f(64, "images per class per batch", (1, None))
-    lr: float = _f(0.1, "learning rate, cosine decay", (0.0, None))
+    classes: int = _f(10, "classes per batch (at most the labelled classes)", (2, None))
+    images_per_class: int = _f(
+        64, "distinct images per class per batch (at most the smallest class)", (1, None)
+    )
+    lr: float = _f(0.1, "learning rate at step 0, cosine decay to 0", (0.0, None))
+    momentum: float = _f(0.9, "classical momentum (no weight decay)", (0.0, 0.9999))
+    lars: bool = _f(
+        True,
+        "LARS adaptation of the weights (trust coefficient optim.trust_coefficient), as the "
+        "official code; off: plain momentum SGD, which needs a far smaller lr",
+    )
     tau: float = _f(0.1, "SuNCEt temperature", (1e-4, 10.0))
 
 
@@ -318,6 +331,16 @@ class Config:
                 raise UserError(f"data.{name} needs 1 or 3 values, got {len(val)}")
         if not self.finetune.lrs or not self.finetune.epochs:
             raise UserError("finetune.lrs and finetune.epochs must not be empty")
+        if any(lr <= 0 for lr in self.finetune.lrs):
+            raise UserError(f"finetune.lrs must all be > 0, got {self.finetune.lrs}")
+        if any(e < 1 for e in self.finetune.epochs):
+            raise UserError(f"finetune.epochs must all be >= 1, got {self.finetune.epochs}")
+        sweep = len(self.finetune.lrs) * len(self.finetune.epochs)
+        if self.finetune.val_fraction == 0 and sweep > 1:
+            raise UserError(
+                f"finetune.val_fraction is 0 but the sweep has {sweep} settings to choose from; "
+                "hold out a validation fraction or give one lr and one epoch count"
+            )
         return self
 
 

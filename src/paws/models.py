@@ -33,6 +33,7 @@ __all__ = [
     "ProjectionHead",
     "PredictionHead",
     "PAWSModel",
+    "FineTunedClassifier",
     "load_encoder_weights",
 ]
 
@@ -332,6 +333,62 @@ class PAWSModel(nn.Module):
         if features == "trunk":
             return self.trunk(x)
         return self.forward([x])[1]
+
+
+class FineTunedClassifier(nn.Module):
+    """Encoder trunk, the first layer of the projection head and a linear classifier.
+
+    The classifier of Appendix A: SimCLRv2 and PAWS fine-tune "from the first layer of the
+    projection head", i.e. trunk -> fc1 -> bn1 -> relu1 of the pre-trained head, then a new
+    linear layer to the K classes (initialised to zero). A head with a single layer has no hidden
+    layer, so its first linear layer alone is kept.
+
+    Args:
+        encoder: the pre-trained trunk, (N, C, H, W) to (N, F).
+        head: the first layer(s) of the projection head, (N, F) to (N, D).
+        classifier: linear layer (N, D) to (N, K) logits.
+    """
+
+    def __init__(self, encoder: nn.Module, head: nn.Module, classifier: nn.Linear):
+        super().__init__()
+        self.encoder = encoder
+        self.head = head
+        self.classifier = classifier
+
+    @classmethod
+    def from_pretrained(
+        cls, model: PAWSModel, num_classes: int, zero_init: bool = True
+    ) -> FineTunedClassifier:
+        """Wrap a pre-trained model's trunk and first head layer (shared, not copied) with a new
+        classifier of ``num_classes`` outputs (zero weights and bias when ``zero_init``)."""
+        layers = list(model.projection.mlp.named_children())
+        kept: OrderedDict[str, nn.Module] = OrderedDict()
+        for name, module in layers:
+            kept[name] = module
+            if isinstance(module, nn.ReLU):
+                break
+        if not any(isinstance(m, nn.ReLU) for m in kept.values()):
+            kept = OrderedDict(layers[:1])
+        first = next(m for m in kept.values() if isinstance(m, nn.Linear))
+        classifier = nn.Linear(first.out_features, num_classes)
+        if zero_init:
+            nn.init.zeros_(classifier.weight)
+            nn.init.zeros_(classifier.bias)
+        return cls(model.encoder, nn.Sequential(kept), classifier)
+
+    @property
+    def num_classes(self) -> int:
+        """K, the number of classes."""
+        return self.classifier.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) images to (N, K) logits."""
+        return self.classifier(self.head(self.encoder(x)))
+
+    def embed(self, x: torch.Tensor, features: str = "head") -> torch.Tensor:
+        """``"head"``: the classifier's input (N, D); ``"trunk"``: encoder output (N, F)."""
+        h = self.encoder(x)
+        return h if features == "trunk" else self.head(h)
 
 
 def load_encoder_weights(encoder: nn.Module, path: str | Path) -> tuple[list[str], list[str]]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -103,7 +104,7 @@ def build_model(cfg: Config, channels: int) -> PAWSModel:
 def restore_model(
     path: str | Path, overrides: list[str] | None = None, channels: int | None = None
 ) -> tuple[Config, PAWSModel, dict[str, Any]]:
-    """Rebuild a pre-trained model from a checkpoint (file or run directory).
+    """Rebuild a pre-trained (or tightened) model from a checkpoint (file or run directory).
 
     Args:
         path: checkpoint file, or a run directory (its ``last.pt``).
@@ -117,10 +118,17 @@ def restore_model(
     from paws.config import apply_overrides, from_dict
 
     state = checkpoint.load(path)
+    if state.get("kind") == "finetune":
+        raise UserError(
+            f"{path} is a fine-tuned classifier, not a pre-trained model; apply it with "
+            "paws predict, or pass the pre-trained checkpoint"
+        )
     cfg = from_dict(apply_overrides(state["config"], list(overrides or [])))
     if channels is None:
         channels = int(state.get("channels") or _channels_of(state["model"]))
-    model = build_model(cfg, channels)
+    # The saved weights replace any initial ones: do not read model.weights again.
+    arch = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, weights=None))
+    model = build_model(arch, channels)
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as e:
