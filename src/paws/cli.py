@@ -546,8 +546,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command is None:
         args = parser.parse_args(["train"])
+    previous = os.environ.get("PAWS_QUIET")
     if args.quiet:
-        os.environ["PAWS_QUIET"] = "1"
+        os.environ["PAWS_QUIET"] = "1"  # read by paws.progress, also in data-loader workers
     try:
         return int(args.make_runner(args) or 0)
     except UserError as e:
@@ -563,6 +564,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"paws: error: {_one_line(e)}", file=sys.stderr)
             return 2
         raise
+    finally:
+        if previous is None:
+            os.environ.pop("PAWS_QUIET", None)
+        else:
+            os.environ["PAWS_QUIET"] = previous
 
 
 if __name__ == "__main__":
