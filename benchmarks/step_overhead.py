@@ -53,12 +53,12 @@ import torch
 from paws.config import Config, load_config
 from paws.data import Datasets, ImageSet, load_datasets, step_batches
 from paws.losses import smooth_labels
+from paws.models import build_model
 from paws.optim import WarmupCosine, set_lr
 from paws.sampling import SupportSampler, UnlabeledSampler
 from paws.train import (
     amp_dtype,
     autocast,
-    build_model,
     build_optimizer,
     setup_runtime,
     total_steps,

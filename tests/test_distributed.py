@@ -28,9 +28,10 @@ from paws import distributed
 from paws.config import load_config
 from paws.data import Batch, Datasets, ImageSet, step_batches
 from paws.losses import smooth_labels
+from paws.models import build_model
 from paws.optim import LARS, param_groups
 from paws.sampling import SupportSampler, UnlabeledSampler
-from paws.train import build_model, train_step
+from paws.train import train_step
 
 WORLD = 2
 STEPS = {torch.float32: 1, torch.float64: 2}

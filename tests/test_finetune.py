@@ -12,6 +12,7 @@ import torch.nn as nn
 from synthetic import shared_run, write_folder
 
 from paws import checkpoint
+from paws.checkpoint import restore_model
 from paws.cli import main
 from paws.config import load_config
 from paws.data import load_datasets
@@ -21,7 +22,6 @@ from paws.inference import from_checkpoint
 from paws.losses import supervised_nce
 from paws.models import FineTunedClassifier
 from paws.tighten import freeze_batchnorm, tighten_checkpoint
-from paws.train import restore_model
 
 SWEEP = [
     "finetune.lrs=[0.005,0.05,0.5]",

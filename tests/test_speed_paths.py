@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from paws.config import load_config
 from paws.evaluate import snn_classify
 from paws.losses import snn
+from paws.models import build_model
 from paws.optim import LARS, param_groups
-from paws.train import build_model
 from paws.transforms import ShardGenerator, _on_rows, color_distort
 
 

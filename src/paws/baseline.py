@@ -22,10 +22,11 @@ from paws.config import Config, save_config
 from paws.data import Datasets, augmented_batches, eval_batches, load_datasets
 from paws.errors import UserError
 from paws.evaluate import accuracy
+from paws.models import build_encoder
 from paws.optim import LARS, WarmupCosine, param_groups, set_lr
 from paws.progress import Progress, info
 from paws.sampling import UnlabeledSampler
-from paws.train import build_encoder, setup_runtime, total_steps
+from paws.train import setup_runtime, total_steps
 
 __all__ = ["Classifier", "train_baseline", "classifier_accuracy"]
 

@@ -1,4 +1,5 @@
-"""Checkpoints: written atomically, read without unpickling arbitrary objects.
+"""Checkpoints: written atomically, read without unpickling arbitrary objects, and the
+pre-trained model they hold rebuilt (:func:`restore_model`).
 
 A checkpoint is a dict of tensors and plain Python values. It is written to a temporary file in
 the same folder, flushed and fsynced, then renamed over the old one, so a crash or a full disk
@@ -8,6 +9,7 @@ which refuses pickled code.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import tempfile
@@ -18,9 +20,19 @@ from typing import Any
 import numpy as np
 import torch
 
+from paws.config import Config, apply_overrides, from_dict
 from paws.errors import UserError
+from paws.models import PAWSModel, build_model
 
-__all__ = ["save", "load", "remove_partial_writes", "rng_state", "set_rng_state", "FORMAT_VERSION"]
+__all__ = [
+    "save",
+    "load",
+    "remove_partial_writes",
+    "rng_state",
+    "set_rng_state",
+    "restore_model",
+    "FORMAT_VERSION",
+]
 
 FORMAT_VERSION = 1
 
@@ -155,3 +167,47 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def restore_model(
+    path: str | Path, overrides: list[str] | None = None, channels: int | None = None
+) -> tuple[Config, PAWSModel, dict[str, Any]]:
+    """Rebuild a pre-trained (or tightened) model from a checkpoint (file or run directory).
+
+    Args:
+        path: checkpoint file, or a run directory (its ``last.pt``).
+        overrides: ``key=value`` config overrides (e.g. ``data.root=...``); keys that change
+            the architecture would not match the saved weights.
+        channels: input channels (default: from the saved config's dataset).
+
+    Returns:
+        ``(config, model on the CPU in eval mode, checkpoint dict)``.
+    """
+    state = load(path)
+    if state.get("kind") == "finetune":
+        raise UserError(
+            f"{path} is a fine-tuned classifier, not a pre-trained model; apply it with "
+            "paws predict, or pass the pre-trained checkpoint"
+        )
+    cfg = from_dict(apply_overrides(state["config"], list(overrides or [])))
+    if channels is None:
+        channels = int(state.get("channels") or _channels_of(state["model"]))
+    # The saved weights replace any initial ones: do not read model.weights again.
+    arch = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, weights=None))
+    model = build_model(arch, channels)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise UserError(
+            f"{path} does not match the configured model: {str(e).splitlines()[0]}"
+        ) from e
+    model.eval()
+    return cfg, model, state
+
+
+def _channels_of(state_dict: dict[str, torch.Tensor]) -> int:
+    """Input channels of the first convolution in a saved encoder."""
+    for k, v in state_dict.items():
+        if k.startswith("encoder.") and v.dim() == 4:
+            return int(v.shape[1])
+    raise UserError("cannot tell the input channels of this checkpoint's encoder")

@@ -132,9 +132,10 @@ def _eval_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
     def run(args: argparse.Namespace) -> int:
+        from paws.checkpoint import restore_model
         from paws.data import load_datasets
         from paws.evaluate import paws_nn
-        from paws.train import restore_model, setup_runtime
+        from paws.train import setup_runtime
 
         overrides = list(args.overrides)
         if args.features:

@@ -30,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from paws import checkpoint
+from paws.checkpoint import restore_model
 from paws.config import Config, ViewsConfig, to_dict
 from paws.data import Datasets, ImageSet, augmented_batches, eval_batches, load_datasets
 from paws.errors import UserError
@@ -37,7 +38,7 @@ from paws.evaluate import accuracy, paws_nn
 from paws.models import FineTunedClassifier, PAWSModel
 from paws.optim import LARS, WarmupCosine, set_lr
 from paws.progress import Progress, info
-from paws.train import amp_dtype, autocast, restore_model, setup_runtime
+from paws.train import amp_dtype, autocast, setup_runtime
 
 __all__ = [
     "validation_split",

@@ -24,7 +24,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
+from paws.config import Config
 from paws.errors import UserError
+from paws.progress import info
 
 __all__ = [
     "ENCODERS",
@@ -35,6 +37,8 @@ __all__ = [
     "PAWSModel",
     "FineTunedClassifier",
     "load_encoder_weights",
+    "build_encoder",
+    "build_model",
 ]
 
 ENCODERS: dict[str, Callable[..., nn.Module]] = {}
@@ -434,3 +438,32 @@ def load_encoder_weights(encoder: nn.Module, path: str | Path) -> tuple[list[str
         raise UserError(f"no tensor in {path} matches the encoder; is it the same architecture?")
     result = encoder.load_state_dict(cleaned, strict=False)
     return list(result.missing_keys), list(result.unexpected_keys)
+
+
+# --------------------------------------------------------------------------------------------
+# From a config.
+
+
+def build_encoder(cfg: Config, channels: int) -> torch.nn.Module:
+    """The encoder trunk the config names, initialised from ``model.weights`` if set."""
+    m = cfg.model
+    small = m.small_images if m.small_images is not None else cfg.views.large_size < 64
+    kwargs = {"width": m.width} if m.width else {}
+    encoder = create_encoder(m.encoder, in_channels=channels, small_images=small, **kwargs)
+    if m.weights:
+        missing, _ = load_encoder_weights(encoder, m.weights)
+        if missing:
+            info(
+                f"encoder weights: {len(missing)} tensors not in {m.weights} keep their "
+                "initialisation"
+            )
+    return encoder
+
+
+def build_model(cfg: Config, channels: int) -> PAWSModel:
+    """Encoder, projection head and (optional) prediction head from the config."""
+    m = cfg.model
+    encoder = build_encoder(cfg, channels)
+    projection = ProjectionHead(encoder.num_features, m.proj_hidden, m.proj_out, m.proj_layers)
+    prediction = PredictionHead(m.proj_out, m.pred_hidden) if m.pred_head else None
+    return PAWSModel(encoder, projection, prediction)

@@ -593,8 +593,8 @@ def _test_view(run: RunRecord, data: Any, cache: dict[str, Any]) -> tuple[Any, A
     """(config, model, datasets) of a run, loading each distinct dataset once."""
     import torch
 
+    from paws.checkpoint import restore_model
     from paws.data import load_datasets
-    from paws.train import restore_model
 
     ckpt = _checkpoint(run)
     if ckpt is None:

@@ -40,6 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from paws import checkpoint
+from paws.checkpoint import restore_model
 from paws.config import Config, to_dict
 from paws.data import Datasets, ImageSet, default_workers, load_datasets, read_image
 from paws.errors import UserError
@@ -50,7 +51,7 @@ from paws.models import PAWSModel
 from paws.optim import LARS, WarmupCosine, param_groups, set_lr
 from paws.progress import Progress, info
 from paws.sampling import SupportSampler
-from paws.train import restore_model, setup_runtime
+from paws.train import setup_runtime
 from paws.transforms import BatchViews, eval_transform
 
 __all__ = ["freeze_batchnorm", "tighten", "tighten_checkpoint"]

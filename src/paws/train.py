@@ -10,8 +10,6 @@ so a resumed run continues exactly where it stopped.
 from __future__ import annotations
 
 import contextlib
-import csv
-import dataclasses
 import json
 import math
 import os
@@ -24,127 +22,26 @@ from typing import Any
 
 import torch
 
-from paws import checkpoint, distributed
+from paws import checkpoint, distributed, rundir
 from paws.config import Config, save_config, to_dict
 from paws.data import Batch, Datasets, load_datasets, step_batches
 from paws.errors import UserError
 from paws.losses import nt_xent, paws_loss, sharpen, smooth_labels, snn, supervised_nce
-from paws.models import (
-    PAWSModel,
-    PredictionHead,
-    ProjectionHead,
-    create_encoder,
-    load_encoder_weights,
-)
+from paws.models import PAWSModel, build_model
 from paws.optim import LARS, WarmupCosine, param_groups, set_lr
 from paws.progress import Progress, info
 from paws.sampling import SupportSampler, UnlabeledSampler
 
 __all__ = [
-    "build_encoder",
-    "build_model",
     "training_model",
     "build_optimizer",
-    "restore_model",
     "train_step",
     "train",
     "setup_runtime",
     "amp_dtype",
     "autocast",
     "total_steps",
-    "RESUME_SAFE_KEYS",
 ]
-
-# Keys that may differ when resuming: they change neither the model nor the batches.
-RESUME_SAFE_KEYS = (
-    "run.log_every",
-    "run.checkpoint_every",
-    "run.eval_every",
-    "run.monitor_every",
-    "run.tensorboard",
-    "run.threads",
-    "data.root",
-    "data.workers",
-    "data.memory_limit_gb",
-    "data.labeled",
-    "data.unlabeled",
-    "data.test",
-    "eval.",
-    "baseline.",
-    "finetune.",
-    "tighten.",
-)
-
-
-def build_encoder(cfg: Config, channels: int) -> torch.nn.Module:
-    """The encoder trunk the config names, initialised from ``model.weights`` if set."""
-    m = cfg.model
-    small = m.small_images if m.small_images is not None else cfg.views.large_size < 64
-    kwargs = {"width": m.width} if m.width else {}
-    encoder = create_encoder(m.encoder, in_channels=channels, small_images=small, **kwargs)
-    if m.weights:
-        missing, _ = load_encoder_weights(encoder, m.weights)
-        if missing:
-            info(
-                f"encoder weights: {len(missing)} tensors not in {m.weights} keep their "
-                "initialisation"
-            )
-    return encoder
-
-
-def build_model(cfg: Config, channels: int) -> PAWSModel:
-    """Encoder, projection head and (optional) prediction head from the config."""
-    m = cfg.model
-    encoder = build_encoder(cfg, channels)
-    projection = ProjectionHead(encoder.num_features, m.proj_hidden, m.proj_out, m.proj_layers)
-    prediction = PredictionHead(m.proj_out, m.pred_hidden) if m.pred_head else None
-    return PAWSModel(encoder, projection, prediction)
-
-
-def restore_model(
-    path: str | Path, overrides: list[str] | None = None, channels: int | None = None
-) -> tuple[Config, PAWSModel, dict[str, Any]]:
-    """Rebuild a pre-trained (or tightened) model from a checkpoint (file or run directory).
-
-    Args:
-        path: checkpoint file, or a run directory (its ``last.pt``).
-        overrides: ``key=value`` config overrides (e.g. ``data.root=...``); keys that change
-            the architecture would not match the saved weights.
-        channels: input channels (default: from the saved config's dataset).
-
-    Returns:
-        ``(config, model on the CPU in eval mode, checkpoint dict)``.
-    """
-    from paws.config import apply_overrides, from_dict
-
-    state = checkpoint.load(path)
-    if state.get("kind") == "finetune":
-        raise UserError(
-            f"{path} is a fine-tuned classifier, not a pre-trained model; apply it with "
-            "paws predict, or pass the pre-trained checkpoint"
-        )
-    cfg = from_dict(apply_overrides(state["config"], list(overrides or [])))
-    if channels is None:
-        channels = int(state.get("channels") or _channels_of(state["model"]))
-    # The saved weights replace any initial ones: do not read model.weights again.
-    arch = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, weights=None))
-    model = build_model(arch, channels)
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as e:
-        raise UserError(
-            f"{path} does not match the configured model: {str(e).splitlines()[0]}"
-        ) from e
-    model.eval()
-    return cfg, model, state
-
-
-def _channels_of(state_dict: dict[str, torch.Tensor]) -> int:
-    """Input channels of the first convolution in a saved encoder."""
-    for k, v in state_dict.items():
-        if k.startswith("encoder.") and v.dim() == 4:
-            return int(v.shape[1])
-    raise UserError("cannot tell the input channels of this checkpoint's encoder")
 
 
 def training_model(cfg: Config, channels: int, device: torch.device) -> PAWSModel:
@@ -342,69 +239,6 @@ def _monitor(
     }
 
 
-# --------------------------------------------------------------------------------------------
-# The run.
-
-
-class _Metrics:
-    """Appends rows to a CSV file (and TensorBoard when asked), rank 0 only."""
-
-    def __init__(
-        self,
-        path: Path,
-        tensorboard_dir: Path | None = None,
-        writer: Any = None,
-        tag: str = "",
-    ):
-        self.path, self.writer, self.tag = path, writer, tag
-        self.fields: list[str] | None = None
-        if path.is_file() and distributed.is_main():
-            with open(path, newline="") as f:
-                self.fields = next(csv.reader(f), None)
-        if tensorboard_dir is not None:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError as e:
-                raise UserError(
-                    "run.tensorboard is true but tensorboard is not installed: "
-                    "pip install 'paws-ssl[tensorboard]'"
-                ) from e
-            self.writer = SummaryWriter(str(tensorboard_dir))
-
-    def log(self, row: dict[str, Any]) -> None:
-        if not distributed.is_main():
-            return
-        if self.fields is None:
-            self.fields = list(row)
-            with open(self.path, "w", newline="") as f:
-                csv.writer(f).writerow(self.fields)
-        with open(self.path, "a", newline="") as f:
-            csv.writer(f).writerow([_fmt(row.get(k, "")) for k in self.fields])
-        if self.writer is not None:
-            for k, v in row.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self.writer.add_scalar(self.tag + k, v, row["step"])
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-
-
-def _fmt(v: Any) -> Any:
-    return f"{v:.6g}" if isinstance(v, float) else v
-
-
-def _shape_diff(saved: dict, current: dict, prefix: str = "") -> list[str]:
-    keys = []
-    for k in sorted(set(saved) | set(current)):
-        a, b = saved.get(k), current.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            keys += _shape_diff(a, b, f"{prefix}{k}.")
-        elif a != b and not any((prefix + k).startswith(s) for s in RESUME_SAFE_KEYS):
-            keys.append(f"{prefix}{k} ({a!r} -> {b!r})")
-    return keys
-
-
 class _Stop:
     """Turns SIGINT/SIGTERM into a flag checked between steps."""
 
@@ -445,62 +279,6 @@ def _until_stopped(batches: Iterator[Batch], stop: _Stop) -> Iterator[Batch]:
         yield batch
 
 
-def _finite(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> bool:
-    """Whether every weight, buffer and optimiser state tensor is finite (checked before a
-    checkpoint, so that a checkpoint named as good is good)."""
-    tensors = [*model.state_dict().values()]
-    tensors += [v for st in optimizer.state.values() for v in st.values() if torch.is_tensor(v)]
-    return all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
-
-
-def _truncate_rows(path: Path, last_step: int) -> None:
-    """Drop CSV rows logged after ``last_step`` (steps a crashed run did after its checkpoint)."""
-    if not path.is_file():
-        return
-    with open(path, newline="") as f:
-        rows = list(csv.reader(f))
-    keep = rows[:1] + [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) <= last_step]
-    if len(keep) != len(rows):
-        with open(path, "w", newline="") as f:
-            csv.writer(f).writerows(keep)
-
-
-def _state(
-    model: PAWSModel,
-    optimizer: LARS,
-    scaler: Any,
-    step: int,
-    cfg: Config,
-    steps_per_epoch: int,
-    data: Datasets,
-) -> dict[str, Any]:
-    return {
-        "format": checkpoint.FORMAT_VERSION,
-        "kind": "pretrain",
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scaler": scaler.state_dict() if scaler is not None else None,
-        "step": step,
-        "epoch": step / steps_per_epoch,
-        "config": to_dict(cfg),
-        "channels": data.channels,
-        "classes": list(data.classes),
-        "mean": list(data.mean),
-        "std": list(data.std),
-        "rng": checkpoint.rng_state(),
-    }
-
-
-def _diverged(what: str, last_good: tuple[Path, int] | None) -> UserError:
-    """The one-line error of a run whose loss or weights stopped being finite."""
-    where = (
-        f"the last good checkpoint is {last_good[0]} (step {last_good[1]})"
-        if last_good
-        else "no checkpoint was written before it"
-    )
-    return UserError(f"{what}; {where}; lower optim.ref_lr or check the data")
-
-
 def train(
     cfg: Config, out_dir: str | Path, resume: bool = False, data: Datasets | None = None
 ) -> dict[str, Any]:
@@ -529,7 +307,7 @@ def train(
         state = checkpoint.load(out / "last.pt")
         if any(k not in state for k in ("optimizer", "step", "rng")):
             raise UserError(f"{out / 'last.pt'} holds no training state to resume from")
-        diff = _shape_diff(state["config"], to_dict(cfg))
+        diff = rundir.shape_diff(state["config"], to_dict(cfg))
         if diff:
             raise UserError(
                 "cannot resume: the config changes the run's shape: "
@@ -593,19 +371,19 @@ def train(
         last_good = (out / "last.pt", start)
         if distributed.is_main():
             checkpoint.remove_partial_writes(out)
-            _truncate_rows(out / "metrics.csv", start)
-            _truncate_rows(out / "evals.csv", start)
+            rundir.truncate_rows(out / "metrics.csv", start)
+            rundir.truncate_rows(out / "evals.csv", start)
         info(f"resuming {out} at step {start}/{steps}")
     del state
 
     net = distributed.data_parallel(model, device, compile=cfg.run.compile)
 
-    metrics = _Metrics(
+    metrics = rundir.MetricsLog(
         out / "metrics.csv",
         out / "tensorboard" if cfg.run.tensorboard and distributed.is_main() else None,
         tag="train/",
     )
-    evals = _Metrics(out / "evals.csv", writer=metrics.writer, tag="eval/")
+    evals = rundir.MetricsLog(out / "evals.csv", writer=metrics.writer, tag="eval/")
     progress = Progress(steps, "train", initial=start)
     global_batch = cfg.optim.batch_size
     result = {"status": "done", "step": start, "eval": None, "skipped": len(data.skipped)}
@@ -615,11 +393,13 @@ def train(
 
     def save_checkpoint(done: int) -> tuple[Path, int]:
         """Write last.pt after ``done`` steps; returns it as the last good checkpoint."""
-        if not _finite(model, optimizer):
-            raise _diverged(f"the weights became infinite or NaN by step {done}", last_good)
+        if not rundir.finite(model, optimizer):
+            raise rundir.diverged(f"the weights became infinite or NaN by step {done}", last_good)
         if distributed.is_main():
             checkpoint.save(
-                _state(model, optimizer, scaler, done, cfg, unl.steps_per_epoch, data),
+                rundir.training_state(
+                    model, optimizer, scaler, done, cfg, unl.steps_per_epoch, data
+                ),
                 out / "last.pt",
             )
         distributed.barrier()
@@ -645,7 +425,9 @@ def train(
                 # Reading the loss waits for the device: only on these steps.
                 values = r.read()
                 if not math.isfinite(values["loss"]):
-                    raise _diverged(f"the loss became {values['loss']} by step {done}", last_good)
+                    raise rundir.diverged(
+                        f"the loss became {values['loss']} by step {done}", last_good
+                    )
                 shown["loss"] = values["loss"]
             progress.update(1, **shown, lr=lr)
             if log:
@@ -696,10 +478,14 @@ def train(
             signum = stop.signum or int(signal.SIGTERM)
             return {"status": "interrupted", "step": done, "eval": None, "signal": signum}
     progress.close()
-    if not _finite(model, optimizer):
-        raise _diverged(f"the weights became infinite or NaN by step {result['step']}", last_good)
+    if not rundir.finite(model, optimizer):
+        raise rundir.diverged(
+            f"the weights became infinite or NaN by step {result['step']}", last_good
+        )
     if distributed.is_main():
-        final = _state(model, optimizer, scaler, result["step"], cfg, unl.steps_per_epoch, data)
+        final = rundir.training_state(
+            model, optimizer, scaler, result["step"], cfg, unl.steps_per_epoch, data
+        )
         checkpoint.save(final, out / "last.pt")
         checkpoint.save(final, out / "final.pt")
         if data.test is not None:
