@@ -1,92 +1,75 @@
-"""Shared fixtures: tiny synthetic image folders and configs that train in seconds."""
+"""Fixtures: tiny image folders and a tiny pre-trained run (helpers are in ``tiny.py``)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
-
-# Settings that make a run tiny: 12-pixel views, a 4-channel CNN, a handful of steps.
-TINY = [
-    "views.large_size=12",
-    "views.small_size=8",
-    "views.small_crops=2",
-    "model.width=4",
-    "model.proj_hidden=16",
-    "model.proj_out=8",
-    "optim.batch_size=8",
-    "optim.steps=4",
-    "optim.warmup_epochs=0",
-    "support.classes=3",
-    "support.images_per_class=2",
-    "run.log_every=1",
-    "run.checkpoint_every=2",
-    "run.monitor_every=2",
-    "run.threads=1",
-    "eval.batch_size=16",
-    "data.workers=0",
-]
-
-
-def pattern(label: int, size: int, rng: np.random.Generator) -> np.ndarray:
-    """A grey image whose stripe orientation and position depend on the class, plus noise."""
-    img = rng.integers(0, 40, (size, size)).astype(np.uint8)
-    k = label % 4
-    if k == 0:
-        img[:, (label // 4) % size :: 3] += 180
-    elif k == 1:
-        img[(label // 4) % size :: 3, :] += 180
-    elif k == 2:
-        np.fill_diagonal(img, 220)
-        img[: size // 2, : size // 2] += 100
-    else:
-        img[size // 3 : 2 * size // 3, size // 3 : 2 * size // 3] = 230
-    return img
-
-
-def write_folder(
-    root: Path,
-    classes: int = 3,
-    per_class: int = 6,
-    size: int = 14,
-    mode: str = "L",
-    seed: int = 0,
-    names: list[str] | None = None,
-) -> Path:
-    """Write ``root/<class>/<i>.png`` images of class-dependent patterns; returns root."""
-    rng = np.random.default_rng(seed)
-    names = names or [f"class_{c}" for c in range(classes)]
-    for c, name in enumerate(names):
-        d = root / name
-        d.mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            im = Image.fromarray(pattern(c, size, rng))
-            if mode != "L":
-                im = im.convert(mode)
-            im.save(d / f"{name}_{i}.png")
-    return root
+from tiny import tiny_overrides, train_tiny, write_folder
 
 
 @pytest.fixture
 def image_folders(tmp_path: Path) -> dict[str, Path]:
-    """Labelled, unlabelled (nested, any layout) and test folders of 3 classes."""
-    labeled = write_folder(tmp_path / "labeled", per_class=4, seed=1)
-    test = write_folder(tmp_path / "test", per_class=4, seed=2)
-    unl = tmp_path / "unlabeled"
-    write_folder(unl / "batch_a", per_class=4, seed=3)
-    write_folder(unl / "batch_b" / "deeper", per_class=4, seed=4)
-    return {"labeled": labeled, "unlabeled": unl, "test": test, "root": tmp_path}
+    """Labelled, unlabelled (nested, any layout) and test folders of 3 classes, 14-pixel grey
+    images, 4 a class in each."""
+    images = {"per_class": 4, "size": 14}
+    unlabeled = tmp_path / "unlabeled"
+    write_folder(unlabeled / "batch_a", **images, seed=3)
+    write_folder(unlabeled / "batch_b" / "deeper", **images, seed=4)
+    return {
+        "labeled": write_folder(tmp_path / "labeled", **images, seed=1),
+        "unlabeled": unlabeled,
+        "test": write_folder(tmp_path / "test", **images, seed=2),
+        "root": tmp_path,
+    }
 
 
-def folder_overrides(folders: dict[str, Path], *extra: str) -> list[str]:
-    """--set values for a tiny run on the ``image_folders`` fixture."""
-    return [
-        "data.dataset=folder",
-        f"data.labeled={folders['labeled']}",
-        f"data.unlabeled={folders['unlabeled']}",
-        f"data.test={folders['test']}",
-        *TINY,
-        *extra,
+@pytest.fixture(scope="session")
+def labeled_and_test(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Labelled (8 a class) and test (10 a class) folders of 3 classes of 14-pixel grey images,
+    shared by the tests that only read them."""
+    root = tmp_path_factory.mktemp("labeled_and_test")
+    return {
+        "labeled": write_folder(root / "labeled", per_class=8, size=14, seed=0),
+        "test": write_folder(root / "test", per_class=10, size=14, seed=1),
+    }
+
+
+@pytest.fixture(scope="session")
+def shared_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Path], Path]:
+    """One tiny run shared by all tests, pre-trained with labels of classes 0-3 only while the
+    unlabelled images hold classes 0-5 (classes 4 and 5 are new to the labels).
+
+    Returns the folders (``labeled``: 8 a class of 0-3, ``unlabeled``: 24 a class of 0-5,
+    ``test``: 12 a class of 0-3, ``support``: 6 a class of 0-5, ``test_all``: 12 a class of 0-5;
+    16-pixel grey images) and the run directory.
+    """
+    root = tmp_path_factory.mktemp("shared_run")
+    old, every = [0, 1, 2, 3], [0, 1, 2, 3, 4, 5]
+    data = root / "data"
+    paths = {
+        "labeled": write_folder(data / "labeled", old, 8, size=16, seed=1),
+        "unlabeled": write_folder(data / "unlabeled", every, 24, size=16, seed=2),
+        "test": write_folder(data / "test", old, 12, size=16, seed=3),
+        "support": write_folder(data / "support", every, 6, size=16, seed=4),
+        "test_all": write_folder(data / "test_all", every, 12, size=16, seed=5),
+    }
+    # Larger than the other tiny runs, so that the encoder separates the classes well enough for
+    # PAWS-NN, fine-tuning and new classes to beat chance clearly.
+    settings = [
+        "data.image_size=16",
+        "views.large_size=16",
+        "views.small_crops=1",
+        "model.width=6",
+        "model.proj_hidden=32",
+        "model.proj_out=16",
+        "support.classes=4",
+        "support.images_per_class=4",
+        "optim.batch_size=32",
+        "optim.steps=16",
+        "optim.warmup_epochs=0",
+        "optim.ref_lr=0.6",
+        "optim.start_lr=0.6",
+        "eval.batch_size=32",
     ]
+    return paths, train_tiny(root / "run", tiny_overrides(paths, *settings))

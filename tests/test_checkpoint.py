@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tinyrun import write_evil_checkpoint
+from tiny import write_evil_checkpoint
 
 from paws import checkpoint
 from paws.errors import UserError

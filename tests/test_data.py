@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, folder_overrides, write_folder
 from PIL import Image
+from tiny import tiny_overrides, write_folder
 
 from paws.config import load_config
 from paws.data import (
@@ -189,7 +189,7 @@ def test_folder_of_mixed_image_modes_is_decoded_into_memory(tmp_path):
     Image.new("P", (17, 17), 3).save(labeled / "dog" / "palette.gif")
     Image.new("RGB", (64, 48), (0, 0, 255)).save(labeled / "dog" / "rgb.jpg")
     (labeled / "dog" / "notes.txt").write_text("not an image, ignored")
-    cfg = load_config(None, ["data.dataset=folder", f"data.labeled={labeled}", *TINY])
+    cfg = load_config(None, tiny_overrides({"labeled": labeled}))
     data = load_datasets(cfg)
     assert data.classes == ["cat", "dog"]
     assert data.channels == 3
@@ -201,7 +201,7 @@ def test_folder_of_mixed_image_modes_is_decoded_into_memory(tmp_path):
 
 
 def test_grey_folder_gets_one_channel(image_folders):
-    cfg = load_config(None, folder_overrides(image_folders))
+    cfg = load_config(None, tiny_overrides(image_folders))
     data = load_datasets(cfg)
     assert data.channels == 1
     assert len(data.unlabeled) == 24 + 12  # nested unlabelled folder + the labelled images
@@ -218,10 +218,8 @@ def test_read_image_names_bad_file(tmp_path):
 
 def test_test_folder_with_unknown_class(tmp_path):
     labeled = write_folder(tmp_path / "labeled", classes=2, per_class=2)
-    test = write_folder(tmp_path / "test", classes=2, per_class=2, names=["class_0", "zebra"])
-    cfg = load_config(
-        None, ["data.dataset=folder", f"data.labeled={labeled}", f"data.test={test}", *TINY]
-    )
+    test = write_folder(tmp_path / "test", classes=2, per_class=2, names=["class0", "zebra"])
+    cfg = load_config(None, tiny_overrides({"labeled": labeled, "test": test}))
     with pytest.raises(UserError, match="zebra"):
         load_datasets(cfg)
 
@@ -239,7 +237,7 @@ def _views(data, cfg, index_fn, workers):
 def test_views_are_a_function_of_the_step_in_memory_and_on_disk(image_folders):
     index_fn = lambda step: np.arange(step, step + 4)  # noqa: E731
     for in_memory in ("true", "false"):
-        cfg = load_config(None, folder_overrides(image_folders, f"data.in_memory={in_memory}"))
+        cfg = load_config(None, tiny_overrides(image_folders, f"data.in_memory={in_memory}"))
         data = load_datasets(cfg)
         assert data.unlabeled.in_memory == (in_memory == "true")
         a = _views(data, cfg, index_fn, 0)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from synthetic import shared_run, write_folder
+from tiny import error_line, write_folder
 
 from paws import checkpoint
 from paws.checkpoint import restore_model
@@ -29,11 +29,6 @@ SWEEP = [
     "finetune.batch_size=8",
     "finetune.val_fraction=0.25",
 ]
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    return shared_run(tmp_path_factory)
 
 
 def test_validation_split_holds_out_each_class_and_keeps_singletons():
@@ -57,8 +52,8 @@ def test_crop_flip_views_switch_off_colour_only():
     assert views.flip and views.large_scale == load_config().views.large_scale
 
 
-def test_classifier_sits_on_first_head_layer_and_starts_at_zero(run):
-    _, run_dir = run
+def test_classifier_sits_on_first_head_layer_and_starts_at_zero(shared_run):
+    _, run_dir = shared_run
     _, model, _ = restore_model(run_dir)
     clf = FineTunedClassifier.from_pretrained(model, 4)
     assert list(dict(clf.head.named_children())) == ["fc1", "bn1", "relu1"]
@@ -70,8 +65,8 @@ def test_classifier_sits_on_first_head_layer_and_starts_at_zero(run):
     assert clf.embed(x, "trunk").shape == (3, 24)
 
 
-def test_finetune_selects_on_validation_never_on_test(run, tmp_path):
-    paths, run_dir = run
+def test_finetune_selects_on_validation_never_on_test(shared_run, tmp_path):
+    paths, run_dir = shared_run
     cfg, _, _ = restore_model(run_dir, SWEEP)
     data = load_datasets(cfg)
     report = finetune_checkpoint(run_dir, SWEEP, tmp_path / "a", data=data)
@@ -106,27 +101,26 @@ def test_finetune_selects_on_validation_never_on_test(run, tmp_path):
     assert written["sweep"] == report["sweep"]
 
 
-def test_single_setting_needs_no_validation(run, tmp_path):
-    _, run_dir = run
+def test_single_setting_needs_no_validation(shared_run, tmp_path):
+    _, run_dir = shared_run
     overrides = ["finetune.lrs=[0.05]", "finetune.epochs=[2]", "finetune.val_fraction=0"]
     report = finetune_checkpoint(run_dir, overrides, tmp_path)
     assert report["sweep"] == [] and report["num_val"] == 0 and report["num_train"] == 32
     assert report["paws_nn"] is not None and report["test"]["num_query"] == 48
 
 
-def test_sweep_without_validation_is_a_user_error(run, tmp_path):
-    _, run_dir = run
+def test_sweep_without_validation_is_a_user_error(shared_run, tmp_path):
+    _, run_dir = shared_run
     with pytest.raises(UserError, match="val_fraction"):
         finetune_checkpoint(run_dir, ["finetune.val_fraction=0"], tmp_path)
 
 
-def test_restore_refuses_fine_tuned_checkpoint_with_one_line(run, tmp_path, capsys):
-    _, run_dir = run
+def test_restore_refuses_fine_tuned_checkpoint_with_one_line(shared_run, tmp_path, capsys):
+    _, run_dir = shared_run
     finetune_checkpoint(run_dir, ["finetune.lrs=[0.05]", "finetune.epochs=[1]"], tmp_path)
     capsys.readouterr()
     assert main(["eval", str(tmp_path / "finetune.pt")]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "fine-tuned classifier" in err[0]
+    assert "fine-tuned classifier" in error_line(capsys.readouterr().err)
 
 
 def test_freeze_batchnorm_keeps_layers_in_eval_mode_without_gradients():
@@ -144,8 +138,8 @@ def _bn_state(state: dict) -> dict:
     return {k: v for k, v in model.items() if k.rsplit(".", 1)[0] in names}
 
 
-def test_tighten_freezes_batchnorm_and_trains_the_rest(run, tmp_path, capsys, monkeypatch):
-    paths, run_dir = run
+def test_tighten_freezes_batchnorm_and_trains_the_rest(shared_run, tmp_path, capsys, monkeypatch):
+    paths, run_dir = shared_run
     monkeypatch.delenv("PAWS_QUIET", raising=False)  # set by earlier `paws --quiet` calls
     overrides = ["tighten.steps=20", "tighten.classes=4"]
     report = tighten_checkpoint(run_dir, overrides, tmp_path)
@@ -177,9 +171,9 @@ def test_tighten_freezes_batchnorm_and_trains_the_rest(run, tmp_path, capsys, mo
     assert main(["--quiet", "eval", str(tmp_path / "tighten.pt")]) == 0
 
 
-def test_tighten_needs_two_images_per_class(run, tmp_path):
-    paths, run_dir = run
-    single = write_folder(tmp_path / "single", [0, 1], 1, seed=9)
+def test_tighten_needs_two_images_per_class(shared_run, tmp_path):
+    paths, run_dir = shared_run
+    single = write_folder(tmp_path / "single", [0, 1], 1, size=16, seed=9)
     with pytest.raises(UserError, match="at least 2"):
         tighten_checkpoint(
             run_dir,

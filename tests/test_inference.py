@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from synthetic import shared_run
+from tiny import error_line
 
 import paws
 from paws.cli import main
@@ -22,18 +22,13 @@ from paws.finetune import finetune_checkpoint
 from paws.inference import expand_images, from_checkpoint
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    return shared_run(tmp_path_factory)
-
-
 def _accuracy(rows: list[dict]) -> float:
     hits = [r["top"][0]["class"] == os.path.basename(os.path.dirname(r["file"])) for r in rows]
     return 100.0 * sum(hits) / len(hits)
 
 
-def test_predict_on_test_images_matches_paws_eval(run, tmp_path, capsys):
-    paths, run_dir = run
+def test_predict_on_test_images_matches_paws_eval(shared_run, tmp_path, capsys):
+    paths, run_dir = shared_run
     assert main(["--quiet", "eval", str(run_dir), "--json"]) == 0
     ev = json.loads(capsys.readouterr().out)
     out = tmp_path / "pred.json"
@@ -46,8 +41,8 @@ def test_predict_on_test_images_matches_paws_eval(run, tmp_path, capsys):
     assert [classes.index(r["top"][0]["class"]) for r in rows] == saved["predictions"]
 
 
-def test_predict_csv_top_k_probabilities(run, capsys):
-    paths, run_dir = run
+def test_predict_csv_top_k_probabilities(shared_run, capsys):
+    paths, run_dir = shared_run
     files = sorted(paths["test"].rglob("*.png"))[:3]
     args = ["--quiet", "predict", str(run_dir), *map(str, files), "--top-k", "3"]
     assert main(args) == 0
@@ -62,10 +57,10 @@ def test_predict_csv_top_k_probabilities(run, capsys):
         assert len(set(cells[1::2])) == 3
 
 
-def test_new_classes_are_recognised_from_a_support_folder(run, tmp_path):
+def test_new_classes_are_recognised_from_a_support_folder(shared_run, tmp_path):
     """Classes 4 and 5 had no labels in pre-training; a support folder with a few labelled
     images of all six classes is enough to classify them (chance: 1/6)."""
-    paths, run_dir = run
+    paths, run_dir = shared_run
     out = tmp_path / "new.json"
     args = ["predict", str(run_dir), str(paths["test_all"]), "--support", str(paths["support"])]
     assert main(["--quiet", *args, "--out", str(out)]) == 0
@@ -76,10 +71,10 @@ def test_new_classes_are_recognised_from_a_support_folder(run, tmp_path):
     assert _accuracy(new) >= 50.0
 
 
-def test_embed_npy_and_safetensors(run, tmp_path):
+def test_embed_npy_and_safetensors(shared_run, tmp_path):
     from safetensors import safe_open
 
-    paths, run_dir = run
+    paths, run_dir = shared_run
     files = expand_images([paths["test"]])
     expected = from_checkpoint(run_dir, device="cpu").embed(files, "trunk")
     npy = tmp_path / "emb.npy"
@@ -96,8 +91,8 @@ def test_embed_npy_and_safetensors(run, tmp_path):
     assert expected.shape == (48, 24)
 
 
-def test_paths_pil_images_and_tensors_give_the_same_embeddings(run):
-    paths, run_dir = run
+def test_paths_pil_images_and_tensors_give_the_same_embeddings(shared_run):
+    paths, run_dir = shared_run
     model = paws.load(run_dir, device="cpu")
     files = sorted(paths["test"].rglob("*.png"))[:5]
     pil = [Image.open(f) for f in files]
@@ -126,8 +121,8 @@ _FRESH = textwrap.dedent(
 )
 
 
-def test_export_reproduces_the_model_in_a_fresh_process(run, tmp_path):
-    paths, run_dir = run
+def test_export_reproduces_the_model_in_a_fresh_process(shared_run, tmp_path):
+    paths, run_dir = shared_run
     # Copy the run so that it can disappear before the export is loaded.
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)
@@ -165,8 +160,8 @@ def test_export_reproduces_the_model_in_a_fresh_process(run, tmp_path):
             assert np.abs(got[key] - expected[name][key]).max() < 1e-5, (name, key)
 
 
-def test_export_then_new_support_in_python(run, tmp_path):
-    paths, run_dir = run
+def test_export_then_new_support_in_python(shared_run, tmp_path):
+    paths, run_dir = shared_run
     assert main(["--quiet", "export", str(run_dir), "--out", str(tmp_path / "exp")]) == 0
     model = paws.load(tmp_path / "exp", support=paths["support"], device="cpu")
     assert model.classes == [f"class{i}" for i in range(6)] and len(model.support.labels) == 36
@@ -174,8 +169,8 @@ def test_export_then_new_support_in_python(run, tmp_path):
     assert probs.shape == (72, 6) and torch.allclose(probs.sum(1), torch.ones(72), atol=1e-5)
 
 
-def test_user_errors_are_one_line(run, tmp_path, capsys):
-    paths, run_dir = run
+def test_user_errors_are_one_line(shared_run, tmp_path, capsys):
+    paths, run_dir = shared_run
     finetune_checkpoint(run_dir, ["finetune.lrs=[0.05]", "finetune.epochs=[1]"], tmp_path)
     capsys.readouterr()
     cases = [
@@ -188,5 +183,4 @@ def test_user_errors_are_one_line(run, tmp_path, capsys):
     cases.append(["predict", str(run_dir), str(tmp_path / "bad.png")])
     for args in cases:
         assert main(["--quiet", *args]) == 2, args
-        err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and err[0].startswith("paws: error: "), (args, err)
+        error_line(capsys.readouterr().err)

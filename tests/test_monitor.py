@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tiny_runs import image_folders, tiny_run
+from tiny import EVALUATED, tiny_overrides, train_tiny
 
 from paws.checkpoint import load
 from paws.config import load_config
@@ -52,25 +52,25 @@ def test_separated_classes_give_confident_targets_and_no_support_loss() -> None:
     assert m["instance_loss"] == pytest.approx(math.log1p(2 * math.exp(-10)), rel=1e-3)
 
 
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    return image_folders(tmp_path_factory.mktemp("images"))
+def _train(out: Path, folders: dict[str, Path], *changes: str) -> Path:
+    """A run of 6 steps, monitored every 2 and evaluated every 3 (unless ``changes`` say)."""
+    return train_tiny(out, tiny_overrides(folders, *EVALUATED, *changes))
 
 
-def test_monitoring_does_not_change_training(folders, tmp_path: Path) -> None:
-    a = tiny_run(tmp_path / "a", folders, ["optim.steps=3", "run.monitor_every=1"])
-    b = tiny_run(tmp_path / "b", folders, ["optim.steps=3", "run.monitor_every=0"])
+def test_monitoring_does_not_change_training(labeled_and_test, tmp_path: Path) -> None:
+    a = _train(tmp_path / "a", labeled_and_test, "optim.steps=3", "run.monitor_every=1")
+    b = _train(tmp_path / "b", labeled_and_test, "optim.steps=3", "run.monitor_every=0")
     wa, wb = load(a / "final.pt")["model"], load(b / "final.pt")["model"]
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert np.isfinite(load_run(a).metrics["support_loss"]).all()
     assert np.isnan(load_run(b).metrics["support_loss"]).all()
 
 
-def test_metrics_land_in_csv_and_tensorboard(folders, tmp_path: Path) -> None:
+def test_metrics_land_in_csv_and_tensorboard(labeled_and_test, tmp_path: Path) -> None:
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    run = tiny_run(tmp_path / "run", folders, ["run.tensorboard=true"])
+    run = _train(tmp_path / "run", labeled_and_test, "run.tensorboard=true")
     rec = load_run(run)
     assert list(rec.metrics["step"]) == [1, 2, 3, 4, 5, 6]
     # Monitored on steps 0, 2, 4 (rows 1, 3, 5): values there, blanks elsewhere.

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import io
-import subprocess
 import sys
-from pathlib import Path
 
-from tiny_runs import image_folders, tiny_overrides
+from tiny import run_paws, set_args, tiny_overrides
 
 from paws.progress import Progress, info
 
@@ -60,39 +58,19 @@ def test_quiet_silences_progress_and_info(capsys, monkeypatch) -> None:
     assert capsys.readouterr().err == ""
 
 
-def test_quiet_flag_keeps_results_and_errors(tmp_path: Path) -> None:
-    folders = image_folders(tmp_path / "images")
-    sets = [a for o in tiny_overrides(folders) + ["optim.steps=3"] for a in ("--set", o)]
-    ok = subprocess.run(
-        [sys.executable, "-m", "paws", "--quiet", "baseline", *sets, "--json"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert ok.returncode == 0, ok.stderr
+def test_quiet_flag_keeps_results_and_errors(labeled_and_test) -> None:
+    sets = set_args(tiny_overrides(labeled_and_test, "optim.steps=3"))
+    ok = run_paws("--quiet", "baseline", *sets, "--json")
     assert ok.stderr == ""
     assert '"top1"' in ok.stdout
     # Also accepted after the command; errors still show.
-    bad = subprocess.run(
-        [sys.executable, "-m", "paws", "baseline", *sets, "--set", "optim.steps=0", "--quiet"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    bad = run_paws("baseline", *sets, "--set", "optim.steps=0", "--quiet", check=False)
     assert bad.returncode == 2
     assert bad.stderr.strip() == "paws: error: optim.steps must be >= 1, got 0"
 
 
-def test_progress_lines_of_a_command_in_a_log(tmp_path: Path) -> None:
-    folders = image_folders(tmp_path / "images")
-    sets = [a for o in tiny_overrides(folders) + ["optim.steps=3"] for a in ("--set", o)]
-    run = subprocess.run(
-        [sys.executable, "-m", "paws", "baseline", *sets],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert run.returncode == 0, run.stderr
+def test_progress_lines_of_a_command_in_a_log(labeled_and_test) -> None:
+    run = run_paws("baseline", *set_args(tiny_overrides(labeled_and_test, "optim.steps=3")))
     lines = run.stderr.splitlines()
     assert any(line.startswith("baseline 3/3 (100%) eta 0.0 min loss=") for line in lines)
     assert "supervised-only test accuracy" in run.stdout

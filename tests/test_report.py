@@ -6,7 +6,6 @@ import base64
 import io
 import json
 import shutil
-import subprocess
 import sys
 from html.parser import HTMLParser
 from pathlib import Path
@@ -17,7 +16,7 @@ from PIL import Image
 pytest.importorskip("matplotlib")
 pytest.importorskip("sklearn")
 
-from tiny_runs import image_folders, tiny_run  # noqa: E402
+from tiny import EVALUATED, error_line, run_paws, tiny_overrides, train_tiny  # noqa: E402
 
 from paws.cli import main  # noqa: E402
 from paws.report import build_report  # noqa: E402
@@ -33,11 +32,11 @@ SECTIONS = (
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+def runs(labeled_and_test, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("runs")
-    folders = image_folders(root / "images")
-    a = tiny_run(root / "tau-0.1", folders)
-    b = tiny_run(root / "tau-0.2", folders, ["loss.tau=0.2", "run.seed=1"])
+    a = train_tiny(root / "tau-0.1", tiny_overrides(labeled_and_test, *EVALUATED))
+    changes = ["loss.tau=0.2", "run.seed=1"]
+    b = train_tiny(root / "tau-0.2", tiny_overrides(labeled_and_test, *EVALUATED, *changes))
     (a / "baseline.json").write_text(json.dumps({"top1": 40.0, "top5": 100.0}))
     return a, b
 
@@ -107,14 +106,17 @@ def test_report_of_one_run(runs, tmp_path: Path) -> None:
 
 def test_report_compares_two_runs_from_the_command_line(runs, tmp_path: Path) -> None:
     out = tmp_path / "compare"
-    proc = subprocess.run(
-        [sys.executable, "-m", "paws", "--quiet", "report", *map(str, runs), "--out", str(out)]
-        + ["--tsne-points", "16", "--grid-images", "4"],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    proc = run_paws(
+        "--quiet",
+        "report",
+        *map(str, runs),
+        "--out",
+        str(out),
+        "--tsne-points",
+        "16",
+        "--grid-images",
+        "4",
     )
-    assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""
     assert "report.html" in proc.stdout
     _check_png((out / "report.png").read_bytes())
@@ -133,8 +135,7 @@ def test_report_compares_two_runs_from_the_command_line(runs, tmp_path: Path) ->
 def test_report_without_plotting_libraries_says_how_to_install(runs, monkeypatch, capsys) -> None:
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now fails
     assert main(["report", str(runs[0])]) == 2
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and "pip install 'paws-ssl[report]'" in lines[0]
+    assert "pip install 'paws-ssl[report]'" in error_line(capsys.readouterr().err)
 
 
 def test_report_of_a_missing_run_is_one_line(tmp_path: Path, capsys) -> None:

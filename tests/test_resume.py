@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from tinyrun import (
+from tiny import (
+    ANIMALS,
     error_line,
     popen,
     run_cli,
@@ -26,14 +27,14 @@ from paws import cli
 
 STEPS = 16  # tiny_config's optim.steps; checkpoints every 4 steps
 STORAGE = {
-    "memory": {"data__in_memory": "yes"},
-    "disk": {"data__in_memory": "no", "data__workers": 2},
+    "memory": ["data.in_memory=yes"],
+    "disk": ["data.in_memory=no", "data.workers=2"],
 }
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_folder(tmp_path_factory.mktemp("data") / "labeled")
+    return write_folder(tmp_path_factory.mktemp("data") / "labeled", names=ANIMALS, channels=3)
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +45,7 @@ def reference(folder: Path, tmp_path_factory: pytest.TempPathFactory):
     def get(storage: str) -> Path:
         if storage not in runs:
             base = tmp_path_factory.mktemp(f"reference-{storage}")
-            cfg = write_config(base / "cfg.yaml", tiny_config(folder, **STORAGE[storage]))
+            cfg = write_config(base / "cfg.yaml", tiny_config(folder, *STORAGE[storage]))
             with pytest.MonkeyPatch.context() as mp, torch_state():
                 mp.setenv("PAWS_QUIET", "1")
                 argv = ["--quiet", "train", "--config", str(cfg), "--out", str(base / "run")]
@@ -99,7 +100,7 @@ def _assert_same_run(run: Path, ref: Path) -> None:
 def test_sigkill_then_resume_is_bit_identical(
     storage, folder, reference, tmp_path, capsys, monkeypatch
 ):
-    cfg = write_config(tmp_path / "cfg.yaml", tiny_config(folder, **STORAGE[storage]))
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_config(folder, *STORAGE[storage]))
     run = tmp_path / "run"
     p = _start_and_wait(["--quiet", "train", "--config", str(cfg), "--out", str(run)], run, 7)
     os.kill(p.pid, signal.SIGKILL)
@@ -127,7 +128,7 @@ def test_signal_saves_a_checkpoint_and_exits_cleanly(
 ):
     # Sent to the whole process group, as a terminal's Ctrl-C or a scheduler does, with
     # data-loader workers running.
-    cfg = write_config(tmp_path / "cfg.yaml", tiny_config(folder, **STORAGE["disk"]))
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_config(folder, *STORAGE["disk"]))
     run = tmp_path / "run"
     p = _start_and_wait(["train", "--config", str(cfg), "--out", str(run)], run, 5)
     os.killpg(p.pid, sig)
@@ -148,7 +149,7 @@ def test_signal_saves_a_checkpoint_and_exits_cleanly(
 def test_resume_before_the_first_checkpoint_starts_over(
     folder, reference, tmp_path, capsys, monkeypatch
 ):
-    cfg = write_config(tmp_path / "cfg.yaml", tiny_config(folder, **STORAGE["memory"]))
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_config(folder, *STORAGE["memory"]))
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.yaml").write_text(cfg.read_text())  # as a run killed while loading data
@@ -158,7 +159,7 @@ def test_resume_before_the_first_checkpoint_starts_over(
 
 
 def test_resume_refuses_a_config_that_changes_the_run(folder, tmp_path, capsys, monkeypatch):
-    cfg = write_config(tmp_path / "cfg.yaml", tiny_config(folder, optim__steps=4))
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_config(folder, "optim.steps=4"))
     run = tmp_path / "run"
     code, _, err = run_cli(
         ["--quiet", "train", "--config", str(cfg), "--out", str(run)], capsys, monkeypatch

@@ -15,52 +15,33 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from tiny import set_args, tiny_overrides, write_folder
 
 STEPS = 30
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """3 classes of 12x12 grey images with a class-dependent bright band."""
+    """3 classes of 12x12 grey images: 6 labelled and 3 test images a class."""
     root = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for split, n in (("labeled", 6), ("test", 3)):
-        for c in range(3):
-            d = root / split / f"class{c}"
-            d.mkdir(parents=True)
-            for i in range(n):
-                x = rng.integers(0, 80, (12, 12)).astype(np.uint8)
-                x[c * 4 : c * 4 + 4] += 150
-                Image.fromarray(x).save(d / f"{i}.png")
+    write_folder(root / "labeled", per_class=6, seed=0)
+    write_folder(root / "test", per_class=3, seed=1)
     return root
 
 
 def _args(folder: Path) -> list[str]:
-    keys = {
-        "data.dataset": "folder",
-        "data.labeled": folder / "labeled",
-        "data.test": folder / "test",
-        "model.width": 4,
-        "model.proj_hidden": 16,
-        "model.proj_out": 8,
-        "views.large_size": 12,
-        "views.small_size": 8,
-        "views.small_crops": 2,
-        "optim.batch_size": 6,
-        "optim.steps": STEPS,
-        "optim.start_lr": 0.05,
-        "optim.ref_lr": 0.1,
-        "optim.final_lr": 0.01,
-        "support.classes": 3,
-        "support.images_per_class": 2,
-        "run.log_every": 1,
-        "run.checkpoint_every": 1000,
-    }
-    return [a for k, v in keys.items() for a in ("--set", f"{k}={v}")]
+    folders = {"labeled": folder / "labeled", "test": folder / "test"}
+    changes = [
+        "optim.batch_size=6",
+        f"optim.steps={STEPS}",
+        "optim.start_lr=0.05",
+        "optim.ref_lr=0.1",
+        "optim.final_lr=0.01",
+        "run.checkpoint_every=1000",
+    ]
+    return set_args(tiny_overrides(folders, *changes))
 
 
 def _command(processes: int, *args: str) -> list[str]:

@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tinyrun import (
+from tiny import (
+    ANIMALS,
     error_line,
     run_cli,
     tiny_config,
@@ -32,12 +33,12 @@ from paws.config import load_config
 from paws.data import load_cifar
 from paws.errors import UserError
 
-DISK = {"data__in_memory": "no", "data__workers": 2}
+DISK = ["data.in_memory=no", "data.workers=2"]
 
 
 @pytest.fixture
 def folder(tmp_path: Path) -> Path:
-    return write_folder(tmp_path / "labeled")
+    return write_folder(tmp_path / "labeled", names=ANIMALS, channels=3)
 
 
 def paws_train(tmp_path, capsys, monkeypatch, cfg: dict, *extra: str, quiet: bool = True):
@@ -73,7 +74,7 @@ def test_empty_data_folder(tmp_path, capsys, monkeypatch):
 
 def test_empty_unlabelled_folder(folder, tmp_path, capsys, monkeypatch):
     (tmp_path / "unl").mkdir()
-    cfg = tiny_config(folder, data__unlabeled=str(tmp_path / "unl"))
+    cfg = tiny_config(folder, f"data.unlabeled={tmp_path / 'unl'}")
     line = expect_error(paws_train(tmp_path, capsys, monkeypatch, cfg))
     assert line.startswith(f"no images found in {tmp_path / 'unl'} (looked for .jpg, .jpeg,")
 
@@ -88,7 +89,7 @@ def _truncated_jpeg(folder: Path) -> Path:
     path = folder / "cat" / "cut.jpg"
     from PIL import Image
 
-    Image.open(folder / "cat" / "cat0.png").save(path, quality=95)
+    Image.open(folder / "cat" / "cat_0.png").save(path, quality=95)
     path.write_bytes(path.read_bytes()[:300])
     return path
 
@@ -104,7 +105,7 @@ def _text_as_jpeg(folder: Path) -> Path:
 def test_unreadable_image_names_the_file(bad, storage, folder, tmp_path, capsys, monkeypatch):
     # On disk the file is read in a data-loader worker process, which wraps the error.
     path = bad(folder)
-    cfg = tiny_config(folder, **(DISK if storage == "disk" else {}))
+    cfg = tiny_config(folder, *(DISK if storage == "disk" else []))
     line = expect_error(paws_train(tmp_path, capsys, monkeypatch, cfg))
     assert line.startswith(f"cannot read image {path}: ")
     assert line.endswith("; fix or remove it, or set data.on_bad_image: skip")
@@ -112,7 +113,7 @@ def test_unreadable_image_names_the_file(bad, storage, folder, tmp_path, capsys,
 
 def test_unreadable_images_skipped_in_memory_are_counted(folder, tmp_path, capfd, monkeypatch):
     bad = [_truncated_jpeg(folder), _text_as_jpeg(folder)]
-    cfg = tiny_config(folder, data__on_bad_image="skip", optim__steps=2)
+    cfg = tiny_config(folder, "data.on_bad_image=skip", "optim.steps=2")
     code, out, err = paws_train(tmp_path, capfd, monkeypatch, cfg, quiet=False)
     assert code == 0, err
     listing = tmp_path / "run" / "skipped_images.txt"
@@ -124,7 +125,7 @@ def test_unreadable_images_skipped_in_memory_are_counted(folder, tmp_path, capfd
 
 def test_unreadable_images_skipped_on_disk_are_reported(folder, tmp_path, capfd, monkeypatch):
     bad = _text_as_jpeg(folder)
-    cfg = tiny_config(folder, data__on_bad_image="skip", optim__steps=4, **DISK)
+    cfg = tiny_config(folder, "data.on_bad_image=skip", "optim.steps=4", *DISK)
     code, _, err = paws_train(tmp_path, capfd, monkeypatch, cfg, quiet=False)
     assert code == 0, err
     assert f"skipping unreadable image {bad}" in err  # printed by a worker process
@@ -134,12 +135,12 @@ def test_unreadable_images_skipped_on_disk_are_reported(folder, tmp_path, capfd,
 
 def test_split_file_naming_missing_images(folder, tmp_path, capsys, monkeypatch):
     split = tmp_path / "split.txt"
-    split.write_text("cat0.png\ndog1.png\nfox9.png\n")
+    split.write_text("cat_0.png\ndog_1.png\nfox_9.png\n")
     line = expect_error(
-        paws_train(tmp_path, capsys, monkeypatch, tiny_config(folder, data__split_file=str(split)))
+        paws_train(tmp_path, capsys, monkeypatch, tiny_config(folder, f"data.split_file={split}"))
     )
     assert line == (
-        f"split file {split} names 1 image(s) not in the dataset, e.g. 'fox9.png'; fix the "
+        f"split file {split} names 1 image(s) not in the dataset, e.g. 'fox_9.png'; fix the "
         "names or the data folder"
     )
 
@@ -147,7 +148,7 @@ def test_split_file_naming_missing_images(folder, tmp_path, capsys, monkeypatch)
 def test_class_with_fewer_than_k_labelled_images(folder, tmp_path, capsys, monkeypatch):
     for p in sorted((folder / "dog").iterdir())[3:]:
         p.unlink()
-    cfg = tiny_config(folder, support__images_per_class=4)
+    cfg = tiny_config(folder, "support.images_per_class=4")
     line = expect_error(paws_train(tmp_path, capsys, monkeypatch, cfg))
     assert line == (
         "class 'dog' has 3 labelled images but support.images_per_class is 4; lower it to 3 "
@@ -156,7 +157,7 @@ def test_class_with_fewer_than_k_labelled_images(folder, tmp_path, capsys, monke
 
 
 def test_more_support_classes_than_classes(folder, tmp_path, capsys, monkeypatch):
-    cfg = tiny_config(folder, support__classes=5)
+    cfg = tiny_config(folder, "support.classes=5")
     line = expect_error(paws_train(tmp_path, capsys, monkeypatch, cfg))
     assert line == (
         "support.classes is 5 but the labelled set has only 3 classes; set support.classes "
@@ -239,7 +240,7 @@ def test_nan_loss_names_the_step_and_the_last_good_checkpoint(
         return (ce * math.nan, me) if len(calls) == 7 else (ce, me)
 
     monkeypatch.setattr(paws.train, "paws_loss", loss_nan_at_step_7)
-    cfg = tiny_config(folder, run__checkpoint_every=3)
+    cfg = tiny_config(folder, "run.checkpoint_every=3")
     line = expect_error(paws_train(tmp_path, capsys, monkeypatch, cfg))
     run = tmp_path / "run"
     assert line == (
@@ -252,7 +253,7 @@ def test_nan_loss_names_the_step_and_the_last_good_checkpoint(
 def test_divergence_never_names_a_corrupt_checkpoint(folder, tmp_path, capsys, monkeypatch):
     # An absurd learning rate sends weights and batch-norm statistics to infinity a step or
     # more before the loss itself turns NaN; checkpoints are written every step.
-    cfg = tiny_config(folder, run__checkpoint_every=1)
+    cfg = tiny_config(folder, "run.checkpoint_every=1")
     cfg["optim"].update(start_lr=1e6, ref_lr=1e6, final_lr=1e6)
     line = expect_error(paws_train(tmp_path, capsys, monkeypatch, cfg))
     run = tmp_path / "run"

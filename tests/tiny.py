@@ -1,0 +1,263 @@
+"""Tiny synthetic data and tiny runs for the tests, and ways to run the ``paws`` command.
+
+Images:
+    ``pattern`` draws one picture of a class; ``write_folder`` writes a ``<class>/<image>.png``
+    folder of them (number of classes, images per class, size, grey or colour, seed).
+Runs:
+    ``tiny_overrides(folders, *changes)`` gives the ``section.key=value`` settings of a run that
+    takes seconds on one CPU core (``TINY``, then ``changes``); ``EVALUATED`` and ``RESUMABLE``
+    are the changes of a run evaluated along the way and of one the tests interrupt and resume;
+    ``tiny_config`` is a ``RESUMABLE`` run as a nested dict for a YAML config file
+    (``write_config``); ``train_tiny`` trains a run in this process.
+The command:
+    ``run_cli`` runs ``paws`` in this process (``torch_state`` undoes its global torch
+    settings), ``run_paws`` and ``popen`` in a new one;
+    ``error_line`` checks that a user error is one line; ``set_args`` turns settings into
+    ``--set`` arguments; ``write_evil_checkpoint`` writes a file that runs code if unpickled.
+
+Fixtures built from these live in ``conftest.py``.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from PIL import Image
+
+from paws import cli
+from paws.config import apply_overrides, load_config
+from paws.train import train
+
+# Class names of the colour folder that the command-line tests break in many ways.
+ANIMALS = ("cat", "dog", "fox")
+
+
+def pattern(label: int, size: int, rng: np.random.Generator, channels: int = 1) -> np.ndarray:
+    """One picture of class ``label``: a (size, size) or, with 3 channels, (size, size, 3) uint8.
+
+    Each of classes 0..5 is a texture (horizontal or vertical stripes, a checkerboard, a blob,
+    diagonal stripes, wide bars) at its own brightness, with a random phase and noise: a few
+    steps of a tiny CNN separate the classes, new ones included, yet not always perfectly.
+    Larger labels repeat these six. In colour, the class also brightens one channel.
+    """
+    c = label % 6
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32)
+    phase = rng.uniform(0, 2 * np.pi)
+    if c == 0:
+        img = np.sin(y * np.pi / 2 + phase)
+    elif c == 1:
+        img = np.sin(x * np.pi / 2 + phase)
+    elif c == 2:
+        img = np.sin(x * np.pi / 2 + phase) * np.sin(y * np.pi / 2 + phase)
+    elif c == 3:
+        r2 = (x - size / 2 + rng.uniform(-2, 2)) ** 2 + (y - size / 2 + rng.uniform(-2, 2)) ** 2
+        img = 2 * np.exp(-r2 / (size / 3) ** 2) - 1
+    elif c == 4:
+        img = np.sin((x + y) * np.pi / 3 + phase)
+    else:
+        img = np.sign(np.sin(x * np.pi / 8 + phase)) * 0.8
+    img = 40 + 30 * c + 40 * img + rng.normal(0, 12, img.shape)
+    if channels == 3:
+        img = np.repeat(img[..., None], 3, axis=2)
+        img[..., label % 3] += 60
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def write_folder(
+    root: Path,
+    classes: int | Sequence[int] = 3,
+    per_class: int = 6,
+    *,
+    size: int = 12,
+    channels: int = 1,
+    seed: int = 0,
+    names: Sequence[str] | None = None,
+) -> Path:
+    """Write ``root/<name>/<name>_<i>.png`` pictures of each class; returns ``root``.
+
+    Args:
+        root: Folder to write (created; may exist).
+        classes: How many classes (0, 1, ...) or which ones, e.g. ``[0, 1, 4]``.
+        per_class: Images of each class.
+        size: Side of the square images in pixels.
+        channels: 1 for grey images, 3 for colour ones.
+        seed: Seed of the noise, so that two folders can hold different images.
+        names: Folder names of the classes; ``class<c>`` by default.
+    """
+    labels = list(range(classes)) if isinstance(classes, int) else list(classes)
+    names = list(names) if names is not None else [f"class{c}" for c in labels]
+    assert len(names) == len(labels), (names, labels)
+    rng = np.random.default_rng(seed)
+    for c, name in zip(labels, names):
+        d = root / name
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            Image.fromarray(pattern(c, size, rng, channels)).save(d / f"{name}_{i}.png")
+    return root
+
+
+# Settings every tiny run shares: 12- and 8-pixel views, a width-4 CNN, 3 classes of 2 supports.
+TINY = [
+    "data.workers=0",
+    "views.large_size=12",
+    "views.small_size=8",
+    "views.small_crops=2",
+    "model.encoder=cnn_small",
+    "model.width=4",
+    "model.proj_hidden=16",
+    "model.proj_out=8",
+    "support.classes=3",
+    "support.images_per_class=2",
+    "optim.batch_size=8",
+    "optim.steps=4",
+    "run.device=cpu",
+    "run.log_every=1",
+    "run.monitor_every=0",
+]
+
+# A run that is watched as it trains: 6 steps, monitoring metrics every 2 steps, PAWS-NN every 3.
+EVALUATED = [
+    "views.small_crops=1",
+    "optim.steps=6",
+    "run.monitor_every=2",
+    "run.eval_every=3",
+]
+
+# A run that the command-line tests interrupt, resume and break: 16 deterministic steps of
+# 8-pixel views, a checkpoint every 4.
+RESUMABLE = [
+    "data.labels_per_class=null",
+    "views.large_size=8",
+    "views.small_size=4",
+    "optim.batch_size=6",
+    "optim.steps=16",
+    "run.threads=1",
+    "run.deterministic=true",
+    "run.checkpoint_every=4",
+]
+
+
+def tiny_overrides(folders: Mapping[str, Path], *changes: str) -> list[str]:
+    """``section.key=value`` settings of a tiny run on image folders.
+
+    Args:
+        folders: Paths under the keys ``labeled`` and optionally ``unlabeled`` and ``test``
+            (other keys are ignored).
+        changes: Further settings; they win over the tiny ones.
+    """
+    data = [f"data.{k}={folders[k]}" for k in ("labeled", "unlabeled", "test") if k in folders]
+    return ["data.dataset=folder", *data, *TINY, *changes]
+
+
+def tiny_config(labeled: Path, *changes: str) -> dict[str, Any]:
+    """The nested dict of a YAML config for a ``RESUMABLE`` tiny run on a labelled folder."""
+    return apply_overrides({}, tiny_overrides({"labeled": labeled}, *RESUMABLE, *changes))
+
+
+def write_config(path: Path, cfg: dict[str, Any]) -> Path:
+    """Write ``cfg`` as YAML to ``path``; returns ``path``."""
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def train_tiny(out: Path, overrides: list[str]) -> Path:
+    """Train a run with these settings into ``out`` in this process; returns ``out``."""
+    result = train(load_config(None, overrides), out)
+    assert result["status"] == "done"
+    return out
+
+
+def set_args(overrides: list[str]) -> list[str]:
+    """``--set`` arguments of the ``paws`` command for ``section.key=value`` settings."""
+    return [a for o in overrides for a in ("--set", o)]
+
+
+def run_cli(argv: list[str], capsys: Any, monkeypatch: Any) -> tuple[int, str, str]:
+    """``paws ARGV`` in this process: ``(exit code, stdout, stderr)``."""
+    monkeypatch.setenv("PAWS_QUIET", "0")  # restored after the test; --quiet sets it
+    with torch_state():
+        code = cli.main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _env() -> dict[str, str]:
+    return dict(os.environ, OMP_NUM_THREADS="1")
+
+
+def run_paws(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
+    """``python -m paws ARGV`` to completion, capturing text output; ``check``: it must succeed."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "paws", *argv],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=300,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"paws {' '.join(argv)} failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def popen(argv: list[str], **kwargs: Any) -> subprocess.Popen:
+    """``python -m paws ARGV`` started in a new process group, capturing text output."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "paws", *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+        start_new_session=True,
+        **kwargs,
+    )
+
+
+def error_line(err: str) -> str:
+    """The one line a user error prints, checked to be alone and free of tracebacks."""
+    lines = err.strip().splitlines()
+    assert "Traceback" not in err, err
+    assert len(lines) == 1, err
+    assert lines[0].startswith("paws: error: "), err
+    return lines[0][len("paws: error: ") :]
+
+
+class torch_state:
+    """Restores the global torch settings a run changes (threads, determinism)."""
+
+    def __enter__(self) -> torch_state:
+        self.threads = torch.get_num_threads()
+        self.deterministic = torch.are_deterministic_algorithms_enabled()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        torch.set_num_threads(self.threads)
+        torch.use_deterministic_algorithms(self.deterministic)
+
+
+class _Evil:
+    """Runs a shell command when unpickled."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def write_evil_checkpoint(path: Path, marker: Path, fmt: str) -> Path:
+    """A checkpoint file that creates ``marker`` if unpickled: a raw pickle or torch's zip."""
+    payload = {"model": {"w": torch.zeros(1)}, "config": {}, "hook": _Evil(marker)}
+    if fmt == "pickle":
+        path.write_bytes(pickle.dumps(payload))
+    else:
+        torch.save(payload, path)
+    return path
