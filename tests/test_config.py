@@ -34,6 +34,13 @@ def test_defaults_are_valid():
     assert cfg == from_dict({}) == Config().validate()
 
 
+def test_the_fashion_mnist_recipe_is_the_default():
+    # `paws train` with no arguments and `--config fashion_mnist` must be the same run.
+    assert load_config("fashion_mnist") == load_config()
+    recipe = yaml.safe_load(recipe_path("fashion_mnist").read_text())
+    assert recipe["optim"]["ref_lr"] == load_config().optim.ref_lr
+
+
 def test_unknown_section_suggests_the_closest():
     assert _error(["optm.ref_lr=1"]) == "unknown config key 'optm'; did you mean 'optim'?"
 
@@ -213,7 +220,7 @@ def test_describe_lists_every_key_with_its_doc():
             assert doc.strip(), f"{section.name}.{f.name} has no doc"
             matching = [line for line in lines if line.startswith(f"  {f.name} (")]
             assert any(line.endswith(doc) for line in matching), f"{section.name}.{f.name}"
-    assert "  ref_lr (float, default 1.2): " in text
+    assert "  ref_lr (float, default 2.26): " in text
     assert "  device ('auto' | 'cpu' | 'cuda', default 'auto'): compute device" in text
 
 

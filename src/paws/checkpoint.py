@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from paws.config import Config, apply_overrides, from_dict
+from paws.config import Config, apply_overrides, from_dict, to_dict
 from paws.errors import UserError
 from paws.models import PAWSModel, build_model
 
@@ -31,6 +31,7 @@ __all__ = [
     "rng_state",
     "set_rng_state",
     "restore_model",
+    "model_record",
     "FORMAT_VERSION",
 ]
 
@@ -133,6 +134,36 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise UserError(f"{path} is not a paws checkpoint")
     return state
+
+
+def model_record(
+    kind: str, model: torch.nn.Module, cfg: Any, data: Any, step: int | None, **extra: Any
+) -> dict[str, Any]:
+    """What every checkpoint holds: the weights and what is needed to use them.
+
+    Args:
+        kind: "pretrain", "finetune" or "tighten".
+        model: the model whose ``state_dict`` is saved (moved to the CPU).
+        cfg: the run's :class:`paws.config.Config`.
+        data: the datasets (:class:`paws.data.Datasets`): channels, class names, mean and std.
+        step: the pre-training step the weights come from.
+        **extra: further entries (the optimiser state of a resumable run, a fine-tuning report).
+
+    Returns:
+        A dict of tensors and plain values for :func:`save`.
+    """
+    return {
+        "format": FORMAT_VERSION,
+        "kind": kind,
+        "model": {k: v.cpu() for k, v in model.state_dict().items()},
+        "step": step,
+        "config": to_dict(cfg),
+        "channels": data.channels,
+        "classes": list(data.classes),
+        "mean": list(data.mean),
+        "std": list(data.std),
+        **extra,
+    }
 
 
 def rng_state() -> dict[str, Any]:

@@ -119,11 +119,11 @@ class DataConfig:
 
 @dataclass
 class ViewsConfig:
-    large_size: int = _f(28, "side of the 2 large crops (and of support views)", (4, 4096))
-    large_scale: list[float] = _f([0.3, 1.0], "RandomResizedCrop area range of large crops")
+    large_size: int = _f(20, "side of the 2 large crops (and of support views)", (4, 4096))
+    large_scale: list[float] = _f([0.75, 1.0], "RandomResizedCrop area range of large crops")
     small_crops: int = _f(4, "number of small crops per unlabelled image (multi-crop)", (0, 64))
-    small_size: int = _f(16, "side of small crops", (4, 4096))
-    small_scale: list[float] = _f([0.1, 0.4], "RandomResizedCrop area range of small crops")
+    small_size: int = _f(12, "side of small crops", (4, 4096))
+    small_scale: list[float] = _f([0.3, 0.75], "RandomResizedCrop area range of small crops")
     ratio: list[float] = _f([0.75, 1.3333333], "RandomResizedCrop aspect-ratio range")
     flip: bool = _f(True, "random horizontal flip")
     color_strength: float = _f(
@@ -186,20 +186,20 @@ class LossConfig:
 @dataclass
 class OptimConfig:
     batch_size: int = _f(
-        256, "unlabelled images per step, over all processes (global batch)", (1, None)
+        128, "unlabelled images per step, over all processes (global batch)", (1, None)
     )
-    epochs: float = _f(10.0, "passes over the unlabelled set", (0.0, None))
+    epochs: float = _f(1.816, "passes over the unlabelled set", (0.0, None))
     steps: int | None = _f(None, "number of steps (overrides epochs)", (1, None))
-    warmup_epochs: float = _f(1.0, "linear warm-up length in epochs", (0.0, None))
-    start_lr: float = _f(0.3, "learning rate at step 0", (0.0, None))
+    warmup_epochs: float = _f(0.25, "linear warm-up length in epochs", (0.0, None))
+    start_lr: float = _f(0.56, "learning rate at step 0", (0.0, None))
     ref_lr: float = _f(
-        1.2,
+        2.26,
         "learning rate at the end of warm-up, for the global batch_size: the same on any "
         "number of processes; if you change batch_size, scale it about with the square root "
         "of the change, as the paper does (6.4 at 4096, 1.2 at 256)",
         (0.0, None),
     )
-    final_lr: float = _f(0.012, "learning rate at the last step (cosine decay)", (0.0, None))
+    final_lr: float = _f(0.0226, "learning rate at the last step (cosine decay)", (0.0, None))
     momentum: float = _f(0.9, "classical momentum (Appendix A, eq. 2)", (0.0, 0.9999))
     weight_decay: float = _f(1e-6, "weight decay (not on biases and norm parameters)", (0.0, 1.0))
     lars: bool = _f(True, "LARS trust-ratio adaptation (off: plain classical-momentum SGD)")

@@ -31,12 +31,12 @@ import torch.nn.functional as F
 
 from paws import checkpoint
 from paws.checkpoint import restore_model
-from paws.config import Config, ViewsConfig, to_dict
+from paws.config import Config, ViewsConfig
 from paws.data import Datasets, ImageSet, augmented_batches, eval_batches, load_datasets
 from paws.errors import UserError
 from paws.evaluate import accuracy, paws_nn
 from paws.models import FineTunedClassifier, PAWSModel
-from paws.optim import LARS, WarmupCosine, set_lr
+from paws.optim import LARS, WarmupCosine, backward_step, set_lr
 from paws.progress import Progress, info
 from paws.train import amp_dtype, autocast, setup_runtime
 
@@ -167,14 +167,7 @@ def train_classifier(
         with autocast(device.type, dtype):
             logits = model(x)
         loss = F.cross_entropy(logits.float(), y)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
+        backward_step(loss, optimizer, scaler)
         if progress is not None:
             progress.update(1, loss=loss.item())
     return steps
@@ -312,21 +305,11 @@ def finetune_checkpoint(
     report, model = finetune(cfg, pretrained, data, device)
     out = Path(out_dir) if out_dir is not None else output_dir(path)
     out.mkdir(parents=True, exist_ok=True)
-    checkpoint.save(
-        {
-            "format": checkpoint.FORMAT_VERSION,
-            "kind": "finetune",
-            "model": {k: v.cpu() for k, v in model.state_dict().items()},
-            "step": state.get("step"),
-            "config": to_dict(cfg),
-            "channels": data.channels,
-            "classes": list(data.classes),
-            "mean": list(data.mean),
-            "std": list(data.std),
-            "finetune": {k: report[k] for k in ("lr", "epochs", "sweep", "val_top1", "steps")},
-        },
-        out / "finetune.pt",
+    finetuned = {k: report[k] for k in ("lr", "epochs", "sweep", "val_top1", "steps")}
+    record = checkpoint.model_record(
+        "finetune", model, cfg, data, state.get("step"), finetune=finetuned
     )
+    checkpoint.save(record, out / "finetune.pt")
     report["seconds"] = round(time.time() - start, 1)
     report["checkpoint"] = str(out / "finetune.pt")
     (out / "finetune.json").write_text(json.dumps(report, indent=2) + "\n")

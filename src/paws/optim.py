@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 import torch.nn as nn
 
-__all__ = ["LARS", "param_groups", "WarmupCosine", "set_lr"]
+__all__ = ["LARS", "param_groups", "WarmupCosine", "set_lr", "backward_step"]
 
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
 
@@ -174,3 +175,16 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     """Set every param group's learning rate."""
     for group in optimizer.param_groups:
         group["lr"] = lr
+
+
+def backward_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: Any) -> None:
+    """Zero the gradients, back-propagate ``loss`` (a scalar) and step the optimiser, through
+    ``scaler`` (a ``torch.amp.GradScaler`` for fp16 autocast) when it is not None."""
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from paws import checkpoint, distributed
-from paws.config import Config, to_dict
+from paws.config import Config
 from paws.data import Datasets
 from paws.errors import UserError
 from paws.models import PAWSModel
@@ -143,21 +143,17 @@ def training_state(
     data: Datasets,
 ) -> dict[str, Any]:
     """Everything a resumed run needs, as tensors and plain values (see paws.checkpoint)."""
-    return {
-        "format": checkpoint.FORMAT_VERSION,
-        "kind": "pretrain",
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scaler": scaler.state_dict() if scaler is not None else None,
-        "step": step,
-        "epoch": step / steps_per_epoch,
-        "config": to_dict(cfg),
-        "channels": data.channels,
-        "classes": list(data.classes),
-        "mean": list(data.mean),
-        "std": list(data.std),
-        "rng": checkpoint.rng_state(),
-    }
+    return checkpoint.model_record(
+        "pretrain",
+        model,
+        cfg,
+        data,
+        step,
+        optimizer=optimizer.state_dict(),
+        scaler=scaler.state_dict() if scaler is not None else None,
+        epoch=step / steps_per_epoch,
+        rng=checkpoint.rng_state(),
+    )
 
 
 def diverged(what: str, last_good: tuple[Path, int] | None) -> UserError:

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from paws import checkpoint
 from paws.checkpoint import restore_model
-from paws.config import Config, to_dict
+from paws.config import Config
 from paws.data import Datasets, ImageSet, default_workers, load_datasets, read_image
 from paws.errors import UserError
 from paws.evaluate import paws_nn
@@ -223,20 +223,8 @@ def tighten_checkpoint(
     report = tighten(cfg, model, data, device)
     out = Path(out_dir) if out_dir is not None else output_dir(path)
     out.mkdir(parents=True, exist_ok=True)
-    checkpoint.save(
-        {
-            "format": checkpoint.FORMAT_VERSION,
-            "kind": "tighten",
-            "model": {k: v.cpu() for k, v in model.state_dict().items()},
-            "step": state.get("step"),
-            "config": to_dict(cfg),
-            "channels": data.channels,
-            "classes": list(data.classes),
-            "mean": list(data.mean),
-            "std": list(data.std),
-        },
-        out / "tighten.pt",
-    )
+    record = checkpoint.model_record("tighten", model, cfg, data, state.get("step"))
+    checkpoint.save(record, out / "tighten.pt")
     report["seconds"] = round(time.time() - start, 1)
     report["checkpoint"] = str(out / "tighten.pt")
     (out / "tighten.json").write_text(json.dumps(report, indent=2) + "\n")

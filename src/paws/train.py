@@ -28,7 +28,7 @@ from paws.data import Batch, Datasets, load_datasets, step_batches
 from paws.errors import UserError
 from paws.losses import nt_xent, paws_loss, sharpen, smooth_labels, snn, supervised_nce
 from paws.models import PAWSModel, build_model
-from paws.optim import LARS, WarmupCosine, param_groups, set_lr
+from paws.optim import LARS, WarmupCosine, backward_step, param_groups, set_lr
 from paws.progress import Progress, info
 from paws.sampling import SupportSampler, UnlabeledSampler
 
@@ -186,14 +186,7 @@ def train_step(
         me_max=cfg.loss.me_max,
     )
     loss = cross_entropy + me_max
-    optimizer.zero_grad(set_to_none=True)
-    if scaler is not None:
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        loss.backward()
-        optimizer.step()
+    backward_step(loss, optimizer, scaler)
     extra = (
         _monitor(
             h.detach(),
