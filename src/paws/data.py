@@ -693,14 +693,12 @@ def step_generator(seed: int, step: int, stream: int) -> torch.Generator:
 
 
 def _worker_init(worker_id: int) -> None:
-    """Signals for data-loader workers. A terminal's Ctrl-C and some schedulers' SIGTERM reach
-    every process of the group: workers leave both to the main process, which finishes its
-    step, saves a checkpoint and shuts them down. A worker that died on the signal instead could
-    stop half-way through writing a batch to its queue and leave the main process waiting for
-    the rest of it. (Workers still exit when the main process dies: PyTorch watches the parent.)
-    """
+    """Signals for data-loader workers. A terminal's Ctrl-C reaches the whole process group:
+    workers leave SIGINT to the main process, which saves a checkpoint and shuts them down. A
+    worker killed by a signal (some schedulers send SIGTERM to every process) makes PyTorch
+    raise in the main process at an arbitrary point, so on SIGTERM a worker exits quietly."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
 
 
 def _skip_or_raise(error: UserError, skip_bad: bool, reported: set[Path], path: Path) -> None:
