@@ -23,6 +23,13 @@ COMMANDS: dict[
 ] = {}
 
 
+def _set_option(p: argparse.ArgumentParser, help: str) -> None:
+    """The repeatable ``--set KEY=VALUE`` option, collected into ``args.overrides``."""
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help
+    )
+
+
 def command(name: str, help: str):  # noqa: A002 - argparse's word
     """Register ``paws NAME``: decorate a function that adds arguments and returns a runner."""
 
@@ -41,14 +48,7 @@ def _config_args(p: argparse.ArgumentParser) -> None:
         "(fashion_mnist, cifar10_wrn28_2, imagenet_resnet50_10pct, ...); default: "
         "the Fashion-MNIST CPU recipe",
     )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. --set optim.epochs=20 (repeatable)",
-    )
+    _set_option(p, "override a config key, e.g. --set optim.epochs=20 (repeatable)")
 
 
 def _load(args: argparse.Namespace):
@@ -120,14 +120,7 @@ def _train_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], in
 @command("eval", "PAWS-NN accuracy of a checkpoint (labelled images as support)")
 def _eval_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
     p.add_argument("checkpoint", help="checkpoint file or run directory")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. --set data.root=/data/fmnist",
-    )
+    _set_option(p, "override a config key, e.g. --set data.root=/data/fmnist (repeatable)")
     p.add_argument("--features", choices=["head", "trunk"], help="embedding to classify")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
@@ -186,14 +179,7 @@ def _baseline_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace],
 
 
 def _checkpoint_overrides(p: argparse.ArgumentParser, example: str) -> None:
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help=f"override a key of the checkpoint's config, e.g. --set {example} (repeatable)",
-    )
+    _set_option(p, f"override a key of the checkpoint's config, e.g. --set {example} (repeatable)")
 
 
 @command("finetune", "fine-tune a linear classifier and the encoder on the labels (Appendix A)")
