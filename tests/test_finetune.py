@@ -63,6 +63,8 @@ def test_classifier_sits_on_first_head_layer_and_starts_at_zero(shared_run):
     x = torch.randn(3, 1, 16, 16)
     assert torch.allclose(clf(x).softmax(1), torch.full((3, 4), 0.25))
     assert clf.embed(x, "trunk").shape == (3, 24)
+    on_meta = FineTunedClassifier.from_pretrained(model.to("meta"), 4)  # another device
+    assert on_meta.classifier.weight.device.type == "meta"
 
 
 def test_finetune_selects_on_validation_never_on_test(shared_run, tmp_path):

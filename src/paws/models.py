@@ -364,7 +364,8 @@ class FineTunedClassifier(nn.Module):
         cls, model: PAWSModel, num_classes: int, zero_init: bool = True
     ) -> FineTunedClassifier:
         """Wrap a pre-trained model's trunk and first head layer (shared, not copied) with a new
-        classifier of ``num_classes`` outputs (zero weights and bias when ``zero_init``)."""
+        classifier of ``num_classes`` outputs (zero weights and bias when ``zero_init``) on the
+        model's device."""
         layers = list(model.projection.mlp.named_children())
         kept: OrderedDict[str, nn.Module] = OrderedDict()
         for name, module in layers:
@@ -374,7 +375,8 @@ class FineTunedClassifier(nn.Module):
         if not any(isinstance(m, nn.ReLU) for m in kept.values()):
             kept = OrderedDict(layers[:1])
         first = next(m for m in kept.values() if isinstance(m, nn.Linear))
-        classifier = nn.Linear(first.out_features, num_classes)
+        # On the pre-trained layer's device, so fine-tuning on a GPU finds every weight there.
+        classifier = nn.Linear(first.out_features, num_classes, device=first.weight.device)
         if zero_init:
             nn.init.zeros_(classifier.weight)
             nn.init.zeros_(classifier.bias)
