@@ -88,6 +88,15 @@ def test_save_then_load_round_trip_and_replace(tmp_path):
     assert _leftovers(tmp_path) == []
 
 
+def test_a_run_directory_names_its_final_model_or_the_pretrained_one(tmp_path):
+    (tmp_path / "last.pt").touch()
+    assert checkpoint.resolve(tmp_path) == tmp_path / "last.pt"
+    (tmp_path / "tighten.pt").touch()  # the run ended by tightening
+    assert checkpoint.resolve(tmp_path) == tmp_path / "tighten.pt"
+    assert checkpoint.resolve(tmp_path, pretrained=True) == tmp_path / "last.pt"
+    assert checkpoint.resolve(tmp_path / "final.pt") == tmp_path / "final.pt"
+
+
 @pytest.mark.parametrize("how", ["file write", "torch.save"])
 def test_write_failing_part_way_keeps_the_previous_checkpoint(how, tmp_path, monkeypatch):
     path = tmp_path / "last.pt"

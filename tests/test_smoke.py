@@ -6,7 +6,7 @@ import csv
 import json
 
 import torch
-from tiny import run_paws, set_args, tiny_overrides
+from tiny import run_paws, set_args, tiny_overrides, write_folder
 
 from paws.checkpoint import load
 
@@ -23,11 +23,18 @@ def test_train_checkpoint_resume_eval(image_folders, tmp_path):
     run = tmp_path / "run"
     first = run_paws("--quiet", "train", "--out", str(run), *sets(image_folders))
     assert "PAWS-NN test accuracy" in first.stdout
-    for name in ("config.yaml", "metrics.csv", "last.pt", "final.pt", "eval.json"):
+    for name in ("config.yaml", "metrics.csv", "last.pt", "final.pt", "tighten.pt", "eval.json"):
         assert (run / name).is_file(), name
     result = json.loads((run / "eval.json").read_text())
     assert result["num_query"] == 12 and result["num_support"] == 12
     assert 0 <= result["top1"] <= result["top5"] <= 100
+    # The run ends with Appendix C's tightening: eval.json reports the tightened model and
+    # the pre-trained one; tighten.json says the same as `paws tighten` would.
+    assert result["model"] == "tighten.pt" and result["tighten"]["steps"] == 3
+    tightened = json.loads((run / "tighten.json").read_text())
+    assert tightened["paws_nn_before"]["top1"] == result["pretrained"]["top1"]
+    assert tightened["paws_nn_after"]["top1"] == result["top1"]
+    assert load(run / "tighten.pt")["kind"] == "tighten"
     rows = list(csv.DictReader(open(run / "metrics.csv")))
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
     assert all(r["loss"] and r["lr"] and r["images_per_s"] for r in rows)
@@ -39,9 +46,20 @@ def test_train_checkpoint_resume_eval(image_folders, tmp_path):
     assert refused.returncode == 2
     assert "optim.steps" in refused.stderr and "Traceback" not in refused.stderr
 
-    evaluated = run_paws("--quiet", "eval", str(run), "--json")
+    evaluated = run_paws("--quiet", "eval", str(run), "--json")  # the run's final model
     again = json.loads(evaluated.stdout)
     assert again["top1"] == result["top1"] and again["num_query"] == 12
+    evaluated = run_paws("--quiet", "eval", str(run / "final.pt"), "--json")
+    assert json.loads(evaluated.stdout)["top1"] == result["pretrained"]["top1"]
+
+
+def test_tightening_after_training_can_be_switched_off(image_folders, tmp_path):
+    run = tmp_path / "run"
+    off = sets(image_folders, "tighten.after_training=false", "optim.steps=2")
+    out = run_paws("--quiet", "train", "--out", str(run), *off)
+    result = json.loads((run / "eval.json").read_text())
+    assert result["model"] == "final.pt" and "pretrained" not in result
+    assert not (run / "tighten.pt").exists() and "after tightening" not in out.stdout
 
 
 def test_resuming_a_finished_run_only_evaluates_again(image_folders, tmp_path):
@@ -65,3 +83,13 @@ def test_folder_run_with_unlabelled_and_labelled_folders_and_baseline(image_fold
     base = run_paws("--quiet", "baseline", "--json", *sets(image_folders, "optim.steps=3"))
     result = json.loads(base.stdout)
     assert result["steps"] == 3 and result["num_labeled"] == 12 and 0 <= result["top1"] <= 100
+
+
+def test_tightening_is_skipped_in_a_line_when_a_class_has_one_labelled_image(
+    image_folders, tmp_path
+):
+    folders = dict(image_folders, labeled=write_folder(tmp_path / "one", per_class=1, size=14))
+    over = sets(folders, "support.images_per_class=1", "optim.steps=2")
+    out = run_paws("train", "--out", str(tmp_path / "run"), *over)
+    assert "not tightening the clusters after training: SuNCEt compares" in out.stderr
+    assert json.loads((tmp_path / "run" / "eval.json").read_text())["model"] == "final.pt"

@@ -162,6 +162,8 @@ def test_two_processes_write_from_rank_0_only(two_then_one: dict):
         "last.pt",
         "metrics.csv",
         "predictions.json",
+        "tighten.json",
+        "tighten.pt",
     ]
 
 

@@ -105,7 +105,8 @@ def write_folder(
     return root
 
 
-# Settings every tiny run shares: 12- and 8-pixel views, a width-4 CNN, 3 classes of 2 supports.
+# Settings every tiny run shares: 12- and 8-pixel views, a width-4 CNN, 3 classes of 2 supports,
+# 4 steps, then 3 tightening steps.
 TINY = [
     "data.workers=0",
     "views.large_size=12",
@@ -122,6 +123,7 @@ TINY = [
     "run.device=cpu",
     "run.log_every=1",
     "run.monitor_every=0",
+    "tighten.steps=3",
 ]
 
 # A run that is watched as it trains: 6 steps, monitoring metrics every 2 steps, PAWS-NN every 3.

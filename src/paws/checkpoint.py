@@ -110,16 +110,29 @@ def _write_error(path: Path, e: OSError) -> UserError:
     return UserError(f"could not write checkpoint {path}: {e.strerror or e}; {kept}")
 
 
-def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint with ``weights_only=True``.
+def resolve(path: str | Path, pretrained: bool = False) -> Path:
+    """The checkpoint file that ``path`` names: a file as it is; for a run directory, its final
+    model, ``tighten.pt`` when the run ended by tightening (``tighten.after_training``), else
+    ``last.pt``; with ``pretrained``, always ``last.pt`` (what fine-tuning starts from)."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    if not pretrained and (path / "tighten.pt").is_file():
+        return path / "tighten.pt"
+    return path / "last.pt"
+
+
+def load(
+    path: str | Path, map_location: str | torch.device = "cpu", pretrained: bool = False
+) -> dict[str, Any]:
+    """Read a checkpoint (a file or a run directory, see :func:`resolve`) with
+    ``weights_only=True``.
 
     Raises:
         UserError: if the file is missing, corrupt, or holds anything but tensors and plain
             values (e.g. a file crafted to run code when unpickled).
     """
-    path = Path(path)
-    if path.is_dir():
-        path = path / "last.pt"
+    path = resolve(path, pretrained)
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
     try:
@@ -201,20 +214,24 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def restore_model(
-    path: str | Path, overrides: list[str] | None = None, channels: int | None = None
+    path: str | Path,
+    overrides: list[str] | None = None,
+    channels: int | None = None,
+    pretrained: bool = False,
 ) -> tuple[Config, PAWSModel, dict[str, Any]]:
     """Rebuild a pre-trained (or tightened) model from a checkpoint (file or run directory).
 
     Args:
-        path: checkpoint file, or a run directory (its ``last.pt``).
+        path: checkpoint file, or a run directory (see :func:`resolve`).
         overrides: ``key=value`` config overrides (e.g. ``data.root=...``); keys that change
             the architecture would not match the saved weights.
         channels: input channels (default: from the saved config's dataset).
+        pretrained: for a run directory, its pre-trained ``last.pt`` even if it was tightened.
 
     Returns:
         ``(config, model on the CPU in eval mode, checkpoint dict)``.
     """
-    state = load(path)
+    state = load(path, pretrained=pretrained)
     if state.get("kind") == "finetune":
         raise UserError(
             f"{path} is a fine-tuned classifier, not a pre-trained model; apply it with "

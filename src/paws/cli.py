@@ -101,7 +101,14 @@ def _train_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], in
         if not main:
             return 0
         ev = result["eval"]
-        if ev is not None:
+        if ev is not None and "pretrained" in ev:
+            print(
+                f"PAWS-NN test accuracy: top-1 {ev['pretrained']['top1']:.2f}% after "
+                f"pre-training (final.pt), {ev['top1']:.2f}% after tightening (tighten.pt)  "
+                f"top-5 {ev['top5']:.2f}%  ({ev['num_query']} test images, "
+                f"{ev['num_support']} labelled supports)"
+            )
+        elif ev is not None:
             print(
                 f"PAWS-NN test accuracy: top-1 {ev['top1']:.2f}%  top-5 {ev['top5']:.2f}%  "
                 f"({ev['num_query']} test images, {ev['num_support']} labelled supports)"

@@ -121,7 +121,7 @@ class DataConfig:
 class ViewsConfig:
     large_size: int = _f(20, "side of the 2 large crops (and of support views)", (4, 4096))
     large_scale: list[float] = _f([0.75, 1.0], "RandomResizedCrop area range of large crops")
-    small_crops: int = _f(4, "number of small crops per unlabelled image (multi-crop)", (0, 64))
+    small_crops: int = _f(6, "number of small crops per unlabelled image (multi-crop)", (0, 64))
     small_size: int = _f(12, "side of small crops", (4, 4096))
     small_scale: list[float] = _f([0.3, 0.75], "RandomResizedCrop area range of small crops")
     ratio: list[float] = _f([0.75, 1.3333333], "RandomResizedCrop aspect-ratio range")
@@ -145,7 +145,7 @@ class ViewsConfig:
 class SupportConfig:
     classes: int = _f(10, "C: classes per support batch, over all processes", (1, None))
     images_per_class: int = _f(
-        10, "k: distinct images per class per step, over all processes", (1, None)
+        5, "k: distinct images per class per step, over all processes", (1, None)
     )
     views: int = _f(2, "augmented views of each support image (Appendix C uses 2)", (1, 8))
     label_smoothing: float = _f(0.1, "label smoothing of support labels", (0.0, 0.999))
@@ -167,7 +167,7 @@ class ModelConfig:
         None, "small-image stem (3x3 conv, no max-pool); default: when views.large_size < 64"
     )
     proj_hidden: int = _f(256, "projection head hidden size", (1, None))
-    proj_out: int = _f(128, "projection head output size", (1, None))
+    proj_out: int = _f(256, "projection head output size", (1, None))
     proj_layers: int = _f(3, "projection head linear layers", (1, 8))
     pred_head: bool = _f(False, "2-layer prediction head on the anchor side (Table 5)")
     pred_hidden: int = _f(512, "prediction head hidden size", (1, None))
@@ -188,7 +188,7 @@ class OptimConfig:
     batch_size: int = _f(
         128, "unlabelled images per step, over all processes (global batch)", (1, None)
     )
-    epochs: float = _f(1.816, "passes over the unlabelled set", (0.0, None))
+    epochs: float = _f(1.774, "passes over the unlabelled set", (0.0, None))
     steps: int | None = _f(None, "number of steps (overrides epochs)", (1, None))
     warmup_epochs: float = _f(0.25, "linear warm-up length in epochs", (0.0, None))
     start_lr: float = _f(0.56, "learning rate at step 0", (0.0, None))
@@ -201,7 +201,7 @@ class OptimConfig:
     )
     final_lr: float = _f(0.0226, "learning rate at the last step (cosine decay)", (0.0, None))
     momentum: float = _f(0.9, "classical momentum (Appendix A, eq. 2)", (0.0, 0.9999))
-    weight_decay: float = _f(1e-6, "weight decay (not on biases and norm parameters)", (0.0, 1.0))
+    weight_decay: float = _f(1e-5, "weight decay (not on biases and norm parameters)", (0.0, 1.0))
     lars: bool = _f(True, "LARS trust-ratio adaptation (off: plain classical-momentum SGD)")
     trust_coefficient: float = _f(0.001, "LARS trust coefficient eta", (1e-6, 1.0))
 
@@ -276,6 +276,11 @@ class FinetuneConfig:
 
 @dataclass
 class TightenConfig:
+    after_training: bool = _f(
+        True,
+        "paws train ends by tightening (Appendix C's CIFAR-10 protocol) and reports PAWS-NN "
+        "before and after; the tightened model is tighten.pt",
+    )
     steps: int = _f(180, "SuNCEt fine-tuning steps (Appendix C)", (1, None))
     classes: int = _f(10, "classes per batch (at most the labelled classes)", (2, None))
     images_per_class: int = _f(

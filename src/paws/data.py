@@ -894,24 +894,30 @@ def eval_batches(
     std: Sequence[float],
     device: torch.device,
     batch_size: int | None = None,
+    batches: Sequence[np.ndarray] | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield ``(x, index)`` batches of evaluation views (resize + centre crop, normalised).
 
-    x: (n, C, S, S) float32 on ``device``; index: (n,) positions in ``images``.
+    x: (n, C, S, S) float32 on ``device``; index: (n,) positions in ``images``. ``batches``
+    gives the positions of each batch in turn (default: every image in order, ``batch_size``
+    or ``eval.batch_size`` at a time). An unreadable file on disk stops with its name, or under
+    ``data.on_bad_image: skip`` is reported and read as a blank image.
     """
-    bs = batch_size or cfg.eval.batch_size
+    if batches is None:
+        bs = batch_size or cfg.eval.batch_size
+        batches = [np.arange(s, min(s + bs, len(images))) for s in range(0, len(images), bs)]
     if images.in_memory:
         aug = BatchViews(cfg.views, mean, std)
-        for start in range(0, len(images), bs):
-            x = images.images[start : start + bs].to(device)
-            yield aug.eval(x), torch.arange(start, min(start + bs, len(images)))
+        for b in batches:
+            index = torch.from_numpy(np.asarray(b, dtype=np.int64))
+            yield aug.eval(images.images[index].to(device)), index
         return
     tf = eval_transform(cfg.views.large_size, cfg.views.eval_crop, mean, std)
     ds = _EvalFiles(images, tf, channels, cfg.data.on_bad_image == "skip")
     workers = default_workers(cfg.data.workers)
     loader = torch.utils.data.DataLoader(
         ds,
-        batch_size=bs,
+        batch_sampler=[np.asarray(b).tolist() for b in batches],
         num_workers=workers,
         pin_memory=device.type == "cuda",
         worker_init_fn=_worker_init,

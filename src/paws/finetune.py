@@ -298,7 +298,7 @@ def finetune_checkpoint(
         The report, with ``seconds`` and ``checkpoint`` (the saved file) added.
     """
     start = time.time()
-    cfg, pretrained, state = restore_model(path, overrides)
+    cfg, pretrained, state = restore_model(path, overrides, pretrained=True)
     device = setup_runtime(cfg)
     data = data or load_datasets(cfg)
     pretrained.to(device)

@@ -583,7 +583,7 @@ def plot_grid(
 
 
 def _checkpoint(run: RunRecord) -> Path | None:
-    for name in ("final.pt", "last.pt"):
+    for name in ("tighten.pt", "final.pt", "last.pt"):  # the model of eval.json first
         if (run.path / name).is_file():
             return run.path / name
     return None
@@ -652,6 +652,14 @@ def _tsne(
 # The report.
 
 
+def _top1_text(top1: float | None, summary: dict[str, Any] | None) -> str:
+    """``79.20%``, or ``79.20% (tightened; 78.10% before)`` for a run that tightened."""
+    if top1 is None:
+        return "–"
+    before = (summary or {}).get("pretrained")
+    return f"{top1:.2f}% (tightened; {before['top1']:.2f}% before)" if before else f"{top1:.2f}%"
+
+
 def _summary_rows(runs: Sequence[RunRecord]) -> list[list[str]]:
     rows = []
     for r in runs:
@@ -679,7 +687,7 @@ def _summary_rows(runs: Sequence[RunRecord]) -> list[list[str]]:
                 str(labelled),
                 f"{model.get('encoder', '?')} (width {model.get('width') or 'default'})",
                 length,
-                "–" if top1 is None else f"{top1:.2f}%",
+                _top1_text(top1, r.summary),
                 "–" if top5 is None else f"{top5:.2f}%",
                 "–" if base is None else f"{base:.2f}%",
             ]

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +41,7 @@ import torch.nn.functional as F
 from paws import checkpoint
 from paws.checkpoint import restore_model
 from paws.config import Config
-from paws.data import Datasets, ImageSet, default_workers, load_datasets, read_image
+from paws.data import Datasets, eval_batches, load_datasets
 from paws.errors import UserError
 from paws.evaluate import paws_nn
 from paws.finetune import output_dir
@@ -52,7 +51,6 @@ from paws.optim import LARS, WarmupCosine, param_groups, set_lr
 from paws.progress import Progress, info
 from paws.sampling import SupportSampler
 from paws.train import setup_runtime
-from paws.transforms import BatchViews, eval_transform
 
 __all__ = ["freeze_batchnorm", "tighten", "tighten_checkpoint"]
 
@@ -73,46 +71,13 @@ def freeze_batchnorm(model: nn.Module) -> list[nn.Module]:
     return frozen
 
 
-class _IndexedFiles(torch.utils.data.Dataset):
-    """Evaluation views of image files, by index."""
-
-    def __init__(self, files: Sequence[Path], transform: Callable, channels: int):
-        self.files, self.transform, self.channels = files, transform, channels
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return self.transform(read_image(self.files[i], self.channels))
-
-
-def _eval_views(
-    images: ImageSet,
-    batches: list[np.ndarray],
+def tighten(
     cfg: Config,
+    model: PAWSModel,
     data: Datasets,
     device: torch.device,
-) -> Iterator[torch.Tensor]:
-    """Evaluation views (resize + centre crop, normalised) of ``images[b]`` for each batch b."""
-    if images.in_memory:
-        views = BatchViews(cfg.views, data.mean, data.std)
-        on_device = images.images.to(device)
-        for b in batches:
-            yield views.eval(on_device[torch.from_numpy(b).to(device)])
-        return
-    tf = eval_transform(cfg.views.large_size, cfg.views.eval_crop, data.mean, data.std)
-    workers = default_workers(cfg.data.workers)
-    loader = torch.utils.data.DataLoader(
-        _IndexedFiles(images.files or [], tf, data.channels),
-        batch_sampler=[b.tolist() for b in batches],
-        num_workers=workers,
-        pin_memory=device.type == "cuda",
-    )
-    for x in loader:
-        yield x.to(device, non_blocking=True)
-
-
-def tighten(cfg: Config, model: PAWSModel, data: Datasets, device: torch.device) -> dict[str, Any]:
+    evaluate: bool = True,
+) -> dict[str, Any]:
     """Fine-tune ``model`` in place with SuNCEt on the labelled images, batch norm frozen.
 
     Args:
@@ -120,6 +85,7 @@ def tighten(cfg: Config, model: PAWSModel, data: Datasets, device: torch.device)
         model: the pre-trained model on ``device``.
         data: datasets; ``data.labeled`` is trained on, ``data.test`` (if any) evaluated.
         device: compute device.
+        evaluate: run PAWS-NN on the test set before and after (else both are None).
 
     Returns:
         ``{"steps", "classes", "images_per_class", "loss_first", "loss_last",
@@ -148,7 +114,7 @@ def tighten(cfg: Config, model: PAWSModel, data: Datasets, device: torch.device)
         )
     sampler = SupportSampler(labels, classes, per_class, cfg.run.seed, class_names=data.classes)
     before = None
-    if data.test is not None:
+    if evaluate and data.test is not None:
         ev = paws_nn(model, data, cfg, device)
         before = {"top1": ev["top1"], "top5": ev["top5"]}
     model.train()
@@ -165,22 +131,24 @@ def tighten(cfg: Config, model: PAWSModel, data: Datasets, device: torch.device)
     schedule = WarmupCosine(t.lr, t.lr, 0.0, 0, t.steps)
     draws = [sampler.local_batch(step) for step in range(t.steps)]
     targets = [F.one_hot(torch.from_numpy(pos), classes).float().to(device) for _, pos in draws]
-    progress = Progress(t.steps, "tighten")
+    bar = Progress(t.steps, "tighten")
     losses: list[float] = []
-    batches = _eval_views(data.labeled, [idx for idx, _ in draws], cfg, data, device)
-    for step, x in enumerate(batches):
+    batches = eval_batches(
+        data.labeled, cfg, data.channels, data.mean, data.std, device, batches=[i for i, _ in draws]
+    )
+    for step, (x, _) in enumerate(batches):
         set_lr(optimizer, schedule(step))
         loss = supervised_nce(model.embed(x, cfg.eval.features), targets[step], t.tau)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
-        progress.update(1, loss=losses[-1])
-    progress.close()
+        bar.update(1, loss=losses[-1])
+    bar.close()
     model.eval()
     window = max(1, min(10, t.steps // 5))
     after = None
-    if data.test is not None:
+    if evaluate and data.test is not None:
         ev = paws_nn(model, data, cfg, device)
         after = {"top1": ev["top1"], "top5": ev["top5"], "num_query": ev["num_query"]}
     return {
@@ -216,7 +184,7 @@ def tighten_checkpoint(
         The report of :func:`tighten`, with ``seconds`` and ``checkpoint`` added.
     """
     start = time.time()
-    cfg, model, state = restore_model(path, overrides)
+    cfg, model, state = restore_model(path, overrides, pretrained=True)
     device = setup_runtime(cfg)
     data = data or load_datasets(cfg)
     model.to(device)

@@ -272,6 +272,33 @@ def _until_stopped(batches: Iterator[Batch], stop: _Stop) -> Iterator[Batch]:
         yield batch
 
 
+def _tighten_after_training(
+    cfg: Config, model: PAWSModel, data: Datasets, device: torch.device, out: Path, step: int
+) -> dict[str, Any] | None:
+    """The last step of Appendix C's protocol when ``tighten.after_training``: SuNCEt on the
+    labelled images (:func:`paws.tighten.tighten`, ``model`` changed in place), saved as
+    ``tighten.pt`` in ``out``.
+
+    Returns:
+        The tightening report (PAWS-NN not yet filled in, ``seconds`` and ``checkpoint``
+        added), or None when tightening is off or the labels do not allow it (fewer than 2
+        classes, or a class with a single image), which is said in a line.
+    """
+    from paws.tighten import tighten  # tightening imports this module
+
+    if not cfg.tighten.after_training:
+        return None
+    start = time.time()
+    try:
+        report = tighten(cfg, model, data, device, evaluate=False)
+    except UserError as e:
+        info(f"not tightening the clusters after training: {e}")
+        return None
+    checkpoint.save(checkpoint.model_record("tighten", model, cfg, data, step), out / "tighten.pt")
+    report.update(seconds=round(time.time() - start, 1), checkpoint=str(out / "tighten.pt"))
+    return report
+
+
 def train(
     cfg: Config, out_dir: str | Path, resume: bool = False, data: Datasets | None = None
 ) -> dict[str, Any]:
@@ -481,11 +508,25 @@ def train(
         )
         checkpoint.save(final, out / "last.pt")
         checkpoint.save(final, out / "final.pt")
+        ev = None
         if data.test is not None:
             ev = paws_nn(model, data, cfg, device, progress=True)
             evals.log({"step": result["step"], "top1": ev["top1"], "top5": ev["top5"]})
-            summary = {k: ev[k] for k in ("top1", "top5", "num_support", "num_query", "features")}
-            summary["step"] = result["step"]
+        summary: dict[str, Any] = {"model": "final.pt", "step": result["step"]}
+        report = _tighten_after_training(cfg, model, data, device, out, result["step"])
+        if report is not None:
+            if ev is not None:
+                before = {"top1": ev["top1"], "top5": ev["top5"]}
+                ev = paws_nn(model, data, cfg, device, progress=True)
+                report["paws_nn_before"] = before
+                report["paws_nn_after"] = {k: ev[k] for k in ("top1", "top5", "num_query")}
+                summary["pretrained"] = dict(before, model="final.pt")
+            (out / "tighten.json").write_text(json.dumps(report, indent=2) + "\n")
+            summary["model"] = "tighten.pt"
+            summary["tighten"] = {k: report[k] for k in ("steps", "loss_first", "loss_last")}
+        if ev is not None:
+            summary.update({k: ev[k] for k in ("top1", "top5", "num_support", "num_query")})
+            summary["features"] = ev["features"]
             (out / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")
             (out / "predictions.json").write_text(
                 json.dumps(
