@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
             f"optim.steps={args.steps}",
             f"data.labels_per_class={args.labels_per_class}",
             f"support.classes={10 - len(args.new)}",
+            "tighten.after_training=false",  # the pre-trained encoder (final.pt) is measured
             *args.overrides,
         ],
     )
