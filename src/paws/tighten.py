@@ -52,7 +52,7 @@ from paws.progress import Progress, info
 from paws.sampling import SupportSampler
 from paws.train import setup_runtime
 
-__all__ = ["freeze_batchnorm", "tighten", "tighten_checkpoint"]
+__all__ = ["freeze_batchnorm", "save_tightened", "tighten", "tighten_checkpoint"]
 
 
 def freeze_batchnorm(model: nn.Module) -> list[nn.Module]:
@@ -191,9 +191,22 @@ def tighten_checkpoint(
     report = tighten(cfg, model, data, device)
     out = Path(out_dir) if out_dir is not None else output_dir(path)
     out.mkdir(parents=True, exist_ok=True)
-    record = checkpoint.model_record("tighten", model, cfg, data, state.get("step"))
-    checkpoint.save(record, out / "tighten.pt")
-    report["seconds"] = round(time.time() - start, 1)
-    report["checkpoint"] = str(out / "tighten.pt")
+    save_tightened(report, model, cfg, data, state.get("step"), out, start)
     (out / "tighten.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def save_tightened(
+    report: dict[str, Any],
+    model: PAWSModel,
+    cfg: Config,
+    data: Datasets,
+    step: int | None,
+    out: Path,
+    start: float,
+) -> dict[str, Any]:
+    """Save the tightened ``model`` as ``out/tighten.pt`` and add ``seconds`` (since
+    ``start``, a ``time.time()``) and ``checkpoint`` to ``report``, which is returned."""
+    checkpoint.save(checkpoint.model_record("tighten", model, cfg, data, step), out / "tighten.pt")
+    report.update(seconds=round(time.time() - start, 1), checkpoint=str(out / "tighten.pt"))
     return report

@@ -284,7 +284,7 @@ def _tighten_after_training(
         added), or None when tightening is off or the labels do not allow it (fewer than 2
         classes, or a class with a single image), which is said in a line.
     """
-    from paws.tighten import tighten  # tightening imports this module
+    from paws.tighten import save_tightened, tighten  # tightening imports this module
 
     if not cfg.tighten.after_training:
         return None
@@ -294,9 +294,7 @@ def _tighten_after_training(
     except UserError as e:
         info(f"not tightening the clusters after training: {e}")
         return None
-    checkpoint.save(checkpoint.model_record("tighten", model, cfg, data, step), out / "tighten.pt")
-    report.update(seconds=round(time.time() - start, 1), checkpoint=str(out / "tighten.pt"))
-    return report
+    return save_tightened(report, model, cfg, data, step, out, start)
 
 
 def train(
