@@ -25,15 +25,11 @@ import torch
 
 
 def main(argv: list[str] | None = None) -> int:
+    from paws import runtime
     from paws.config import load_config
     from paws.data import load_datasets
-    from paws.inference import (
-        Predictor,
-        Preprocessing,
-        architecture,
-        build_network,
-        from_checkpoint,
-    )
+    from paws.inference import Predictor, Preprocessing, from_checkpoint
+    from paws.models import Architecture, build_network
     from paws.train import train
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -54,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
             *args.overrides,
         ],
     )
+    device = runtime.setup(cfg)  # this script is an entry point, as the paws command
     data = load_datasets(cfg)
     support_all = data.labeled  # labels_per_class images of every class
     new = np.isin(support_all.labels, args.new)
@@ -64,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg,
             out,
             data=dataclasses.replace(data, labeled=support_all.subset(np.flatnonzero(~new))),
+            device=device,
         )
         print(f"pre-trained {args.steps} steps in {time.time() - start:.0f} s", file=sys.stderr)
 
@@ -84,13 +82,12 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     trained = from_checkpoint(out / "final.pt", device="cpu")
-    torch.manual_seed(0)
-    arch = architecture(cfg, data.channels)
+    arch = Architecture.from_config(cfg, data.channels)
     prep = Preprocessing(
         cfg.views.large_size, cfg.views.eval_crop, data.mean, data.std, data.channels
     )
     untrained = Predictor(
-        build_network(arch),
+        build_network(arch, seed=0),
         "pretrain",
         prep,
         arch,

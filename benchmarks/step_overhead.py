@@ -50,22 +50,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from paws import progress, runtime
 from paws.config import Config, load_config
 from paws.data import Datasets, ImageSet, load_datasets, step_batches
-from paws.losses import smooth_labels
-from paws.models import build_model
-from paws.optim import WarmupCosine, set_lr
-from paws.sampling import SupportSampler, UnlabeledSampler
-from paws.train import (
-    amp_dtype,
-    autocast,
-    build_optimizer,
-    setup_runtime,
-    total_steps,
-    train,
-    train_step,
-    training_model,
-)
+from paws.models import Architecture, build_network
+from paws.optim import set_lr
+from paws.train import build_run, train, train_step
 
 SYNTHETIC = {"fashion_mnist": (1, 28, 60000, 10000, 10), "cifar10": (3, 32, 50000, 10000, 10)}
 
@@ -102,49 +92,32 @@ def _median(xs: list[float]) -> float:
 def measure_step(cfg: Config, data: Datasets, steps: int) -> dict[str, list[float]]:
     """Per-step seconds of the full step and of the bare encoder, measured in turns.
 
-    The full step is what ``paws.train.train`` does each step: draw and augment the batch
-    (``step_batches``), set the learning rate, ``train_step`` (forward, PAWS loss, backward,
-    LARS) and read the loss. The bare step runs a copy of the same model on the same views with
-    a trivial loss. Alternating the two step by step keeps a shared machine's changing load out
-    of their ratio. The first step (warm-up) is dropped.
+    The full step is what ``paws.train.train`` does each step, on a run made by
+    ``paws.train.build_run``: draw and augment the batch (``step_batches``), set the learning
+    rate, ``train_step`` (forward, PAWS loss, backward, LARS) and read the loss. The bare step
+    runs a copy of the same model on the same views with a trivial loss. Alternating the two
+    step by step keeps a shared machine's changing load out of their ratio. The first step
+    (warm-up) is dropped.
     """
-    device = setup_runtime(cfg)
-    model = training_model(cfg, data.channels, device)
+    device = runtime.setup(cfg)
+    run = build_run(cfg, Path(tempfile.gettempdir()), data, device)  # writes nothing
+    model, optimizer = run.model, run.optimizer
     bare = copy.deepcopy(model)
-    optimizer = build_optimizer(cfg, model)
-    unl = UnlabeledSampler(len(data.unlabeled), cfg.optim.batch_size, cfg.run.seed)
-    sup = SupportSampler(
-        data.labeled.labels, cfg.support.classes, cfg.support.images_per_class, cfg.run.seed
-    )
-    schedule = WarmupCosine(
-        cfg.optim.start_lr,
-        cfg.optim.ref_lr,
-        cfg.optim.final_lr,
-        int(round(cfg.optim.warmup_epochs * unl.steps_per_epoch)),
-        total_steps(cfg, unl.steps_per_epoch),
-    )
-    labels = smooth_labels(
-        torch.from_numpy(sup.gathered_positions(cfg.support.views)),
-        cfg.support.classes,
-        cfg.support.label_smoothing,
-    ).to(device)
-    dtype = amp_dtype(cfg, device)
-    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
-    batches = step_batches(data, cfg, unl, sup, 0, steps + 1, device)
+    batches = step_batches(data, cfg, run.unl, run.sup, range(steps + 1), device)
     out: dict[str, list[float]] = {"full": [], "bare": [], "wait": []}
     for step in range(steps + 1):
         _sync(device)
         t0 = time.perf_counter()
         batch = next(batches)
-        set_lr(optimizer, schedule(step))
+        set_lr(optimizer, run.schedule(step))
         monitor = cfg.run.monitor_every > 0 and step % cfg.run.monitor_every == 0
-        train_step(model, optimizer, batch, labels, cfg, scaler, dtype, monitor).read()
+        train_step(model, optimizer, batch, run.labels, cfg, run.scaler, run.dtype, monitor).read()
         _sync(device)
         full = time.perf_counter() - t0
 
         t0 = time.perf_counter()
         bare.zero_grad(set_to_none=True)
-        with autocast(device.type, dtype):
+        with runtime.autocast(device.type, run.dtype):
             h, z = bare([batch.supports, *batch.views])
         (h.float().mean() + z.float().mean()).backward()
         _sync(device)
@@ -222,12 +195,12 @@ def _peak_rss_bytes() -> int:
 def _eval_child(kind: str, cfg: Config, supports: int, queries: int, synthetic: bool, q) -> None:
     from paws.evaluate import paws_nn, snn_classify
 
-    device = setup_runtime(cfg)
+    device = runtime.setup(cfg)
     torch.manual_seed(0)
     if kind == "embeddings":
         dim = cfg.model.proj_out if cfg.eval.features == "head" else None
         if dim is None:
-            dim = build_model(cfg, 1).encoder.num_features
+            dim = build_network(Architecture.from_config(cfg, 1)).encoder.num_features
         s = torch.randn(supports, dim, device=device)
         x = torch.randn(queries, dim, device=device)
         y = torch.randint(0, 10, (supports,), device=device)
@@ -251,7 +224,7 @@ def _eval_child(kind: str, cfg: Config, supports: int, queries: int, synthetic: 
             names=[str(i) for i in range(queries)],
             images=test.images[qidx],
         )
-        model = build_model(cfg, data.channels).to(device)
+        model = build_network(Architecture.from_config(cfg, data.channels)).to(device)
         data = replace(data, labeled=labelled, test=test)
         run = lambda: paws_nn(model, data, cfg, device)  # noqa: E731
         info = {"dim": None}
@@ -284,7 +257,7 @@ def _warm_up(kind: str, cfg: Config, device: torch.device) -> None:
     if kind == "full":
         with torch.no_grad():
             channels = SYNTHETIC.get(cfg.data.dataset, (3,))[0]
-            m = build_model(cfg, channels).to(device).eval()
+            m = build_network(Architecture.from_config(cfg, channels)).to(device).eval()
             size = cfg.views.large_size
             m.embed(torch.randn(8, channels, size, size, device=device))
 
@@ -323,10 +296,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--queries", type=int, default=10000)
     parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     args = parser.parse_args(argv)
-    os.environ["PAWS_QUIET"] = "1"
+    progress.set_quiet(True)
 
     cfg = load_config(args.config, args.overrides)
-    device = setup_runtime(cfg)
+    device = runtime.setup(cfg)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(
         f"config: {args.config or 'default (Fashion-MNIST)'} {' '.join(args.overrides)}\n"

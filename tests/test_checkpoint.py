@@ -84,17 +84,8 @@ def test_save_then_load_round_trip_and_replace(tmp_path):
     checkpoint.save(_state(1), path)
     _assert_state(checkpoint.load(path), _state(1))
     checkpoint.save(_state(2), path)
-    _assert_state(checkpoint.load(tmp_path), _state(2))  # a run directory means its last.pt
+    _assert_state(checkpoint.load(path), _state(2))
     assert _leftovers(tmp_path) == []
-
-
-def test_a_run_directory_names_its_final_model_or_the_pretrained_one(tmp_path):
-    (tmp_path / "last.pt").touch()
-    assert checkpoint.resolve(tmp_path) == tmp_path / "last.pt"
-    (tmp_path / "tighten.pt").touch()  # the run ended by tightening
-    assert checkpoint.resolve(tmp_path) == tmp_path / "tighten.pt"
-    assert checkpoint.resolve(tmp_path, pretrained=True) == tmp_path / "last.pt"
-    assert checkpoint.resolve(tmp_path / "final.pt") == tmp_path / "final.pt"
 
 
 @pytest.mark.parametrize("how", ["file write", "torch.save"])

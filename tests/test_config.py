@@ -255,7 +255,10 @@ def test_every_field_has_a_default_and_a_doc():
 def test_switching_encoder_keeps_its_standard_width():
     # model.width defaults to each architecture's own width, so naming another encoder does not
     # carry the small CNN's 32 channels over as a 32x ResNet.
-    from paws.models import build_encoder
+    from paws.models import Architecture, build_network
+
+    def build_encoder(cfg, channels):
+        return build_network(Architecture.from_config(cfg, channels)).encoder
 
     assert load_config().model.width == 0
     assert build_encoder(load_config(), 1).num_features == 4 * 32

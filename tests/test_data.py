@@ -16,13 +16,13 @@ from tiny import tiny_overrides, write_folder
 from paws.config import load_config
 from paws.data import (
     ImageSet,
-    augmented_batches,
     load_cifar,
     load_datasets,
     load_fashion_mnist,
     read_image,
     select_labeled,
 )
+from paws.data.loaders import Loading, multicrop_batches
 from paws.errors import UserError
 
 
@@ -227,8 +227,9 @@ def test_test_folder_with_unknown_class(tmp_path):
 def _views(data, cfg, index_fn, workers):
     cfg.data.workers = workers
     out = []
-    for step, views, _ in augmented_batches(
-        data.unlabeled, index_fn, 2, 4, cfg.views, data, cfg, torch.device("cpu"), multicrop=True
+    loading = Loading.of(cfg, data)
+    for step, views, _ in multicrop_batches(
+        data.unlabeled, index_fn, range(2, 4), cfg.views, loading, 0, 0, torch.device("cpu")
     ):
         out.append((step, views))
     return out

@@ -28,7 +28,7 @@ from paws import distributed
 from paws.config import load_config
 from paws.data import Batch, Datasets, ImageSet, step_batches
 from paws.losses import smooth_labels
-from paws.models import build_model
+from paws.models import Architecture, build_network
 from paws.optim import LARS, param_groups
 from paws.sampling import SupportSampler, UnlabeledSampler
 from paws.train import train_step
@@ -78,7 +78,7 @@ def _steps(unique_classes: bool, dtype: torch.dtype = torch.float32) -> dict[str
     labels = smooth_labels(torch.from_numpy(sup.gathered_positions(VIEWS)), CLASSES, 0.1)
 
     torch.manual_seed(0)
-    model = build_model(CFG, 1).to(dtype)
+    model = build_network(Architecture.from_config(CFG, 1)).to(dtype)
     model = distributed.convert_batchnorm(model, torch.device("cpu"))
     net = distributed.data_parallel(model, torch.device("cpu"))
     optimizer = LARS(
@@ -198,7 +198,7 @@ def test_updates_are_large_enough_to_tell_apart():
     ref = _steps(False)
     moved = max(
         float((ref["state0"][n] - ref["initial"][n]).abs().max())
-        for n, _ in build_model(CFG, 1).named_parameters()
+        for n, _ in build_network(Architecture.from_config(CFG, 1)).named_parameters()
     )
     assert moved > 1e-3
 
@@ -264,7 +264,7 @@ def test_views_do_not_depend_on_the_number_of_processes():
     def batches(rank: int, world: int) -> list[Batch]:
         unl = UnlabeledSampler(len(labels), 8, 0, rank, world)
         sup = SupportSampler(labels, 3, 4, 0, rank, world)
-        return list(step_batches(data, cfg, unl, sup, 0, 3, torch.device("cpu")))
+        return list(step_batches(data, cfg, unl, sup, range(3), torch.device("cpu")))
 
     one = batches(0, 1)
     for world in (2, 4):

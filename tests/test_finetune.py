@@ -12,7 +12,6 @@ import torch.nn as nn
 from tiny import error_line, write_folder
 
 from paws import checkpoint
-from paws.checkpoint import restore_model
 from paws.cli import main
 from paws.config import load_config
 from paws.data import load_datasets
@@ -20,7 +19,8 @@ from paws.errors import UserError
 from paws.finetune import crop_flip_views, finetune_checkpoint, validation_split
 from paws.inference import from_checkpoint
 from paws.losses import supervised_nce
-from paws.models import FineTunedClassifier
+from paws.models import Classifier
+from paws.rundir import restore_model
 from paws.tighten import freeze_batchnorm, tighten_checkpoint
 
 SWEEP = [
@@ -55,7 +55,7 @@ def test_crop_flip_views_switch_off_colour_only():
 def test_classifier_sits_on_first_head_layer_and_starts_at_zero(shared_run):
     _, run_dir = shared_run
     _, model, _ = restore_model(run_dir)
-    clf = FineTunedClassifier.from_pretrained(model, 4)
+    clf = Classifier.from_pretrained(model, 4)
     assert list(dict(clf.head.named_children())) == ["fc1", "bn1", "relu1"]
     assert clf.encoder is model.encoder and clf.classifier.in_features == 32
     assert torch.count_nonzero(clf.classifier.weight) == 0
@@ -63,7 +63,7 @@ def test_classifier_sits_on_first_head_layer_and_starts_at_zero(shared_run):
     x = torch.randn(3, 1, 16, 16)
     assert torch.allclose(clf(x).softmax(1), torch.full((3, 4), 0.25))
     assert clf.embed(x, "trunk").shape == (3, 24)
-    on_meta = FineTunedClassifier.from_pretrained(model.to("meta"), 4)  # another device
+    on_meta = Classifier.from_pretrained(model.to("meta"), 4)  # another device
     assert on_meta.classifier.weight.device.type == "meta"
 
 
@@ -142,11 +142,10 @@ def _bn_state(state: dict) -> dict:
 
 def test_tighten_freezes_batchnorm_and_trains_the_rest(shared_run, tmp_path, capsys, monkeypatch):
     paths, run_dir = shared_run
-    monkeypatch.delenv("PAWS_QUIET", raising=False)  # set by earlier `paws --quiet` calls
     overrides = ["tighten.steps=20", "tighten.classes=4"]
     report = tighten_checkpoint(run_dir, overrides, tmp_path)
     assert "smallest labelled class has 8 images: using 8 per class" in capsys.readouterr().err
-    before, after = checkpoint.load(run_dir), checkpoint.load(tmp_path / "tighten.pt")
+    before, after = checkpoint.load(run_dir / "last.pt"), checkpoint.load(tmp_path / "tighten.pt")
     assert after["kind"] == "tighten" and report["images_per_class"] == 8
     bn_before, bn_after = _bn_state(before), _bn_state(after)
     assert bn_before and bn_before.keys() == bn_after.keys()

@@ -271,3 +271,35 @@ def test_load_errors_are_one_line_user_errors(tmp_path, tv_state):
     torch.save(tv_state, other)
     with pytest.raises(UserError, match="no tensor .* matches the encoder"):
         load_encoder_weights(enc, other)
+
+
+def test_architecture_round_trips_and_builds_the_same_network_from_a_seed():
+    from paws.config import load_config
+    from paws.models import Architecture, Classifier, build_network
+
+    cfg = load_config(None, ["model.width=4", "model.pred_head=true"])
+    arch = Architecture.from_config(cfg, 1)
+    assert arch.small_images  # 20-pixel views: the small-image stem
+    assert Architecture.from_dict(arch.to_dict()) == arch
+    state = torch.get_rng_state()
+    a, b = build_network(arch, seed=3), build_network(arch, seed=3)
+    assert torch.equal(torch.get_rng_state(), state)  # the global generator is untouched
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(va, vb), k
+    other = build_network(arch, seed=4)
+    assert not torch.equal(a.encoder.features[0].weight, other.encoder.features[0].weight)
+    on_trunk = build_network(arch.with_classifier(5, "trunk"), seed=3)
+    on_head = build_network(arch.with_classifier(5, "head"), seed=3)
+    assert isinstance(on_trunk, Classifier) and isinstance(on_head, Classifier)
+    x = torch.rand(2, 1, 20, 20)
+    assert on_trunk(x).shape == on_head(x).shape == (2, 5)
+    assert on_trunk.classifier.in_features == 4 * 4 and on_head.classifier.in_features == 256
+    with pytest.raises(UserError, match="unknown architecture fields"):
+        Architecture.from_dict({**arch.to_dict(), "wings": 2})
+
+
+def test_unknown_encoder_suggests_the_nearest_name():
+    from paws.models import check_encoder
+
+    with pytest.raises(UserError, match="did you mean 'resnet18'"):
+        check_encoder("resnt18")

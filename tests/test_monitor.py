@@ -14,7 +14,7 @@ from tiny import EVALUATED, tiny_overrides, train_tiny
 from paws.checkpoint import load
 from paws.config import load_config
 from paws.losses import smooth_labels
-from paws.report import load_run
+from paws.rundir import load_run
 from paws.train import _monitor
 
 

@@ -7,7 +7,7 @@ import sys
 
 from tiny import run_paws, set_args, tiny_overrides
 
-from paws.progress import Progress, info
+from paws.progress import Progress, info, set_quiet
 
 
 class _Terminal(io.StringIO):
@@ -16,7 +16,6 @@ class _Terminal(io.StringIO):
 
 
 def test_plain_lines_with_eta_and_values_when_not_a_terminal(capsys, monkeypatch) -> None:
-    monkeypatch.delenv("PAWS_QUIET", raising=False)
     bar = Progress(4, "train", every=0.0)
     bar.update(1, loss=0.123456, lr=0.3)
     bar.update(1, loss=0.5)
@@ -27,7 +26,6 @@ def test_plain_lines_with_eta_and_values_when_not_a_terminal(capsys, monkeypatch
 
 
 def test_plain_lines_are_periodic(capsys, monkeypatch) -> None:
-    monkeypatch.delenv("PAWS_QUIET", raising=False)
     bar = Progress(100, "embed", every=3600.0)
     for _ in range(100):
         bar.update(1)
@@ -36,7 +34,6 @@ def test_plain_lines_are_periodic(capsys, monkeypatch) -> None:
 
 
 def test_terminal_gets_a_bar_and_messages_above_it(monkeypatch) -> None:
-    monkeypatch.delenv("PAWS_QUIET", raising=False)
     term = _Terminal()
     monkeypatch.setattr(sys, "stderr", term)
     bar = Progress(10, "train", initial=2)
@@ -49,13 +46,18 @@ def test_terminal_gets_a_bar_and_messages_above_it(monkeypatch) -> None:
     assert "\nstep 5: PAWS-NN top-1 42.00%\n" in text.replace("\r", "\n")
 
 
-def test_quiet_silences_progress_and_info(capsys, monkeypatch) -> None:
-    monkeypatch.setenv("PAWS_QUIET", "1")
-    bar = Progress(2, "train", every=0.0)
-    bar.update(2, loss=1.0)
-    bar.close()
-    info("hello")
+def test_quiet_silences_progress_and_info(capsys) -> None:
+    previous = set_quiet(True)
+    try:
+        bar = Progress(2, "train", every=0.0)
+        bar.update(2, loss=1.0)
+        bar.close()
+        info("hello")
+    finally:
+        assert set_quiet(previous) is True
     assert capsys.readouterr().err == ""
+    info("hello again")  # back on
+    assert "hello again" in capsys.readouterr().err
 
 
 def test_quiet_flag_keeps_results_and_errors(labeled_and_test) -> None:

@@ -46,8 +46,7 @@ def reference(folder: Path, tmp_path_factory: pytest.TempPathFactory):
         if storage not in runs:
             base = tmp_path_factory.mktemp(f"reference-{storage}")
             cfg = write_config(base / "cfg.yaml", tiny_config(folder, *STORAGE[storage]))
-            with pytest.MonkeyPatch.context() as mp, torch_state():
-                mp.setenv("PAWS_QUIET", "1")
+            with torch_state():
                 argv = ["--quiet", "train", "--config", str(cfg), "--out", str(base / "run")]
                 assert cli.main(argv) == 0
             runs[storage] = base / "run"
@@ -191,15 +190,15 @@ def test_resume_refuses_a_config_that_changes_the_run(folder, tmp_path, capsys, 
 
 
 def test_batches_end_quietly_when_workers_stop_after_a_signal():
-    from paws.train import _Stop, _until_stopped
+    from paws.runtime import StopSignals, until_stopped
 
     def batches():
         yield 1
         yield 2
         raise RuntimeError("DataLoader worker (pid 1234) exited unexpectedly")
 
-    stop = _Stop()
+    stop = StopSignals()
     with pytest.raises(RuntimeError, match="exited unexpectedly"):
-        list(_until_stopped(batches(), stop))  # no signal: a real failure
+        list(until_stopped(batches(), stop))  # no signal: a real failure
     stop.signum = signal.SIGTERM
-    assert list(_until_stopped(batches(), stop)) == [1, 2]
+    assert list(until_stopped(batches(), stop)) == [1, 2]

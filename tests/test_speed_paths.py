@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 
 from paws.config import load_config
+from paws.data.transforms import ShardGenerator, _on_rows, color_distort
 from paws.evaluate import snn_classify
 from paws.losses import snn
-from paws.models import build_model
+from paws.models import Architecture, build_network
 from paws.optim import LARS, param_groups
-from paws.transforms import ShardGenerator, _on_rows, color_distort
 
 
 @pytest.mark.parametrize("nesterov", [False, True])
@@ -21,7 +21,7 @@ from paws.transforms import ShardGenerator, _on_rows, color_distort
 def test_lars_fused_update_equals_the_per_parameter_loop(nesterov: bool, lars: bool):
     torch.manual_seed(0)
     cfg = load_config(None, ["model.width=4", "model.proj_hidden=16", "model.proj_out=8"])
-    loop_model = build_model(cfg, 1)
+    loop_model = build_network(Architecture.from_config(cfg, 1))
     fused_model, initial = copy.deepcopy(loop_model), copy.deepcopy(loop_model)
     optimizers = []
     for model, foreach in ((loop_model, False), (fused_model, True)):
@@ -108,7 +108,7 @@ def _one_step(channels_last: bool, dtype: torch.dtype | None) -> tuple[dict, tor
 
     cfg = load_config(None, ["model.width=4", "model.proj_hidden=16", "model.proj_out=8"])
     torch.manual_seed(0)
-    model = build_model(cfg, 1)
+    model = build_network(Architecture.from_config(cfg, 1))
     model.channels_last = channels_last
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -139,7 +139,7 @@ def test_bfloat16_autocast_keeps_the_loss_in_float32_and_close():
 
 @pytest.mark.parametrize("size", [8, 28])
 def test_crop_grid_equals_affine_grid(size: int):
-    from paws.transforms import _crop_grid
+    from paws.data.transforms import _crop_grid
 
     g = torch.Generator().manual_seed(0)
     sx, sy, cx, cy = (torch.rand(5, generator=g) * 2 - 1 for _ in range(4))

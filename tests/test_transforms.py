@@ -9,7 +9,7 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from paws.config import ViewsConfig
-from paws.transforms import (
+from paws.data.transforms import (
     BatchViews,
     _per_image,
     color_distort,

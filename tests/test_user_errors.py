@@ -212,7 +212,6 @@ def test_values_as_users_write_them_in_yaml(tmp_path):
 
 def test_debug_shows_the_traceback(tmp_path, capsys, monkeypatch):
     cfg = write_config(tmp_path / "cfg.yaml", tiny_config(tmp_path / "nowhere"))
-    monkeypatch.setenv("PAWS_QUIET", "0")
     with pytest.raises(UserError, match="labelled folder not found"):
         cli.main(["--debug", "--quiet", "train", "--config", str(cfg), "--out", str(tmp_path)])
 

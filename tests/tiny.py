@@ -185,7 +185,6 @@ def set_args(overrides: list[str]) -> list[str]:
 
 def run_cli(argv: list[str], capsys: Any, monkeypatch: Any) -> tuple[int, str, str]:
     """``paws ARGV`` in this process: ``(exit code, stdout, stderr)``."""
-    monkeypatch.setenv("PAWS_QUIET", "0")  # restored after the test; --quiet sets it
     with torch_state():
         code = cli.main(argv)
     out, err = capsys.readouterr()

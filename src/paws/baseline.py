@@ -8,107 +8,86 @@ user compares PAWS-NN with to decide whether semi-supervised pre-training helps 
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
+from paws import rundir, runtime
 from paws.config import Config, save_config
-from paws.data import Datasets, augmented_batches, eval_batches, load_datasets
+from paws.data.loaders import Loading, view_batches
+from paws.data.sources import Datasets, load_datasets
 from paws.errors import UserError
-from paws.evaluate import accuracy
-from paws.models import build_encoder
+from paws.evaluate import classifier_accuracy
+from paws.models import Architecture, build_network, check_encoder
 from paws.optim import LARS, WarmupCosine, param_groups, set_lr
 from paws.progress import Progress, info
-from paws.sampling import UnlabeledSampler
-from paws.train import setup_runtime, total_steps
+from paws.sampling import EpochSampler, Stream, UnlabeledSampler
+from paws.train import total_steps
 
-__all__ = ["Classifier", "train_baseline", "classifier_accuracy"]
-
-
-class Classifier(nn.Module):
-    """Encoder trunk followed by a linear layer: (N, C, H, W) to (N, K) logits."""
-
-    def __init__(self, encoder: nn.Module, num_classes: int):
-        super().__init__()
-        self.encoder = encoder
-        self.fc = nn.Linear(encoder.num_features, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.encoder(x))
-
-
-@torch.no_grad()
-def classifier_accuracy(
-    model: nn.Module, data: Datasets, cfg: Config, device: torch.device
-) -> dict[str, Any]:
-    """Top-1/top-5 test accuracy (percent) of a classifier on centre-cropped test images."""
-    model.eval()
-    probs = []
-    for x, _ in eval_batches(data.test, cfg, data.channels, data.mean, data.std, device):
-        probs.append(model(x).float().softmax(dim=1).cpu())
-    p = torch.cat(probs)
-    y = torch.from_numpy(data.test.labels)
-    return {"top1": accuracy(p, y, 1), "top5": accuracy(p, y, 5), "num_query": len(y)}
-
-
-def _epoch_batches(n: int, batch_size: int, seed: int):
-    """Index batches over epochs of fresh permutations: a function of the step."""
-    per_epoch = max(1, n // batch_size)
-    cache: dict[int, np.ndarray] = {}
-
-    def fn(step: int) -> np.ndarray:
-        epoch, i = divmod(step, per_epoch)
-        if epoch not in cache:
-            cache.clear()
-            cache[epoch] = np.random.default_rng([seed, epoch, 3]).permutation(n)
-        return cache[epoch][i * batch_size : (i + 1) * batch_size]
-
-    return fn, per_epoch
+__all__ = ["train_baseline"]
 
 
 def train_baseline(
-    cfg: Config, out_dir: str | Path | None = None, data: Datasets | None = None
+    cfg: Config,
+    out_dir: str | Path | None = None,
+    data: Datasets | None = None,
+    device: torch.device | None = None,
 ) -> dict[str, Any]:
     """Train the supervised-only baseline and return its test accuracy.
+
+    Args:
+        cfg: the config (its ``baseline`` section, and the model and views of the PAWS run).
+        out_dir: where ``baseline.json`` and ``baseline_config.yaml`` go (None: nowhere).
+        data: preloaded datasets (tests), else loaded from the config.
+        device: compute device (default: from ``run.device``).
 
     Returns:
         ``{"top1", "top5", "num_query", "num_labeled", "steps", "seconds"}``; also written to
         ``out_dir/baseline.json`` when ``out_dir`` is given.
     """
-    device = setup_runtime(cfg)
+    check_encoder(cfg.model.encoder)
+    device = device or runtime.device_for(cfg.run.device)
     data = data or load_datasets(cfg)
     if data.test is None:
         raise UserError("the baseline needs a test set (data.test for image folders)")
     b = cfg.baseline
-    model = Classifier(build_encoder(cfg, data.channels), len(data.classes)).to(device)
+    arch = Architecture.from_config(cfg, data.channels, len(data.classes), classifier_on="trunk")
+    model = build_network(arch, cfg.run.seed, cfg.model.weights).to(device)
     n = len(data.labeled)
     batch_size = min(b.batch_size, n)
-    index_fn, per_epoch = _epoch_batches(n, batch_size, cfg.run.seed)
+    order = EpochSampler(n, batch_size, cfg.run.seed, Stream.BASELINE)
     if b.epochs is not None:
-        steps = max(1, int(round(b.epochs * per_epoch)))
+        steps = max(1, int(round(b.epochs * order.steps_per_epoch)))
     else:
         unl = UnlabeledSampler(len(data.unlabeled), cfg.optim.batch_size, cfg.run.seed)
         steps = total_steps(cfg, unl.steps_per_epoch)
-    optimizer = LARS(param_groups(model, b.weight_decay), lr=b.lr, momentum=0.9, nesterov=True)
-    for g in optimizer.param_groups:
-        g["lars"] = False
+    groups = param_groups(model, b.weight_decay, lars=False)
+    optimizer = LARS(groups, lr=b.lr, momentum=0.9, nesterov=True)
     schedule = WarmupCosine(b.lr, b.lr, 0.0, 0, steps)
     labels = torch.from_numpy(data.labeled.labels).to(device)
     info(f"baseline: {n} labelled images, {steps} steps of {batch_size}")
     progress = Progress(steps, "baseline")
     start, done = time.time(), 0
     model.train()
-    for step, (x,), _ in augmented_batches(
-        data.labeled, index_fn, 0, steps, cfg.views, data, cfg, device, multicrop=False, stream=3
-    ):
+    batches = view_batches(
+        data.labeled,
+        order.local_batch,
+        range(steps),
+        cfg.views,
+        1,
+        Loading.of(cfg, data),
+        cfg.run.seed,
+        Stream.BASELINE,
+        device,
+    )
+    for step, x, _ in batches:
         set_lr(optimizer, schedule(step))
-        loss = F.cross_entropy(model(x), labels[torch.from_numpy(index_fn(step)).to(device)])
+        loss = F.cross_entropy(
+            model(x), labels[torch.from_numpy(order.local_batch(step)).to(device)]
+        )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -123,5 +102,5 @@ def train_baseline(
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "baseline_config.yaml")
-        (out / "baseline.json").write_text(json.dumps(result, indent=2) + "\n")
+        rundir.write_json(out / "baseline.json", result)
     return result

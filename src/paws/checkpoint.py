@@ -1,5 +1,4 @@
-"""Checkpoints: written atomically, read without unpickling arbitrary objects, and the
-pre-trained model they hold rebuilt (:func:`restore_model`).
+"""Checkpoint storage: written atomically, read without unpickling arbitrary objects.
 
 A checkpoint is a dict of tensors and plain Python values. It is written to a temporary file in
 the same folder, flushed and fsynced, then renamed over the old one, so a crash or a full disk
@@ -9,7 +8,6 @@ which refuses pickled code.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import random
 import tempfile
@@ -20,9 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from paws.config import Config, apply_overrides, from_dict, to_dict
+from paws.config import to_dict
 from paws.errors import UserError
-from paws.models import PAWSModel, build_model
 
 __all__ = [
     "save",
@@ -30,7 +27,6 @@ __all__ = [
     "remove_partial_writes",
     "rng_state",
     "set_rng_state",
-    "restore_model",
     "model_record",
     "FORMAT_VERSION",
 ]
@@ -110,29 +106,15 @@ def _write_error(path: Path, e: OSError) -> UserError:
     return UserError(f"could not write checkpoint {path}: {e.strerror or e}; {kept}")
 
 
-def resolve(path: str | Path, pretrained: bool = False) -> Path:
-    """The checkpoint file that ``path`` names: a file as it is; for a run directory, its final
-    model, ``tighten.pt`` when the run ended by tightening (``tighten.after_training``), else
-    ``last.pt``; with ``pretrained``, always ``last.pt`` (what fine-tuning starts from)."""
-    path = Path(path)
-    if not path.is_dir():
-        return path
-    if not pretrained and (path / "tighten.pt").is_file():
-        return path / "tighten.pt"
-    return path / "last.pt"
-
-
-def load(
-    path: str | Path, map_location: str | torch.device = "cpu", pretrained: bool = False
-) -> dict[str, Any]:
-    """Read a checkpoint (a file or a run directory, see :func:`resolve`) with
-    ``weights_only=True``.
+def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint file with ``weights_only=True`` (for the model a run directory means,
+    see :func:`paws.rundir.model_file`).
 
     Raises:
         UserError: if the file is missing, corrupt, or holds anything but tensors and plain
             values (e.g. a file crafted to run code when unpickled).
     """
-    path = resolve(path, pretrained)
+    path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
     try:
@@ -150,13 +132,20 @@ def load(
 
 
 def model_record(
-    kind: str, model: torch.nn.Module, cfg: Any, data: Any, step: int | None, **extra: Any
+    kind: str,
+    model: torch.nn.Module,
+    architecture: dict[str, Any],
+    cfg: Any,
+    data: Any,
+    step: int | None,
+    **extra: Any,
 ) -> dict[str, Any]:
     """What every checkpoint holds: the weights and what is needed to use them.
 
     Args:
         kind: "pretrain", "finetune" or "tighten".
         model: the model whose ``state_dict`` is saved (moved to the CPU).
+        architecture: the network's :class:`paws.models.Architecture` as plain values.
         cfg: the run's :class:`paws.config.Config`.
         data: the datasets (:class:`paws.data.Datasets`): channels, class names, mean and std.
         step: the pre-training step the weights come from.
@@ -169,6 +158,7 @@ def model_record(
         "format": FORMAT_VERSION,
         "kind": kind,
         "model": {k: v.cpu() for k, v in model.state_dict().items()},
+        "architecture": architecture,
         "step": step,
         "config": to_dict(cfg),
         "channels": data.channels,
@@ -211,51 +201,3 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def restore_model(
-    path: str | Path,
-    overrides: list[str] | None = None,
-    channels: int | None = None,
-    pretrained: bool = False,
-) -> tuple[Config, PAWSModel, dict[str, Any]]:
-    """Rebuild a pre-trained (or tightened) model from a checkpoint (file or run directory).
-
-    Args:
-        path: checkpoint file, or a run directory (see :func:`resolve`).
-        overrides: ``key=value`` config overrides (e.g. ``data.root=...``); keys that change
-            the architecture would not match the saved weights.
-        channels: input channels (default: from the saved config's dataset).
-        pretrained: for a run directory, its pre-trained ``last.pt`` even if it was tightened.
-
-    Returns:
-        ``(config, model on the CPU in eval mode, checkpoint dict)``.
-    """
-    state = load(path, pretrained=pretrained)
-    if state.get("kind") == "finetune":
-        raise UserError(
-            f"{path} is a fine-tuned classifier, not a pre-trained model; apply it with "
-            "paws predict, or pass the pre-trained checkpoint"
-        )
-    cfg = from_dict(apply_overrides(state["config"], list(overrides or [])))
-    if channels is None:
-        channels = int(state.get("channels") or _channels_of(state["model"]))
-    # The saved weights replace any initial ones: do not read model.weights again.
-    arch = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, weights=None))
-    model = build_model(arch, channels)
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as e:
-        raise UserError(
-            f"{path} does not match the configured model: {str(e).splitlines()[0]}"
-        ) from e
-    model.eval()
-    return cfg, model, state
-
-
-def _channels_of(state_dict: dict[str, torch.Tensor]) -> int:
-    """Input channels of the first convolution in a saved encoder."""
-    for k, v in state_dict.items():
-        if k.startswith("encoder.") and v.dim() == 4:
-            return int(v.shape[1])
-    raise UserError("cannot tell the input channels of this checkpoint's encoder")

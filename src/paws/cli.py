@@ -74,7 +74,7 @@ def _train_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], in
     )
 
     def run(args: argparse.Namespace) -> int:
-        from paws import distributed
+        from paws import distributed, runtime
         from paws.config import load_config
         from paws.train import train
 
@@ -88,11 +88,11 @@ def _train_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], in
             cfg = _load(args)
             out = Path(args.out) if args.out else _default_out("paws", cfg.data.dataset)
         try:
-            # Under torchrun: join the process group now, so every rank writes to rank 0's
+            # Joins torchrun's process group, so that every rank writes to rank 0's
             # (time-stamped) run directory.
-            distributed.init(cfg.run.device)
+            device = runtime.setup(cfg)
             out = Path(distributed.broadcast_object(str(out)))
-            result = train(cfg, out, resume=bool(args.resume))
+            result = train(cfg, out, resume=bool(args.resume), device=device)
             main = distributed.is_main()
         finally:
             distributed.destroy()
@@ -132,16 +132,16 @@ def _eval_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
     def run(args: argparse.Namespace) -> int:
-        from paws.checkpoint import restore_model
+        from paws import runtime
         from paws.data import load_datasets
         from paws.evaluate import paws_nn
-        from paws.train import setup_runtime
+        from paws.rundir import restore_model
 
         overrides = list(args.overrides)
         if args.features:
             overrides.append(f"eval.features={args.features}")
         cfg, model, _ = restore_model(args.checkpoint, overrides)
-        device = setup_runtime(cfg)
+        device = runtime.setup(cfg)
         data = load_datasets(cfg)
         if data.test is None:
             raise UserError("no test set to evaluate: set data.test to a <class>/<image> folder")
@@ -168,10 +168,11 @@ def _baseline_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace],
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
     def run(args: argparse.Namespace) -> int:
+        from paws import runtime
         from paws.baseline import train_baseline
 
         cfg = _load(args)
-        result = train_baseline(cfg, args.out)
+        result = train_baseline(cfg, args.out, device=runtime.setup(cfg))
         if args.json:
             _print_json(result)
         else:
@@ -189,6 +190,14 @@ def _checkpoint_overrides(p: argparse.ArgumentParser, example: str) -> None:
     _set_option(p, f"override a key of the checkpoint's config, e.g. --set {example} (repeatable)")
 
 
+def _setup_for(path: str, overrides: list[str], pretrained: bool = False):
+    """Set the process up for a checkpoint's config; returns the device."""
+    from paws import runtime
+    from paws.rundir import checkpoint_config
+
+    return runtime.setup(checkpoint_config(path, overrides, pretrained))
+
+
 @command("finetune", "fine-tune a linear classifier and the encoder on the labels (Appendix A)")
 def _finetune_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
     p.add_argument("checkpoint", help="pre-trained checkpoint file or run directory")
@@ -204,7 +213,8 @@ def _finetune_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace],
     def run(args: argparse.Namespace) -> int:
         from paws.finetune import finetune_checkpoint
 
-        r = finetune_checkpoint(args.checkpoint, args.overrides, args.out)
+        device = _setup_for(args.checkpoint, args.overrides, pretrained=True)
+        r = finetune_checkpoint(args.checkpoint, args.overrides, args.out, device=device)
         if args.json:
             _print_json(r)
             return 0
@@ -242,7 +252,8 @@ def _tighten_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], 
     def run(args: argparse.Namespace) -> int:
         from paws.tighten import tighten_checkpoint
 
-        r = tighten_checkpoint(args.checkpoint, args.overrides, args.out)
+        device = _setup_for(args.checkpoint, args.overrides, pretrained=True)
+        r = tighten_checkpoint(args.checkpoint, args.overrides, args.out, device=device)
         if args.json:
             _print_json(r)
             return 0
@@ -300,10 +311,8 @@ def _predict_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], 
     p.add_argument("--out", metavar="FILE", help="write here instead of standard output")
 
     def run(args: argparse.Namespace) -> int:
-        import csv
-        import io
-
         from paws.inference import expand_images
+        from paws.outputs import predictions_text
         from paws.progress import info
 
         if args.top_k < 1:
@@ -321,24 +330,7 @@ def _predict_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], 
                 f"classifying {len(files)} images against {len(s.labels)} support images of "
                 f"{len(s.classes)} classes ({s.features} features, tau {model.tau:g})"
             )
-        top = model.predict(files, top_k=args.top_k, progress=True)
-        if fmt == "json":
-            rows = [
-                {"file": str(f), "top": [{"class": c, "probability": pr} for c, pr in t]}
-                for f, t in zip(files, top)
-            ]
-            text = json.dumps(rows, indent=2) + "\n"
-        else:
-            buf = io.StringIO()
-            writer = csv.writer(buf, lineterminator="\n")
-            k = len(top[0]) if top else 0
-            header = ["file"]
-            for i in range(1, k + 1):
-                header += [f"class_{i}", f"probability_{i}"]
-            writer.writerow(header)
-            for f, t in zip(files, top):
-                writer.writerow([str(f)] + [v for c, pr in t for v in (c, f"{pr:.6f}")])
-            text = buf.getvalue()
+        text = predictions_text(files, model.predict(files, top_k=args.top_k, progress=True), fmt)
         if args.out:
             Path(args.out).write_text(text)
             info(f"predictions written to {args.out}")
@@ -368,31 +360,15 @@ def _embed_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], in
 
     def run(args: argparse.Namespace) -> int:
         from paws.inference import expand_images
+        from paws.outputs import EMBEDDING_SUFFIXES, write_embeddings
         from paws.progress import info
 
-        out = Path(args.out)
-        if out.suffix not in (".npy", ".safetensors"):
-            raise UserError(f"--out must end in .npy or .safetensors, got {out.name}")
+        if Path(args.out).suffix not in EMBEDDING_SUFFIXES:
+            raise UserError(f"--out must end in .npy or .safetensors, got {Path(args.out).name}")
         files = expand_images(args.images)
         model = _open_model(args)
         emb = model.embed(files, features=args.features, progress=True)
-        names = [str(f) for f in files]
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if out.suffix == ".npy":
-            import numpy as np
-
-            np.save(out, emb.numpy())
-            out.with_suffix(".txt").write_text("\n".join(names) + "\n")
-            where = f"{out} (files listed in {out.with_suffix('.txt')})"
-        else:
-            from safetensors.torch import save_file
-
-            save_file(
-                {"embeddings": emb.contiguous()},
-                str(out),
-                metadata={"files": json.dumps(names), "features": args.features},
-            )
-            where = str(out)
+        where = write_embeddings(args.out, emb, files, args.features)
         info(f"{emb.shape[0]} embeddings of size {emb.shape[1]} ({args.features}) in {where}")
         return 0
 
@@ -451,7 +427,11 @@ def _config_cmd_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace
         if args.keys:
             print(describe())
         else:
-            print(yaml.safe_dump(to_dict(_load(args)), sort_keys=False), end="")
+            from paws.models import check_encoder
+
+            cfg = _load(args)
+            check_encoder(cfg.model.encoder)
+            print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
         return 0
 
     return run
@@ -540,9 +520,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command is None:
         args = parser.parse_args(["train"])
-    previous = os.environ.get("PAWS_QUIET")
-    if args.quiet:
-        os.environ["PAWS_QUIET"] = "1"  # read by paws.progress, also in data-loader workers
+    from paws import progress
+
+    previous = progress.set_quiet(args.quiet)  # inherited by data-loader workers
     try:
         return int(args.make_runner(args) or 0)
     except UserError as e:
@@ -559,10 +539,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         raise
     finally:
-        if previous is None:
-            os.environ.pop("PAWS_QUIET", None)
-        else:
-            os.environ["PAWS_QUIET"] = previous
+        progress.set_quiet(previous)
 
 
 if __name__ == "__main__":

@@ -392,8 +392,8 @@ def _type_name(tp: Any) -> str:
     return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
 
 
+# Switches also take the YAML 1.1 words (which the loader above keeps as strings).
 _YAML11_BOOLS = {"yes": True, "on": True, "no": False, "off": False}
-_NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -412,10 +412,6 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 pass
         raise bad
     if origin is Literal:
-        if isinstance(value, bool):
-            # YAML 1.1 reads unquoted yes/no/on/off as booleans: map them back to the words.
-            words = ("yes", "on", "true") if value else ("no", "off", "false")
-            value = next((w for w in words if w in args), value)
         if value in args:
             return value
         close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
@@ -431,8 +427,6 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, str) and value.lower() in _YAML11_BOOLS:
             return _YAML11_BOOLS[value.lower()]
         raise bad
-    if tp in (int, float) and isinstance(value, str) and _NUMBER.match(value.strip()):
-        value = float(value)  # YAML 1.1 reads 1e-4 (no dot, no sign) as a string
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             if isinstance(value, float) and value.is_integer():

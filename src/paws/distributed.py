@@ -26,7 +26,6 @@ __all__ = [
     "all_gather",
     "all_reduce_sum",
     "all_reduce_mean",
-    "reduce_scalars",
     "broadcast_object",
     "any_true",
     "convert_batchnorm",
@@ -153,18 +152,6 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     """Differentiable mean over ranks (identity in one process)."""
     return all_reduce_sum(x) / get_world_size() if is_initialized() else x
-
-
-def reduce_scalars(values: dict[str, float]) -> dict[str, float]:
-    """Average a dict of Python floats over ranks, for logging."""
-    if not is_initialized() or not values:
-        return values
-    keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
-    if dist.get_backend() == "nccl":
-        t = t.cuda()
-    dist.all_reduce(t)
-    return {k: float(v) / get_world_size() for k, v in zip(keys, t.tolist())}
 
 
 def any_true(flag: bool) -> bool:

@@ -1,24 +1,32 @@
-"""PAWS-NN: classify images by soft nearest neighbours against the labelled images (Appendix A).
+"""Accuracy of a model: PAWS-NN for pre-trained models (Appendix A), and classifiers.
 
-Every query is compared with every labelled image (tau 0.1, no augmentation, centre crop) and
-takes the class of highest probability under ``snn``. Supports are processed in chunks with a
-streaming softmax, so memory stays bounded for any number of supports and queries.
+PAWS-NN compares every query with every labelled image (tau 0.1, no augmentation, centre crop)
+and takes the class of highest probability under ``snn``. Supports are processed in chunks with
+a streaming softmax, so memory stays bounded for any number of supports and queries. A
+classifier (fine-tuned, or the supervised baseline) is scored on the same centre crops.
 """
 
 from __future__ import annotations
-
-from collections.abc import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from paws.config import Config
-from paws.data import Datasets, ImageSet, eval_batches
+from paws.data.images import ImageSet
+from paws.data.loaders import Loading, eval_batches
+from paws.data.sources import Datasets
 from paws.models import PAWSModel
 from paws.progress import Progress
 
-__all__ = ["embed_images", "snn_classify", "accuracy", "paws_nn"]
+__all__ = [
+    "embed_images",
+    "snn_classify",
+    "accuracy",
+    "paws_nn",
+    "classifier_probs",
+    "classifier_accuracy",
+]
 
 
 @torch.no_grad()
@@ -26,15 +34,23 @@ def embed_images(
     model: PAWSModel,
     images: ImageSet,
     cfg: Config,
-    channels: int,
-    mean: Sequence[float],
-    std: Sequence[float],
+    loading: Loading,
     device: torch.device,
     features: str | None = None,
     progress: bool = False,
     desc: str = "embed",
 ) -> torch.Tensor:
-    """Embeddings of every image (evaluation view), in order.
+    """Embeddings of every image (evaluation view of ``cfg.views``), in order.
+
+    Args:
+        model: the model (left in the mode it was in).
+        images: the images.
+        cfg: the config (``views``, ``eval.batch_size``, ``eval.features``).
+        loading: channels, normalisation and workers of the images.
+        device: compute device.
+        features: ``"head"`` or ``"trunk"`` (default: ``eval.features``).
+        progress: show progress.
+        desc: the progress label.
 
     Returns:
         (N, D) float32 on ``device``.
@@ -42,7 +58,7 @@ def embed_images(
     was_training = model.training
     model.eval()
     out: list[torch.Tensor] = []
-    batches = eval_batches(images, cfg, channels, mean, std, device)
+    batches = eval_batches(images, cfg.views, loading, device, cfg.eval.batch_size)
     total = (len(images) + cfg.eval.batch_size - 1) // cfg.eval.batch_size
     bar = Progress(total, desc) if progress else None
     for x, _ in batches:
@@ -128,7 +144,7 @@ def paws_nn(
     queries = queries if queries is not None else data.test
     if queries is None:
         raise ValueError("no query images: the dataset has no test set")
-    args = (cfg, data.channels, data.mean, data.std, device)
+    args = (cfg, Loading.of(cfg, data), device)
     sup = embed_images(model, data.labeled, *args, progress=progress, desc="embed supports")
     qry = embed_images(model, queries, *args, progress=progress, desc="embed queries")
     k = len(data.classes)
@@ -149,3 +165,23 @@ def paws_nn(
         "labels": y.tolist(),
         "confusion": confusion.tolist(),
     }
+
+
+@torch.no_grad()
+def classifier_probs(
+    model: torch.nn.Module, images: ImageSet, cfg: Config, data: Datasets, device: torch.device
+) -> torch.Tensor:
+    """Class probabilities of a classifier ((N, C, H, W) to (N, K) logits) on centre-cropped
+    images: (N, K) float32 on the CPU. The model is left in eval mode."""
+    model.eval()
+    batches = eval_batches(images, cfg.views, Loading.of(cfg, data), device, cfg.eval.batch_size)
+    return torch.cat([model(x).float().softmax(dim=1).cpu() for x, _ in batches])
+
+
+def classifier_accuracy(
+    model: torch.nn.Module, data: Datasets, cfg: Config, device: torch.device
+) -> dict[str, float | int]:
+    """Top-1/top-5 test accuracy (percent) of a classifier: ``{"top1", "top5", "num_query"}``."""
+    probs = classifier_probs(model, data.test, cfg, data, device)
+    y = torch.from_numpy(data.test.labels)
+    return {"top1": accuracy(probs, y, 1), "top5": accuracy(probs, y, 5), "num_query": len(y)}

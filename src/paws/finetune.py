@@ -1,7 +1,7 @@
 """Fine-tuning after pre-training (paper Appendix A): the BYOL / SimCLR evaluation protocol.
 
 A linear classifier, initialised to zero, is put on the first layer of the pre-trained projection
-head (trunk -> fc1 -> bn1 -> relu -> linear: :class:`paws.models.FineTunedClassifier`); encoder
+head (trunk -> fc1 -> bn1 -> relu -> linear: :class:`paws.models.Classifier`); encoder
 and classifier are fine-tuned together with supervised cross-entropy on the labelled images only,
 by SGD with Nesterov momentum 0.9 (classical momentum, :class:`paws.optim.LARS` with adaptation
 off), no weight decay, a cosine learning-rate decay, and random crop (the pre-training's large
@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,28 +27,25 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from paws import checkpoint
-from paws.checkpoint import restore_model
+from paws import checkpoint, rundir, runtime
 from paws.config import Config, ViewsConfig
-from paws.data import Datasets, ImageSet, augmented_batches, eval_batches, load_datasets
+from paws.data.images import ImageSet
+from paws.data.loaders import Loading, view_batches
+from paws.data.sources import Datasets, load_datasets
 from paws.errors import UserError
-from paws.evaluate import accuracy, paws_nn
-from paws.models import FineTunedClassifier, PAWSModel
+from paws.evaluate import accuracy, classifier_accuracy, classifier_probs, paws_nn
+from paws.models import Classifier, PAWSModel
 from paws.optim import LARS, WarmupCosine, backward_step, set_lr
 from paws.progress import Progress, info
-from paws.train import amp_dtype, autocast, setup_runtime
+from paws.sampling import EpochSampler, Stream
 
 __all__ = [
     "validation_split",
     "crop_flip_views",
     "train_classifier",
-    "classifier_probs",
     "finetune",
     "finetune_checkpoint",
-    "output_dir",
 ]
-
-_STREAM = 5  # augmentation and batch-order stream of fine-tuning (pre-training uses 0 to 3)
 
 
 def validation_split(
@@ -69,7 +64,7 @@ def validation_split(
     Returns:
         ``(train_indices, val_indices)``, sorted positions in ``labels``.
     """
-    rng = np.random.default_rng([seed, _STREAM, 1])
+    rng = np.random.default_rng([seed, int(Stream.FINETUNE), 1])
     train, val = [], []
     for c in np.unique(labels):
         pool = rng.permutation(np.flatnonzero(labels == c))
@@ -86,22 +81,6 @@ def crop_flip_views(views: ViewsConfig) -> ViewsConfig:
     return dataclasses.replace(
         views, color_strength=0.0, color_prob=0.0, gray_prob=0.0, blur_prob=0.0
     )
-
-
-def _epoch_batches(n: int, batch_size: int, seed: int) -> tuple[Callable[[int], np.ndarray], int]:
-    """Index batches over epochs of fresh permutations (the last incomplete batch of an epoch is
-    dropped, so batch norm never sees a batch of one): a function of the step."""
-    per_epoch = n // batch_size
-    cache: dict[int, np.ndarray] = {}
-
-    def fn(step: int) -> np.ndarray:
-        epoch, i = divmod(step, per_epoch)
-        if epoch not in cache:
-            cache.clear()
-            cache[epoch] = np.random.default_rng([seed, _STREAM, 2, epoch]).permutation(n)
-        return cache[epoch][i * batch_size : (i + 1) * batch_size]
-
-    return fn, per_epoch
 
 
 def _batch_size(cfg: Config, n: int) -> int:
@@ -143,8 +122,10 @@ def train_classifier(
         The number of steps taken.
     """
     n = len(images)
-    index_fn, per_epoch = _epoch_batches(n, _batch_size(cfg, n), cfg.run.seed)
-    steps = epochs * per_epoch
+    # Whole batches only (the last incomplete one of an epoch is dropped), so batch norm never
+    # sees a batch of one.
+    order = EpochSampler(n, _batch_size(cfg, n), cfg.run.seed, Stream.FINETUNE)
+    steps = epochs * order.steps_per_epoch
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = LARS(
         [{"params": params, "lars": False, "weight_decay": 0.0}],
@@ -153,18 +134,26 @@ def train_classifier(
         nesterov=True,
     )
     schedule = WarmupCosine(lr, lr, 0.0, 0, steps)
-    dtype = amp_dtype(cfg, device)
-    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+    dtype = runtime.amp_dtype(cfg, device)
+    scaler = runtime.grad_scaler(dtype)
     labels = torch.from_numpy(images.labels).to(device)
     views = crop_flip_views(cfg.views)
     model.train()
-    batches = augmented_batches(
-        images, index_fn, 0, steps, views, data, cfg, device, multicrop=False, stream=_STREAM
+    batches = view_batches(
+        images,
+        order.local_batch,
+        range(steps),
+        views,
+        1,
+        Loading.of(cfg, data),
+        cfg.run.seed,
+        Stream.FINETUNE,
+        device,
     )
-    for step, (x,), _ in batches:
+    for step, x, _ in batches:
         set_lr(optimizer, schedule(step))
-        y = labels[torch.from_numpy(index_fn(step)).to(device)]
-        with autocast(device.type, dtype):
+        y = labels[torch.from_numpy(order.local_batch(step)).to(device)]
+        with runtime.autocast(device.type, dtype):
             logits = model(x)
         loss = F.cross_entropy(logits.float(), y)
         backward_step(loss, optimizer, scaler)
@@ -173,22 +162,44 @@ def train_classifier(
     return steps
 
 
-@torch.no_grad()
-def classifier_probs(
-    model: nn.Module, images: ImageSet, cfg: Config, data: Datasets, device: torch.device
-) -> torch.Tensor:
-    """Class probabilities of a classifier on centre-cropped images: (N, K) on the CPU."""
-    model.eval()
-    out = [
-        model(x).float().softmax(dim=1).cpu()
-        for x, _ in eval_batches(images, cfg, data.channels, data.mean, data.std, device)
-    ]
-    return torch.cat(out)
+def _sweep(
+    cfg: Config,
+    pretrained: PAWSModel,
+    data: Datasets,
+    device: torch.device,
+    settings: list[tuple[float, int]],
+) -> tuple[list[dict[str, Any]], int, int]:
+    """Train each (lr, epochs) setting on the labelled images minus a validation split and
+    score it there: ``(one {"lr", "epochs", "val_top1"} per setting, train size, val size)``."""
+    labeled, num_classes = data.labeled, len(data.classes)
+    train_idx, val_idx = validation_split(labeled.labels, cfg.finetune.val_fraction, cfg.run.seed)
+    if len(val_idx) == 0:
+        raise UserError(
+            "no labelled class has two images to hold one out for validation; label more "
+            "images or sweep a single setting (one finetune.lrs and finetune.epochs value)"
+        )
+    train_set, val_set = labeled.subset(train_idx), labeled.subset(val_idx)
+    info(
+        f"fine-tuning sweep: {len(settings)} settings on {len(train_set)} labelled images, "
+        f"{len(val_set)} held out for validation"
+    )
+    total = sum(_num_steps(cfg, len(train_set), e) for _, e in settings)
+    progress = Progress(total, "finetune sweep")
+    y_val = torch.from_numpy(val_set.labels)
+    sweep = []
+    for lr, epochs in settings:
+        model = Classifier.from_pretrained(copy.deepcopy(pretrained), num_classes)
+        train_classifier(model, train_set, lr, epochs, cfg, data, device, progress)
+        top1 = accuracy(classifier_probs(model, val_set, cfg, data, device), y_val, 1)
+        sweep.append({"lr": lr, "epochs": epochs, "val_top1": top1})
+        info(f"lr {lr:g}, {epochs} epochs: validation top-1 {top1:.2f}%")
+    progress.close()
+    return sweep, len(train_set), len(val_set)
 
 
 def finetune(
     cfg: Config, pretrained: PAWSModel, data: Datasets, device: torch.device
-) -> tuple[dict[str, Any], FineTunedClassifier]:
+) -> tuple[dict[str, Any], Classifier]:
     """Sweep, select on the validation split, retrain on all labels, test (Appendix A).
 
     The test set is read only after the setting is chosen, to report the final model's accuracy
@@ -214,34 +225,13 @@ def finetune(
     sweep: list[dict[str, Any]] = []
     num_train, num_val = len(labeled), 0
     if len(settings) > 1:
-        train_idx, val_idx = validation_split(labeled.labels, f.val_fraction, cfg.run.seed)
-        if len(val_idx) == 0:
-            raise UserError(
-                "no labelled class has two images to hold one out for validation; label more "
-                "images or sweep a single setting (one finetune.lrs and finetune.epochs value)"
-            )
-        train_set, val_set = labeled.subset(train_idx), labeled.subset(val_idx)
-        num_train, num_val = len(train_set), len(val_set)
-        info(
-            f"fine-tuning sweep: {len(settings)} settings on {num_train} labelled images, "
-            f"{num_val} held out for validation"
-        )
-        total = sum(_num_steps(cfg, num_train, e) for _, e in settings)
-        progress = Progress(total, "finetune sweep")
-        y_val = torch.from_numpy(val_set.labels)
-        for lr, epochs in settings:
-            model = FineTunedClassifier.from_pretrained(copy.deepcopy(pretrained), num_classes)
-            train_classifier(model, train_set, lr, epochs, cfg, data, device, progress)
-            top1 = accuracy(classifier_probs(model, val_set, cfg, data, device), y_val, 1)
-            sweep.append({"lr": lr, "epochs": epochs, "val_top1": top1})
-            info(f"lr {lr:g}, {epochs} epochs: validation top-1 {top1:.2f}%")
-        progress.close()
+        sweep, num_train, num_val = _sweep(cfg, pretrained, data, device, settings)
     # max() keeps the first of equal scores: ties go to the earlier setting of the sweep.
     best = max(range(len(sweep)), key=lambda i: sweep[i]["val_top1"]) if sweep else 0
     lr, epochs = settings[best]
     chosen = "chosen on validation" if sweep else "single setting"
     info(f"{chosen}: lr {lr:g}, {epochs} epochs; training on all {len(labeled)} labelled images")
-    model = FineTunedClassifier.from_pretrained(copy.deepcopy(pretrained), num_classes)
+    model = Classifier.from_pretrained(copy.deepcopy(pretrained), num_classes)
     progress = Progress(_num_steps(cfg, len(labeled), epochs), "finetune")
     steps = train_classifier(model, labeled, lr, epochs, cfg, data, device, progress)
     progress.close()
@@ -258,22 +248,10 @@ def finetune(
         "paws_nn": None,
     }
     if data.test is not None:
-        probs = classifier_probs(model, data.test, cfg, data, device)
-        y = torch.from_numpy(data.test.labels)
-        report["test"] = {
-            "top1": accuracy(probs, y, 1),
-            "top5": accuracy(probs, y, 5),
-            "num_query": len(y),
-        }
+        report["test"] = classifier_accuracy(model, data, cfg, device)
         ev = paws_nn(pretrained, data, cfg, device)
         report["paws_nn"] = {"top1": ev["top1"], "top5": ev["top5"]}
     return report, model
-
-
-def output_dir(path: str | Path) -> Path:
-    """Where results about a checkpoint go by default: its run directory."""
-    p = Path(path)
-    return p if p.is_dir() else p.parent
 
 
 def finetune_checkpoint(
@@ -281,6 +259,7 @@ def finetune_checkpoint(
     overrides: list[str] | None = None,
     out_dir: str | Path | None = None,
     data: Datasets | None = None,
+    device: torch.device | None = None,
 ) -> dict[str, Any]:
     """Fine-tune a pre-trained checkpoint and save the classifier.
 
@@ -293,24 +272,28 @@ def finetune_checkpoint(
         overrides: ``key=value`` config overrides (e.g. ``finetune.lrs=[0.05]``, ``data.root``).
         out_dir: output folder.
         data: preloaded datasets (tests); default: loaded from the checkpoint's config.
+        device: compute device (default: from the config's ``run.device``).
 
     Returns:
         The report, with ``seconds`` and ``checkpoint`` (the saved file) added.
     """
     start = time.time()
-    cfg, pretrained, state = restore_model(path, overrides, pretrained=True)
-    device = setup_runtime(cfg)
+    restored = rundir.restore(path, overrides, pretrained=True).pretrained()
+    cfg, pretrained = restored.cfg, restored.net
+    device = device or runtime.device_for(cfg.run.device)
     data = data or load_datasets(cfg)
     pretrained.to(device)
     report, model = finetune(cfg, pretrained, data, device)
-    out = Path(out_dir) if out_dir is not None else output_dir(path)
+    out = Path(out_dir) if out_dir is not None else rundir.output_dir(path)
     out.mkdir(parents=True, exist_ok=True)
     finetuned = {k: report[k] for k in ("lr", "epochs", "sweep", "val_top1", "steps")}
+    arch = restored.arch.with_classifier(len(data.classes))
+    step = restored.state.get("step")
     record = checkpoint.model_record(
-        "finetune", model, cfg, data, state.get("step"), finetune=finetuned
+        "finetune", model, arch.to_dict(), cfg, data, step, finetune=finetuned
     )
-    checkpoint.save(record, out / "finetune.pt")
+    checkpoint.save(record, out / rundir.FINETUNED)
     report["seconds"] = round(time.time() - start, 1)
-    report["checkpoint"] = str(out / "finetune.pt")
-    (out / "finetune.json").write_text(json.dumps(report, indent=2) + "\n")
+    report["checkpoint"] = str(out / rundir.FINETUNED)
+    rundir.write_json(out / "finetune.json", report)
     return report

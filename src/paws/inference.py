@@ -10,8 +10,9 @@ the evaluation view of training) and its way of classifying:
   pre-training: nothing is retrained, new classes only need a few labelled examples;
 - a fine-tuned model (``paws finetune``) classifies with its linear classifier.
 
-:func:`load` opens a training checkpoint (the run's config is inside it) or an export folder
-(``paws export``: safetensors weights, a JSON description, and the support embeddings), so an
+:func:`load` opens a training checkpoint (the run's config is inside it, rebuilt by
+:func:`paws.rundir.restore`) or an export folder (``paws export``, the format of
+:mod:`paws.export`: safetensors weights, a JSON description and the support embeddings), so an
 exported model works without the training code's config files or data.
 """
 
@@ -29,24 +30,24 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
+from paws import rundir
+from paws.data.images import read_image, scan_images, scan_labeled_folder, tensor_channels, to_mode
+from paws.data.loaders import Loading
+from paws.data.sources import load_datasets
+from paws.data.transforms import eval_transform
 from paws.errors import UserError
-from paws.models import (
-    FineTunedClassifier,
-    PAWSModel,
-    PredictionHead,
-    ProjectionHead,
-    create_encoder,
-)
+from paws.evaluate import embed_images, snn_classify
+from paws.export import Export, is_export, read_export, write_export
+from paws.models import Architecture, Classifier, build_network
 from paws.progress import Progress
 
 __all__ = [
     "Preprocessing",
     "Support",
     "Predictor",
-    "architecture",
-    "build_network",
     "expand_images",
     "from_checkpoint",
+    "from_export",
     "load",
 ]
 
@@ -75,8 +76,6 @@ class Preprocessing:
 
     def transform(self) -> Callable[[Any], torch.Tensor]:
         """Per-image transform: PIL image or (C, H, W) tensor to (C, size, size) float32."""
-        from paws.transforms import eval_transform
-
         return eval_transform(self.size, self.crop_fraction, self.mean, self.std)
 
 
@@ -98,71 +97,11 @@ class Support:
 
 
 # --------------------------------------------------------------------------------------------
-# Architecture: a plain dict that rebuilds the network with paws.models alone.
-
-
-def architecture(cfg: Any, channels: int, num_classes: int | None = None) -> dict[str, Any]:
-    """The network a config describes, as JSON-friendly values.
-
-    Args:
-        cfg: a :class:`paws.config.Config`.
-        channels: input channels.
-        num_classes: K for a fine-tuned classifier; None for a pre-trained PAWS model.
-    """
-    m = cfg.model
-    return {
-        "encoder": m.encoder,
-        "encoder_kwargs": {"width": m.width} if m.width else {},
-        "in_channels": int(channels),
-        "small_images": bool(
-            m.small_images if m.small_images is not None else cfg.views.large_size < 64
-        ),
-        "proj_hidden": m.proj_hidden,
-        "proj_out": m.proj_out,
-        "proj_layers": m.proj_layers,
-        "pred_head": m.pred_head,
-        "pred_hidden": m.pred_hidden,
-        "num_classes": num_classes,
-    }
-
-
-def build_network(arch: dict[str, Any]) -> nn.Module:
-    """A freshly initialised network from :func:`architecture`'s dict: a :class:`PAWSModel`,
-    or a :class:`FineTunedClassifier` when ``num_classes`` is set."""
-    encoder = create_encoder(
-        arch["encoder"],
-        in_channels=arch["in_channels"],
-        small_images=arch["small_images"],
-        **arch.get("encoder_kwargs", {}),
-    )
-    projection = ProjectionHead(
-        encoder.num_features, arch["proj_hidden"], arch["proj_out"], arch["proj_layers"]
-    )
-    prediction = (
-        PredictionHead(arch["proj_out"], arch["pred_hidden"]) if arch["pred_head"] else None
-    )
-    model = PAWSModel(encoder, projection, prediction)
-    if arch.get("num_classes"):
-        return FineTunedClassifier.from_pretrained(model, int(arch["num_classes"]))
-    return model
-
-
-def _load_weights(net: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
-    try:
-        net.load_state_dict(state)
-    except RuntimeError as e:
-        raise UserError(f"{where} does not match its architecture: {str(e).splitlines()[0]}") from e
-    net.eval()
-
-
-# --------------------------------------------------------------------------------------------
 # Inputs.
 
 
 def expand_images(paths: Sequence[str | Path]) -> list[Path]:
     """Image files from files and folders (searched recursively, sorted), in the given order."""
-    from paws.data import scan_images
-
     files: list[Path] = []
     for p in paths:
         path = Path(p).expanduser()
@@ -196,28 +135,6 @@ def _as_items(images: Images) -> list[Any] | torch.Tensor:
     return items
 
 
-def _pil_mode(im: Image.Image, channels: int) -> Image.Image:
-    """The image in mode L or RGB; transparent images composited on white (as for files)."""
-    if im.mode in ("P", "PA", "LA", "RGBA") or "transparency" in im.info:
-        im = im.convert("RGBA")
-        im = Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im)
-    return im.convert("L" if channels == 1 else "RGB")
-
-
-def _tensor_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
-    if x.dim() != 3:
-        raise UserError(f"image tensors must be (C, H, W) or (N, C, H, W), got {tuple(x.shape)}")
-    if x.shape[0] == channels:
-        return x
-    if x.shape[0] == 3 and channels == 1:
-        w = torch.tensor([0.299, 0.587, 0.114], dtype=torch.float32).view(3, 1, 1)
-        grey = (x.float() * w).sum(0, keepdim=True)
-        return grey.round().to(torch.uint8) if x.dtype == torch.uint8 else grey
-    if x.shape[0] == 1 and channels == 3:
-        return x.expand(3, -1, -1)
-    raise UserError(f"images need 1 or 3 channels, got {x.shape[0]}")
-
-
 # --------------------------------------------------------------------------------------------
 # The predictor.
 
@@ -230,10 +147,11 @@ class Predictor:
     and centre-cropped as in training's evaluation view, then normalised.
 
     Args:
-        net: a :class:`PAWSModel` or :class:`FineTunedClassifier` (moved to ``device``).
+        net: a :class:`paws.models.PAWSModel` or :class:`paws.models.Classifier` (moved to
+            ``device``).
         kind: ``"pretrain"``, ``"tighten"`` or ``"finetune"``.
         preprocessing: the input pipeline.
-        architecture: :func:`architecture`'s description of ``net`` (for exports).
+        architecture: the network's :class:`paws.models.Architecture` (for exports).
         classes: class names of a fine-tuned classifier (pre-trained models take theirs from the
             support).
         features: embedding used against the support (pre-trained models).
@@ -250,7 +168,7 @@ class Predictor:
         net: nn.Module,
         kind: str,
         preprocessing: Preprocessing,
-        architecture: dict[str, Any],
+        architecture: Architecture,
         classes: Sequence[str] | None = None,
         features: str = "head",
         tau: float = 0.1,
@@ -275,7 +193,7 @@ class Predictor:
     @property
     def is_classifier(self) -> bool:
         """True for a fine-tuned model (linear classifier), False for soft nearest neighbours."""
-        return isinstance(self.net, FineTunedClassifier)
+        return isinstance(self.net, Classifier)
 
     @property
     def classes(self) -> list[str]:
@@ -310,14 +228,13 @@ class Predictor:
         items = _as_items(images)
         tf = self.preprocessing.transform()
         channels = self.preprocessing.channels
-        from paws.data import read_image
 
         def one(item: Any) -> torch.Tensor:
             if isinstance(item, Path):
                 return tf(read_image(item, channels))
             if isinstance(item, Image.Image):
-                return tf(_pil_mode(item, channels))
-            return tf(_tensor_channels(item, channels))
+                return tf(to_mode(item, channels))
+            return tf(tensor_channels(item, channels))
 
         n = len(items)
         bar = Progress((n + self.batch_size - 1) // self.batch_size, desc) if progress else None
@@ -376,8 +293,6 @@ class Predictor:
         if labels is None:
             if not isinstance(images, (str, Path)):
                 raise UserError("set_support needs labels, or a <class>/<image> folder")
-            from paws.data import scan_labeled_folder
-
             files, y, classes = scan_labeled_folder(images)
             images, labels = files, y
         y = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
@@ -399,8 +314,6 @@ class Predictor:
                 for x in self.batches(images, progress, "predict")
             ]
             return torch.cat(out)
-        from paws.evaluate import snn_classify
-
         support = self.support
         queries = self.embed(images, support.features, progress)
         return snn_classify(
@@ -427,10 +340,37 @@ class Predictor:
         ]
 
     def export(self, out_dir: str | Path, progress: bool = False) -> Path:
-        """Write this model as a self-contained export folder (see :mod:`paws.export`)."""
-        from paws.export import write_export
-
-        return write_export(self, out_dir, progress)
+        """Write this model as a self-contained export folder (see :mod:`paws.export`); a
+        pre-trained model's support is embedded now if it was not yet."""
+        prep = self.preprocessing
+        parts = Export(
+            kind=self.kind,
+            architecture=self.architecture.to_dict(),
+            preprocessing={
+                "size": prep.size,
+                "crop_fraction": prep.crop_fraction,
+                "mean": list(prep.mean),
+                "std": list(prep.std),
+                "channels": prep.channels,
+            },
+            classes=[],
+            classify={"method": "linear"},
+            weights=self.net.state_dict(),
+            batch_size=self.batch_size,
+        )
+        if self.is_classifier:
+            parts.classes = self.classes
+        else:
+            support = self.load_support(progress)
+            parts.classes = support.classes
+            parts.classify = {
+                "method": "snn",
+                "features": support.features,
+                "tau": self.tau,
+                "chunk_size": self.chunk_size,
+            }
+            parts.support = {"embeddings": support.embeddings, "labels": support.labels}
+        return write_export(parts, out_dir)
 
 
 # --------------------------------------------------------------------------------------------
@@ -442,9 +382,6 @@ def _run_support(cfg: Any) -> Callable[[Predictor, bool], Support]:
     ``paws eval`` embeds them."""
 
     def build(predictor: Predictor, progress: bool) -> Support:
-        from paws.data import load_datasets
-        from paws.evaluate import embed_images
-
         try:
             data = load_datasets(cfg)
         except UserError as e:
@@ -456,9 +393,7 @@ def _run_support(cfg: Any) -> Callable[[Predictor, bool], Support]:
             predictor.net,
             data.labeled,
             cfg,
-            data.channels,
-            data.mean,
-            data.std,
+            Loading.of(cfg, data),
             predictor.device,
             predictor.features,
             progress=progress,
@@ -481,40 +416,73 @@ def from_checkpoint(
             set, ``eval.tau=...``).
         device: compute device.
     """
-    from paws import checkpoint
-    from paws.config import apply_overrides, from_dict
-
-    state = checkpoint.load(path)
-    kind = str(state.get("kind") or "pretrain")
-    cfg = from_dict(apply_overrides(state["config"], list(overrides or [])))
-    channels = state.get("channels")
-    if channels is None:
-        first = next((v for k, v in state["model"].items() if v.dim() == 4), None)
-        if first is None:
-            raise UserError(f"cannot tell the input channels of {path}")
-        channels = int(first.shape[1])
-    classes = [str(c) for c in state.get("classes") or []]
-    is_classifier = kind == "finetune"
-    arch = architecture(cfg, channels, len(classes) if is_classifier else None)
-    net = build_network(arch)
-    _load_weights(net, state["model"], str(path))
+    r = rundir.restore(path, overrides)
+    cfg, state = r.cfg, r.state
+    channels = r.arch.in_channels
     mean = tuple(state.get("mean") or cfg.data.mean or [])
     std = tuple(state.get("std") or cfg.data.std or [])
     if len(mean) != channels or len(std) != channels:
         raise UserError(f"{path} does not record its normalisation (mean and std)")
     prep = Preprocessing(cfg.views.large_size, cfg.views.eval_crop, mean, std, int(channels))
+    is_classifier = r.kind == "finetune"
     return Predictor(
-        net,
-        kind,
+        r.net,
+        r.kind,
         prep,
-        arch,
-        classes=classes if is_classifier else None,
+        r.arch,
+        classes=[str(c) for c in state.get("classes") or []] if is_classifier else None,
         features=cfg.eval.features,
         tau=cfg.eval.tau,
         batch_size=cfg.eval.batch_size,
         chunk_size=cfg.eval.chunk_size,
         device=device,
         support_source=None if is_classifier else _run_support(cfg),
+    )
+
+
+def from_export(folder: str | Path, device: str | torch.device = "auto") -> Predictor:
+    """A :class:`Predictor` from an export folder (:mod:`paws.export`)."""
+    folder = Path(folder)
+    e = read_export(folder)
+    try:
+        arch = Architecture.from_dict(e.architecture)
+        p = e.preprocessing
+        prep = Preprocessing(
+            int(p["size"]),
+            float(p["crop_fraction"]),
+            tuple(float(v) for v in p["mean"]),
+            tuple(float(v) for v in p["std"]),
+            int(p["channels"]),
+        )
+        net = build_network(arch, seed=0)  # the saved weights replace these
+    except (KeyError, TypeError, ValueError) as err:
+        raise UserError(f"{folder} is incomplete or damaged ({err!r})") from err
+    try:
+        net.load_state_dict(e.weights)
+    except RuntimeError as err:
+        raise UserError(
+            f"{folder} does not match its architecture: {str(err).splitlines()[0]}"
+        ) from err
+    net.eval()
+    common: dict[str, Any] = {"batch_size": e.batch_size, "device": device}
+    if e.classify.get("method") == "linear":
+        return Predictor(net, e.kind, prep, arch, classes=e.classes, **common)
+    support = Support(
+        e.support["embeddings"].float(),
+        e.support["labels"].long(),
+        e.classes,
+        str(e.classify.get("features", "head")),
+    )
+    return Predictor(
+        net,
+        e.kind,
+        prep,
+        arch,
+        features=support.features,
+        tau=float(e.classify.get("tau", 0.1)),
+        chunk_size=int(e.classify.get("chunk_size", 8192)),
+        support=support,
+        **common,
     )
 
 
@@ -543,15 +511,13 @@ def load(
         [[('Sneaker', 0.91), ('Sandal', 0.06), ('Ankle boot', 0.02)]]
     """
     p = Path(path).expanduser()
-    from paws.export import MANIFEST, read_export
-
-    if (p / MANIFEST).is_file():
-        predictor = read_export(p, device)
-    elif p.is_file() or (p / "last.pt").is_file():
+    if is_export(p):
+        predictor = from_export(p, device)
+    elif p.is_file() or (p / rundir.LAST).is_file():
         predictor = from_checkpoint(p, overrides, device)
     else:
         raise UserError(
-            f"{p} is neither an export folder (no {MANIFEST}), a checkpoint, nor a run directory"
+            f"{p} is neither an export folder (no model.json), a checkpoint, nor a run directory"
         )
     if support is not None:
         predictor.set_support(support)

@@ -15,10 +15,10 @@ zeroed (the safe logarithm below makes that trick unnecessary, and the loss stay
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
-
-from paws import distributed
 
 __all__ = [
     "snn",
@@ -86,20 +86,26 @@ def smooth_labels(labels: torch.Tensor, num_classes: int, smoothing: float = 0.1
     return onehot * (1.0 - smoothing) + smoothing / num_classes
 
 
-def me_max_term(probs: torch.Tensor, T: float = 0.25) -> torch.Tensor:
+Reduce = Callable[[torch.Tensor], torch.Tensor]
+
+
+def me_max_term(probs: torch.Tensor, T: float = 0.25, reduce: Reduce | None = None) -> torch.Tensor:
     """ME-MAX regulariser ``sum(pbar * log(pbar))``, pbar the mean sharpened prediction.
 
-    Minimising it maximises the entropy of the mean prediction, so it is <= 0. Under several
-    processes pbar is averaged over all of them (a no-op in one process).
+    Minimising it maximises the entropy of the mean prediction, so it is <= 0.
 
     Args:
         probs: (N, K) anchor predictions (with gradient).
         T: sharpening temperature.
+        reduce: averages the (K,) mean prediction over processes, differentiably (e.g.
+            :func:`paws.distributed.all_reduce_mean`); None in one process.
 
     Returns:
         Scalar tensor.
     """
-    pbar = distributed.all_reduce_mean(sharpen(probs, T).mean(dim=0))
+    pbar = sharpen(probs, T).mean(dim=0)
+    if reduce is not None:
+        pbar = reduce(pbar)
     return torch.sum(pbar * _safe_log(pbar))
 
 
@@ -129,6 +135,7 @@ def paws_loss(
     tau: float = 0.1,
     T: float = 0.25,
     me_max: bool = True,
+    reduce: Reduce | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The PAWS loss (paper eq. 4): cross-entropy to the other views' sharpened predictions.
 
@@ -150,6 +157,7 @@ def paws_loss(
         tau: cosine-similarity temperature.
         T: target sharpening temperature.
         me_max: add the ME-MAX regulariser; if False the second output is 0.
+        reduce: averages ME-MAX's mean prediction over processes (see :func:`me_max_term`).
 
     Returns:
         ``(cross_entropy, me_max_term)``; the training loss is their sum (it can be negative).
@@ -176,7 +184,7 @@ def paws_loss(
         )
         cross_entropy = -(targets * _safe_log(probs)).sum(dim=1).mean()
         if me_max:
-            regulariser = me_max_term(probs, T)
+            regulariser = me_max_term(probs, T, reduce)
         else:
             regulariser = probs.new_zeros(())
     return cross_entropy, regulariser

@@ -26,11 +26,16 @@ __all__ = ["LARS", "param_groups", "WarmupCosine", "set_lr", "backward_step"]
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float, lars: bool = True) -> list[dict]:
     """Split trainable parameters into LARS-adapted, weight-decayed ones and the rest.
 
     Biases and every parameter of a normalisation layer (batch, layer, group norm) go to the
     second group, with no weight decay and no LARS adaptation (paper section 5).
+
+    Args:
+        model: the model.
+        weight_decay: weight decay of the first group.
+        lars: LARS adaptation of the first group (off: classical-momentum SGD for all).
 
     Returns:
         Two param-group dicts for :class:`LARS` (empty groups are dropped).
@@ -47,7 +52,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         else:
             regular.append(p)
     groups = [
-        {"params": regular, "weight_decay": weight_decay, "lars": True},
+        {"params": regular, "weight_decay": weight_decay, "lars": lars},
         {"params": excluded, "weight_decay": 0.0, "lars": False},
     ]
     return [g for g in groups if g["params"]]

@@ -1,25 +1,35 @@
 """Progress display: a tqdm bar on a terminal, plain periodic lines otherwise, nothing if quiet.
 
-Only rank 0 shows progress. ``PAWS_QUIET=1`` (set by ``--quiet``) silences everything but
-results and errors.
+Only rank 0 shows progress. :func:`set_quiet` (the ``paws --quiet`` option) silences everything
+but results and errors; data-loader workers started after it inherit the setting.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 
 from tqdm import tqdm
 
-from paws import distributed
+__all__ = ["Progress", "quiet", "set_quiet", "info"]
 
-__all__ = ["Progress", "quiet", "info"]
+_QUIET = False
+
+
+def set_quiet(on: bool) -> bool:
+    """Switch progress output off (``on``) or back on; returns the previous setting."""
+    global _QUIET
+    previous, _QUIET = _QUIET, bool(on)
+    return previous
 
 
 def quiet() -> bool:
     """Whether progress output is switched off (``--quiet``), or this is not rank 0."""
-    return os.environ.get("PAWS_QUIET") == "1" or not distributed.is_main()
+    if _QUIET:
+        return True
+    from paws import distributed  # torch: not imported until something is shown
+
+    return not distributed.is_main()
 
 
 def info(message: str) -> None:

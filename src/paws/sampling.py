@@ -13,10 +13,15 @@ or, with ``unique_classes``, by classes (C / W classes each, k images each), as 
 Support labels are positions in the step's class list (0..C-1), not dataset class ids, as in the
 official ``make_labels_matrix``: the soft nearest-neighbour prediction is over the C classes
 present, so ME-MAX spreads predictions over them.
+
+Every random draw of a run (batches, augmentations, validation splits) comes from a generator
+seeded with ``(run.seed, step or epoch, stream)``, the stream naming what it is for
+(:class:`Stream`), so that two uses never share numbers and adding one changes no other.
 """
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Sequence
 
 import numpy as np
@@ -24,11 +29,21 @@ import torch
 
 from paws.errors import UserError
 
-__all__ = ["SupportSampler", "UnlabeledSampler"]
+__all__ = ["Stream", "SupportSampler", "EpochSampler", "UnlabeledSampler"]
+
+
+class Stream(enum.IntEnum):
+    """The random streams of a run, one per use."""
+
+    VIEWS = 0  # augmentation of the unlabelled images' views
+    SUPPORT = 1  # which support images a step draws, and their augmentation
+    UNLABELED = 2  # the order of the unlabelled images, epoch by epoch
+    BASELINE = 3  # the supervised baseline: batch order and augmentation
+    FINETUNE = 5  # fine-tuning: validation split, batch order and augmentation
 
 
 def _rng(seed: int, step: int, stream: int) -> np.random.Generator:
-    return np.random.default_rng([seed, step, stream])
+    return np.random.default_rng([seed, step, int(stream)])
 
 
 class SupportSampler:
@@ -95,7 +110,7 @@ class SupportSampler:
             ``(indices, classes)``: (C, k) indices into the labelled set, row c holding k
             distinct images of dataset class ``classes[c]``; classes (C,) distinct.
         """
-        rng = _rng(self.seed, step, 1)
+        rng = _rng(self.seed, step, Stream.SUPPORT)
         chosen = rng.choice(len(self.classes), size=self.C, replace=False)
         idx = np.stack(
             [self.pools[c][rng.choice(len(self.pools[c]), self.k, replace=False)] for c in chosen]
@@ -145,13 +160,68 @@ class SupportSampler:
         return np.concatenate([np.tile(self.positions(r), views) for r in range(self.world_size)])
 
 
-class UnlabeledSampler:
-    """Unlabelled batches: a fresh permutation per epoch, sliced into global batches, each
-    split evenly over ranks; the last incomplete batch of an epoch is dropped.
+class EpochSampler:
+    """Batches over epochs: a fresh permutation of the images per epoch (seeded by
+    ``(seed, epoch, stream)``), sliced into global batches, each split evenly over ranks; the
+    last incomplete batch of an epoch is dropped.
+
+    Args:
+        num_images: size of the set (at least ``batch_size``).
+        batch_size: global batch size (over all ranks, divisible by their number).
+        seed: base seed.
+        stream: the :class:`Stream` of this use.
+        rank: this process's rank.
+        world_size: number of processes.
+    """
+
+    def __init__(
+        self,
+        num_images: int,
+        batch_size: int,
+        seed: int = 0,
+        stream: int = Stream.UNLABELED,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        if batch_size < 1 or num_images < batch_size or batch_size % world_size:
+            raise ValueError(
+                f"cannot split {num_images} images into batches of {batch_size} over "
+                f"{world_size} processes"
+            )
+        self.num_images, self.batch_size, self.seed = num_images, batch_size, seed
+        self.stream, self.rank, self.world_size = stream, rank, world_size
+        self.steps_per_epoch = num_images // batch_size
+        self._epoch, self._perm = -1, np.empty(0, dtype=np.int64)
+
+    @property
+    def global_size(self) -> int:
+        """Images per step over all ranks."""
+        return self.batch_size
+
+    def shard_rows(self, rank: int | None = None) -> np.ndarray:
+        """Where ``rank``'s images (default: this rank's) sit in the step's global batch."""
+        n = self.batch_size // self.world_size
+        r = self.rank if rank is None else rank
+        return np.arange(r * n, (r + 1) * n)
+
+    def local_batch(self, step: int) -> np.ndarray:
+        """(batch_size / world_size,) indices of this rank's images at ``step``."""
+        epoch, i = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            perm = _rng(self.seed, epoch, self.stream).permutation(self.num_images)
+            self._epoch, self._perm = epoch, perm
+        batch = self._perm[i * self.batch_size : (i + 1) * self.batch_size]
+        n = self.batch_size // self.world_size
+        return batch[self.rank * n : (self.rank + 1) * n]
+
+
+class UnlabeledSampler(EpochSampler):
+    """The unlabelled batches of pre-training (:class:`EpochSampler` on
+    ``Stream.UNLABELED``), with the user's mistakes in sizes said in one line.
 
     Args:
         num_images: size of the unlabelled set.
-        batch_size: global batch size (over all ranks).
+        batch_size: global batch size (``optim.batch_size``).
         seed: base seed.
         rank: this process's rank.
         world_size: number of processes.
@@ -169,27 +239,4 @@ class UnlabeledSampler:
                 f"the unlabelled set has {num_images} images, fewer than "
                 f"optim.batch_size ({batch_size}); lower the batch size"
             )
-        self.num_images, self.batch_size, self.seed = num_images, batch_size, seed
-        self.rank, self.world_size = rank, world_size
-        self.steps_per_epoch = num_images // batch_size
-        self._epoch, self._perm = -1, np.empty(0, dtype=np.int64)
-
-    @property
-    def global_size(self) -> int:
-        """Unlabelled images per step over all ranks."""
-        return self.batch_size
-
-    def shard_rows(self, rank: int | None = None) -> np.ndarray:
-        """Where ``rank``'s images (default: this rank's) sit in the step's global batch."""
-        n = self.batch_size // self.world_size
-        r = self.rank if rank is None else rank
-        return np.arange(r * n, (r + 1) * n)
-
-    def local_batch(self, step: int) -> np.ndarray:
-        """(batch_size / world_size,) indices of this rank's images at ``step``."""
-        epoch, i = divmod(step, self.steps_per_epoch)
-        if epoch != self._epoch:
-            self._epoch, self._perm = epoch, _rng(self.seed, epoch, 2).permutation(self.num_images)
-        batch = self._perm[i * self.batch_size : (i + 1) * self.batch_size]
-        n = self.batch_size // self.world_size
-        return batch[self.rank * n : (self.rank + 1) * n]
+        super().__init__(num_images, batch_size, seed, Stream.UNLABELED, rank, world_size)

@@ -28,7 +28,6 @@ to pull the labelled images of a class together before they serve as the support
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -38,19 +37,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from paws import checkpoint
-from paws.checkpoint import restore_model
+from paws import checkpoint, rundir, runtime
 from paws.config import Config
-from paws.data import Datasets, eval_batches, load_datasets
+from paws.data.loaders import Loading, eval_batches
+from paws.data.sources import Datasets, load_datasets
 from paws.errors import UserError
 from paws.evaluate import paws_nn
-from paws.finetune import output_dir
 from paws.losses import supervised_nce
-from paws.models import PAWSModel
+from paws.models import Architecture, PAWSModel
 from paws.optim import LARS, WarmupCosine, param_groups, set_lr
 from paws.progress import Progress, info
 from paws.sampling import SupportSampler
-from paws.train import setup_runtime
 
 __all__ = ["freeze_batchnorm", "save_tightened", "tighten", "tighten_checkpoint"]
 
@@ -94,57 +91,12 @@ def tighten(
         set before and after (None without a test set).
     """
     t = cfg.tighten
-    labels = data.labeled.labels
-    present, counts = np.unique(labels, return_counts=True)
-    if len(present) < 2:
-        raise UserError("tightening needs labelled images of at least 2 classes")
-    classes = min(t.classes, len(present))
-    if classes < t.classes:
-        info(f"tighten.classes is {t.classes} but there are {len(present)} labelled classes")
-    per_class = min(t.images_per_class, int(counts.min()))
-    if per_class < t.images_per_class:
-        info(
-            f"tighten.images_per_class is {t.images_per_class} but the smallest labelled class "
-            f"has {int(counts.min())} images: using {per_class} per class"
-        )
-    if per_class < 2:
-        raise UserError(
-            "SuNCEt compares images of the same class: every labelled class needs at least 2 "
-            f"images, but one has {int(counts.min())}"
-        )
-    sampler = SupportSampler(labels, classes, per_class, cfg.run.seed, class_names=data.classes)
+    classes, per_class = _batch_shape(cfg, data.labeled.labels)
     before = None
     if evaluate and data.test is not None:
         ev = paws_nn(model, data, cfg, device)
         before = {"top1": ev["top1"], "top5": ev["top5"]}
-    model.train()
-    freeze_batchnorm(model)
-    optimizer = LARS(
-        param_groups(model, 0.0),
-        lr=t.lr,
-        momentum=t.momentum,
-        trust_coefficient=cfg.optim.trust_coefficient,
-    )
-    if not t.lars:
-        for group in optimizer.param_groups:
-            group["lars"] = False
-    schedule = WarmupCosine(t.lr, t.lr, 0.0, 0, t.steps)
-    draws = [sampler.local_batch(step) for step in range(t.steps)]
-    targets = [F.one_hot(torch.from_numpy(pos), classes).float().to(device) for _, pos in draws]
-    bar = Progress(t.steps, "tighten")
-    losses: list[float] = []
-    batches = eval_batches(
-        data.labeled, cfg, data.channels, data.mean, data.std, device, batches=[i for i, _ in draws]
-    )
-    for step, (x, _) in enumerate(batches):
-        set_lr(optimizer, schedule(step))
-        loss = supervised_nce(model.embed(x, cfg.eval.features), targets[step], t.tau)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-        bar.update(1, loss=losses[-1])
-    bar.close()
+    losses = _suncet_steps(cfg, model, data, device, classes, per_class)
     model.eval()
     window = max(1, min(10, t.steps // 5))
     after = None
@@ -162,11 +114,81 @@ def tighten(
     }
 
 
+def _batch_shape(cfg: Config, labels: np.ndarray) -> tuple[int, int]:
+    """(classes, images per class) of a tightening batch: ``tighten.classes`` and
+    ``tighten.images_per_class``, at most what the labels allow (said in a line)."""
+    t = cfg.tighten
+    present, counts = np.unique(labels, return_counts=True)
+    if len(present) < 2:
+        raise UserError("tightening needs labelled images of at least 2 classes")
+    classes = min(t.classes, len(present))
+    if classes < t.classes:
+        info(f"tighten.classes is {t.classes} but there are {len(present)} labelled classes")
+    per_class = min(t.images_per_class, int(counts.min()))
+    if per_class < t.images_per_class:
+        info(
+            f"tighten.images_per_class is {t.images_per_class} but the smallest labelled class "
+            f"has {int(counts.min())} images: using {per_class} per class"
+        )
+    if per_class < 2:
+        raise UserError(
+            "SuNCEt compares images of the same class: every labelled class needs at least 2 "
+            f"images, but one has {int(counts.min())}"
+        )
+    return classes, per_class
+
+
+def _suncet_steps(
+    cfg: Config,
+    model: PAWSModel,
+    data: Datasets,
+    device: torch.device,
+    classes: int,
+    per_class: int,
+) -> list[float]:
+    """``tighten.steps`` SuNCEt steps on batches of ``classes`` x ``per_class`` labelled
+    images, batch norm frozen; returns the loss of each step."""
+    t = cfg.tighten
+    labels = data.labeled.labels
+    sampler = SupportSampler(labels, classes, per_class, cfg.run.seed, class_names=data.classes)
+    model.train()
+    freeze_batchnorm(model)
+    optimizer = LARS(
+        param_groups(model, 0.0, lars=t.lars),
+        lr=t.lr,
+        momentum=t.momentum,
+        trust_coefficient=cfg.optim.trust_coefficient,
+    )
+    schedule = WarmupCosine(t.lr, t.lr, 0.0, 0, t.steps)
+    draws = [sampler.local_batch(step) for step in range(t.steps)]
+    targets = [F.one_hot(torch.from_numpy(pos), classes).float().to(device) for _, pos in draws]
+    bar = Progress(t.steps, "tighten")
+    losses: list[float] = []
+    batches = eval_batches(
+        data.labeled,
+        cfg.views,
+        Loading.of(cfg, data),
+        device,
+        batches=[i for i, _ in draws],
+    )
+    for step, (x, _) in enumerate(batches):
+        set_lr(optimizer, schedule(step))
+        loss = supervised_nce(model.embed(x, cfg.eval.features), targets[step], t.tau)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        bar.update(1, loss=losses[-1])
+    bar.close()
+    return losses
+
+
 def tighten_checkpoint(
     path: str | Path,
     overrides: list[str] | None = None,
     out_dir: str | Path | None = None,
     data: Datasets | None = None,
+    device: torch.device | None = None,
 ) -> dict[str, Any]:
     """Tighten a pre-trained checkpoint and save it.
 
@@ -179,26 +201,29 @@ def tighten_checkpoint(
         overrides: ``key=value`` config overrides (e.g. ``tighten.steps=50``).
         out_dir: output folder.
         data: preloaded datasets (tests); default: loaded from the checkpoint's config.
+        device: compute device (default: from the config's ``run.device``).
 
     Returns:
         The report of :func:`tighten`, with ``seconds`` and ``checkpoint`` added.
     """
     start = time.time()
-    cfg, model, state = restore_model(path, overrides, pretrained=True)
-    device = setup_runtime(cfg)
+    restored = rundir.restore(path, overrides, pretrained=True).pretrained()
+    cfg, model = restored.cfg, restored.net
+    device = device or runtime.device_for(cfg.run.device)
     data = data or load_datasets(cfg)
     model.to(device)
     report = tighten(cfg, model, data, device)
-    out = Path(out_dir) if out_dir is not None else output_dir(path)
+    out = Path(out_dir) if out_dir is not None else rundir.output_dir(path)
     out.mkdir(parents=True, exist_ok=True)
-    save_tightened(report, model, cfg, data, state.get("step"), out, start)
-    (out / "tighten.json").write_text(json.dumps(report, indent=2) + "\n")
+    save_tightened(report, model, restored.arch, cfg, data, restored.state.get("step"), out, start)
+    rundir.write_json(out / "tighten.json", report)
     return report
 
 
 def save_tightened(
     report: dict[str, Any],
     model: PAWSModel,
+    arch: Architecture,
     cfg: Config,
     data: Datasets,
     step: int | None,
@@ -207,6 +232,7 @@ def save_tightened(
 ) -> dict[str, Any]:
     """Save the tightened ``model`` as ``out/tighten.pt`` and add ``seconds`` (since
     ``start``, a ``time.time()``) and ``checkpoint`` to ``report``, which is returned."""
-    checkpoint.save(checkpoint.model_record("tighten", model, cfg, data, step), out / "tighten.pt")
-    report.update(seconds=round(time.time() - start, 1), checkpoint=str(out / "tighten.pt"))
+    record = checkpoint.model_record("tighten", model, arch.to_dict(), cfg, data, step)
+    checkpoint.save(record, out / rundir.TIGHTENED)
+    report.update(seconds=round(time.time() - start, 1), checkpoint=str(out / rundir.TIGHTENED))
     return report

@@ -1,115 +1,79 @@
-"""PAWS pre-training: build everything, then loop over steps.
+"""PAWS pre-training: open the run, build it, restore it, loop over steps, finish.
 
-Each step (``train_step``) reads like the paper: encode the support views together with the two
-large views and, separately, the small views; classify every view against the supports by soft
-nearest neighbours; take the other views' sharpened predictions as targets; minimise the
-cross-entropy plus ME-MAX; step LARS. Everything a step uses is a function of ``(seed, step)``,
-so a resumed run continues exactly where it stopped.
+Each step (:func:`train_step`) reads like the paper: encode the support views together with
+the two large views and, separately, the small views; classify every view against the supports
+by soft nearest neighbours; take the other views' sharpened predictions as targets; minimise
+the cross-entropy plus ME-MAX; step LARS. Everything a step uses is a function of
+``(seed, step)``, so a resumed run continues exactly where it stopped.
+
+:func:`train` is the whole run: :func:`open_run` (the run directory and the checkpoint to
+resume from), :func:`build_run` (model, optimiser, samplers, schedule: everything before the
+first step, also what a benchmark needs), :func:`restore_run`, :func:`run_steps` (the loop)
+and :func:`finish_run` (final checkpoint, PAWS-NN, tightening, result files).
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import math
-import os
 import signal
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from paws import checkpoint, distributed, rundir
+from paws import checkpoint, distributed, rundir, runtime
 from paws.config import Config, save_config, to_dict
-from paws.data import Batch, Datasets, load_datasets, step_batches
+from paws.data.loaders import Batch, step_batches
+from paws.data.sources import Datasets, load_datasets
 from paws.errors import UserError
+from paws.evaluate import paws_nn
 from paws.losses import nt_xent, paws_loss, sharpen, smooth_labels, snn, supervised_nce
-from paws.models import PAWSModel, build_model
+from paws.models import Architecture, PAWSModel, build_network, check_encoder
 from paws.optim import LARS, WarmupCosine, backward_step, param_groups, set_lr
 from paws.progress import Progress, info
 from paws.sampling import SupportSampler, UnlabeledSampler
+from paws.tighten import save_tightened, tighten
 
 __all__ = [
     "training_model",
     "build_optimizer",
-    "train_step",
-    "train",
-    "setup_runtime",
-    "amp_dtype",
-    "autocast",
     "total_steps",
+    "train_step",
+    "Run",
+    "open_run",
+    "build_run",
+    "restore_run",
+    "run_steps",
+    "finish_run",
+    "train",
 ]
 
 
-def training_model(cfg: Config, channels: int, device: torch.device) -> PAWSModel:
-    """The model as training runs it: on ``device``, batch norm global across processes
-    (``run.sync_bn``), channels-last memory where it is faster (``run.channels_last``)."""
-    model = build_model(cfg, channels).to(device)
-    if cfg.run.sync_bn:
-        model = distributed.convert_batchnorm(model, device)
-    model.channels_last = (
+def training_model(cfg: Config, arch: Architecture, device: torch.device) -> PAWSModel:
+    """The model as training runs it: initialised from ``run.seed`` (and ``model.weights``),
+    on ``device``, batch norm global across processes (``run.sync_bn``), channels-last memory
+    where it is faster (``run.channels_last``, by default on GPUs)."""
+    channels_last = (
         cfg.run.channels_last if cfg.run.channels_last is not None else device.type == "cuda"
     )
-    if model.channels_last:
+    model = build_network(arch, cfg.run.seed, cfg.model.weights, channels_last).to(device)
+    if cfg.run.sync_bn:
+        model = distributed.convert_batchnorm(model, device)
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
 
 
 def build_optimizer(cfg: Config, model: torch.nn.Module) -> LARS:
     """LARS over the model's parameter groups, as ``optim`` configures it."""
-    optimizer = LARS(
-        param_groups(model, cfg.optim.weight_decay),
+    return LARS(
+        param_groups(model, cfg.optim.weight_decay, lars=cfg.optim.lars),
         lr=cfg.optim.start_lr,
         momentum=cfg.optim.momentum,
         trust_coefficient=cfg.optim.trust_coefficient,
     )
-    if not cfg.optim.lars:
-        for g in optimizer.param_groups:
-            g["lars"] = False
-    return optimizer
-
-
-def amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for the forward pass, or None for fp32."""
-    if device.type != "cuda" or cfg.run.amp == "off":
-        return None
-    if cfg.run.amp == "fp16":
-        return torch.float16
-    if cfg.run.amp == "bf16" or torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float16
-
-
-def autocast(device_type: str, dtype: torch.dtype | None) -> Any:
-    """Autocast context for ``dtype``, or a no-op context for fp32."""
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type, dtype=dtype)
-
-
-def setup_runtime(cfg: Config) -> torch.device:
-    """Process group, device, threads, denormals, determinism; returns the device."""
-    device = distributed.init(cfg.run.device)
-    if cfg.run.device == "cuda" and device.type != "cuda":
-        raise UserError("run.device is 'cuda' but no GPU is available; use run.device=auto")
-    if cfg.run.threads:
-        torch.set_num_threads(cfg.run.threads)
-    # Denormal floats made small-loss CPU steps 10x slower; flushing them costs nothing.
-    torch.set_flush_denormal(True)
-    if cfg.run.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = not cfg.run.deterministic
-        # TF32 convolutions in the encoder, but float32 matrix products: the loss compares
-        # embeddings by cosine / tau in float32, and TF32's 10-bit mantissa would round them.
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = True
-    torch.manual_seed(cfg.run.seed)
-    return device
 
 
 def total_steps(cfg: Config, steps_per_epoch: int) -> int:
@@ -169,7 +133,7 @@ def train_step(
     device_type = batch.supports.device.type
     n_sup, n_img = batch.supports.shape[0], batch.views[0].shape[0]
     # One forward per crop size: the supports ride along with the two large views.
-    with autocast(device_type, dtype):
+    with runtime.autocast(device_type, dtype):
         h, z = model([batch.supports, *batch.views])
     # Supports from every rank; gradients flow back into each rank's own supports.
     anchor_supports = distributed.all_gather(z[:n_sup])
@@ -184,6 +148,7 @@ def train_step(
         tau=cfg.loss.tau,
         T=cfg.loss.sharpen,
         me_max=cfg.loss.me_max,
+        reduce=distributed.all_reduce_mean,
     )
     loss = cross_entropy + me_max
     backward_step(loss, optimizer, scaler)
@@ -232,99 +197,95 @@ def _monitor(
     }
 
 
-class _Stop:
-    """Turns SIGINT/SIGTERM into a flag checked between steps."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self.old: dict[int, Any] = {}
-
-    def __enter__(self) -> _Stop:
-        for s in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self.old[s] = signal.signal(s, self._handle)
-            except ValueError:  # not the main thread
-                pass
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.signum is not None:  # a second signal: stop now
-            raise KeyboardInterrupt
-        self.signum = signum  # reported by the loop: printing here could re-enter print
-
-    def __exit__(self, *exc: Any) -> None:
-        for s, handler in self.old.items():
-            signal.signal(s, handler)
+# --------------------------------------------------------------------------------------------
+# The run.
 
 
-def _until_stopped(batches: Iterator[Batch], stop: _Stop) -> Iterator[Batch]:
-    """The batches, ending early if fetching one fails after a stop signal: data-loader
-    workers get a process group's SIGTERM too, and stop."""
-    while True:
-        try:
-            batch = next(batches)
-        except StopIteration:
-            return
-        except Exception:
-            if stop.signum is None:
-                raise
-            return
-        yield batch
+@dataclass
+class Run:
+    """A pre-training run, built and ready for its first (or next) step.
+
+    Attributes:
+        cfg: the config.
+        out: the run directory.
+        device: compute device.
+        data: the datasets.
+        arch: the network's architecture.
+        model: the model (the module to checkpoint and evaluate).
+        optimizer: LARS.
+        scaler: the fp16 gradient scaler, or None.
+        dtype: the autocast dtype, or None for fp32.
+        unl: unlabelled batches.
+        sup: support batches.
+        steps: the run's length in steps.
+        schedule: learning rate per step.
+        labels: (S, K) smoothed labels of the gathered supports (the same every step).
+        start: the first step to take (after a resume, the checkpoint's).
+        last_good: the last checkpoint written and its step, named if the run diverges.
+    """
+
+    cfg: Config
+    out: Path
+    device: torch.device
+    data: Datasets
+    arch: Architecture
+    model: PAWSModel
+    optimizer: LARS
+    scaler: torch.amp.GradScaler | None
+    dtype: torch.dtype | None
+    unl: UnlabeledSampler
+    sup: SupportSampler
+    steps: int
+    schedule: WarmupCosine
+    labels: torch.Tensor
+    start: int = 0
+    last_good: tuple[Path, int] | None = field(default=None)
+
+    def state(self, step: int) -> dict[str, Any]:
+        """The checkpoint of this run after ``step`` steps."""
+        return rundir.training_state(
+            self.model,
+            self.arch,
+            self.optimizer,
+            self.scaler,
+            step,
+            self.cfg,
+            self.unl.steps_per_epoch,
+            self.data,
+        )
+
+    def save_checkpoint(self, done: int) -> None:
+        """Write ``last.pt`` after ``done`` steps (rank 0) and remember it as the last good
+        checkpoint; a run whose weights are no longer finite stops instead."""
+        if not rundir.finite(self.model, self.optimizer):
+            raise rundir.diverged(
+                f"the weights became infinite or NaN by step {done}", self.last_good
+            )
+        if distributed.is_main():
+            checkpoint.save(self.state(done), self.out / rundir.LAST)
+        distributed.barrier()
+        self.last_good = (self.out / rundir.LAST, done)
 
 
-def _tighten_after_training(
-    cfg: Config, model: PAWSModel, data: Datasets, device: torch.device, out: Path, step: int
-) -> dict[str, Any] | None:
-    """The last step of Appendix C's protocol when ``tighten.after_training``: SuNCEt on the
-    labelled images (:func:`paws.tighten.tighten`, ``model`` changed in place), saved as
-    ``tighten.pt`` in ``out``.
+def open_run(cfg: Config, out: Path, resume: bool) -> dict[str, Any] | None:
+    """Check the run directory and write its config.
 
     Returns:
-        The tightening report (PAWS-NN not yet filled in, ``seconds`` and ``checkpoint``
-        added), or None when tightening is off or the labels do not allow it (fewer than 2
-        classes, or a class with a single image), which is said in a line.
+        The checkpoint to resume from, or None for a new run.
+
+    Raises:
+        UserError: a new run would overwrite one; a resume changes the run's shape; an unknown
+            encoder (checked before any data is read).
     """
-    from paws.tighten import save_tightened, tighten  # tightening imports this module
-
-    if not cfg.tighten.after_training:
-        return None
-    start = time.time()
-    try:
-        report = tighten(cfg, model, data, device, evaluate=False)
-    except UserError as e:
-        info(f"not tightening the clusters after training: {e}")
-        return None
-    return save_tightened(report, model, cfg, data, step, out, start)
-
-
-def train(
-    cfg: Config, out_dir: str | Path, resume: bool = False, data: Datasets | None = None
-) -> dict[str, Any]:
-    """Pre-train PAWS as ``cfg`` describes, writing the run into ``out_dir``.
-
-    Args:
-        cfg: the run's config.
-        out_dir: run directory (config.yaml, metrics.csv, last.pt, final.pt, eval.json).
-        resume: continue from ``out_dir/last.pt``; refuses a config that changes the run.
-        data: preloaded datasets (tests), else loaded from the config.
-
-    Returns:
-        ``{"status": "done" | "interrupted", "step", "eval": PAWS-NN result or None,
-        "skipped": number of unreadable images skipped, "signal": signal number when
-        interrupted}``.
-    """
-    from paws.evaluate import paws_nn  # evaluation imports the data loaders; keep it lazy
-
-    out = Path(out_dir)
-    device = setup_runtime(cfg)
-    rank, world = distributed.get_rank(), distributed.get_world_size()
+    check_encoder(cfg.model.encoder)
     state = None
-    if resume and not (out / "last.pt").exists():
+    last = out / rundir.LAST
+    if resume and not last.exists():
         info(f"{out} has no checkpoint yet: starting it from step 0")
     elif resume:
-        state = checkpoint.load(out / "last.pt")
+        state = checkpoint.load(last)
         if any(k not in state for k in ("optimizer", "step", "rng")):
-            raise UserError(f"{out / 'last.pt'} holds no training state to resume from")
+            raise UserError(f"{last} holds no training state to resume from")
         diff = rundir.shape_diff(state["config"], to_dict(cfg))
         if diff:
             raise UserError(
@@ -332,7 +293,7 @@ def train(
                 + "; ".join(diff)
                 + "; resume with the run's own config, or start a new run with --out"
             )
-    elif (out / "last.pt").exists():
+    elif last.exists():
         raise UserError(
             f"{out} already holds a run; resume it with --resume {out} or choose another --out"
         )
@@ -340,204 +301,273 @@ def train(
     distributed.barrier()
     if distributed.is_main():
         out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
+        save_config(cfg, out / rundir.CONFIG)
+    return state
 
-    data = data or load_datasets(cfg)
-    info(f"data: {data.summary()}")
-    if data.skipped and distributed.is_main():
-        (out / "skipped_images.txt").write_text("\n".join(data.skipped) + "\n")
-        info(f"skipped {len(data.skipped)} unreadable images (listed in skipped_images.txt)")
 
-    model = training_model(cfg, data.channels, device)
-    optimizer = build_optimizer(cfg, model)
-    dtype = amp_dtype(cfg, device)
-    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
-
+def build_run(cfg: Config, out: Path, data: Datasets, device: torch.device) -> Run:
+    """Everything the loop needs before its first step: model, optimiser, samplers, schedule
+    and support labels (nothing is written)."""
+    rank, world = distributed.get_rank(), distributed.get_world_size()
+    arch = Architecture.from_config(cfg, data.channels)
+    model = training_model(cfg, arch, device)
+    dtype = runtime.amp_dtype(cfg, device)
     unl = UnlabeledSampler(len(data.unlabeled), cfg.optim.batch_size, cfg.run.seed, rank, world)
+    s = cfg.support
     sup = SupportSampler(
         data.labeled.labels,
-        cfg.support.classes,
-        cfg.support.images_per_class,
+        s.classes,
+        s.images_per_class,
         cfg.run.seed,
         rank,
         world,
-        cfg.support.unique_classes,
+        s.unique_classes,
         data.classes,
     )
     steps = total_steps(cfg, unl.steps_per_epoch)
-    schedule = WarmupCosine(
-        cfg.optim.start_lr,
-        cfg.optim.ref_lr,
-        cfg.optim.final_lr,
-        int(round(cfg.optim.warmup_epochs * unl.steps_per_epoch)),
+    o = cfg.optim
+    warmup = int(round(o.warmup_epochs * unl.steps_per_epoch))
+    schedule = WarmupCosine(o.start_lr, o.ref_lr, o.final_lr, warmup, steps)
+    positions = torch.from_numpy(sup.gathered_positions(s.views))
+    labels = smooth_labels(positions, s.classes, s.label_smoothing).to(device)
+    optimizer = build_optimizer(cfg, model)
+    scaler = runtime.grad_scaler(dtype)
+    return Run(
+        cfg,
+        out,
+        device,
+        data,
+        arch,
+        model,
+        optimizer,
+        scaler,
+        dtype,
+        unl,
+        sup,
         steps,
+        schedule,
+        labels,
     )
-    labels = smooth_labels(
-        torch.from_numpy(sup.gathered_positions(cfg.support.views)),
-        cfg.support.classes,
-        cfg.support.label_smoothing,
-    ).to(device)
 
-    start, last_good = 0, None
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        checkpoint.set_rng_state(state["rng"])
-        start = int(state["step"])
-        last_good = (out / "last.pt", start)
-        if distributed.is_main():
-            checkpoint.remove_partial_writes(out)
-            rundir.truncate_rows(out / "metrics.csv", start)
-            rundir.truncate_rows(out / "evals.csv", start)
-        info(f"resuming {out} at step {start}/{steps}")
-    del state
 
-    net = distributed.data_parallel(model, device, compile=cfg.run.compile)
+def restore_run(run: Run, state: dict[str, Any]) -> None:
+    """Continue ``run`` from a checkpoint: weights, optimiser, scaler, random state, step; logs
+    of steps after the checkpoint are dropped."""
+    run.model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    if run.scaler is not None and state.get("scaler"):
+        run.scaler.load_state_dict(state["scaler"])
+    checkpoint.set_rng_state(state["rng"])
+    run.start = int(state["step"])
+    run.last_good = (run.out / rundir.LAST, run.start)
+    if distributed.is_main():
+        checkpoint.remove_partial_writes(run.out)
+        rundir.truncate_rows(run.out / rundir.METRICS, run.start)
+        rundir.truncate_rows(run.out / rundir.EVALS, run.start)
+    info(f"resuming {run.out} at step {run.start}/{run.steps}")
 
-    metrics = rundir.MetricsLog(
-        out / "metrics.csv",
-        out / "tensorboard" if cfg.run.tensorboard and distributed.is_main() else None,
-        tag="train/",
-    )
-    evals = rundir.MetricsLog(out / "evals.csv", writer=metrics.writer, tag="eval/")
-    progress = Progress(steps, "train", initial=start)
-    global_batch = cfg.optim.batch_size
-    result = {"status": "done", "step": start, "eval": None, "skipped": len(data.skipped)}
-    shown: dict[str, float] = {}  # the latest PAWS-NN accuracy, shown next to the loss
-    model.train()
-    t_last, wait_sum, n_since = time.perf_counter(), 0.0, 0
 
-    def save_checkpoint(done: int) -> tuple[Path, int]:
-        """Write last.pt after ``done`` steps; returns it as the last good checkpoint."""
-        if not rundir.finite(model, optimizer):
-            raise rundir.diverged(f"the weights became infinite or NaN by step {done}", last_good)
-        if distributed.is_main():
-            checkpoint.save(
-                rundir.training_state(
-                    model, optimizer, scaler, done, cfg, unl.steps_per_epoch, data
-                ),
-                out / "last.pt",
+class _Throughput:
+    """Images/s and the share of time spent waiting for data since the last metrics row."""
+
+    def __init__(self, images_per_step: int):
+        self.images_per_step = images_per_step
+        self.since, self.wait, self.steps = time.perf_counter(), 0.0, 0
+
+    def add(self, wait: float) -> None:
+        self.wait += wait
+        self.steps += 1
+
+    def take(self) -> dict[str, float]:
+        now = time.perf_counter()
+        elapsed = max(now - self.since, 1e-9)
+        out = {
+            "images_per_s": self.images_per_step * self.steps / elapsed,
+            "data_wait": self.wait / elapsed,
+        }
+        self.since, self.wait, self.steps = now, 0.0, 0
+        return out
+
+
+def _evaluate_during(run: Run, done: int, evals: rundir.MetricsLog, shown: dict) -> None:
+    """PAWS-NN every ``run.eval_every`` steps (not at the last step: the end evaluates)."""
+    every = run.cfg.run.eval_every
+    if not every or done % every or done >= run.steps or run.data.test is None:
+        return
+    if distributed.is_main():
+        ev = paws_nn(run.model, run.data, run.cfg, run.device)
+        evals.log({"step": done, "top1": ev["top1"], "top5": ev["top5"]})
+        info(f"step {done}: PAWS-NN top-1 {ev['top1']:.2f}%")
+        shown["top1"] = ev["top1"]
+    distributed.barrier()
+
+
+def run_steps(run: Run, metrics: rundir.MetricsLog, evals: rundir.MetricsLog) -> dict[str, Any]:
+    """The training loop, from ``run.start`` to the end or to a stop signal.
+
+    Returns:
+        ``{"status": "done" | "interrupted", "step": steps done, "signal": number}`` (the
+        signal only when interrupted, after a checkpoint at the step reached).
+    """
+    cfg, run_cfg = run.cfg, run.cfg.run
+    net = distributed.data_parallel(run.model, run.device, compile=run_cfg.compile)
+    progress = Progress(run.steps, "train", initial=run.start)
+    shown: dict[str, float] = {}  # the latest loss and PAWS-NN accuracy, shown in the bar
+    speed, done, stopping = _Throughput(cfg.optim.batch_size), run.start, False
+    run.model.train()
+    with runtime.StopSignals() as stop:
+        batches = step_batches(
+            run.data, cfg, run.unl, run.sup, range(run.start, run.steps), run.device
+        )
+        for batch in runtime.until_stopped(batches, stop):
+            lr = run.schedule(batch.step)
+            set_lr(run.optimizer, lr)
+            monitor = run_cfg.monitor_every > 0 and batch.step % run_cfg.monitor_every == 0
+            r = train_step(
+                net, run.optimizer, batch, run.labels, cfg, run.scaler, run.dtype, monitor
             )
-        distributed.barrier()
-        return out / "last.pt", done
-
-    stopping = False
-    with _Stop() as stop:
-        batches = step_batches(data, cfg, unl, sup, start, steps, device)
-        for batch in _until_stopped(batches, stop):
-            step = batch.step
-            lr = schedule(step)
-            set_lr(optimizer, lr)
-            monitor = cfg.run.monitor_every > 0 and step % cfg.run.monitor_every == 0
-            r = train_step(net, optimizer, batch, labels, cfg, scaler, dtype, monitor)
-            wait_sum += batch.wait
-            n_since += 1
-            done = step + 1
+            speed.add(batch.wait)
+            done = batch.step + 1
             # Every rank stops at the same step, whichever received the signal.
             stopping = distributed.any_true(stop.signum is not None)
-            log = done % cfg.run.log_every == 0 or done == steps or bool(r.extra)
-            save = done % cfg.run.checkpoint_every == 0
+            log = done % run_cfg.log_every == 0 or done == run.steps or bool(r.extra)
+            save = done % run_cfg.checkpoint_every == 0
             if log or save or stopping:
                 # Reading the loss waits for the device: only on these steps.
                 values = r.read()
                 if not math.isfinite(values["loss"]):
                     raise rundir.diverged(
-                        f"the loss became {values['loss']} by step {done}", last_good
+                        f"the loss became {values['loss']} by step {done}", run.last_good
                     )
                 shown["loss"] = values["loss"]
             progress.update(1, **shown, lr=lr)
             if log:
-                now = time.perf_counter()
-                elapsed = now - t_last
-                row = {
-                    "step": done,
-                    "epoch": done / unl.steps_per_epoch,
-                    "loss": values["loss"],
-                    "cross_entropy": values["cross_entropy"],
-                    "me_max": values["me_max"],
-                    "lr": lr,
-                    "images_per_s": global_batch * n_since / max(elapsed, 1e-9),
-                    "data_wait": wait_sum / max(elapsed, 1e-9),
-                    "target_confidence": "",
-                    "instance_loss": "",
-                    "support_loss": "",
-                    "mean_entropy": "",
-                }
-                row.update({k: v for k, v in values.items() if k in r.extra})
-                metrics.log(row)
-                t_last, wait_sum, n_since = now, 0.0, 0
+                epoch = done / run.unl.steps_per_epoch
+                metrics.log(
+                    rundir.metrics_row(
+                        {"step": done, "epoch": epoch, **values, "lr": lr, **speed.take()}
+                    )
+                )
             if save:
-                last_good = save_checkpoint(done)
-            if (
-                cfg.run.eval_every
-                and done % cfg.run.eval_every == 0
-                and done < steps
-                and data.test is not None
-            ):
-                if distributed.is_main():
-                    ev = paws_nn(model, data, cfg, device)
-                    evals.log({"step": done, "top1": ev["top1"], "top5": ev["top5"]})
-                    info(f"step {done}: PAWS-NN top-1 {ev['top1']:.2f}%")
-                    shown["top1"] = ev["top1"]
-                distributed.barrier()
-            result["step"] = done
+                run.save_checkpoint(done)
+            _evaluate_during(run, done, evals, shown)
             if stopping:
                 break
+        progress.close()
         if stopping or stop.signum is not None:
-            done = result["step"]
             info(f"stopping: saving a checkpoint at step {done}")
-            if last_good is None or last_good[1] != done:
-                last_good = save_checkpoint(done)
-            progress.close()
-            metrics.close()
-            info(f"stopped at step {done}; continue with: paws train --resume {out}")
+            if run.last_good is None or run.last_good[1] != done:
+                run.save_checkpoint(done)
+            info(f"stopped at step {done}; continue with: paws train --resume {run.out}")
             signum = stop.signum or int(signal.SIGTERM)
-            return {"status": "interrupted", "step": done, "eval": None, "signal": signum}
-    progress.close()
-    if not rundir.finite(model, optimizer):
-        raise rundir.diverged(
-            f"the weights became infinite or NaN by step {result['step']}", last_good
-        )
-    if distributed.is_main():
-        final = rundir.training_state(
-            model, optimizer, scaler, result["step"], cfg, unl.steps_per_epoch, data
-        )
-        checkpoint.save(final, out / "last.pt")
-        checkpoint.save(final, out / "final.pt")
-        ev = None
-        if data.test is not None:
-            ev = paws_nn(model, data, cfg, device, progress=True)
-            evals.log({"step": result["step"], "top1": ev["top1"], "top5": ev["top5"]})
-        summary: dict[str, Any] = {"model": "final.pt", "step": result["step"]}
-        report = _tighten_after_training(cfg, model, data, device, out, result["step"])
-        if report is not None:
-            if ev is not None:
-                before = {"top1": ev["top1"], "top5": ev["top5"]}
-                ev = paws_nn(model, data, cfg, device, progress=True)
-                report["paws_nn_before"] = before
-                report["paws_nn_after"] = {k: ev[k] for k in ("top1", "top5", "num_query")}
-                summary["pretrained"] = dict(before, model="final.pt")
-            (out / "tighten.json").write_text(json.dumps(report, indent=2) + "\n")
-            summary["model"] = "tighten.pt"
-            summary["tighten"] = {k: report[k] for k in ("steps", "loss_first", "loss_last")}
+            return {"status": "interrupted", "step": done, "signal": signum}
+    return {"status": "done", "step": done}
+
+
+def _tighten_after_training(run: Run, step: int) -> dict[str, Any] | None:
+    """The last step of Appendix C's protocol when ``tighten.after_training``: SuNCEt on the
+    labelled images (:func:`paws.tighten.tighten`, ``run.model`` changed in place), saved as
+    ``tighten.pt`` in the run directory.
+
+    Returns:
+        The tightening report (PAWS-NN not yet filled in, ``seconds`` and ``checkpoint``
+        added), or None when tightening is off or the labels do not allow it (fewer than 2
+        classes, or a class with a single image), which is said in a line.
+    """
+    if not run.cfg.tighten.after_training:
+        return None
+    start = time.time()
+    try:
+        report = tighten(run.cfg, run.model, run.data, run.device, evaluate=False)
+    except UserError as e:
+        info(f"not tightening the clusters after training: {e}")
+        return None
+    return save_tightened(report, run.model, run.arch, run.cfg, run.data, step, run.out, start)
+
+
+def finish_run(run: Run, step: int, evals: rundir.MetricsLog) -> dict[str, Any] | None:
+    """After the last step: ``last.pt`` and ``final.pt``, PAWS-NN on the test set, tightening
+    (``tighten.after_training``) and PAWS-NN again, ``eval.json`` and ``predictions.json``.
+
+    Returns:
+        The summary written to ``eval.json`` (None without a test set, and on ranks other
+        than 0).
+    """
+    if not rundir.finite(run.model, run.optimizer):
+        raise rundir.diverged(f"the weights became infinite or NaN by step {step}", run.last_good)
+    if not distributed.is_main():
+        return None
+    final = run.state(step)
+    checkpoint.save(final, run.out / rundir.LAST)
+    checkpoint.save(final, run.out / rundir.FINAL)
+    cfg, data, device = run.cfg, run.data, run.device
+    ev = None
+    if data.test is not None:
+        ev = paws_nn(run.model, data, cfg, device, progress=True)
+        evals.log({"step": step, "top1": ev["top1"], "top5": ev["top5"]})
+    summary: dict[str, Any] = {"model": rundir.FINAL, "step": step}
+    report = _tighten_after_training(run, step)
+    if report is not None:
         if ev is not None:
-            summary.update({k: ev[k] for k in ("top1", "top5", "num_support", "num_query")})
-            summary["features"] = ev["features"]
-            (out / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")
-            (out / "predictions.json").write_text(
-                json.dumps(
-                    {
-                        "classes": data.classes,
-                        "labels": ev["labels"],
-                        "predictions": ev["predictions"],
-                        "confusion": ev["confusion"],
-                    }
-                )
-                + "\n"
-            )
-            result["eval"] = summary
-    metrics.close()
+            before = {"top1": ev["top1"], "top5": ev["top5"]}
+            ev = paws_nn(run.model, data, cfg, device, progress=True)
+            report["paws_nn_before"] = before
+            report["paws_nn_after"] = {k: ev[k] for k in ("top1", "top5", "num_query")}
+            summary["pretrained"] = dict(before, model=rundir.FINAL)
+        rundir.write_json(run.out / "tighten.json", report)
+        summary["model"] = rundir.TIGHTENED
+        summary["tighten"] = {k: report[k] for k in ("steps", "loss_first", "loss_last")}
+    if ev is None:
+        return None
+    summary.update({k: ev[k] for k in ("top1", "top5", "num_support", "num_query", "features")})
+    rundir.write_results(run.out, summary, ev, data.classes)
+    return summary
+
+
+def train(
+    cfg: Config,
+    out_dir: str | Path,
+    resume: bool = False,
+    data: Datasets | None = None,
+    device: torch.device | None = None,
+) -> dict[str, Any]:
+    """Pre-train PAWS as ``cfg`` describes, writing the run into ``out_dir``.
+
+    Changes no process-wide setting: the ``paws`` command calls :func:`paws.runtime.setup`
+    first (threads, determinism, denormals, the process group under torchrun).
+
+    Args:
+        cfg: the run's config.
+        out_dir: run directory (config.yaml, metrics.csv, last.pt, final.pt, eval.json).
+        resume: continue from ``out_dir/last.pt``; refuses a config that changes the run.
+        data: preloaded datasets (tests, benchmarks), else loaded from the config.
+        device: compute device (default: from ``run.device``).
+
+    Returns:
+        ``{"status": "done" | "interrupted", "step", "eval": PAWS-NN summary or None,
+        "skipped": number of unreadable images skipped, "signal": signal number when
+        interrupted}``.
+    """
+    out = Path(out_dir)
+    device = device or runtime.device_for(cfg.run.device)
+    state = open_run(cfg, out, resume)
+    data = data or load_datasets(cfg)
+    info(f"data: {data.summary()}")
+    if data.skipped and distributed.is_main():
+        (out / "skipped_images.txt").write_text("\n".join(data.skipped) + "\n")
+        info(f"skipped {len(data.skipped)} unreadable images (listed in skipped_images.txt)")
+    run = build_run(cfg, out, data, device)
+    if state is not None:
+        restore_run(run, state)
+    del state
+    tensorboard = out / "tensorboard" if cfg.run.tensorboard and distributed.is_main() else None
+    metrics = rundir.MetricsLog(out / rundir.METRICS, tensorboard, tag="train/")
+    evals = rundir.MetricsLog(out / rundir.EVALS, writer=metrics.writer, tag="eval/")
+    try:
+        result = run_steps(run, metrics, evals)
+        if result["status"] == "done":
+            result["eval"] = finish_run(run, result["step"], evals)
+    finally:
+        metrics.close()
     distributed.barrier()
-    return result
+    return {"eval": None, "skipped": len(data.skipped), **result}

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torchvision.transforms import v2
 
 from paws.config import ViewsConfig
+from paws.data.images import to_grey
 
 __all__ = [
     "BatchViews",
@@ -41,8 +42,6 @@ __all__ = [
     "support_transform",
     "eval_transform",
 ]
-
-_GREY = (0.299, 0.587, 0.114)
 
 
 class ShardGenerator:
@@ -138,10 +137,7 @@ def _crop_grid(
 
 
 def _grey(x: torch.Tensor) -> torch.Tensor:
-    if x.shape[1] == 1:
-        return x
-    w = torch.tensor(_GREY, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    return (x * w).sum(dim=1, keepdim=True)
+    return x if x.shape[1] == 1 else to_grey(x)
 
 
 def color_distort(

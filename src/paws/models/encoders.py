@@ -1,4 +1,4 @@
-"""Encoders (a registry), the projection and prediction heads, and the PAWS model around them.
+"""Encoder trunks: a registry of architectures, and initial weights from a local file.
 
 ``create_encoder(name, in_channels=3, small_images=False, **kw)`` builds a trunk that maps
 (N, C, H, W) images to (N, F) features and exposes ``num_features``. Registered encoders:
@@ -15,7 +15,7 @@ Every encoder takes 1-channel (grayscale) or 3-channel input.
 
 from __future__ import annotations
 
-from collections import OrderedDict
+import difflib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -24,21 +24,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-from paws.config import Config
 from paws.errors import UserError
-from paws.progress import info
 
 __all__ = [
     "ENCODERS",
     "register_encoder",
+    "check_encoder",
     "create_encoder",
-    "ProjectionHead",
-    "PredictionHead",
-    "PAWSModel",
-    "FineTunedClassifier",
     "load_encoder_weights",
-    "build_encoder",
-    "build_model",
+    "WideResNet",
+    "SmallCNN",
 ]
 
 ENCODERS: dict[str, Callable[..., nn.Module]] = {}
@@ -52,6 +47,19 @@ def register_encoder(name: str) -> Callable[[Callable[..., nn.Module]], Callable
         return factory
 
     return add
+
+
+def check_encoder(name: str) -> None:
+    """Raise a one-line :class:`UserError` (with the nearest name) unless ``name`` is a
+    registered encoder."""
+    if name in ENCODERS:
+        return
+    close = difflib.get_close_matches(name, sorted(ENCODERS), n=1)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    raise UserError(
+        f"unknown encoder '{name}' (model.encoder); {hint}choose one of: "
+        f"{', '.join(sorted(ENCODERS))}"
+    )
 
 
 def create_encoder(
@@ -70,8 +78,7 @@ def create_encoder(
     Returns:
         A module mapping (N, in_channels, H, W) to (N, module.num_features).
     """
-    if name not in ENCODERS:
-        raise UserError(f"unknown encoder '{name}'; choose one of: {', '.join(sorted(ENCODERS))}")
+    check_encoder(name)
     return ENCODERS[name](in_channels=in_channels, small_images=small_images, **kwargs)
 
 
@@ -235,168 +242,6 @@ def cnn_small(in_channels: int = 3, small_images: bool = True, width: int = 32) 
     return SmallCNN(in_channels, width)
 
 
-# --------------------------------------------------------------------------------------------
-# Heads and the model.
-
-
-class ProjectionHead(nn.Module):
-    """MLP projection head: ``layers`` linear layers, batch norm and ReLU on the hidden ones.
-
-    The paper's head has 3 layers of 2048 (ImageNet) or 128 (CIFAR-10) units (Appendix A, C).
-    """
-
-    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, layers: int = 3):
-        super().__init__()
-        mods: OrderedDict[str, nn.Module] = OrderedDict()
-        d = in_dim
-        for i in range(1, layers):
-            mods[f"fc{i}"] = nn.Linear(d, hidden_dim)
-            mods[f"bn{i}"] = nn.BatchNorm1d(hidden_dim)
-            mods[f"relu{i}"] = nn.ReLU(inplace=True)
-            d = hidden_dim
-        mods[f"fc{layers}"] = nn.Linear(d, out_dim)
-        self.mlp = nn.Sequential(mods)
-        self.out_dim = out_dim
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mlp(x)
-
-
-class PredictionHead(nn.Module):
-    """2-layer MLP prediction head of Table 5: BN on its input and on the hidden layer."""
-
-    def __init__(self, dim: int, hidden_dim: int):
-        super().__init__()
-        self.mlp = nn.Sequential(
-            OrderedDict(
-                [
-                    ("bn0", nn.BatchNorm1d(dim)),
-                    ("fc1", nn.Linear(dim, hidden_dim)),
-                    ("bn1", nn.BatchNorm1d(hidden_dim)),
-                    ("relu1", nn.ReLU(inplace=True)),
-                    ("fc2", nn.Linear(hidden_dim, dim)),
-                ]
-            )
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mlp(x)
-
-
-class PAWSModel(nn.Module):
-    """Encoder trunk, projection head and optional prediction head.
-
-    ``forward`` returns two embeddings of every view: ``h`` after the projection head and ``z``
-    after the prediction head (``z is h`` without one). Following the official implementation
-    (facebookresearch/suncet, ``src/paws_train.py``), anchors and anchor supports use ``z`` while
-    targets and target supports use ``h``: the prediction head is an extra mapping on the anchor
-    side only, as in BYOL, and targets stay in the projection space it predicts.
-    """
-
-    def __init__(self, encoder: nn.Module, projection: nn.Module, prediction: nn.Module | None):
-        super().__init__()
-        self.encoder = encoder
-        self.projection = projection
-        self.prediction = prediction
-        self.channels_last = False
-
-    def trunk(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, C, H, W) images to (N, F) trunk features."""
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return self.encoder(x)
-
-    def forward(self, views: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Embed a list of view batches, one trunk forward per run of equal-sized views.
-
-        Args:
-            views: tensors (N_i, C, H_i, W_i); consecutive tensors of the same size are
-                concatenated and encoded together (so batch norm sees them as one batch).
-
-        Returns:
-            ``(h, z)``, each (sum N_i, D), rows in the order of ``views``.
-        """
-        if isinstance(views, torch.Tensor):
-            views = [views]
-        hs = []
-        start = 0
-        while start < len(views):
-            end = start + 1
-            while end < len(views) and views[end].shape[-2:] == views[start].shape[-2:]:
-                end += 1
-            x = torch.cat(list(views[start:end])) if end - start > 1 else views[start]
-            hs.append(self.projection(self.trunk(x)))
-            start = end
-        h = torch.cat(hs) if len(hs) > 1 else hs[0]
-        z = self.prediction(h) if self.prediction is not None else h
-        return h, z
-
-    def embed(self, x: torch.Tensor, features: str = "head") -> torch.Tensor:
-        """Embeddings for evaluation: ``"head"`` (the space anchors are classified in) or
-        ``"trunk"`` (encoder output). x: (N, C, H, W); returns (N, D)."""
-        if features == "trunk":
-            return self.trunk(x)
-        return self.forward([x])[1]
-
-
-class FineTunedClassifier(nn.Module):
-    """Encoder trunk, the first layer of the projection head and a linear classifier.
-
-    The classifier of Appendix A: SimCLRv2 and PAWS fine-tune "from the first layer of the
-    projection head", i.e. trunk -> fc1 -> bn1 -> relu1 of the pre-trained head, then a new
-    linear layer to the K classes (initialised to zero). A head with a single layer has no hidden
-    layer, so its first linear layer alone is kept.
-
-    Args:
-        encoder: the pre-trained trunk, (N, C, H, W) to (N, F).
-        head: the first layer(s) of the projection head, (N, F) to (N, D).
-        classifier: linear layer (N, D) to (N, K) logits.
-    """
-
-    def __init__(self, encoder: nn.Module, head: nn.Module, classifier: nn.Linear):
-        super().__init__()
-        self.encoder = encoder
-        self.head = head
-        self.classifier = classifier
-
-    @classmethod
-    def from_pretrained(
-        cls, model: PAWSModel, num_classes: int, zero_init: bool = True
-    ) -> FineTunedClassifier:
-        """Wrap a pre-trained model's trunk and first head layer (shared, not copied) with a new
-        classifier of ``num_classes`` outputs (zero weights and bias when ``zero_init``) on the
-        model's device."""
-        layers = list(model.projection.mlp.named_children())
-        kept: OrderedDict[str, nn.Module] = OrderedDict()
-        for name, module in layers:
-            kept[name] = module
-            if isinstance(module, nn.ReLU):
-                break
-        if not any(isinstance(m, nn.ReLU) for m in kept.values()):
-            kept = OrderedDict(layers[:1])
-        first = next(m for m in kept.values() if isinstance(m, nn.Linear))
-        # On the pre-trained layer's device, so fine-tuning on a GPU finds every weight there.
-        classifier = nn.Linear(first.out_features, num_classes, device=first.weight.device)
-        if zero_init:
-            nn.init.zeros_(classifier.weight)
-            nn.init.zeros_(classifier.bias)
-        return cls(model.encoder, nn.Sequential(kept), classifier)
-
-    @property
-    def num_classes(self) -> int:
-        """K, the number of classes."""
-        return self.classifier.out_features
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, C, H, W) images to (N, K) logits."""
-        return self.classifier(self.head(self.encoder(x)))
-
-    def embed(self, x: torch.Tensor, features: str = "head") -> torch.Tensor:
-        """``"head"``: the classifier's input (N, D); ``"trunk"``: encoder output (N, F)."""
-        h = self.encoder(x)
-        return h if features == "trunk" else self.head(h)
-
-
 def load_encoder_weights(encoder: nn.Module, path: str | Path) -> tuple[list[str], list[str]]:
     """Initialise an encoder from a local torchvision or timm state dict.
 
@@ -440,32 +285,3 @@ def load_encoder_weights(encoder: nn.Module, path: str | Path) -> tuple[list[str
         raise UserError(f"no tensor in {path} matches the encoder; is it the same architecture?")
     result = encoder.load_state_dict(cleaned, strict=False)
     return list(result.missing_keys), list(result.unexpected_keys)
-
-
-# --------------------------------------------------------------------------------------------
-# From a config.
-
-
-def build_encoder(cfg: Config, channels: int) -> torch.nn.Module:
-    """The encoder trunk the config names, initialised from ``model.weights`` if set."""
-    m = cfg.model
-    small = m.small_images if m.small_images is not None else cfg.views.large_size < 64
-    kwargs = {"width": m.width} if m.width else {}
-    encoder = create_encoder(m.encoder, in_channels=channels, small_images=small, **kwargs)
-    if m.weights:
-        missing, _ = load_encoder_weights(encoder, m.weights)
-        if missing:
-            info(
-                f"encoder weights: {len(missing)} tensors not in {m.weights} keep their "
-                "initialisation"
-            )
-    return encoder
-
-
-def build_model(cfg: Config, channels: int) -> PAWSModel:
-    """Encoder, projection head and (optional) prediction head from the config."""
-    m = cfg.model
-    encoder = build_encoder(cfg, channels)
-    projection = ProjectionHead(encoder.num_features, m.proj_hidden, m.proj_out, m.proj_layers)
-    prediction = PredictionHead(m.proj_out, m.pred_hidden) if m.pred_head else None
-    return PAWSModel(encoder, projection, prediction)

@@ -1,0 +1,254 @@
+"""Images as files and tensors: finding them, reading and decoding them, one set of them.
+
+Everything that turns a file into pixels lives here, so that training, evaluation, prediction
+and reports read an image the same way: Pillow decodes it fully, palette and transparent images
+are composited on white, and grey or colour is chosen by the run (``channels``). Colour becomes
+grey with the ITU-R 601 luma weights :data:`GREY` wherever it happens (files, tensors,
+augmentation).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from paws.errors import UserError
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "GREY",
+    "ImageSet",
+    "scan_images",
+    "scan_labeled_folder",
+    "relative_names",
+    "read_image",
+    "to_mode",
+    "to_grey",
+    "tensor_channels",
+    "is_grey",
+    "decode_images",
+]
+
+IMAGE_EXTENSIONS = (
+    ".jpg",
+    ".jpeg",
+    ".png",
+    ".bmp",
+    ".gif",
+    ".tif",
+    ".tiff",
+    ".webp",
+    ".ppm",
+    ".pgm",
+)
+GREY = (0.299, 0.587, 0.114)  # luma weights of R, G and B (ITU-R BT.601), as Pillow's "L"
+
+
+@dataclass
+class ImageSet:
+    """A set of images held either in memory or as files.
+
+    Attributes:
+        labels: (N,) int64 class ids (-1 where unknown).
+        names: (N,) image names used by split files and in outputs.
+        images: (N, C, H, W) uint8 in memory, or None.
+        files: N paths read on demand, or None.
+    """
+
+    labels: np.ndarray
+    names: list[str]
+    images: torch.Tensor | None = None
+    files: list[Path] | None = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def in_memory(self) -> bool:
+        return self.images is not None
+
+    def subset(self, index: Sequence[int] | np.ndarray) -> ImageSet:
+        """The images at ``index``, in that order."""
+        index = np.asarray(index, dtype=np.int64)
+        return ImageSet(
+            labels=self.labels[index],
+            names=[self.names[i] for i in index],
+            images=self.images[torch.from_numpy(index)] if self.images is not None else None,
+            files=[self.files[i] for i in index] if self.files is not None else None,
+        )
+
+
+def scan_images(folder: str | Path) -> list[Path]:
+    """All image files below ``folder`` (recursive, sorted), by extension."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise UserError(f"image folder not found: {folder}")
+    files = sorted(
+        p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+    )
+    if not files:
+        raise UserError(f"no images found in {folder} (looked for {', '.join(IMAGE_EXTENSIONS)})")
+    return files
+
+
+def scan_labeled_folder(
+    folder: str | Path, classes: Sequence[str] | None = None
+) -> tuple[list[Path], np.ndarray, list[str]]:
+    """Files and labels of a ``<class>/<image>`` folder.
+
+    Args:
+        folder: the folder.
+        classes: fixed class order (e.g. the labelled set's for a test folder); by default the
+            sorted sub-folder names.
+
+    Returns:
+        ``(files, labels, classes)``.
+    """
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise UserError(f"labelled folder not found: {folder}")
+    subdirs = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not subdirs:
+        raise UserError(
+            f"{folder} has no class sub-folders: arrange labelled images as <class>/<image>"
+        )
+    order = list(classes) if classes is not None else subdirs
+    files, labels = [], []
+    for name in subdirs:
+        imgs = sorted(
+            p
+            for p in (folder / name).rglob("*")
+            if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+        )
+        if not imgs:
+            raise UserError(
+                f"class folder {folder / name} holds no images; add images or remove the folder"
+            )
+        if name not in order:
+            raise UserError(
+                f"class '{name}' in {folder} is not a class of the labelled set "
+                f"({', '.join(order)})"
+            )
+        files += imgs
+        labels += [order.index(name)] * len(imgs)
+    return files, np.asarray(labels, dtype=np.int64), order
+
+
+def to_mode(im: Image.Image, channels: int | None = None) -> Image.Image:
+    """The image in mode L (``channels`` 1) or RGB; palette and transparent images are
+    composited on white first."""
+    if im.mode in ("P", "PA", "LA", "RGBA") or "transparency" in im.info:
+        im = im.convert("RGBA")
+        bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(bg, im)
+    return im.convert("L" if channels == 1 else "RGB")
+
+
+def read_image(path: Path, channels: int | None = None) -> Image.Image:
+    """Open and fully decode an image as RGB (or L when ``channels`` is 1), see :func:`to_mode`.
+
+    Raises :class:`UserError` naming the file if it is corrupt, truncated or not an image.
+    """
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return to_mode(im, channels)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        if isinstance(e, UnidentifiedImageError):
+            reason = "not an image, or in a format Pillow cannot read"
+        else:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else "corrupt"
+        raise UserError(
+            f"cannot read image {path}: {reason}; fix or remove it, or set data.on_bad_image: skip"
+        ) from e
+
+
+def to_grey(x: torch.Tensor) -> torch.Tensor:
+    """Colour to grey with :data:`GREY`: (..., 3, H, W) to (..., 1, H, W); uint8 stays uint8
+    (rounded), other dtypes are computed in float32."""
+    w = torch.tensor(GREY, dtype=torch.float32, device=x.device).view(3, 1, 1)
+    grey = (x.float() * w).sum(dim=-3, keepdim=True)
+    if x.dtype == torch.uint8:
+        return grey.round().clamp(0, 255).to(torch.uint8)
+    return grey
+
+
+def tensor_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
+    """A (C, H, W) image tensor with ``channels`` channels: grey from colour by :func:`to_grey`,
+    colour from grey by repetition."""
+    if x.dim() != 3:
+        raise UserError(f"image tensors must be (C, H, W) or (N, C, H, W), got {tuple(x.shape)}")
+    if x.shape[0] == channels:
+        return x
+    if x.shape[0] == 3 and channels == 1:
+        return to_grey(x)
+    if x.shape[0] == 1 and channels == 3:
+        return x.expand(3, -1, -1)
+    raise UserError(f"images need 1 or 3 channels, got {x.shape[0]}")
+
+
+def is_grey(files: Sequence[Path], sample: int = 2000) -> bool:
+    """Whether the images are grey, judged from the modes of the first ``sample`` files
+    (unreadable ones count as grey: decoding them reports the error)."""
+
+    def grey(path: Path) -> bool:
+        try:
+            with Image.open(path) as im:
+                return im.mode in ("1", "L", "LA", "I", "I;16", "F")
+        except (UnidentifiedImageError, OSError):
+            return True
+
+    return all(grey(f) for f in list(files)[:sample])
+
+
+def square(im: Image.Image, size: int) -> np.ndarray:
+    """The image resized (shorter side to ``size``, bicubic) and centre-cropped to a (C, size,
+    size) uint8 array."""
+    w, h = im.size
+    s = size / min(w, h)
+    nw, nh = max(size, round(w * s)), max(size, round(h * s))
+    im = im.resize((nw, nh), Image.BICUBIC) if (nw, nh) != (w, h) else im
+    left, top = (nw - size) // 2, (nh - size) // 2
+    arr = np.asarray(im.crop((left, top, left + size, top + size)))
+    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+
+
+def decode_images(
+    files: Sequence[Path], size: int, channels: int, on_bad_image: str = "error"
+) -> tuple[torch.Tensor, list[int], list[str]]:
+    """Decode files into a uint8 tensor, each resized (shorter side) and centre-cropped to
+    ``size``.
+
+    Returns:
+        ``(images (N', C, size, size), kept indices, skipped file names)``; with
+        ``on_bad_image='error'`` a bad file raises :class:`UserError` instead.
+    """
+
+    def one(path: Path) -> np.ndarray | None:
+        try:
+            return square(read_image(path, channels), size)
+        except UserError:
+            if on_bad_image == "error":
+                raise
+            return None
+
+    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2))) as pool:
+        arrays = list(pool.map(one, files))
+    kept = [i for i, a in enumerate(arrays) if a is not None]
+    skipped = [str(files[i]) for i, a in enumerate(arrays) if a is None]
+    if not kept:
+        raise UserError(f"none of the {len(files)} images could be read")
+    out = torch.from_numpy(np.stack([arrays[i] for i in kept]))
+    return out, kept, skipped
+
+
+def relative_names(files: Sequence[Path], root: Path) -> list[str]:
+    """The files' paths relative to ``root``, as the names split files and outputs use."""
+    return [str(f.relative_to(root)) for f in files]

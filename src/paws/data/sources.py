@@ -1,0 +1,242 @@
+"""Where a run's images come from: the unlabelled, labelled and test sets of a config.
+
+:func:`load_datasets` assembles a :class:`Datasets` from a built-in dataset (Fashion-MNIST,
+CIFAR-10/100), ImageNet-style folders (``train/<class>/*``, ``val/<class>/*``) or any folder of
+images (unlabelled images anywhere below a folder; labelled and test images as
+``<class>/<image>``), with the labelled subset a config asks for (:func:`select_labeled`).
+Folders small enough are decoded once into uint8 tensors (augmented as batches); larger ones
+stay on disk and are decoded per image by the loaders.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from paws.config import Config, DataConfig
+from paws.data.builtin import FASHION_MNIST_CLASSES, STATS, load_cifar, load_fashion_mnist
+from paws.data.images import (
+    ImageSet,
+    decode_images,
+    is_grey,
+    relative_names,
+    scan_images,
+    scan_labeled_folder,
+    to_grey,
+)
+from paws.errors import UserError
+
+__all__ = ["Datasets", "select_labeled", "labeled_as_unlabeled", "load_datasets"]
+
+
+@dataclass
+class Datasets:
+    """Everything a run reads: the unlabelled, labelled and (optional) test sets."""
+
+    unlabeled: ImageSet
+    labeled: ImageSet
+    test: ImageSet | None
+    classes: list[str]
+    channels: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    skipped: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        test = f", {len(self.test)} test" if self.test is not None else ", no test set"
+        where = "in memory" if self.unlabeled.in_memory else "on disk"
+        return (
+            f"{len(self.unlabeled)} unlabelled, {len(self.labeled)} labelled "
+            f"({len(self.classes)} classes){test}; {where}"
+        )
+
+
+def _read_split(path: str) -> list[str]:
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise UserError(f"split file not found: {p}")
+    lines = [ln.strip() for ln in p.read_text().splitlines()]
+    names = [ln for ln in lines if ln and not ln.startswith("#")]
+    if not names:
+        raise UserError(f"split file {p} lists no images")
+    return names
+
+
+def select_labeled(images: ImageSet, cfg: DataConfig, num_classes: int) -> np.ndarray:
+    """Indices of the labelled subset of a fully labelled set, per ``cfg``.
+
+    ``split_file`` lines are matched to image names (an index for Fashion-MNIST/CIFAR, a file
+    name or relative path for folders); otherwise ``label_fraction`` or else
+    ``labels_per_class`` images are drawn per class with ``split_seed``. With none of them set,
+    every image is labelled.
+    """
+    if cfg.split_file:
+        wanted = _read_split(cfg.split_file)
+        lookup: dict[str, int] = {}
+        for i, name in enumerate(images.names):
+            lookup.setdefault(name, i)
+            lookup.setdefault(Path(name).name, i)
+        missing = [w for w in wanted if w not in lookup]
+        if missing:
+            raise UserError(
+                f"split file {cfg.split_file} names {len(missing)} image(s) not in the "
+                f"dataset, e.g. '{missing[0]}'; fix the names or the data folder"
+            )
+        return np.unique([lookup[w] for w in wanted])
+    if cfg.labels_per_class is None and cfg.label_fraction is None:
+        return np.arange(len(images))
+    rng = np.random.default_rng(cfg.split_seed)
+    chosen = []
+    for c in range(num_classes):
+        pool = np.flatnonzero(images.labels == c)
+        if cfg.label_fraction is not None:
+            n = max(1, int(round(cfg.label_fraction * len(pool))))
+        else:
+            n = cfg.labels_per_class
+            if n > len(pool):
+                raise UserError(
+                    f"data.labels_per_class is {n} but class {c} has only {len(pool)} images; "
+                    "lower it"
+                )
+        chosen.append(rng.choice(pool, size=min(n, len(pool)), replace=False))
+    return np.sort(np.concatenate(chosen))
+
+
+def _fits(n: int, size: int, channels: int, limit_gb: float) -> bool:
+    return n * size * size * channels <= limit_gb * 1e9
+
+
+def _folder_sets(cfg: Config) -> Datasets:
+    d = cfg.data
+    lab_root = Path(d.labeled).expanduser()
+    lab_files, lab_y, classes = scan_labeled_folder(lab_root)
+    labeled = ImageSet(labels=lab_y, names=relative_names(lab_files, lab_root), files=lab_files)
+    if d.split_file:
+        labeled = labeled.subset(select_labeled(labeled, d, len(classes)))
+    if d.unlabeled:
+        unl_root = Path(d.unlabeled).expanduser()
+        unl_files = scan_images(unl_root)
+        names = relative_names(unl_files, unl_root)
+        if d.unlabeled_includes_labeled:
+            seen = {f.resolve() for f in unl_files}
+            extra = [f for f in lab_files if f.resolve() not in seen]
+            unl_files, names = unl_files + extra, names + relative_names(extra, lab_root)
+    else:
+        unl_files, names = list(lab_files), relative_names(lab_files, lab_root)
+    unlabeled = ImageSet(
+        labels=-np.ones(len(unl_files), dtype=np.int64), names=names, files=unl_files
+    )
+    test = None
+    if d.test:
+        test_root = Path(d.test).expanduser()
+        test_files, test_y, _ = scan_labeled_folder(test_root, classes)
+        test = ImageSet(
+            labels=test_y, names=relative_names(test_files, test_root), files=test_files
+        )
+    sets = [s for s in (unlabeled, labeled, test) if s is not None]
+    unique = list(dict.fromkeys(f for s in sets for f in s.files or []))
+    channels = d.channels or (1 if is_grey(unique) else 3)
+    size = d.image_size or max(cfg.views.large_size, round(cfg.views.large_size * 8 / 7))
+    in_memory = d.in_memory is True or (
+        d.in_memory == "auto" and _fits(len(unique), size, channels, d.memory_limit_gb)
+    )
+    skipped: list[str] = []
+    if in_memory:
+        images, kept, skipped = decode_images(unique, size, channels, d.on_bad_image)
+        row = {unique[k]: r for r, k in enumerate(kept)}
+
+        def load(s: ImageSet) -> ImageSet:
+            keep = [i for i, f in enumerate(s.files or []) if f in row]
+            if not keep:
+                raise UserError("every image of a set was unreadable and skipped")
+            out = s.subset(keep)
+            out.images = images[torch.tensor([row[f] for f in out.files or []])]
+            out.files = None
+            return out
+
+        unlabeled, labeled = load(unlabeled), load(labeled)
+        test = load(test) if test is not None else None
+    mean, std = _stats(cfg, "imagenet", channels)
+    return Datasets(unlabeled, labeled, test, classes, channels, mean, std, skipped)
+
+
+def labeled_as_unlabeled(labeled: ImageSet) -> ImageSet:
+    """The labelled images viewed as an unlabelled set (labels hidden)."""
+    return ImageSet(
+        labels=-np.ones(len(labeled), dtype=np.int64),
+        names=list(labeled.names),
+        images=labeled.images,
+        files=labeled.files,
+    )
+
+
+def _stats(cfg: Config, dataset: str, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    mean, std = STATS.get(dataset, STATS["imagenet"])
+    if channels == 1 and len(mean) == 3:
+        mean, std = (0.449,), (0.226,)
+    mean = tuple(cfg.data.mean) if cfg.data.mean else mean
+    std = tuple(cfg.data.std) if cfg.data.std else std
+    if len(mean) != channels or len(std) != channels:
+        raise UserError(f"data.mean and data.std need {channels} values for this dataset")
+    return mean, std
+
+
+def _imagenet_sets(cfg: Config) -> Datasets:
+    d = cfg.data
+    if not d.root:
+        raise UserError("set data.root to the ImageNet folder holding train/ and val/")
+    root = Path(d.root).expanduser()
+    train_files, train_y, classes = scan_labeled_folder(root / "train")
+    full = ImageSet(
+        labels=train_y, names=relative_names(train_files, root / "train"), files=train_files
+    )
+    labeled = full.subset(select_labeled(full, d, len(classes)))
+    unlabeled = (
+        full
+        if d.unlabeled_includes_labeled
+        else full.subset(np.setdiff1d(np.arange(len(full)), select_labeled(full, d, len(classes))))
+    )
+    unlabeled = labeled_as_unlabeled(unlabeled)
+    test = None
+    if (root / "val").is_dir():
+        val_files, val_y, _ = scan_labeled_folder(root / "val", classes)
+        test = ImageSet(
+            labels=val_y, names=relative_names(val_files, root / "val"), files=val_files
+        )
+    mean, std = _stats(cfg, "imagenet", 3)
+    return Datasets(unlabeled, labeled, test, classes, 3, mean, std)
+
+
+def load_datasets(cfg: Config) -> Datasets:
+    """Load the run's unlabelled, labelled and test sets as the config describes."""
+    d = cfg.data
+    if d.dataset == "folder":
+        return _folder_sets(cfg)
+    if d.dataset == "imagenet":
+        return _imagenet_sets(cfg)
+    if d.dataset == "fashion_mnist":
+        train, test = load_fashion_mnist(d.root)
+        classes = list(FASHION_MNIST_CLASSES)
+    else:
+        train, test, classes = load_cifar(d.root, d.dataset)
+    channels = train.images.shape[1]
+    if d.channels and d.channels != channels:
+        if d.channels == 3:
+            train.images, test.images = (
+                s.images.expand(-1, 3, -1, -1).contiguous() for s in (train, test)
+            )
+        else:
+            train.images, test.images = (to_grey(s.images) for s in (train, test))
+        channels = d.channels
+    chosen = select_labeled(train, d, len(classes))
+    labeled = train.subset(chosen)
+    unlabeled = (
+        train
+        if d.unlabeled_includes_labeled
+        else train.subset(np.setdiff1d(np.arange(len(train)), chosen))
+    )
+    mean, std = _stats(cfg, d.dataset, channels)
+    return Datasets(labeled_as_unlabeled(unlabeled), labeled, test, classes, channels, mean, std)

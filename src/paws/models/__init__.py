@@ -1,0 +1,36 @@
+"""Encoders, heads and the networks built from them.
+
+- :mod:`paws.models.encoders`: the registry of encoder trunks and initial weights from a file.
+- :mod:`paws.models.networks`: heads, :class:`PAWSModel`, :class:`Classifier`, and the one
+  builder, :func:`build_network`, from an :class:`Architecture` record.
+"""
+
+from paws.models.encoders import (
+    ENCODERS,
+    check_encoder,
+    create_encoder,
+    load_encoder_weights,
+    register_encoder,
+)
+from paws.models.networks import (
+    Architecture,
+    Classifier,
+    PAWSModel,
+    PredictionHead,
+    ProjectionHead,
+    build_network,
+)
+
+__all__ = [
+    "ENCODERS",
+    "Architecture",
+    "Classifier",
+    "PAWSModel",
+    "PredictionHead",
+    "ProjectionHead",
+    "build_network",
+    "check_encoder",
+    "create_encoder",
+    "load_encoder_weights",
+    "register_encoder",
+]

@@ -1,0 +1,84 @@
+"""Files of a model's outputs: predictions as CSV or JSON, embeddings as .npy or .safetensors.
+
+``paws predict`` and ``paws embed`` write these; Python users get the same files from the same
+functions.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from paws.errors import UserError
+
+__all__ = ["predictions_text", "write_embeddings", "EMBEDDING_SUFFIXES"]
+
+EMBEDDING_SUFFIXES = (".npy", ".safetensors")
+
+
+def predictions_text(
+    files: Sequence[str | Path], top: Sequence[Sequence[tuple[str, float]]], fmt: str = "csv"
+) -> str:
+    """The predictions of ``files`` as text.
+
+    Args:
+        files: the images, in order.
+        top: for each image, its ``(class, probability)`` pairs, most probable first (as
+            :meth:`paws.inference.Predictor.predict` returns them).
+        fmt: ``"csv"`` (``file,class_1,probability_1,...``) or ``"json"`` (a list of
+            ``{"file", "top": [{"class", "probability"}, ...]}``).
+    """
+    if fmt == "json":
+        rows = [
+            {"file": str(f), "top": [{"class": c, "probability": pr} for c, pr in t]}
+            for f, t in zip(files, top)
+        ]
+        return json.dumps(rows, indent=2) + "\n"
+    if fmt != "csv":
+        raise UserError(f"predictions are written as csv or json, not {fmt!r}")
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    k = len(top[0]) if top else 0
+    header = ["file"]
+    for i in range(1, k + 1):
+        header += [f"class_{i}", f"probability_{i}"]
+    writer.writerow(header)
+    for f, t in zip(files, top):
+        writer.writerow([str(f)] + [v for c, pr in t for v in (c, f"{pr:.6f}")])
+    return buf.getvalue()
+
+
+def write_embeddings(
+    path: str | Path, embeddings: torch.Tensor, files: Sequence[str | Path], features: str
+) -> str:
+    """Write (N, D) ``embeddings`` of ``files`` to ``path``.
+
+    ``.npy``: the array, with the file list beside it in ``.txt``; ``.safetensors``: the
+    tensor ``embeddings`` with the file list and ``features`` in its metadata.
+
+    Returns:
+        Where they went, in words.
+    """
+    out = Path(path)
+    if out.suffix not in EMBEDDING_SUFFIXES:
+        raise UserError(f"--out must end in .npy or .safetensors, got {out.name}")
+    names = [str(f) for f in files]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".npy":
+        np.save(out, embeddings.numpy())
+        out.with_suffix(".txt").write_text("\n".join(names) + "\n")
+        return f"{out} (files listed in {out.with_suffix('.txt')})"
+    from safetensors.torch import save_file
+
+    save_file(
+        {"embeddings": embeddings.contiguous()},
+        str(out),
+        metadata={"files": json.dumps(names), "features": features},
+    )
+    return str(out)

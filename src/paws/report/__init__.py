@@ -1,0 +1,16 @@
+"""``paws report``: figures of runs (:mod:`paws.report.figures`), the pictures drawn from a run's
+test images (:mod:`paws.report.test_images`) and the page that lays them out
+(:mod:`paws.report.page`)."""
+
+from paws.report.figures import plot_accuracy, plot_curves, plot_grid, plot_last_eval, plot_tsne
+from paws.report.page import Section, build_report
+
+__all__ = [
+    "Section",
+    "build_report",
+    "plot_accuracy",
+    "plot_curves",
+    "plot_grid",
+    "plot_last_eval",
+    "plot_tsne",
+]

@@ -1,0 +1,142 @@
+"""The process a command runs in: device, threads, denormals, determinism, autocast, stop signals.
+
+:func:`setup` changes process-wide state (torch flags, the thread count, the global seed, the
+process group under torchrun), so only entry points call it: the ``paws`` command does, once,
+before it calls the library. Library functions take a device (or pick one with
+:func:`device_for`, which changes nothing), so a notebook that calls them keeps its settings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+from collections.abc import Iterator
+from typing import Any, TypeVar
+
+import torch
+
+from paws import distributed
+from paws.errors import UserError
+
+__all__ = [
+    "setup",
+    "device_for",
+    "amp_dtype",
+    "autocast",
+    "grad_scaler",
+    "StopSignals",
+    "until_stopped",
+]
+
+T = TypeVar("T")
+
+
+def device_for(requested: str) -> torch.device:
+    """The device ``run.device`` means here, without changing any state.
+
+    Args:
+        requested: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``.
+
+    Returns:
+        ``cuda:LOCAL_RANK`` (the process's GPU under torchrun) or the CPU.
+
+    Raises:
+        UserError: ``"cuda"`` was asked for and there is no GPU.
+    """
+    use_cuda = requested in ("auto", "cuda") and torch.cuda.is_available()
+    if requested == "cuda" and not use_cuda:
+        raise UserError("run.device is 'cuda' but no GPU is available; use run.device=auto")
+    if not use_cuda:
+        return torch.device("cpu")
+    return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
+
+
+def setup(cfg: Any) -> torch.device:
+    """Set the process up for ``cfg`` (a :class:`paws.config.Config`); returns the device.
+
+    Joins torchrun's process group, sets the thread count (``run.threads``), flushes denormal
+    floats, switches deterministic algorithms on for ``run.deterministic``, chooses the GPU's
+    matrix-product precision and seeds torch's global generator with ``run.seed``.
+    """
+    device = device_for(cfg.run.device)
+    distributed.init(cfg.run.device)
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    # Denormal floats made small-loss CPU steps 10x slower; flushing them costs nothing.
+    torch.set_flush_denormal(True)
+    if cfg.run.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = not cfg.run.deterministic
+        # TF32 convolutions in the encoder, but float32 matrix products: the loss compares
+        # embeddings by cosine / tau in float32, and TF32's 10-bit mantissa would round them.
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(cfg.run.seed)
+    return device
+
+
+def amp_dtype(cfg: Any, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of the forward pass (``run.amp`` on a GPU), or None for fp32."""
+    if device.type != "cuda" or cfg.run.amp == "off":
+        return None
+    if cfg.run.amp == "fp16":
+        return torch.float16
+    if cfg.run.amp == "bf16" or torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float16
+
+
+def autocast(device_type: str, dtype: torch.dtype | None) -> Any:
+    """Autocast context for ``dtype``, or a no-op context for fp32."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=dtype)
+
+
+def grad_scaler(dtype: torch.dtype | None) -> torch.amp.GradScaler | None:
+    """A gradient scaler for fp16 autocast, None otherwise."""
+    return torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+
+
+class StopSignals:
+    """Turns SIGINT/SIGTERM into a flag (``signum``) that a loop checks between steps; a
+    second signal stops at once (KeyboardInterrupt). Handlers are restored on exit."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.old: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        for s in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self.old[s] = signal.signal(s, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.signum = signum  # reported by the loop: printing here could re-enter print
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, handler in self.old.items():
+            signal.signal(s, handler)
+
+
+def until_stopped(items: Iterator[T], stop: StopSignals) -> Iterator[T]:
+    """The items, ending early if fetching one fails after a stop signal: data-loader workers
+    get a process group's SIGTERM too, and stop."""
+    while True:
+        try:
+            item = next(items)
+        except StopIteration:
+            return
+        except Exception:
+            if stop.signum is None:
+                raise
+            return
+        yield item

@@ -1,0 +1,58 @@
+"""A run directory: which model it means, its metric columns, and rebuilding a saved model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from paws import checkpoint, rundir
+
+
+def test_a_run_directory_names_its_final_model_or_the_pretrained_one(tmp_path):
+    (tmp_path / "last.pt").touch()
+    assert rundir.model_file(tmp_path) == tmp_path / "last.pt"
+    (tmp_path / "tighten.pt").touch()  # the run ended by tightening
+    assert rundir.model_file(tmp_path) == tmp_path / "tighten.pt"
+    assert rundir.model_file(tmp_path, pretrained=True) == tmp_path / "last.pt"
+    assert rundir.model_file(tmp_path / "final.pt") == tmp_path / "final.pt"
+
+
+def test_metric_rows_have_every_column_and_refuse_unknown_names():
+    row = rundir.metrics_row({"step": 3, "loss": -1.5, "support_loss": 0.2})
+    assert list(row) == list(rundir.METRIC_COLUMNS)
+    assert row["step"] == 3 and row["support_loss"] == 0.2 and row["epoch"] == ""
+    with pytest.raises(ValueError, match="supprt_loss"):
+        rundir.metrics_row({"step": 3, "supprt_loss": 0.2})
+
+
+def test_the_report_draws_only_columns_that_training_writes():
+    pytest.importorskip("matplotlib")
+    from paws.report.figures import CURVE_PANELS
+
+    assert {key for _, key, _, _ in CURVE_PANELS} <= set(rundir.METRIC_COLUMNS)
+
+
+def test_a_checkpoint_without_an_architecture_record_is_rebuilt_from_its_config(
+    shared_run, tmp_path
+):
+    _, run_dir = shared_run
+    state = checkpoint.load(run_dir / "last.pt")
+    old = {k: v for k, v in state.items() if k not in ("architecture", "channels")}
+    checkpoint.save(old, tmp_path / "old.pt")
+    new, legacy = rundir.restore(run_dir / "last.pt"), rundir.restore(tmp_path / "old.pt")
+    assert legacy.arch == new.arch
+    x = torch.rand(3, new.arch.in_channels, 16, 16)
+    torch.testing.assert_close(legacy.net.embed(x), new.net.embed(x))
+
+
+def test_library_calls_leave_the_process_settings_alone(shared_run, tmp_path):
+    from paws.tighten import tighten_checkpoint
+
+    _, run_dir = shared_run
+    before = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled())
+    rng = torch.get_rng_state()
+    tighten_checkpoint(
+        run_dir, ["tighten.steps=2", "run.threads=1", "run.deterministic=true"], tmp_path
+    )
+    assert (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()) == before
+    assert torch.equal(torch.get_rng_state(), rng)
