@@ -144,7 +144,7 @@ def test_tighten_freezes_batchnorm_and_trains_the_rest(shared_run, tmp_path, cap
     paths, run_dir = shared_run
     overrides = ["tighten.steps=20", "tighten.classes=4"]
     report = tighten_checkpoint(run_dir, overrides, tmp_path)
-    assert "smallest labelled class has 8 images: using 8 per class" in capsys.readouterr().err
+    assert "largest labelled class has 8 images: using 8 per class" in capsys.readouterr().err
     before, after = checkpoint.load(run_dir / "last.pt"), checkpoint.load(tmp_path / "tighten.pt")
     assert after["kind"] == "tighten" and report["images_per_class"] == 8
     bn_before, bn_after = _bn_state(before), _bn_state(after)
@@ -172,12 +172,23 @@ def test_tighten_freezes_batchnorm_and_trains_the_rest(shared_run, tmp_path, cap
     assert main(["--quiet", "eval", str(tmp_path / "tighten.pt")]) == 0
 
 
-def test_tighten_needs_two_images_per_class(shared_run, tmp_path):
+def test_tighten_copes_with_classes_of_one_image_and_needs_one_class_of_two(shared_run, tmp_path):
     paths, run_dir = shared_run
     single = write_folder(tmp_path / "single", [0, 1], 1, size=16, seed=9)
-    with pytest.raises(UserError, match="at least 2"):
+    with pytest.raises(UserError, match="every class has 1"):
         tighten_checkpoint(
             run_dir,
             [f"data.labeled={single}", "data.test=null", "tighten.steps=1"],
             tmp_path,
         )
+    # Two images of class 0, one of each other class: tightening runs and the lone images
+    # only serve as neighbours.
+    uneven = write_folder(tmp_path / "uneven", [0], 2, size=16, seed=3)
+    write_folder(uneven, [1, 2, 3], 1, size=16, seed=4)
+    report = tighten_checkpoint(
+        run_dir,
+        [f"data.labeled={uneven}", f"data.test={paths['test']}", "tighten.steps=2"],
+        tmp_path / "t",
+    )
+    assert report["images_per_class"] == 2 and report["steps"] == 2
+    assert np.isfinite(report["loss_first"]) and report["paws_nn_after"]["num_query"] == 48

@@ -272,3 +272,22 @@ def test_supervised_nce_and_nt_xent_prefer_aligned_embeddings():
     assert supervised_nce(tight, labels) < supervised_nce(mixed, labels)
     a = torch.eye(4)
     assert nt_xent(a, a) < nt_xent(a, a.flip(0))
+
+
+def test_supervised_nce_scores_only_the_rows_asked_for():
+    torch.manual_seed(0)
+    z = torch.randn(5, 4)
+    labels = torch.nn.functional.one_hot(torch.tensor([0, 0, 1, 1, 2]), 3).float()
+    rows = torch.tensor([True, True, True, True, False])  # class 2 has a single image
+    full = supervised_nce(z, labels, 0.5)
+    part = supervised_nce(z, labels, 0.5, rows)
+    # Loop reference: each scored row against every other row.
+    zn = torch.nn.functional.normalize(z, dim=1)
+    terms = []
+    for i in range(4):
+        w = torch.stack(
+            [torch.exp(zn[i] @ zn[j] / 0.5) if j != i else torch.tensor(0.0) for j in range(5)]
+        )
+        terms.append(-torch.log((w * labels[:, labels[i].argmax()]).sum() / w.sum()))
+    assert part.item() == pytest.approx(torch.stack(terms).mean().item(), rel=1e-5)
+    assert full.item() != pytest.approx(part.item(), rel=1e-3)

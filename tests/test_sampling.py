@@ -159,17 +159,36 @@ def test_gathered_positions_match_each_ranks_rows(unique_classes, views):
         assert np.array_equal(np.bincount(gp), np.full(C, k * views))
 
 
-def test_too_few_images_in_a_class_is_one_line_error_naming_class_and_counts():
-    labels = np.array([0] * 5 + [1] * 2 + [2] * 5)
-    with pytest.raises(UserError) as e:
-        SupportSampler(labels, 3, 3, class_names=["cat", "dog", "bird"])
-    msg = str(e.value)
-    assert "\n" not in msg
-    assert "'dog'" in msg and "2 labelled images" in msg and "is 3" in msg
-    assert "support.images_per_class" in msg and "lower it to 2" in msg
-    # Without names the class id is used.
-    with pytest.raises(UserError, match=r"class 1 has 2 labelled images"):
-        SupportSampler(labels, 3, 3)
+def test_classes_of_one_and_two_images_repeat_them_evenly_and_say_so(capsys):
+    labels = np.array([0] * 6 + [1] * 1 + [2] * 2)
+    s = SupportSampler(labels, 3, 5, seed=4, class_names=["cat", "dog", "bird"])
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "'dog' (1)" in err and "'bird' (2)" in err
+    assert "support.images_per_class (5)" in err and "'cat'" not in err
+    for step in range(10):
+        idx, classes = s.global_batch(step)
+        assert idx.shape == (3, 5)
+        for row, c in zip(idx, classes):
+            assert (labels[row] == c).all()
+            counts = np.bincount(row, minlength=len(labels))[labels == c]
+            if c == 0:
+                assert counts.max() == 1  # a class with enough images: k distinct
+            else:  # every image of a small class appears, as often as the others to within one
+                assert counts.min() >= 1 and counts.max() - counts.min() <= 1
+    # A class with enough images draws exactly what it drew before small classes existed.
+    big = SupportSampler(np.array([0] * 6 + [1] * 6 + [2] * 6), 3, 5, seed=4)
+    assert not capsys.readouterr().err  # nothing to say
+    assert big.global_batch(0)[0].shape == (3, 5)
+
+
+def test_fewer_mode_gives_small_classes_once():
+    labels = np.array([0] * 6 + [1] * 1 + [2] * 2)
+    s = SupportSampler(labels, 3, 4, seed=1, fill=False)
+    local, pos = s.local_batch(3)
+    _, classes = s.global_batch(3)
+    assert np.array_equal(classes[pos], labels[local])
+    assert sorted(np.bincount(pos).tolist()) == [1, 2, 4]
+    assert len(set(local.tolist())) == len(local)  # no image twice
 
 
 def test_more_classes_than_labelled_is_one_line_error():

@@ -106,7 +106,7 @@ def write_folder(
 
 
 # Settings every tiny run shares: 12- and 8-pixel views, a width-4 CNN, 3 classes of 2 supports,
-# 4 steps, then 3 tightening steps.
+# 4 steps, then 3 tightening steps; the baseline as many steps.
 TINY = [
     "data.workers=0",
     "views.large_size=12",
@@ -124,6 +124,7 @@ TINY = [
     "run.log_every=1",
     "run.monitor_every=0",
     "tighten.steps=3",
+    "baseline.min_epochs=0",
 ]
 
 # A run that is watched as it trains: 6 steps, monitoring metrics every 2 steps, PAWS-NN every 3.

@@ -179,7 +179,8 @@ def _baseline_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace],
             print(
                 f"supervised-only test accuracy: top-1 {result['top1']:.2f}%  top-5 "
                 f"{result['top5']:.2f}%  ({result['num_labeled']} labelled images, "
-                f"{result['steps']} steps, {result['seconds']:.0f} s)"
+                f"{result['steps']} steps = {result['epochs']:g} epochs, final training loss "
+                f"{result['train_loss']:.3g}, {result['seconds']:.0f} s)"
             )
         return 0
 

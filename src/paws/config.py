@@ -143,9 +143,17 @@ class ViewsConfig:
 
 @dataclass
 class SupportConfig:
-    classes: int = _f(10, "C: classes per support batch, over all processes", (1, None))
+    classes: int | None = _f(
+        None,
+        "C: classes per support batch, over all processes (default: every labelled class, "
+        "at most 4 x optim.batch_size / images_per_class of them)",
+        (1, None),
+    )
     images_per_class: int = _f(
-        5, "k: distinct images per class per step, over all processes", (1, None)
+        5,
+        "k: images per class per step, over all processes (a class with fewer labelled "
+        "images repeats them, each augmented anew)",
+        (1, None),
     )
     views: int = _f(2, "augmented views of each support image (Appendix C uses 2)", (1, 8))
     label_smoothing: float = _f(0.1, "label smoothing of support labels", (0.0, 0.999))
@@ -189,7 +197,13 @@ class OptimConfig:
         128, "unlabelled images per step, over all processes (global batch)", (1, None)
     )
     epochs: float = _f(1.774, "passes over the unlabelled set", (0.0, None))
-    steps: int | None = _f(None, "number of steps (overrides epochs)", (1, None))
+    steps: int | None = _f(None, "number of steps (overrides epochs and min_steps)", (1, None))
+    min_steps: int | None = _f(
+        830,
+        "a run of optim.epochs shorter than this is lengthened to it, warm-up keeping its "
+        "share, so a small folder trains as long as the default run (null: never)",
+        (1, None),
+    )
     warmup_epochs: float = _f(0.25, "linear warm-up length in epochs", (0.0, None))
     start_lr: float = _f(0.56, "learning rate at step 0", (0.0, None))
     ref_lr: float = _f(
@@ -243,8 +257,14 @@ class EvalConfig:
 class BaselineConfig:
     epochs: float | None = _f(
         None,
-        "supervised-only baseline length in epochs over the "
-        "labelled set (default: the same number of steps as PAWS)",
+        "supervised-only baseline length in epochs over the labelled set (default: the same "
+        "number of steps as PAWS, and at least min_epochs)",
+        (0.0, None),
+    )
+    min_epochs: float = _f(
+        100,
+        "by default the baseline trains at least this many epochs over the labelled images, "
+        "so that a small labelled set is fitted, not stopped early",
         (0.0, None),
     )
     batch_size: int = _f(128, "labelled images per step", (1, None))
@@ -284,7 +304,9 @@ class TightenConfig:
     steps: int = _f(180, "SuNCEt fine-tuning steps (Appendix C)", (1, None))
     classes: int = _f(10, "classes per batch (at most the labelled classes)", (2, None))
     images_per_class: int = _f(
-        64, "distinct images per class per batch (at most the smallest class)", (1, None)
+        64,
+        "distinct images per class per batch (a class with fewer gives all it has)",
+        (1, None),
     )
     lr: float = _f(0.1, "learning rate at step 0, cosine decay to 0", (0.0, None))
     momentum: float = _f(0.9, "classical momentum (no weight decay)", (0.0, 0.9999))

@@ -191,7 +191,10 @@ def paws_loss(
 
 
 def supervised_nce(
-    embeddings: torch.Tensor, labels: torch.Tensor, tau: float = 0.1
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    tau: float = 0.1,
+    rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """SuNCEt: supervised contrastive loss of each labelled embedding against the others.
 
@@ -203,16 +206,19 @@ def supervised_nce(
         embeddings: (N, D) embeddings.
         labels: (N, K) one-hot (or smoothed) labels.
         tau: temperature.
+        rows: (N,) bool, the rows scored (default: all); the others still serve as
+            neighbours, e.g. the only image of its class, which has no other image to find.
 
     Returns:
-        Scalar mean cross-entropy.
+        Scalar mean cross-entropy over the scored rows.
     """
     z = F.normalize(embeddings.float(), dim=1)
     logits = z @ z.T / tau
     eye = torch.eye(len(z), dtype=torch.bool, device=z.device)
     logits = logits.masked_fill(eye, float("-inf"))
     probs = torch.softmax(logits, dim=1) @ labels.float()
-    return -(labels.float() * _safe_log(probs)).sum(dim=1).mean()
+    losses = -(labels.float() * _safe_log(probs)).sum(dim=1)
+    return losses.mean() if rows is None else losses[rows].mean()
 
 
 def nt_xent(first: torch.Tensor, second: torch.Tensor, tau: float = 0.1) -> torch.Tensor:

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from paws.errors import UserError
+from paws.progress import info
 
 __all__ = ["Stream", "SupportSampler", "EpochSampler", "UnlabeledSampler"]
 
@@ -49,15 +50,23 @@ def _rng(seed: int, step: int, stream: int) -> np.random.Generator:
 class SupportSampler:
     """Class-balanced support batches, deterministic from ``(seed, step)``.
 
+    A class with fewer than k labelled images still gives k support rows a step: its images
+    repeat (each as often as the others, to within one), and training augments every row
+    anew; this is said once in a line. With ``fill=False`` such a class gives its images once
+    instead (batches of varying size, one process only: what SuNCEt tightening wants, since
+    its views are not augmented).
+
     Args:
         labels: dataset class id of every labelled image.
         classes_per_step: C, classes per step over all ranks.
-        images_per_class: k, distinct images per class per step over all ranks.
+        images_per_class: k, images per class per step over all ranks (distinct where the
+            class has k or more).
         seed: base seed.
         rank: this process's rank.
         world_size: number of processes.
         unique_classes: split ranks by classes instead of by images.
-        class_names: names used in error messages.
+        class_names: names used in messages.
+        fill: repeat the images of classes smaller than k (default) or give them once.
     """
 
     def __init__(
@@ -70,11 +79,10 @@ class SupportSampler:
         world_size: int = 1,
         unique_classes: bool = False,
         class_names: Sequence[str] | None = None,
+        fill: bool = True,
     ):
         labels = np.asarray(labels, dtype=np.int64)
         self.classes = np.unique(labels)
-        names = list(class_names) if class_names is not None else None
-        name = lambda c: f"'{names[c]}'" if names and c < len(names) else str(c)  # noqa: E731
         C, k, W = classes_per_step, images_per_class, world_size
         if C < 1 or k < 1:
             raise UserError("support.classes and support.images_per_class must be at least 1")
@@ -83,13 +91,6 @@ class SupportSampler:
                 f"support.classes is {C} but the labelled set has only {len(self.classes)} "
                 f"classes; set support.classes to at most {len(self.classes)}"
             )
-        self.pools = [np.flatnonzero(labels == c) for c in self.classes]
-        for c, pool in zip(self.classes, self.pools):
-            if len(pool) < k:
-                raise UserError(
-                    f"class {name(int(c))} has {len(pool)} labelled images but "
-                    f"support.images_per_class is {k}; lower it to {len(pool)} or label more images"
-                )
         if unique_classes and C % W:
             raise UserError(
                 f"support.classes ({C}) must be divisible by the {W} processes "
@@ -100,22 +101,48 @@ class SupportSampler:
                 f"support.images_per_class ({k}) must be divisible by the {W} "
                 "processes (or set support.unique_classes: true)"
             )
-        self.C, self.k, self.seed = C, k, seed
+        if not fill and W > 1:
+            raise ValueError("batches of varying size (fill=False) need a single process")
+        self.pools = [np.flatnonzero(labels == c) for c in self.classes]
+        self.C, self.k, self.seed, self.fill = C, k, seed, fill
         self.rank, self.world_size, self.unique_classes = rank, W, unique_classes
+        small = [(int(c), len(p)) for c, p in zip(self.classes, self.pools) if len(p) < k]
+        if small and fill and rank == 0:
+            names = list(class_names) if class_names is not None else None
+            shown = ", ".join(
+                f"'{names[c]}' ({n})" if names and c < len(names) else f"{c} ({n})"
+                for c, n in small[:5]
+            )
+            more = f" and {len(small) - 5} more" if len(small) > 5 else ""
+            which = "class has" if len(small) == 1 else "classes have"
+            info(
+                f"{len(small)} labelled {which} fewer images than support.images_per_class "
+                f"({k}): {shown}{more}; their support images repeat, each augmented anew"
+            )
+
+    def _draw(self, rng: np.random.Generator, c: int) -> np.ndarray:
+        """k images of class position ``c`` (distinct when it has k; repeated evenly, or all
+        of them once with ``fill=False``, when it has fewer)."""
+        pool = self.pools[c]
+        if len(pool) >= self.k:
+            return pool[rng.choice(len(pool), self.k, replace=False)]
+        if not self.fill:
+            return pool[rng.permutation(len(pool))]
+        reps = -(-self.k // len(pool))
+        return np.concatenate([pool[rng.permutation(len(pool))] for _ in range(reps)])[: self.k]
 
     def global_batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
         """The whole step's draw over all ranks.
 
         Returns:
             ``(indices, classes)``: (C, k) indices into the labelled set, row c holding k
-            distinct images of dataset class ``classes[c]``; classes (C,) distinct.
+            images of dataset class ``classes[c]`` (distinct where it has k; with
+            ``fill=False``, a list of C arrays of up to k); classes (C,) distinct.
         """
         rng = _rng(self.seed, step, Stream.SUPPORT)
         chosen = rng.choice(len(self.classes), size=self.C, replace=False)
-        idx = np.stack(
-            [self.pools[c][rng.choice(len(self.pools[c]), self.k, replace=False)] for c in chosen]
-        )
-        return idx, self.classes[chosen]
+        rows = [self._draw(rng, c) for c in chosen]
+        return (np.stack(rows) if self.fill else rows), self.classes[chosen]
 
     def _shard(self, rank: int) -> tuple[slice, slice]:
         """(class rows, image columns) of the global (C, k) draw that ``rank`` loads."""
@@ -151,6 +178,9 @@ class SupportSampler:
             class positions in ``[0, C)``.
         """
         idx, _ = self.global_batch(step)
+        if not self.fill:
+            pos = np.concatenate([np.full(len(r), c) for c, r in enumerate(idx)])
+            return np.concatenate(idx), pos
         rows, cols = self._shard(self.rank)
         return idx[rows, cols].reshape(-1), self.positions(self.rank)
 

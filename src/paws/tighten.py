@@ -7,7 +7,9 @@ to pull the labelled images of a class together before they serve as the support
 
 - Batches: ``tighten.classes`` classes x ``tighten.images_per_class`` images (10 x 64 in the
   paper) drawn by :class:`paws.sampling.SupportSampler`: distinct within a step, with replacement
-  across steps. Every image is its evaluation view (resize + centre crop).
+  across steps; a class with fewer images gives all it has. Every image is its evaluation view
+  (resize + centre crop), so an image without a second one of its class in the batch (a class
+  with a single labelled image) is not scored, but still serves as a neighbour of the others.
 - Loss: SuNCEt with temperature ``tighten.tau`` on the embedding PAWS-NN classifies in
   (``eval.features``; by default the head output, as the official code's
   ``encoder(images)``), each image classified against the other images of its batch.
@@ -116,24 +118,26 @@ def tighten(
 
 def _batch_shape(cfg: Config, labels: np.ndarray) -> tuple[int, int]:
     """(classes, images per class) of a tightening batch: ``tighten.classes`` and
-    ``tighten.images_per_class``, at most what the labels allow (said in a line)."""
+    ``tighten.images_per_class``, at most what the labels hold (said in a line). A class with
+    fewer images gives all of them; one with a single image serves only as a neighbour of the
+    others (it has no second image to be pulled towards)."""
     t = cfg.tighten
     present, counts = np.unique(labels, return_counts=True)
     if len(present) < 2:
         raise UserError("tightening needs labelled images of at least 2 classes")
+    if counts.max() < 2:
+        raise UserError(
+            "SuNCEt compares images of the same class: at least one labelled class needs 2 "
+            "images, but every class has 1"
+        )
     classes = min(t.classes, len(present))
     if classes < t.classes:
         info(f"tighten.classes is {t.classes} but there are {len(present)} labelled classes")
-    per_class = min(t.images_per_class, int(counts.min()))
+    per_class = min(t.images_per_class, int(counts.max()))
     if per_class < t.images_per_class:
         info(
-            f"tighten.images_per_class is {t.images_per_class} but the smallest labelled class "
-            f"has {int(counts.min())} images: using {per_class} per class"
-        )
-    if per_class < 2:
-        raise UserError(
-            "SuNCEt compares images of the same class: every labelled class needs at least 2 "
-            f"images, but one has {int(counts.min())}"
+            f"tighten.images_per_class is {t.images_per_class} but the largest labelled class "
+            f"has {int(counts.max())} images: using {per_class} per class"
         )
     return classes, per_class
 
@@ -150,7 +154,7 @@ def _suncet_steps(
     images, batch norm frozen; returns the loss of each step."""
     t = cfg.tighten
     labels = data.labeled.labels
-    sampler = SupportSampler(labels, classes, per_class, cfg.run.seed, class_names=data.classes)
+    sampler = SupportSampler(labels, classes, per_class, cfg.run.seed, fill=False)
     model.train()
     freeze_batchnorm(model)
     optimizer = LARS(
@@ -162,6 +166,9 @@ def _suncet_steps(
     schedule = WarmupCosine(t.lr, t.lr, 0.0, 0, t.steps)
     draws = [sampler.local_batch(step) for step in range(t.steps)]
     targets = [F.one_hot(torch.from_numpy(pos), classes).float().to(device) for _, pos in draws]
+    # Rows with another image of their class in the batch (all of them when every class has
+    # two or more labelled images: then every row counts).
+    scored = [_with_partner(pos, device) for _, pos in draws]
     bar = Progress(t.steps, "tighten")
     losses: list[float] = []
     batches = eval_batches(
@@ -173,7 +180,8 @@ def _suncet_steps(
     )
     for step, (x, _) in enumerate(batches):
         set_lr(optimizer, schedule(step))
-        loss = supervised_nce(model.embed(x, cfg.eval.features), targets[step], t.tau)
+        embedding = model.embed(x, cfg.eval.features)
+        loss = supervised_nce(embedding, targets[step], t.tau, scored[step])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -181,6 +189,13 @@ def _suncet_steps(
         bar.update(1, loss=losses[-1])
     bar.close()
     return losses
+
+
+def _with_partner(positions: np.ndarray, device: torch.device) -> torch.Tensor | None:
+    """(n,) bool: rows whose class appears at least twice; None when all do."""
+    counts = np.bincount(positions)
+    partner = counts[positions] >= 2
+    return None if partner.all() else torch.from_numpy(partner).to(device)
 
 
 def tighten_checkpoint(

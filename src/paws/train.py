@@ -7,9 +7,11 @@ the cross-entropy plus ME-MAX; step LARS. Everything a step uses is a function o
 ``(seed, step)``, so a resumed run continues exactly where it stopped.
 
 :func:`train` is the whole run: :func:`open_run` (the run directory and the checkpoint to
-resume from), :func:`build_run` (model, optimiser, samplers, schedule: everything before the
-first step, also what a benchmark needs), :func:`restore_run`, :func:`run_steps` (the loop)
-and :func:`finish_run` (final checkpoint, PAWS-NN, tightening, result files).
+resume from), the data and its defaults (:func:`paws.fitting.fit_to_data`), :func:`start_run`
+(the resume check and config.yaml), :func:`build_run` (model, optimiser, samplers, schedule:
+everything before the first step, also what a benchmark needs), :func:`restore_run`,
+:func:`run_steps` (the loop) and :func:`finish_run` (final checkpoint, PAWS-NN, tightening,
+result files).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from paws.data.loaders import Batch, step_batches
 from paws.data.sources import Datasets, load_datasets
 from paws.errors import UserError
 from paws.evaluate import paws_nn
+from paws.fitting import fit_to_data
 from paws.losses import nt_xent, paws_loss, sharpen, smooth_labels, snn, supervised_nce
 from paws.models import Architecture, PAWSModel, build_network, check_encoder
 from paws.optim import LARS, WarmupCosine, backward_step, param_groups, set_lr
@@ -43,6 +46,7 @@ __all__ = [
     "train_step",
     "Run",
     "open_run",
+    "start_run",
     "build_run",
     "restore_run",
     "run_steps",
@@ -268,14 +272,14 @@ class Run:
 
 
 def open_run(cfg: Config, out: Path, resume: bool) -> dict[str, Any] | None:
-    """Check the run directory and write its config.
+    """Check the run directory before any data is read.
 
     Returns:
         The checkpoint to resume from, or None for a new run.
 
     Raises:
-        UserError: a new run would overwrite one; a resume changes the run's shape; an unknown
-            encoder (checked before any data is read).
+        UserError: a new run would overwrite one; the checkpoint holds no training state; an
+            unknown encoder.
     """
     check_encoder(cfg.model.encoder)
     state = None
@@ -286,6 +290,17 @@ def open_run(cfg: Config, out: Path, resume: bool) -> dict[str, Any] | None:
         state = checkpoint.load(last)
         if any(k not in state for k in ("optimizer", "step", "rng")):
             raise UserError(f"{last} holds no training state to resume from")
+    elif last.exists():
+        raise UserError(
+            f"{out} already holds a run; resume it with --resume {out} or choose another --out"
+        )
+    return state
+
+
+def start_run(cfg: Config, out: Path, state: dict[str, Any] | None) -> None:
+    """Refuse a resume that changes the run's shape, then write the run's config (``cfg``
+    fitted to the data, :func:`paws.fitting.fit_to_data`) into the run directory."""
+    if state is not None:
         diff = rundir.shape_diff(state["config"], to_dict(cfg))
         if diff:
             raise UserError(
@@ -293,16 +308,11 @@ def open_run(cfg: Config, out: Path, resume: bool) -> dict[str, Any] | None:
                 + "; ".join(diff)
                 + "; resume with the run's own config, or start a new run with --out"
             )
-    elif last.exists():
-        raise UserError(
-            f"{out} already holds a run; resume it with --resume {out} or choose another --out"
-        )
     # Every rank has looked at the run directory before rank 0 writes into it.
     distributed.barrier()
     if distributed.is_main():
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / rundir.CONFIG)
-    return state
 
 
 def build_run(cfg: Config, out: Path, data: Datasets, device: torch.device) -> Run:
@@ -553,6 +563,8 @@ def train(
     state = open_run(cfg, out, resume)
     data = data or load_datasets(cfg)
     info(f"data: {data.summary()}")
+    cfg = fit_to_data(cfg, len(data.unlabeled), data.labeled.labels, distributed.get_world_size())
+    start_run(cfg, out, state)
     if data.skipped and distributed.is_main():
         (out / "skipped_images.txt").write_text("\n".join(data.skipped) + "\n")
         info(f"skipped {len(data.skipped)} unreadable images (listed in skipped_images.txt)")

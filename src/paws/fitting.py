@@ -1,0 +1,117 @@
+"""Defaults that depend on the data, filled in once the datasets are known.
+
+The defaults are the Fashion-MNIST recipe. For any other folder, three of them would not fit,
+so they adapt, each said in one line:
+
+- ``support.classes`` (default: every labelled class) is the number of labelled classes, at
+  most as many as keep a support batch within 4 x ``optim.batch_size`` images (and, under
+  several processes with ``support.unique_classes``, a multiple of their number);
+- ``optim.batch_size`` larger than the unlabelled set shrinks to it, and the learning rates
+  scale with the square root of the change, as the paper scales them;
+- a run of ``optim.epochs`` shorter than ``optim.min_steps`` steps (a small folder) is
+  lengthened to that many steps, its warm-up keeping its share of the run.
+
+A class with fewer labelled images than ``support.images_per_class`` needs nothing here: the
+support sampler repeats its images (:class:`paws.sampling.SupportSampler`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+from paws.config import Config
+from paws.errors import UserError
+from paws.progress import info
+
+__all__ = ["fit_to_data", "support_classes"]
+
+
+def support_classes(cfg: Config, num_classes: int, world_size: int = 1) -> int:
+    """``support.classes``, or by default every labelled class within the support-batch cap."""
+    s = cfg.support
+    if s.classes is not None:
+        return s.classes
+    cap = max(2, 4 * cfg.optim.batch_size // s.images_per_class)
+    classes = min(num_classes, cap)
+    if s.unique_classes and world_size > 1:
+        classes -= classes % world_size
+    if classes < 1:
+        raise UserError(
+            f"{num_classes} labelled classes cannot be split over {world_size} processes; "
+            "set support.classes"
+        )
+    if classes < num_classes:
+        info(
+            f"support batches of {classes} of the {num_classes} labelled classes a step "
+            f"({s.images_per_class} images each, at most 4 x optim.batch_size); set "
+            "support.classes to change it"
+        )
+    return classes
+
+
+def _batch(cfg: Config, num_unlabeled: int, world_size: int) -> Config:
+    o = cfg.optim
+    if num_unlabeled >= o.batch_size:
+        return cfg
+    batch = num_unlabeled - num_unlabeled % world_size
+    if batch < 1:
+        raise UserError(
+            f"the unlabelled set has {num_unlabeled} images, fewer than the {world_size} "
+            "processes; add unlabelled images"
+        )
+    scale = math.sqrt(batch / o.batch_size)
+    info(
+        f"the unlabelled set has {num_unlabeled} images, fewer than optim.batch_size "
+        f"({o.batch_size}): batches of {batch}, learning rates scaled by sqrt({batch}/"
+        f"{o.batch_size}) (optim.ref_lr {o.ref_lr:g} -> {o.ref_lr * scale:.3g})"
+    )
+    optim = dataclasses.replace(
+        o,
+        batch_size=batch,
+        start_lr=o.start_lr * scale,
+        ref_lr=o.ref_lr * scale,
+        final_lr=o.final_lr * scale,
+    )
+    return dataclasses.replace(cfg, optim=optim)
+
+
+def _length(cfg: Config, num_unlabeled: int) -> Config:
+    o = cfg.optim
+    if o.steps is not None or o.min_steps is None:
+        return cfg
+    per_epoch = num_unlabeled // o.batch_size
+    steps = max(1, int(round(o.epochs * per_epoch)))
+    if steps >= o.min_steps:
+        return cfg
+    # The same share of the run as the recipe's warm-up: warmup_epochs of epochs.
+    warmup = o.warmup_epochs / o.epochs * o.min_steps / per_epoch if o.epochs > 0 else 0.0
+    info(
+        f"{o.epochs:g} epochs of {num_unlabeled} unlabelled images are {steps} steps: "
+        f"training {o.min_steps} steps instead (optim.min_steps; {o.min_steps / per_epoch:.1f} "
+        f"epochs, warm-up {int(round(warmup * per_epoch))} steps)"
+    )
+    optim = dataclasses.replace(o, steps=o.min_steps, warmup_epochs=warmup)
+    return dataclasses.replace(cfg, optim=optim)
+
+
+def fit_to_data(cfg: Config, num_unlabeled: int, labels: np.ndarray, world_size: int = 1) -> Config:
+    """The config with the data-dependent defaults filled in (see the module's doc).
+
+    Args:
+        cfg: the config as given.
+        num_unlabeled: size of the unlabelled set.
+        labels: (N,) class ids of the labelled images.
+        world_size: number of processes.
+
+    Returns:
+        A config whose values all apply as they are; fitting it again changes nothing.
+    """
+    cfg = _batch(cfg, num_unlabeled, world_size)
+    cfg = _length(cfg, num_unlabeled)
+    classes = support_classes(cfg, len(np.unique(labels)), world_size)
+    if classes != cfg.support.classes:
+        cfg = dataclasses.replace(cfg, support=dataclasses.replace(cfg.support, classes=classes))
+    return cfg
