@@ -36,6 +36,18 @@ from paws.train import total_steps
 __all__ = ["train_baseline"]
 
 
+def _length(cfg: Config, data: Datasets, steps_per_epoch: int) -> int:
+    """Steps of the baseline: ``baseline.epochs`` epochs, or the PAWS run's steps (fitted to
+    the data) and at least ``baseline.min_epochs`` epochs over the labelled images."""
+    b = cfg.baseline
+    if b.epochs is not None:
+        return max(1, int(round(b.epochs * steps_per_epoch)))
+    paws_cfg = fit_to_data(cfg, len(data.unlabeled), data.labeled.labels)
+    unl = UnlabeledSampler(len(data.unlabeled), paws_cfg.optim.batch_size, cfg.run.seed)
+    steps = total_steps(paws_cfg, unl.steps_per_epoch)
+    return max(steps, int(math.ceil(b.min_epochs * steps_per_epoch)))
+
+
 def train_baseline(
     cfg: Config,
     out_dir: str | Path | None = None,
@@ -66,13 +78,7 @@ def train_baseline(
     n = len(data.labeled)
     batch_size = min(b.batch_size, n)
     order = EpochSampler(n, batch_size, cfg.run.seed, Stream.BASELINE)
-    if b.epochs is not None:
-        steps = max(1, int(round(b.epochs * order.steps_per_epoch)))
-    else:
-        paws_cfg = fit_to_data(cfg, len(data.unlabeled), data.labeled.labels)
-        unl = UnlabeledSampler(len(data.unlabeled), paws_cfg.optim.batch_size, cfg.run.seed)
-        steps = total_steps(paws_cfg, unl.steps_per_epoch)
-        steps = max(steps, int(math.ceil(b.min_epochs * order.steps_per_epoch)))
+    steps = _length(cfg, data, order.steps_per_epoch)
     groups = param_groups(model, b.weight_decay, lars=False)
     optimizer = LARS(groups, lr=b.lr, momentum=0.9, nesterov=True)
     schedule = WarmupCosine(b.lr, b.lr, 0.0, 0, steps)

@@ -1,0 +1,257 @@
+"""Reading, checking and writing configs: YAML files and ``--set section.key=value`` overrides
+into :class:`paws.config.Config`.
+
+An unknown or misspelt key, a value of the wrong type or out of range is a :class:`UserError`
+that names the key (and suggests the closest valid one). ``configs/`` holds the paper's recipes.
+The resolved config is saved with every run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from paws.config.schema import Config
+from paws.errors import UserError
+
+__all__ = [
+    "load_config",
+    "from_dict",
+    "to_dict",
+    "save_config",
+    "apply_overrides",
+    "describe",
+    "recipe_path",
+    "RECIPES_DIR",
+]
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML with YAML 1.2 scalars: only true/false are booleans, so choices such as
+    ``run.amp: off`` and ``data.in_memory: no`` stay strings, and ``1e-6`` is a float (PyYAML's
+    YAML 1.1 rules read it as a string)."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader: plain data only
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+# Switches also take the YAML 1.1 words (which the loader above keeps as strings).
+_YAML11_BOOLS = {"yes": True, "on": True, "no": False, "off": False}
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check (and gently convert: int to float, tuple to list) ``value`` against ``tp``."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    bad = UserError(f"{key} must be {_type_name(tp)}, got {value!r}")
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except UserError:
+                pass
+        raise bad
+    if origin is Literal:
+        if value in args:
+            return value
+        close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise UserError(f"{key} must be one of {', '.join(map(str, args))}; got {value!r}{hint}")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        return [_coerce(x, args[0], f"{key}[{i}]") for i, x in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in _YAML11_BOOLS:
+            return _YAML11_BOOLS[value.lower()]
+        raise bad
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise bad
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        if not math.isfinite(value):
+            raise UserError(f"{key} must be a finite number, got {value}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise bad
+        return value
+    raise bad
+
+
+def _check_range(value: Any, rng: tuple | None, key: str) -> None:
+    if rng is None or value is None or isinstance(value, (list, str, bool)):
+        return
+    lo, hi = rng
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        span = f">= {lo}" if hi is None else f"<= {hi}" if lo is None else f"in [{lo}, {hi}]"
+        raise UserError(f"{key} must be {span}, got {value}")
+
+
+def _unknown(key: str, valid: list[str], where: str) -> UserError:
+    close = difflib.get_close_matches(key.split(".")[-1], valid, n=1, cutoff=0.5)
+    hint = f"; did you mean '{where}{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
+    return UserError(f"unknown config key '{where}{key.split('.')[-1]}'{hint}")
+
+
+def _build(cls: type, values: dict[str, Any], where: str) -> Any:
+    if not isinstance(values, dict):
+        raise UserError(f"config section '{where.rstrip('.') or 'top level'}' must be a mapping")
+    hints = _hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in fields:
+            raise _unknown(str(key), list(fields), where)
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value or {}, f"{where}{key}.")
+        else:
+            kwargs[key] = _coerce(value, tp, f"{where}{key}")
+            _check_range(kwargs[key], fields[key].metadata.get("range"), f"{where}{key}")
+    return cls(**kwargs)
+
+
+def from_dict(values: dict[str, Any]) -> Config:
+    """Build and validate a :class:`Config` from a nested dict (missing keys take defaults)."""
+    return _build(Config, values or {}, "").validate()
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """The config as a nested dict of plain YAML types."""
+    return dataclasses.asdict(cfg)
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def recipe_path(name_or_path: str) -> Path:
+    """Resolve a config argument: a YAML path, or the name of a packaged recipe."""
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    for candidate in (RECIPES_DIR / name_or_path, RECIPES_DIR / f"{name_or_path}.yaml"):
+        if candidate.is_file():
+            return candidate
+    names = sorted(q.stem for q in RECIPES_DIR.glob("*.yaml"))
+    raise UserError(f"config file not found: {name_or_path} (packaged recipes: {', '.join(names)})")
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = _yaml_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise UserError(f"cannot parse {path}: {str(e).splitlines()[0]}") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path} must hold a mapping of config sections")
+    return data
+
+
+def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` strings (values parsed as YAML) to a nested dict."""
+    out = dict(values)
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"--set expects key=value, got '{item}'")
+        key, raw = item.split("=", 1)
+        try:
+            value = _yaml_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        parts = key.strip().split(".")
+        nested: Any = value
+        for part in reversed(parts):
+            nested = {part: nested}
+        out = _merge(out, nested)
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (file or recipe name; None: defaults) and apply ``--set`` overrides.
+
+    Args:
+        path: YAML file or packaged recipe name; None for the Fashion-MNIST defaults.
+        overrides: ``section.key=value`` strings.
+
+    Returns:
+        A validated :class:`Config`.
+    """
+    values: dict[str, Any] = _read_yaml(recipe_path(str(path))) if path else {}
+    return from_dict(apply_overrides(values, list(overrides or [])))
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML."""
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def describe() -> str:
+    """Every config key with its type, default and doc, for ``paws config --help``."""
+    lines = []
+    for section in dataclasses.fields(Config):
+        cls = _hints(Config)[section.name]
+        lines.append(f"{section.name}:")
+        hints = _hints(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(
+                f"  {f.name} ({_type_name(hints[f.name])}, default {default!r}): "
+                f"{f.metadata.get('doc', '')}"
+            )
+    return "\n".join(lines)
