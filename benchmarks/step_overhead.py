@@ -55,7 +55,8 @@ from paws.config import Config, load_config
 from paws.data import Datasets, ImageSet, load_datasets, step_batches
 from paws.models import Architecture, build_network
 from paws.optim import set_lr
-from paws.train import build_run, train, train_step
+from paws.run import build_run
+from paws.train import train, train_step
 
 SYNTHETIC = {"fashion_mnist": (1, 28, 60000, 10000, 10), "cifar10": (3, 32, 50000, 10000, 10)}
 
@@ -93,7 +94,7 @@ def measure_step(cfg: Config, data: Datasets, steps: int) -> dict[str, list[floa
     """Per-step seconds of the full step and of the bare encoder, measured in turns.
 
     The full step is what ``paws.train.train`` does each step, on a run made by
-    ``paws.train.build_run``: draw and augment the batch (``step_batches``), set the learning
+    ``paws.run.build_run``: draw and augment the batch (``step_batches``), set the learning
     rate, ``train_step`` (forward, PAWS loss, backward, LARS) and read the loss. The bare step
     runs a copy of the same model on the same views with a trivial loss. Alternating the two
     step by step keeps a shared machine's changing load out of their ratio. The first step

@@ -30,6 +30,7 @@ from paws.data import Batch, Datasets, ImageSet, step_batches
 from paws.losses import smooth_labels
 from paws.models import Architecture, build_network
 from paws.optim import LARS, param_groups
+from paws.priors import ClassPrior
 from paws.sampling import SupportSampler, UnlabeledSampler
 from paws.train import train_step
 
@@ -57,6 +58,33 @@ CFG = load_config(
 )
 
 
+# RoPAWS (its label propagation spans both processes' images) with a given ME-MAX prior, and
+# the estimated prior's running mass.
+ROPAWS_CFG = load_config(
+    None,
+    [
+        *[
+            f"{k}={v}"
+            for k, v in (
+                ("model.width", 4),
+                ("model.proj_hidden", 16),
+                ("model.proj_out", 8),
+                ("model.pred_head", "true"),
+                ("model.pred_hidden", 16),
+                ("support.classes", CLASSES),
+                ("support.images_per_class", PER_CLASS),
+                ("support.views", VIEWS),
+                ("optim.batch_size", BATCH),
+                ("optim.trust_coefficient", 0.02),
+            )
+        ],
+        "loss.ropaws=true",
+        "loss.ropaws_prior_tau=0.5",
+        "loss.me_max_prior=[0.4,0.3,0.2,0.1]",
+    ],
+)
+
+
 def _global_data(dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Fixed 'augmented views' of every image: the same tensors in every process."""
     g = torch.Generator().manual_seed(1)
@@ -69,7 +97,7 @@ def _global_data(dtype: torch.dtype) -> dict[str, torch.Tensor]:
     }
 
 
-def _steps(unique_classes: bool, dtype: torch.dtype = torch.float32) -> dict[str, object]:
+def _steps(unique_classes: bool, dtype: torch.dtype = torch.float32, cfg=CFG) -> dict[str, object]:
     """STEPS PAWS steps on this process's shard; collectives are no-ops in one process."""
     rank, world = distributed.get_rank(), distributed.get_world_size()
     d = _global_data(dtype)
@@ -93,7 +121,9 @@ def _steps(unique_classes: bool, dtype: torch.dtype = torch.float32) -> dict[str
         s = torch.from_numpy(sup.local_batch(step)[0])
         views = [d["large"][0][i], d["large"][1][i], d["small"][0][i], d["small"][1][i]]
         supports = torch.cat([d["support_views"][v][s] for v in range(VIEWS)])
-        r = train_step(net, optimizer, Batch(step, views, supports), labels, CFG)
+        classes = torch.from_numpy(sup.global_batch(step)[1])
+        prior = ClassPrior(cfg.loss.me_max_prior, d["labels"].numpy(), CLASSES).for_step(classes)
+        r = train_step(net, optimizer, Batch(step, views, supports), labels, cfg, prior=prior)
         out[f"scalars{step}"] = r.read()
         out[f"grads{step}"] = {n: p.grad.clone() for n, p in model.named_parameters()}
         out[f"state{step}"] = {k: v.clone() for k, v in model.state_dict().items()}
@@ -132,6 +162,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         result = {
             "steps": {(u, t): _steps(u, t) for u in (False, True) for t in STEPS},
             "positions": {u: _positions(u) for u in (False, True)},
+            "ropaws": _steps(False, torch.float64, ROPAWS_CFG),
         }
         torch.save(result, Path(out_dir) / f"rank{rank}.pt")
     finally:
@@ -281,3 +312,17 @@ def test_views_do_not_depend_on_the_number_of_processes():
                 local = s[step].supports.view(2, len(rows), 1, 12, 12)
                 torch.testing.assert_close(local, full[:, rows], atol=1e-6, rtol=0)
         assert not torch.equal(one[step].views[0], one[step].views[1])
+
+
+def test_two_processes_take_the_one_process_ropaws_step_with_a_prior(two_ranks: list[dict]):
+    torch.set_num_threads(1)
+    ref = _steps(False, torch.float64, ROPAWS_CFG)
+    plain = _steps(False, torch.float64)
+    # RoPAWS and the prior change the step (else this test could not fail).
+    assert ref["scalars0"]["loss"] != pytest.approx(plain["scalars0"]["loss"], abs=1e-4)
+    for rank, got in enumerate(r["ropaws"] for r in two_ranks):
+        for step in range(STEPS[torch.float64]):
+            for key, value in ref[f"scalars{step}"].items():
+                assert got[f"scalars{step}"][key] == pytest.approx(value, abs=1e-6), (rank, key)
+            for name, g in ref[f"grads{step}"].items():
+                torch.testing.assert_close(got[f"grads{step}"][name], g, atol=1e-5, rtol=1e-5)

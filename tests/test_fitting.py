@@ -10,7 +10,7 @@ from tiny import tiny_overrides, train_tiny, write_folder
 
 from paws.config import load_config
 from paws.fitting import fit_to_data
-from paws.train import total_steps
+from paws.run import total_steps
 
 
 def test_the_default_run_is_left_as_it_is(capsys):

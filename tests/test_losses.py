@@ -8,9 +8,11 @@ import pytest
 import torch
 
 from paws.losses import (
+    RoPAWS,
     me_max_term,
     nt_xent,
     paws_loss,
+    ropaws_predictions,
     sharpen,
     smooth_labels,
     snn,
@@ -291,3 +293,160 @@ def test_supervised_nce_scores_only_the_rows_asked_for():
         terms.append(-torch.log((w * labels[:, labels[i].argmax()]).sum() / w.sum()))
     assert part.item() == pytest.approx(torch.stack(terms).mean().item(), rel=1e-5)
     assert full.item() != pytest.approx(part.item(), rel=1e-3)
+
+
+# --------------------------------------------------------------------------------------------
+# ME-MAX with a prior, and RoPAWS.
+
+
+def test_me_max_with_a_prior_is_kl_to_it_hand_values():
+    half = torch.full((3, 2), 0.5)  # sharpening leaves 0.5/0.5, so pbar = [0.5, 0.5]
+    kl = 0.5 * math.log(0.5 / 0.8) + 0.5 * math.log(0.5 / 0.2)  # 0.2231
+    assert me_max_term(half, 0.25, prior=torch.tensor([0.8, 0.2])).item() == pytest.approx(kl)
+    # A uniform prior is the paper's term plus log K.
+    uniform = me_max_term(half, 0.25, prior=torch.tensor([0.5, 0.5])).item()
+    assert uniform == pytest.approx(me_max_term(half, 0.25).item() + math.log(2), abs=1e-7)
+    assert uniform == pytest.approx(0.0, abs=1e-7)
+
+
+def reference_ropaws_targets(views, supports, labels, tau, prior_tau, label_ratio):
+    """Plain loops: kernel weights per pair, then label propagation by fixed-point iteration
+    (P <- A_L Y + A_U P), not a linear solve."""
+    m, n, k = views.shape[0], supports.shape[0], labels.shape[1]
+
+    def cos(a, b):
+        return float(torch.dot(a, b) / (a.norm() * b.norm()))
+
+    a_l = torch.zeros(m, n, dtype=torch.float64)
+    a_u = torch.zeros(m, m, dtype=torch.float64)
+    for i in range(m):
+        to_s = [cos(views[i], supports[j]) for j in range(n)]
+        prior = math.exp((max(to_s) - 1) / prior_tau)
+        w_s = [label_ratio * m / n * math.exp(c / tau) for c in to_s]
+        w_u = [math.exp(cos(views[i], views[j]) / tau) if j != i else 0.0 for j in range(m)]
+        z = sum(w_s) + sum(w_u)
+        for j in range(n):
+            a_l[i, j] = prior * w_s[j] / z
+        for j in range(m):
+            a_u[i, j] = prior * w_u[j] / z
+    p = torch.zeros(m, k, dtype=torch.float64)
+    for _ in range(500):
+        p = a_l @ labels.double() + a_u @ p
+    p_in = p.sum(dim=1)
+    return p + (1 - p_in).unsqueeze(1) / k, p_in
+
+
+def reference_ropaws_loss(anchors, a_sup, a_lab, targets, t_sup, t_lab, tau, T, r):
+    """RoPAWS's loss in loops: each large view's targets from the batch of that view."""
+
+    def predict(z, sup, lab):
+        zn = z / z.norm()
+        w = torch.softmax(torch.stack([torch.dot(zn, s / s.norm()) / tau for s in sup]), 0)
+        return sum(w[j] * lab[j] for j in range(len(sup)))
+
+    def rho(p):
+        q = p ** (1.0 / T)
+        return q / q.sum()
+
+    b = targets.shape[0] // 2
+    views = anchors.shape[0] // b
+    per_view = [
+        reference_ropaws_targets(
+            targets[v * b : (v + 1) * b], t_sup, t_lab, tau, r.prior_tau, r.label_ratio
+        )
+        for v in range(2)
+    ]
+    rho_t = [rho(per_view[v][0][i]) for v in range(2) for i in range(b)]
+    p_in = 0.5 * (per_view[0][1] + per_view[1][1])
+    total = 0.0
+    for v in range(views):
+        for i in range(b):
+            p = predict(anchors[v * b + i], a_sup, a_lab)
+            if v == 0:
+                target = rho_t[b + i]
+            elif v == 1:
+                target = rho_t[i]
+            else:
+                target = 0.5 * (rho_t[i] + rho_t[b + i])
+            total = total - p_in[i] ** r.prior_pow * (target * torch.log(p)).sum()
+    return total / (views * b)
+
+
+@pytest.mark.parametrize("small_views", [0, 3])
+@pytest.mark.parametrize("prior_pow", [1.0, 2.0])
+def test_ropaws_loss_matches_loop_reference_values_and_gradients(small_views, prior_pow):
+    torch.manual_seed(small_views + int(prior_pow))
+    B, D, K, k = 4, 5, 3, 2
+    r = RoPAWS(prior_tau=0.5, prior_pow=prior_pow, label_ratio=5.0)
+    anchors = torch.randn((2 + small_views) * B, D, dtype=torch.float64, requires_grad=True)
+    supports = torch.randn(K * k, D, dtype=torch.float64, requires_grad=True)
+    targets = torch.randn(2 * B, D, dtype=torch.float64)
+    t_sup = torch.randn(K * k, D, dtype=torch.float64)
+    labels = smooth_labels(torch.arange(K).repeat_interleave(k), K, 0.1).double()
+    ce, reg = paws_loss(
+        anchors, supports, labels, targets, t_sup, labels, 0.1, 0.25, me_max=False, ropaws=r
+    )
+    assert reg.item() == 0.0
+    g = torch.autograd.grad(ce, [anchors, supports])
+    a2, s2 = anchors.detach().clone().requires_grad_(), supports.detach().clone().requires_grad_()
+    ref = reference_ropaws_loss(a2, s2, labels, targets, t_sup, labels, 0.1, 0.25, r)
+    g_ref = torch.autograd.grad(ref, [a2, s2])
+    assert ce.item() == pytest.approx(ref.item(), rel=1e-5)
+    for got, want in zip(g, g_ref):
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-7)
+    # Targets carry no gradient: only the anchors' and supports' paths do.
+    assert not targets.requires_grad
+
+
+def test_ropaws_predictions_match_the_loop_reference_and_are_distributions():
+    torch.manual_seed(3)
+    views, supports = torch.randn(6, 4, dtype=torch.float64), torch.randn(4, 4, dtype=torch.float64)
+    labels = torch.eye(2, dtype=torch.float64).repeat_interleave(2, dim=0)
+    probs, p_in = ropaws_predictions(views, supports, labels, 0.1, 0.3, 5.0)
+    ref_probs, ref_in = reference_ropaws_targets(views, supports, labels, 0.1, 0.3, 5.0)
+    assert torch.allclose(probs, ref_probs, atol=1e-9) and torch.allclose(p_in, ref_in, atol=1e-9)
+    assert torch.allclose(probs.sum(dim=1), torch.ones(6, dtype=torch.float64))
+    assert ((p_in > 0) & (p_in <= 1)).all()
+
+
+def test_ropaws_gives_an_image_far_from_every_support_little_mass_and_a_flat_target():
+    supports = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    labels = torch.eye(2)
+    near = torch.tensor([[0.99, 0.1, 0.0]])  # next to the class-0 support
+    far = torch.tensor([[0.0, 0.0, 1.0]])  # orthogonal to both supports
+    probs, p_in = ropaws_predictions(torch.cat([near, far]), supports, labels, 0.1, 0.1, 5.0)
+    assert p_in[0] > 0.9 and probs[0, 0] > 0.95
+    assert p_in[1] < 1e-3  # exp((0 - 1) / 0.1) = 4.5e-5 at most
+    assert torch.allclose(probs[1], torch.tensor([0.5, 0.5]), atol=1e-3)
+
+
+def test_ropaws_of_the_whole_batch_equals_the_local_batch_in_one_process():
+    torch.manual_seed(4)
+    B, D, K = 4, 6, 3
+    anchors = torch.randn(2 * B, D)
+    supports, t_sup = torch.randn(K * 2, D), torch.randn(K * 2, D)
+    labels = smooth_labels(torch.arange(K).repeat_interleave(2), K, 0.1)
+    targets = torch.randn(2 * B, D)
+    r = RoPAWS()
+    alone = paws_loss(anchors, supports, labels, targets, t_sup, labels, ropaws=r)
+    # The same images as rows 2..5 of a batch of 8 gathered from two processes: the targets
+    # now also see the other process's images, so the loss changes, but giving this process's
+    # rows of the whole batch is what a two-process run computes.
+    other = torch.randn(2, B, D)
+    whole = torch.cat([targets.view(2, B, D), other], dim=1)
+    rows = torch.arange(B)
+    same = paws_loss(
+        anchors,
+        supports,
+        labels,
+        targets,
+        t_sup,
+        labels,
+        ropaws=r,
+        batch=(targets.view(2, B, D), rows),
+    )
+    assert torch.allclose(alone[0], same[0])
+    mixed = paws_loss(
+        anchors, supports, labels, targets, t_sup, labels, ropaws=r, batch=(whole, rows)
+    )
+    assert not torch.allclose(alone[0], mixed[0])

@@ -30,8 +30,8 @@ from paws.fitting import fit_to_data
 from paws.models import Architecture, build_network, check_encoder
 from paws.optim import LARS, WarmupCosine, param_groups, set_lr
 from paws.progress import Progress, info
+from paws.run import total_steps
 from paws.sampling import EpochSampler, Stream, UnlabeledSampler
-from paws.train import total_steps
 
 __all__ = ["train_baseline"]
 

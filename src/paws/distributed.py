@@ -24,6 +24,7 @@ __all__ = [
     "is_main",
     "barrier",
     "all_gather",
+    "gather_views",
     "all_reduce_sum",
     "all_reduce_mean",
     "broadcast_object",
@@ -142,6 +143,24 @@ def all_gather(x: torch.Tensor) -> torch.Tensor:
         (W*N, ...); the backward hands each rank the summed gradient of its own rows.
     """
     return _AllGather.apply(x) if is_initialized() else x
+
+
+def gather_views(x: torch.Tensor, views: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole batch of every rank, view by view, and where this rank's images are in it.
+
+    Args:
+        x: (views * B, D) this rank's rows, ``[view 1; view 2; ...]`` (no gradient is passed).
+
+    Returns:
+        ``(whole (views, W * B, D), rows (B,))``: view v of every rank's images, rank by rank,
+        and the positions of this rank's images in each view.
+    """
+    b = x.shape[0] // views
+    whole = all_gather(x.detach())  # (W * views * B, D), rank by rank
+    w = whole.shape[0] // (views * b)
+    whole = whole.view(w, views, b, -1).transpose(0, 1).reshape(views, w * b, -1)
+    rows = torch.arange(b, device=x.device) + get_rank() * b
+    return whole, rows
 
 
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:

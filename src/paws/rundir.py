@@ -211,8 +211,10 @@ def training_state(
     cfg: Config,
     steps_per_epoch: int,
     data: Datasets,
+    **extra: Any,
 ) -> dict[str, Any]:
-    """Everything a resumed run needs, as tensors and plain values (see paws.checkpoint)."""
+    """Everything a resumed run needs, as tensors and plain values (see paws.checkpoint);
+    ``extra`` adds further training state (e.g. the ME-MAX prior's estimate)."""
     return checkpoint.model_record(
         "pretrain",
         model,
@@ -224,6 +226,7 @@ def training_state(
         scaler=scaler.state_dict() if scaler is not None else None,
         epoch=step / steps_per_epoch,
         rng=checkpoint.rng_state(),
+        **extra,
     )
 
 

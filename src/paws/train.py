@@ -1,4 +1,4 @@
-"""PAWS pre-training: open the run, build it, restore it, loop over steps, finish.
+"""PAWS pre-training: one step as the paper writes it, the loop over steps, and the whole run.
 
 Each step (:func:`train_step`) reads like the paper: encode the support views together with
 the two large views and, separately, the small views; classify every view against the supports
@@ -6,12 +6,12 @@ by soft nearest neighbours; take the other views' sharpened predictions as targe
 the cross-entropy plus ME-MAX; step LARS. Everything a step uses is a function of
 ``(seed, step)``, so a resumed run continues exactly where it stopped.
 
-:func:`train` is the whole run: :func:`open_run` (the run directory and the checkpoint to
-resume from), the data and its defaults (:func:`paws.fitting.fit_to_data`), :func:`start_run`
-(the resume check and config.yaml), :func:`build_run` (model, optimiser, samplers, schedule:
-everything before the first step, also what a benchmark needs), :func:`restore_run`,
-:func:`run_steps` (the loop) and :func:`finish_run` (final checkpoint, PAWS-NN, tightening,
-result files).
+:func:`train` is the whole run: :func:`paws.run.open_run` (the run directory and the
+checkpoint to resume from), the data and its defaults (:func:`paws.fitting.fit_to_data`),
+:func:`paws.run.start_run` (the resume check and config.yaml), :func:`paws.run.build_run`
+(model, optimiser, samplers, schedule, ME-MAX prior: everything before the first step),
+:func:`paws.run.restore_run`, :func:`run_steps` (the loop) and :func:`paws.run.finish_run`
+(final checkpoint, PAWS-NN, tightening, result files).
 """
 
 from __future__ import annotations
@@ -19,72 +19,25 @@ from __future__ import annotations
 import math
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from paws import checkpoint, distributed, rundir, runtime
-from paws.config import Config, save_config, to_dict
+from paws import distributed, rundir, runtime
+from paws.config import Config
 from paws.data.loaders import Batch, step_batches
 from paws.data.sources import Datasets, load_datasets
-from paws.errors import UserError
 from paws.evaluate import paws_nn
 from paws.fitting import fit_to_data
-from paws.losses import nt_xent, paws_loss, sharpen, smooth_labels, snn, supervised_nce
-from paws.models import Architecture, PAWSModel, build_network, check_encoder
-from paws.optim import LARS, WarmupCosine, backward_step, param_groups, set_lr
+from paws.losses import RoPAWS, paws_loss, snn
+from paws.monitor import monitor_metrics
+from paws.optim import backward_step, set_lr
 from paws.progress import Progress, info
-from paws.sampling import SupportSampler, UnlabeledSampler
-from paws.tighten import save_tightened, tighten
+from paws.run import Run, build_run, finish_run, open_run, restore_run, start_run
 
-__all__ = [
-    "training_model",
-    "build_optimizer",
-    "total_steps",
-    "train_step",
-    "Run",
-    "open_run",
-    "start_run",
-    "build_run",
-    "restore_run",
-    "run_steps",
-    "finish_run",
-    "train",
-]
-
-
-def training_model(cfg: Config, arch: Architecture, device: torch.device) -> PAWSModel:
-    """The model as training runs it: initialised from ``run.seed`` (and ``model.weights``),
-    on ``device``, batch norm global across processes (``run.sync_bn``), channels-last memory
-    where it is faster (``run.channels_last``, by default on GPUs)."""
-    channels_last = (
-        cfg.run.channels_last if cfg.run.channels_last is not None else device.type == "cuda"
-    )
-    model = build_network(arch, cfg.run.seed, cfg.model.weights, channels_last).to(device)
-    if cfg.run.sync_bn:
-        model = distributed.convert_batchnorm(model, device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    return model
-
-
-def build_optimizer(cfg: Config, model: torch.nn.Module) -> LARS:
-    """LARS over the model's parameter groups, as ``optim`` configures it."""
-    return LARS(
-        param_groups(model, cfg.optim.weight_decay, lars=cfg.optim.lars),
-        lr=cfg.optim.start_lr,
-        momentum=cfg.optim.momentum,
-        trust_coefficient=cfg.optim.trust_coefficient,
-    )
-
-
-def total_steps(cfg: Config, steps_per_epoch: int) -> int:
-    """Training length in steps: ``optim.steps`` or ``optim.epochs`` epochs (at least 1)."""
-    if cfg.optim.steps is not None:
-        return cfg.optim.steps
-    return max(1, int(round(cfg.optim.epochs * steps_per_epoch)))
+__all__ = ["StepResult", "train_step", "run_steps", "train"]
 
 
 @dataclass
@@ -99,12 +52,31 @@ class StepResult:
     cross_entropy: torch.Tensor
     me_max: torch.Tensor
     extra: dict[str, torch.Tensor]
+    mass: torch.Tensor | None = None
 
     def read(self) -> dict[str, float]:
         """The scalars as floats, averaged over ranks (one transfer, one all-reduce)."""
         names = ["loss", "cross_entropy", "me_max", *self.extra]
         values = torch.stack([self.loss, self.cross_entropy, self.me_max, *self.extra.values()])
         return dict(zip(names, distributed.all_reduce_mean(values.float()).tolist()))
+
+
+def _ropaws(cfg: Config) -> RoPAWS | None:
+    """RoPAWS's hyperparameters when ``loss.ropaws`` is on."""
+    c = cfg.loss
+    return (
+        RoPAWS(c.ropaws_prior_tau, c.ropaws_prior_pow, c.ropaws_label_ratio) if c.ropaws else None
+    )
+
+
+@torch.no_grad()
+def _class_mass(
+    views: torch.Tensor, supports: torch.Tensor, labels: torch.Tensor, tau: float
+) -> torch.Tensor:
+    """(K,) the mean soft nearest-neighbour prediction of a step's views, over every rank:
+    what an estimated ME-MAX prior follows."""
+    p = snn(views.detach().float(), supports.float(), labels, tau)
+    return distributed.all_reduce_mean(p.mean(dim=0))
 
 
 def train_step(
@@ -116,6 +88,7 @@ def train_step(
     scaler: torch.amp.GradScaler | None = None,
     dtype: torch.dtype | None = None,
     monitor: bool = False,
+    prior: torch.Tensor | None = None,
 ) -> StepResult:
     """One PAWS step (paper section 3, eq. 4), in place on ``model`` and ``optimizer``.
 
@@ -125,14 +98,16 @@ def train_step(
         batch: this rank's views ``[large 1, large 2, small ...]`` (each (B, C, h, w)) and
             support views (n, C, H, W).
         support_labels: (S, K) smoothed labels of the supports gathered from all ranks.
-        cfg: the run's config.
+        cfg: the run's config (``loss.ropaws``: RoPAWS targets).
         scaler: gradient scaler for fp16.
         dtype: autocast dtype of the forward pass, or None for fp32.
         monitor: also compute the monitor-only metrics of Fig. 4 (no gradient).
+        prior: (K,) ME-MAX prior of the step's support classes, or None for the paper's.
 
     Returns:
         The step's scalars as tensors, without waiting for the device; ``.read()`` gives
-        floats averaged over ranks.
+        floats averaged over ranks. With ``loss.me_max_prior: estimated`` also the step's
+        class mass (the mean soft nearest-neighbour prediction of its unlabelled images).
     """
     device_type = batch.supports.device.type
     n_sup, n_img = batch.supports.shape[0], batch.views[0].shape[0]
@@ -142,22 +117,32 @@ def train_step(
     # Supports from every rank; gradients flow back into each rank's own supports.
     anchor_supports = distributed.all_gather(z[:n_sup])
     target_supports = distributed.all_gather(h[:n_sup].detach())
+    target_views = h[n_sup : n_sup + 2 * n_img]
+    loss_cfg = cfg.loss
+    ropaws = _ropaws(cfg)
     cross_entropy, me_max = paws_loss(
         anchor_views=z[n_sup:],
         anchor_supports=anchor_supports,
         anchor_support_labels=support_labels,
-        target_views=h[n_sup : n_sup + 2 * n_img],
+        target_views=target_views,
         target_supports=target_supports,
         target_support_labels=support_labels,
-        tau=cfg.loss.tau,
-        T=cfg.loss.sharpen,
-        me_max=cfg.loss.me_max,
+        tau=loss_cfg.tau,
+        T=loss_cfg.sharpen,
+        me_max=loss_cfg.me_max,
         reduce=distributed.all_reduce_mean,
+        prior=prior,
+        ropaws=ropaws,
+        # RoPAWS propagates labels through the whole batch, every rank's images.
+        batch=distributed.gather_views(target_views.detach(), 2) if ropaws else None,
     )
     loss = cross_entropy + me_max
     backward_step(loss, optimizer, scaler)
+    mass = None
+    if loss_cfg.me_max_prior == "estimated":
+        mass = _class_mass(target_views, target_supports, support_labels, loss_cfg.tau)
     extra = (
-        _monitor(
+        monitor_metrics(
             h.detach(),
             z.detach(),
             anchor_supports.detach(),
@@ -170,211 +155,7 @@ def train_step(
         if monitor
         else {}
     )
-    return StepResult(loss.detach(), cross_entropy.detach(), me_max.detach(), extra)
-
-
-@torch.no_grad()
-def _monitor(
-    h: torch.Tensor,
-    z: torch.Tensor,
-    anchor_supports: torch.Tensor,
-    target_supports: torch.Tensor,
-    labels: torch.Tensor,
-    n_sup: int,
-    n_img: int,
-    cfg: Config,
-) -> dict[str, torch.Tensor]:
-    """Fig. 4 metrics on the step's own batch: target confidence (4c), instance-discrimination
-    and support-classification losses (4b), entropy of the mean prediction (scalar tensors)."""
-    h, z = h.float(), z.float()
-    large = h[n_sup : n_sup + 2 * n_img]
-    targets = sharpen(snn(large, target_supports.float(), labels, cfg.loss.tau), cfg.loss.sharpen)
-    probs = snn(z[n_sup:], anchor_supports.float(), labels, cfg.loss.tau)
-    pbar = sharpen(probs, cfg.loss.sharpen).mean(0)
-    # SuNCEt is scored against hard labels: with smoothed ones its floor would not be 0.
-    hard = torch.nn.functional.one_hot(labels.argmax(dim=1), labels.shape[1]).float()
-    return {
-        "target_confidence": targets.max(dim=1).values.mean(),
-        "instance_loss": nt_xent(large[:n_img], large[n_img:], cfg.loss.tau),
-        "support_loss": supervised_nce(anchor_supports.float(), hard, cfg.loss.tau),
-        "mean_entropy": -(pbar * pbar.clamp_min(1e-12).log()).sum(),
-    }
-
-
-# --------------------------------------------------------------------------------------------
-# The run.
-
-
-@dataclass
-class Run:
-    """A pre-training run, built and ready for its first (or next) step.
-
-    Attributes:
-        cfg: the config.
-        out: the run directory.
-        device: compute device.
-        data: the datasets.
-        arch: the network's architecture.
-        model: the model (the module to checkpoint and evaluate).
-        optimizer: LARS.
-        scaler: the fp16 gradient scaler, or None.
-        dtype: the autocast dtype, or None for fp32.
-        unl: unlabelled batches.
-        sup: support batches.
-        steps: the run's length in steps.
-        schedule: learning rate per step.
-        labels: (S, K) smoothed labels of the gathered supports (the same every step).
-        start: the first step to take (after a resume, the checkpoint's).
-        last_good: the last checkpoint written and its step, named if the run diverges.
-    """
-
-    cfg: Config
-    out: Path
-    device: torch.device
-    data: Datasets
-    arch: Architecture
-    model: PAWSModel
-    optimizer: LARS
-    scaler: torch.amp.GradScaler | None
-    dtype: torch.dtype | None
-    unl: UnlabeledSampler
-    sup: SupportSampler
-    steps: int
-    schedule: WarmupCosine
-    labels: torch.Tensor
-    start: int = 0
-    last_good: tuple[Path, int] | None = field(default=None)
-
-    def state(self, step: int) -> dict[str, Any]:
-        """The checkpoint of this run after ``step`` steps."""
-        return rundir.training_state(
-            self.model,
-            self.arch,
-            self.optimizer,
-            self.scaler,
-            step,
-            self.cfg,
-            self.unl.steps_per_epoch,
-            self.data,
-        )
-
-    def save_checkpoint(self, done: int) -> None:
-        """Write ``last.pt`` after ``done`` steps (rank 0) and remember it as the last good
-        checkpoint; a run whose weights are no longer finite stops instead."""
-        if not rundir.finite(self.model, self.optimizer):
-            raise rundir.diverged(
-                f"the weights became infinite or NaN by step {done}", self.last_good
-            )
-        if distributed.is_main():
-            checkpoint.save(self.state(done), self.out / rundir.LAST)
-        distributed.barrier()
-        self.last_good = (self.out / rundir.LAST, done)
-
-
-def open_run(cfg: Config, out: Path, resume: bool) -> dict[str, Any] | None:
-    """Check the run directory before any data is read.
-
-    Returns:
-        The checkpoint to resume from, or None for a new run.
-
-    Raises:
-        UserError: a new run would overwrite one; the checkpoint holds no training state; an
-            unknown encoder.
-    """
-    check_encoder(cfg.model.encoder)
-    state = None
-    last = out / rundir.LAST
-    if resume and not last.exists():
-        info(f"{out} has no checkpoint yet: starting it from step 0")
-    elif resume:
-        state = checkpoint.load(last)
-        if any(k not in state for k in ("optimizer", "step", "rng")):
-            raise UserError(f"{last} holds no training state to resume from")
-    elif last.exists():
-        raise UserError(
-            f"{out} already holds a run; resume it with --resume {out} or choose another --out"
-        )
-    return state
-
-
-def start_run(cfg: Config, out: Path, state: dict[str, Any] | None) -> None:
-    """Refuse a resume that changes the run's shape, then write the run's config (``cfg``
-    fitted to the data, :func:`paws.fitting.fit_to_data`) into the run directory."""
-    if state is not None:
-        diff = rundir.shape_diff(state["config"], to_dict(cfg))
-        if diff:
-            raise UserError(
-                "cannot resume: the config changes the run's shape: "
-                + "; ".join(diff)
-                + "; resume with the run's own config, or start a new run with --out"
-            )
-    # Every rank has looked at the run directory before rank 0 writes into it.
-    distributed.barrier()
-    if distributed.is_main():
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / rundir.CONFIG)
-
-
-def build_run(cfg: Config, out: Path, data: Datasets, device: torch.device) -> Run:
-    """Everything the loop needs before its first step: model, optimiser, samplers, schedule
-    and support labels (nothing is written)."""
-    rank, world = distributed.get_rank(), distributed.get_world_size()
-    arch = Architecture.from_config(cfg, data.channels)
-    model = training_model(cfg, arch, device)
-    dtype = runtime.amp_dtype(cfg, device)
-    unl = UnlabeledSampler(len(data.unlabeled), cfg.optim.batch_size, cfg.run.seed, rank, world)
-    s = cfg.support
-    sup = SupportSampler(
-        data.labeled.labels,
-        s.classes,
-        s.images_per_class,
-        cfg.run.seed,
-        rank,
-        world,
-        s.unique_classes,
-        data.classes,
-    )
-    steps = total_steps(cfg, unl.steps_per_epoch)
-    o = cfg.optim
-    warmup = int(round(o.warmup_epochs * unl.steps_per_epoch))
-    schedule = WarmupCosine(o.start_lr, o.ref_lr, o.final_lr, warmup, steps)
-    positions = torch.from_numpy(sup.gathered_positions(s.views))
-    labels = smooth_labels(positions, s.classes, s.label_smoothing).to(device)
-    optimizer = build_optimizer(cfg, model)
-    scaler = runtime.grad_scaler(dtype)
-    return Run(
-        cfg,
-        out,
-        device,
-        data,
-        arch,
-        model,
-        optimizer,
-        scaler,
-        dtype,
-        unl,
-        sup,
-        steps,
-        schedule,
-        labels,
-    )
-
-
-def restore_run(run: Run, state: dict[str, Any]) -> None:
-    """Continue ``run`` from a checkpoint: weights, optimiser, scaler, random state, step; logs
-    of steps after the checkpoint are dropped."""
-    run.model.load_state_dict(state["model"])
-    run.optimizer.load_state_dict(state["optimizer"])
-    if run.scaler is not None and state.get("scaler"):
-        run.scaler.load_state_dict(state["scaler"])
-    checkpoint.set_rng_state(state["rng"])
-    run.start = int(state["step"])
-    run.last_good = (run.out / rundir.LAST, run.start)
-    if distributed.is_main():
-        checkpoint.remove_partial_writes(run.out)
-        rundir.truncate_rows(run.out / rundir.METRICS, run.start)
-        rundir.truncate_rows(run.out / rundir.EVALS, run.start)
-    info(f"resuming {run.out} at step {run.start}/{run.steps}")
+    return StepResult(loss.detach(), cross_entropy.detach(), me_max.detach(), extra, mass)
 
 
 class _Throughput:
@@ -433,9 +214,12 @@ def run_steps(run: Run, metrics: rundir.MetricsLog, evals: rundir.MetricsLog) ->
             lr = run.schedule(batch.step)
             set_lr(run.optimizer, lr)
             monitor = run_cfg.monitor_every > 0 and batch.step % run_cfg.monitor_every == 0
+            prior = run.prior.for_step(batch.classes)
             r = train_step(
-                net, run.optimizer, batch, run.labels, cfg, run.scaler, run.dtype, monitor
+                net, run.optimizer, batch, run.labels, cfg, run.scaler, run.dtype, monitor, prior
             )
+            if r.mass is not None:
+                run.prior.update(batch.classes, r.mass)
             speed.add(batch.wait)
             done = batch.step + 1
             # Every rank stops at the same step, whichever received the signal.
@@ -472,66 +256,6 @@ def run_steps(run: Run, metrics: rundir.MetricsLog, evals: rundir.MetricsLog) ->
             signum = stop.signum or int(signal.SIGTERM)
             return {"status": "interrupted", "step": done, "signal": signum}
     return {"status": "done", "step": done}
-
-
-def _tighten_after_training(run: Run, step: int) -> dict[str, Any] | None:
-    """The last step of Appendix C's protocol when ``tighten.after_training``: SuNCEt on the
-    labelled images (:func:`paws.tighten.tighten`, ``run.model`` changed in place), saved as
-    ``tighten.pt`` in the run directory.
-
-    Returns:
-        The tightening report (PAWS-NN not yet filled in, ``seconds`` and ``checkpoint``
-        added), or None when tightening is off or the labels do not allow it (fewer than 2
-        classes, or a class with a single image), which is said in a line.
-    """
-    if not run.cfg.tighten.after_training:
-        return None
-    start = time.time()
-    try:
-        report = tighten(run.cfg, run.model, run.data, run.device, evaluate=False)
-    except UserError as e:
-        info(f"not tightening the clusters after training: {e}")
-        return None
-    return save_tightened(report, run.model, run.arch, run.cfg, run.data, step, run.out, start)
-
-
-def finish_run(run: Run, step: int, evals: rundir.MetricsLog) -> dict[str, Any] | None:
-    """After the last step: ``last.pt`` and ``final.pt``, PAWS-NN on the test set, tightening
-    (``tighten.after_training``) and PAWS-NN again, ``eval.json`` and ``predictions.json``.
-
-    Returns:
-        The summary written to ``eval.json`` (None without a test set, and on ranks other
-        than 0).
-    """
-    if not rundir.finite(run.model, run.optimizer):
-        raise rundir.diverged(f"the weights became infinite or NaN by step {step}", run.last_good)
-    if not distributed.is_main():
-        return None
-    final = run.state(step)
-    checkpoint.save(final, run.out / rundir.LAST)
-    checkpoint.save(final, run.out / rundir.FINAL)
-    cfg, data, device = run.cfg, run.data, run.device
-    ev = None
-    if data.test is not None:
-        ev = paws_nn(run.model, data, cfg, device, progress=True)
-        evals.log({"step": step, "top1": ev["top1"], "top5": ev["top5"]})
-    summary: dict[str, Any] = {"model": rundir.FINAL, "step": step}
-    report = _tighten_after_training(run, step)
-    if report is not None:
-        if ev is not None:
-            before = {"top1": ev["top1"], "top5": ev["top5"]}
-            ev = paws_nn(run.model, data, cfg, device, progress=True)
-            report["paws_nn_before"] = before
-            report["paws_nn_after"] = {k: ev[k] for k in ("top1", "top5", "num_query")}
-            summary["pretrained"] = dict(before, model=rundir.FINAL)
-        rundir.write_json(run.out / "tighten.json", report)
-        summary["model"] = rundir.TIGHTENED
-        summary["tighten"] = {k: report[k] for k in ("steps", "loss_first", "loss_last")}
-    if ev is None:
-        return None
-    summary.update({k: ev[k] for k in ("top1", "top5", "num_support", "num_query", "features")})
-    rundir.write_results(run.out, summary, ev, data.classes)
-    return summary
 
 
 def train(

@@ -86,13 +86,18 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        words: list[str] = []  # a misspelt choice gets the nearest one suggested
         for a in args:
             if a is type(None):
                 continue
             try:
                 return _coerce(value, a, key)
             except UserError:
-                pass
+                if typing.get_origin(a) is Literal:
+                    words += [str(w) for w in typing.get_args(a)]
+        close = difflib.get_close_matches(str(value), words, n=1) if isinstance(value, str) else []
+        if close:
+            raise UserError(f"{bad} (did you mean '{close[0]}'?)")
         raise bad
     if origin is Literal:
         if value in args:

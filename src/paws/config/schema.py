@@ -166,6 +166,39 @@ class LossConfig:
     tau: float = _f(0.1, "cosine-similarity temperature of soft nearest neighbours", (1e-4, 10.0))
     sharpen: float = _f(0.25, "target sharpening temperature T", (1e-3, 1.0))
     me_max: bool = _f(True, "mean-entropy maximisation regulariser")
+    me_max_prior: Literal["uniform", "labeled", "estimated"] | list[float] = _f(
+        "uniform",
+        "the class distribution ME-MAX pushes the mean prediction towards: uniform (the "
+        "paper's ME-MAX), labeled (the labelled images' class frequencies), estimated (from "
+        "the predictions during training), or one number per class (frequencies)",
+    )
+    me_max_prior_momentum: float = _f(
+        0.99,
+        "estimated prior: running average of the mean prediction, this much of the old "
+        "estimate kept each step",
+        (0.0, 0.99999),
+    )
+    ropaws: bool = _f(
+        False,
+        "RoPAWS (Mo et al. 2023): targets from the supports and the other unlabelled images, "
+        "images far from every labelled class down-weighted; for unlabelled images of classes "
+        "nobody labelled",
+    )
+    ropaws_prior_tau: float = _f(
+        0.1,
+        "RoPAWS in-domain prior temperature, exp((max similarity to a support - 1) / it) "
+        "(0.1 in RoPAWS's CIFAR-10 config, 3.0 for ImageNet)",
+        (1e-3, 100.0),
+    )
+    ropaws_prior_pow: float = _f(
+        1.0, "RoPAWS: an image's loss is weighted by its in-domain mass to this power", (0.0, 10.0)
+    )
+    ropaws_label_ratio: float = _f(
+        5.0,
+        "RoPAWS: weight of the supports, as a whole, relative to the unlabelled batch in the "
+        "targets",
+        (1e-3, 1e3),
+    )
 
 
 @dataclass
@@ -333,6 +366,12 @@ class Config:
             val = getattr(d, name)
             if val is not None and len(val) not in (1, 3):
                 raise UserError(f"data.{name} needs 1 or 3 values, got {len(val)}")
+        prior = self.loss.me_max_prior
+        if isinstance(prior, list) and (not prior or min(prior) < 0 or sum(prior) <= 0):
+            raise UserError(
+                "loss.me_max_prior as numbers needs one non-negative frequency per class, not "
+                f"all zero, got {prior}"
+            )
         if not self.finetune.lrs or not self.finetune.epochs:
             raise UserError("finetune.lrs and finetune.epochs must not be empty")
         if any(lr <= 0 for lr in self.finetune.lrs):

@@ -89,12 +89,15 @@ class Batch:
         views: ``[large 1, large 2, small 1, ...]``, each (B_local, C, h, w).
         supports: (views * n_local, C, H, W) support views, stacked view by view.
         wait: seconds the step waited for this batch (data loading and augmentation).
+        classes: (C,) dataset class ids of the step's support classes, in position order
+            (the support labels are positions), or None.
     """
 
     step: int
     views: list[torch.Tensor]
     supports: torch.Tensor
     wait: float = 0.0
+    classes: torch.Tensor | None = None
 
 
 def default_workers(requested: int) -> int:
@@ -338,7 +341,8 @@ def step_batches(
         shard=(sup.global_size, sup.shard_rows()),
     )
     for (step, v, wait_v), (_, s, wait_s) in zip(views, supports):
-        yield Batch(step, v, s, wait_v + wait_s)
+        classes = torch.from_numpy(sup.global_batch(step)[1])
+        yield Batch(step, v, s, wait_v + wait_s, classes)
 
 
 class _EvalFiles(torch.utils.data.Dataset):

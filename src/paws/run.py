@@ -1,0 +1,321 @@
+"""A pre-training run outside its loop: everything built before the first step, and
+everything done after the last.
+
+:func:`open_run` checks the run directory and loads the checkpoint to resume from;
+:func:`start_run` refuses a resume that would change the run and writes its config;
+:func:`build_run` makes the model, optimiser, samplers, schedule and ME-MAX prior (also what a
+benchmark needs to time a step); :func:`restore_run` continues from a checkpoint;
+:func:`finish_run` saves the final model, evaluates it, tightens it and writes the results.
+The loop itself is :func:`paws.train.run_steps`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from paws import checkpoint, distributed, rundir, runtime
+from paws.config import Config, save_config, to_dict
+from paws.data.sources import Datasets
+from paws.errors import UserError
+from paws.evaluate import paws_nn
+from paws.losses import smooth_labels
+from paws.models import Architecture, PAWSModel, build_network, check_encoder
+from paws.optim import LARS, WarmupCosine, param_groups
+from paws.priors import ClassPrior
+from paws.progress import info
+from paws.sampling import SupportSampler, UnlabeledSampler
+from paws.tighten import save_tightened, tighten
+
+__all__ = [
+    "Run",
+    "training_model",
+    "build_optimizer",
+    "total_steps",
+    "open_run",
+    "start_run",
+    "build_run",
+    "restore_run",
+    "finish_run",
+]
+
+
+def training_model(cfg: Config, arch: Architecture, device: torch.device) -> PAWSModel:
+    """The model as training runs it: initialised from ``run.seed`` (and ``model.weights``),
+    on ``device``, batch norm global across processes (``run.sync_bn``), channels-last memory
+    where it is faster (``run.channels_last``, by default on GPUs)."""
+    channels_last = (
+        cfg.run.channels_last if cfg.run.channels_last is not None else device.type == "cuda"
+    )
+    model = build_network(arch, cfg.run.seed, cfg.model.weights, channels_last).to(device)
+    if cfg.run.sync_bn:
+        model = distributed.convert_batchnorm(model, device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def build_optimizer(cfg: Config, model: torch.nn.Module) -> LARS:
+    """LARS over the model's parameter groups, as ``optim`` configures it."""
+    return LARS(
+        param_groups(model, cfg.optim.weight_decay, lars=cfg.optim.lars),
+        lr=cfg.optim.start_lr,
+        momentum=cfg.optim.momentum,
+        trust_coefficient=cfg.optim.trust_coefficient,
+    )
+
+
+def total_steps(cfg: Config, steps_per_epoch: int) -> int:
+    """Training length in steps: ``optim.steps`` or ``optim.epochs`` epochs (at least 1)."""
+    if cfg.optim.steps is not None:
+        return cfg.optim.steps
+    return max(1, int(round(cfg.optim.epochs * steps_per_epoch)))
+
+
+@dataclass
+class Run:
+    """A pre-training run, built and ready for its first (or next) step.
+
+    Attributes:
+        cfg: the config.
+        out: the run directory.
+        device: compute device.
+        data: the datasets.
+        arch: the network's architecture.
+        model: the model (the module to checkpoint and evaluate).
+        optimizer: LARS.
+        scaler: the fp16 gradient scaler, or None.
+        dtype: the autocast dtype, or None for fp32.
+        unl: unlabelled batches.
+        sup: support batches.
+        steps: the run's length in steps.
+        schedule: learning rate per step.
+        labels: (S, K) smoothed labels of the gathered supports (the same every step).
+        prior: the class prior of ME-MAX (and its estimate).
+        start: the first step to take (after a resume, the checkpoint's).
+        last_good: the last checkpoint written and its step, named if the run diverges.
+    """
+
+    cfg: Config
+    out: Path
+    device: torch.device
+    data: Datasets
+    arch: Architecture
+    model: PAWSModel
+    optimizer: LARS
+    scaler: torch.amp.GradScaler | None
+    dtype: torch.dtype | None
+    unl: UnlabeledSampler
+    sup: SupportSampler
+    steps: int
+    schedule: WarmupCosine
+    labels: torch.Tensor
+    prior: ClassPrior
+    start: int = 0
+    last_good: tuple[Path, int] | None = field(default=None)
+
+    def state(self, step: int) -> dict[str, Any]:
+        """The checkpoint of this run after ``step`` steps."""
+        return rundir.training_state(
+            self.model,
+            self.arch,
+            self.optimizer,
+            self.scaler,
+            step,
+            self.cfg,
+            self.unl.steps_per_epoch,
+            self.data,
+            prior=self.prior.state_dict(),
+        )
+
+    def save_checkpoint(self, done: int) -> None:
+        """Write ``last.pt`` after ``done`` steps (rank 0) and remember it as the last good
+        checkpoint; a run whose weights are no longer finite stops instead."""
+        if not rundir.finite(self.model, self.optimizer):
+            raise rundir.diverged(
+                f"the weights became infinite or NaN by step {done}", self.last_good
+            )
+        if distributed.is_main():
+            checkpoint.save(self.state(done), self.out / rundir.LAST)
+        distributed.barrier()
+        self.last_good = (self.out / rundir.LAST, done)
+
+
+def open_run(cfg: Config, out: Path, resume: bool) -> dict[str, Any] | None:
+    """Check the run directory before any data is read.
+
+    Returns:
+        The checkpoint to resume from, or None for a new run.
+
+    Raises:
+        UserError: a new run would overwrite one; the checkpoint holds no training state; an
+            unknown encoder.
+    """
+    check_encoder(cfg.model.encoder)
+    state = None
+    last = out / rundir.LAST
+    if resume and not last.exists():
+        info(f"{out} has no checkpoint yet: starting it from step 0")
+    elif resume:
+        state = checkpoint.load(last)
+        if any(k not in state for k in ("optimizer", "step", "rng")):
+            raise UserError(f"{last} holds no training state to resume from")
+    elif last.exists():
+        raise UserError(
+            f"{out} already holds a run; resume it with --resume {out} or choose another --out"
+        )
+    return state
+
+
+def start_run(cfg: Config, out: Path, state: dict[str, Any] | None) -> None:
+    """Refuse a resume that changes the run's shape, then write the run's config (``cfg``
+    fitted to the data, :func:`paws.fitting.fit_to_data`) into the run directory."""
+    if state is not None:
+        diff = rundir.shape_diff(state["config"], to_dict(cfg))
+        if diff:
+            raise UserError(
+                "cannot resume: the config changes the run's shape: "
+                + "; ".join(diff)
+                + "; resume with the run's own config, or start a new run with --out"
+            )
+    # Every rank has looked at the run directory before rank 0 writes into it.
+    distributed.barrier()
+    if distributed.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / rundir.CONFIG)
+
+
+def build_run(cfg: Config, out: Path, data: Datasets, device: torch.device) -> Run:
+    """Everything the loop needs before its first step: model, optimiser, samplers, schedule
+    and support labels (nothing is written)."""
+    rank, world = distributed.get_rank(), distributed.get_world_size()
+    arch = Architecture.from_config(cfg, data.channels)
+    model = training_model(cfg, arch, device)
+    dtype = runtime.amp_dtype(cfg, device)
+    unl = UnlabeledSampler(len(data.unlabeled), cfg.optim.batch_size, cfg.run.seed, rank, world)
+    s = cfg.support
+    sup = SupportSampler(
+        data.labeled.labels,
+        s.classes,
+        s.images_per_class,
+        cfg.run.seed,
+        rank,
+        world,
+        s.unique_classes,
+        data.classes,
+    )
+    steps = total_steps(cfg, unl.steps_per_epoch)
+    o = cfg.optim
+    warmup = int(round(o.warmup_epochs * unl.steps_per_epoch))
+    schedule = WarmupCosine(o.start_lr, o.ref_lr, o.final_lr, warmup, steps)
+    positions = torch.from_numpy(sup.gathered_positions(s.views))
+    labels = smooth_labels(positions, s.classes, s.label_smoothing).to(device)
+    optimizer = build_optimizer(cfg, model)
+    scaler = runtime.grad_scaler(dtype)
+    loss = cfg.loss
+    prior = ClassPrior(
+        loss.me_max_prior,
+        data.labeled.labels,
+        len(data.classes),
+        loss.me_max_prior_momentum,
+        device,
+    )
+    return Run(
+        cfg,
+        out,
+        device,
+        data,
+        arch,
+        model,
+        optimizer,
+        scaler,
+        dtype,
+        unl,
+        sup,
+        steps,
+        schedule,
+        labels,
+        prior,
+    )
+
+
+def restore_run(run: Run, state: dict[str, Any]) -> None:
+    """Continue ``run`` from a checkpoint: weights, optimiser, scaler, random state, step; logs
+    of steps after the checkpoint are dropped."""
+    run.model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    if run.scaler is not None and state.get("scaler"):
+        run.scaler.load_state_dict(state["scaler"])
+    checkpoint.set_rng_state(state["rng"])
+    run.prior.load_state_dict(state.get("prior") or {})
+    run.start = int(state["step"])
+    run.last_good = (run.out / rundir.LAST, run.start)
+    if distributed.is_main():
+        checkpoint.remove_partial_writes(run.out)
+        rundir.truncate_rows(run.out / rundir.METRICS, run.start)
+        rundir.truncate_rows(run.out / rundir.EVALS, run.start)
+    info(f"resuming {run.out} at step {run.start}/{run.steps}")
+
+
+def _tighten_after_training(run: Run, step: int) -> dict[str, Any] | None:
+    """The last step of Appendix C's protocol when ``tighten.after_training``: SuNCEt on the
+    labelled images (:func:`paws.tighten.tighten`, ``run.model`` changed in place), saved as
+    ``tighten.pt`` in the run directory.
+
+    Returns:
+        The tightening report (PAWS-NN not yet filled in, ``seconds`` and ``checkpoint``
+        added), or None when tightening is off or the labels do not allow it (fewer than 2
+        classes, or a class with a single image), which is said in a line.
+    """
+    if not run.cfg.tighten.after_training:
+        return None
+    start = time.time()
+    try:
+        report = tighten(run.cfg, run.model, run.data, run.device, evaluate=False)
+    except UserError as e:
+        info(f"not tightening the clusters after training: {e}")
+        return None
+    return save_tightened(report, run.model, run.arch, run.cfg, run.data, step, run.out, start)
+
+
+def finish_run(run: Run, step: int, evals: rundir.MetricsLog) -> dict[str, Any] | None:
+    """After the last step: ``last.pt`` and ``final.pt``, PAWS-NN on the test set, tightening
+    (``tighten.after_training``) and PAWS-NN again, ``eval.json`` and ``predictions.json``.
+
+    Returns:
+        The summary written to ``eval.json`` (None without a test set, and on ranks other
+        than 0).
+    """
+    if not rundir.finite(run.model, run.optimizer):
+        raise rundir.diverged(f"the weights became infinite or NaN by step {step}", run.last_good)
+    if not distributed.is_main():
+        return None
+    final = run.state(step)
+    checkpoint.save(final, run.out / rundir.LAST)
+    checkpoint.save(final, run.out / rundir.FINAL)
+    cfg, data, device = run.cfg, run.data, run.device
+    ev = None
+    if data.test is not None:
+        ev = paws_nn(run.model, data, cfg, device, progress=True)
+        evals.log({"step": step, "top1": ev["top1"], "top5": ev["top5"]})
+    summary: dict[str, Any] = {"model": rundir.FINAL, "step": step}
+    report = _tighten_after_training(run, step)
+    if report is not None:
+        if ev is not None:
+            before = {"top1": ev["top1"], "top5": ev["top5"]}
+            ev = paws_nn(run.model, data, cfg, device, progress=True)
+            report["paws_nn_before"] = before
+            report["paws_nn_after"] = {k: ev[k] for k in ("top1", "top5", "num_query")}
+            summary["pretrained"] = dict(before, model=rundir.FINAL)
+        rundir.write_json(run.out / "tighten.json", report)
+        summary["model"] = rundir.TIGHTENED
+        summary["tighten"] = {k: report[k] for k in ("steps", "loss_first", "loss_last")}
+    if ev is None:
+        return None
+    summary.update({k: ev[k] for k in ("top1", "top5", "num_support", "num_query", "features")})
+    rundir.write_results(run.out, summary, ev, data.classes)
+    return summary
