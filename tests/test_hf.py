@@ -113,16 +113,17 @@ def test_an_image_folder_trains_with_file_names_in_the_split_file(tmp_path):
         ("data.image_column=kind", ["column 'kind'", "not images"]),
     ],
 )
-def test_a_wrong_column_or_split_is_one_line(saved, capsys, monkeypatch, change, words):
-    args = ["--quiet", "train", *set_args(_settings(saved, change))]
+def test_a_wrong_column_or_split_is_one_line(saved, tmp_path, capsys, monkeypatch, change, words):
+    args = ["--quiet", "train", "--out", str(tmp_path / "run"), *set_args(_settings(saved, change))]
     code, _, err = run_cli(args, capsys, monkeypatch)
     line = error_line(err)
     assert code == 2 and all(w in line for w in words), line
 
 
-def test_without_the_datasets_package_is_one_line(saved, capsys, monkeypatch):
+def test_without_the_datasets_package_is_one_line(saved, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # import machinery: "not installed"
-    code, _, err = run_cli(["--quiet", "train", *set_args(_settings(saved))], capsys, monkeypatch)
+    args = ["--quiet", "train", "--out", str(tmp_path / "run"), *set_args(_settings(saved))]
+    code, _, err = run_cli(args, capsys, monkeypatch)
     assert code == 2 and "pip install 'paws-ssl[hf]'" in error_line(err)
 
 
@@ -134,7 +135,13 @@ def test_unlabelled_rows_in_the_train_split_are_one_line(tmp_path, capsys, monke
     )
     ds.save_to_disk(str(tmp_path / "one"))
     capsys.readouterr()
-    args = ["--quiet", "train", *set_args(_settings(tmp_path / "one"))]
+    args = [
+        "--quiet",
+        "train",
+        "--out",
+        str(tmp_path / "run"),
+        *set_args(_settings(tmp_path / "one")),
+    ]
     code, _, err = run_cli(args, capsys, monkeypatch)
     line = error_line(err)
     assert code == 2 and "1 of the 9 images of split 'train' have no label" in line, line
