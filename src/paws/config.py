@@ -122,7 +122,9 @@ class DataConfig:
     image_column: str = _f("image", "hf dataset: the column of images")
     label_column: str = _f("label", "hf dataset: the column of labels (ClassLabel names: classes)")
     train_split: str = _f("train", "hf dataset: the split of the labelled and unlabelled images")
-    test_split: str | None = _f(None, "hf dataset: the split of test images (default: 'test')")
+    test_split: str | None = _f(
+        None, "hf dataset: the split of test images (default: 'test', if any)"
+    )
     unlabeled_split: str | None = _f(None, "hf dataset: more unlabelled images (labels ignored)")
 
 
