@@ -376,13 +376,28 @@ def _embed_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], in
     return run
 
 
-@command("export", "write a model as safetensors + JSON that paws.load() reads without config")
+@command("export", "write a model for paws.load() (safetensors + JSON) or for ONNX Runtime")
 def _export_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
     p.add_argument("checkpoint", help="checkpoint file or run directory")
     p.add_argument(
+        "--format",
+        choices=["safetensors", "onnx"],
+        default="safetensors",
+        help="safetensors: weights + JSON that paws.load() reads without config; onnx: "
+        "model.onnx (images to class probabilities and embeddings), encoder.onnx and onnx.json, "
+        "for ONNX Runtime without paws (needs paws-ssl[onnx])",
+    )
+    p.add_argument(
         "--out",
         metavar="DIR",
-        help="export folder (default: export-<checkpoint name> next to the checkpoint)",
+        help="export folder (default: export-<checkpoint name> next to the checkpoint, "
+        "or export inside a run directory; -onnx appended for --format onnx)",
+    )
+    p.add_argument(
+        "--support",
+        metavar="DIR",
+        help="pre-trained models: classify against this <class>/<image> folder instead of "
+        "the run's labelled images",
     )
     p.add_argument(
         "--device",
@@ -396,20 +411,35 @@ def _export_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], i
         from paws.inference import from_checkpoint
 
         src = Path(args.checkpoint)
+        suffix = "-onnx" if args.format == "onnx" else ""
         if args.out:
             out = Path(args.out)
         elif src.is_dir():
-            out = src / "export"
+            out = src / f"export{suffix}"
         else:
-            out = src.parent / f"export-{src.stem}"
+            out = src.parent / f"export-{src.stem}{suffix}"
         model = from_checkpoint(src, args.overrides, args.device)
-        write = model.export(out, progress=True)
+        if args.support:
+            model.set_support(args.support, progress=True)
+        if args.format == "onnx":
+            from paws.onnx_export import check_onnx, export_onnx
+
+            write = export_onnx(model, out, progress=True)
+        else:
+            write = model.export(out, progress=True)
         what = (
             "fine-tuned classifier"
             if model.is_classifier
             else (f"{model.kind} model with {len(model.support.labels)} support embeddings")
         )
         print(f"exported {what} ({len(model.classes)} classes) to {write}")
+        if args.format == "onnx":
+            diff = check_onnx(write, model)
+            print(
+                "ONNX Runtime matches PyTorch to "
+                + ", ".join(f"{v:.1e} ({k})" for k, v in diff.items())
+                + " on 7 random images"
+            )
         return 0
 
     return run

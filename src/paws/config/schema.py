@@ -35,14 +35,17 @@ def _f(default: Any, doc: str, range: tuple[float | None, float | None] | None =
 
 @dataclass
 class DataConfig:
-    dataset: Literal["fashion_mnist", "cifar10", "cifar100", "imagenet", "folder"] = _f(
-        "fashion_mnist", "which dataset: a built-in one or 'folder' for your own images"
+    dataset: Literal["fashion_mnist", "cifar10", "cifar100", "imagenet", "folder", "hf"] = _f(
+        "fashion_mnist",
+        "which dataset: a built-in one, 'folder' for your own images, or 'hf' for a Hugging "
+        "Face dataset on disk",
     )
     root: str | None = _f(
         None,
         "dataset root: idx .gz files, CIFAR batches, or ImageNet's "
         "train/ and val/ folders (Fashion-MNIST also looks in the Debian "
-        "package's folder and can download)",
+        "package's folder and can download); hf: a folder written by save_to_disk, or an "
+        "image folder for the imagefolder builder",
     )
     unlabeled: str | None = _f(
         None,
@@ -53,20 +56,21 @@ class DataConfig:
     test: str | None = _f(None, "folder dataset: optional test images as <class>/<image>")
     labels_per_class: int | None = _f(
         10,
-        "labelled subset of a built-in dataset: this many images per class (drawn with "
+        "labelled subset of a built-in or hf dataset: this many images per class (drawn with "
         "split_seed); label_fraction and split_file take precedence",
         (1, None),
     )
     label_fraction: float | None = _f(
         None,
-        "labelled subset of a built-in dataset: this fraction of each class (split_file takes "
-        "precedence)",
+        "labelled subset of a built-in or hf dataset: this fraction of each class (split_file "
+        "takes precedence)",
         (0.0, 1.0),
     )
     split_file: str | None = _f(
         None,
         "labelled subset: file with one image name per line (SimCLR/PAWS ImageNet 1%/10% lists, "
-        "CIFAR indices; for folders, names relative to data.labeled)",
+        "CIFAR indices; for folders, names relative to data.labeled; for hf, row numbers of "
+        "the train split, or file names of an image folder)",
     )
     split_seed: int = _f(0, "seed of the labelled-subset draw", (0, None))
     unlabeled_includes_labeled: bool = _f(
@@ -75,14 +79,14 @@ class DataConfig:
     )
     image_size: int | None = _f(
         None,
-        "folder dataset held in memory: decode images to this "
+        "folder or hf dataset held in memory: decode images to this "
         "square size (default: views.large_size * 8/7)",
         (8, 4096),
     )
     in_memory: bool | Literal["auto"] = _f(
         "auto",
         "decode images once into uint8 memory: true, false, or 'auto' (when they fit "
-        "memory_limit_gb)",
+        "memory_limit_gb); hf datasets are always decoded into memory",
     )
     memory_limit_gb: float = _f(4.0, "largest in-memory dataset for in_memory: auto", (0.0, None))
     workers: int = _f(-1, "data-loader worker processes for on-disk datasets (-1: auto)", (-1, 256))
@@ -92,6 +96,13 @@ class DataConfig:
     channels: int | None = _f(None, "1 (grey) or 3 (colour); default: from the dataset", (1, 3))
     mean: list[float] | None = _f(None, "per-channel normalisation mean (default: dataset's)")
     std: list[float] | None = _f(None, "per-channel normalisation std (default: dataset's)")
+    image_column: str = _f("image", "hf dataset: the column of images")
+    label_column: str = _f("label", "hf dataset: the column of labels (ClassLabel names: classes)")
+    train_split: str = _f("train", "hf dataset: the split of the labelled and unlabelled images")
+    test_split: str | None = _f(
+        None, "hf dataset: the split of test images (default: 'test', if any)"
+    )
+    unlabeled_split: str | None = _f(None, "hf dataset: more unlabelled images (labels ignored)")
 
 
 @dataclass
@@ -350,6 +361,8 @@ class Config:
                 "data.dataset is 'folder' but data.labeled is not set: point it to "
                 "a folder of <class>/<image> files"
             )
+        if d.dataset == "hf" and not d.root:
+            raise UserError("data.dataset is 'hf': set data.root to a saved dataset or images")
         for name in ("large_scale", "small_scale", "ratio"):
             lo_hi = getattr(v, name)
             if (

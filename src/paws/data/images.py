@@ -9,6 +9,7 @@ augmentation).
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +25,7 @@ from paws.errors import UserError
 __all__ = [
     "IMAGE_EXTENSIONS",
     "GREY",
+    "ImageSource",
     "ImageSet",
     "scan_images",
     "scan_labeled_folder",
@@ -33,6 +35,7 @@ __all__ = [
     "to_grey",
     "tensor_channels",
     "is_grey",
+    "fits_in_memory",
     "decode_images",
 ]
 
@@ -49,6 +52,12 @@ IMAGE_EXTENSIONS = (
     ".pgm",
 )
 GREY = (0.299, 0.587, 0.114)  # luma weights of R, G and B (ITU-R BT.601), as Pillow's "L"
+# An image file, or the encoded bytes of one (PNG, JPEG, ...: a Hugging Face dataset's images).
+ImageSource = Path | bytes
+
+
+def _open(source: ImageSource) -> Image.Image:
+    return Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
 
 
 @dataclass
@@ -151,13 +160,16 @@ def to_mode(im: Image.Image, channels: int | None = None) -> Image.Image:
     return im.convert("L" if channels == 1 else "RGB")
 
 
-def read_image(path: Path, channels: int | None = None) -> Image.Image:
+def read_image(
+    path: ImageSource, channels: int | None = None, name: str | None = None
+) -> Image.Image:
     """Open and fully decode an image as RGB (or L when ``channels`` is 1), see :func:`to_mode`.
 
-    Raises :class:`UserError` naming the file if it is corrupt, truncated or not an image.
+    Raises :class:`UserError` naming the file (or ``name``) if it is corrupt, truncated or not
+    an image.
     """
     try:
-        with Image.open(path) as im:
+        with _open(path) as im:
             im.load()
             return to_mode(im, channels)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
@@ -165,8 +177,9 @@ def read_image(path: Path, channels: int | None = None) -> Image.Image:
             reason = "not an image, or in a format Pillow cannot read"
         else:
             reason = str(e).strip().splitlines()[0] if str(e).strip() else "corrupt"
+        where = name if name is not None else path
         raise UserError(
-            f"cannot read image {path}: {reason}; fix or remove it, or set data.on_bad_image: skip"
+            f"cannot read image {where}: {reason}; fix or remove it, or set data.on_bad_image: skip"
         ) from e
 
 
@@ -194,13 +207,13 @@ def tensor_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
     raise UserError(f"images need 1 or 3 channels, got {x.shape[0]}")
 
 
-def is_grey(files: Sequence[Path], sample: int = 2000) -> bool:
+def is_grey(files: Sequence[ImageSource], sample: int = 2000) -> bool:
     """Whether the images are grey, judged from the modes of the first ``sample`` files
     (unreadable ones count as grey: decoding them reports the error)."""
 
-    def grey(path: Path) -> bool:
+    def grey(path: ImageSource) -> bool:
         try:
-            with Image.open(path) as im:
+            with _open(path) as im:
                 return im.mode in ("1", "L", "LA", "I", "I;16", "F")
         except (UnidentifiedImageError, OSError):
             return True
@@ -220,29 +233,46 @@ def square(im: Image.Image, size: int) -> np.ndarray:
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
 
+def fits_in_memory(n: int, size: int, channels: int, limit_gb: float) -> bool:
+    """Whether ``n`` uint8 images of ``channels`` x ``size`` x ``size`` fit ``limit_gb``."""
+    return n * size * size * channels <= limit_gb * 1e9
+
+
 def decode_images(
-    files: Sequence[Path], size: int, channels: int, on_bad_image: str = "error"
+    files: Sequence[ImageSource],
+    size: int,
+    channels: int,
+    on_bad_image: str = "error",
+    names: Sequence[str] | None = None,
 ) -> tuple[torch.Tensor, list[int], list[str]]:
     """Decode files into a uint8 tensor, each resized (shorter side) and centre-cropped to
     ``size``.
+
+    Args:
+        files: image files, or their encoded bytes.
+        size: side of the square images.
+        channels: 1 (grey) or 3 (colour).
+        on_bad_image: ``"error"`` or ``"skip"``.
+        names: the images' names in messages (default: the file paths).
 
     Returns:
         ``(images (N', C, size, size), kept indices, skipped file names)``; with
         ``on_bad_image='error'`` a bad file raises :class:`UserError` instead.
     """
+    names = [str(f) for f in files] if names is None else list(names)
 
-    def one(path: Path) -> np.ndarray | None:
+    def one(i: int) -> np.ndarray | None:
         try:
-            return square(read_image(path, channels), size)
+            return square(read_image(files[i], channels, names[i]), size)
         except UserError:
             if on_bad_image == "error":
                 raise
             return None
 
     with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2))) as pool:
-        arrays = list(pool.map(one, files))
+        arrays = list(pool.map(one, range(len(files))))
     kept = [i for i, a in enumerate(arrays) if a is not None]
-    skipped = [str(files[i]) for i, a in enumerate(arrays) if a is None]
+    skipped = [names[i] for i, a in enumerate(arrays) if a is None]
     if not kept:
         raise UserError(f"none of the {len(files)} images could be read")
     out = torch.from_numpy(np.stack([arrays[i] for i in kept]))

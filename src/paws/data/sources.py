@@ -1,9 +1,10 @@
 """Where a run's images come from: the unlabelled, labelled and test sets of a config.
 
 :func:`load_datasets` assembles a :class:`Datasets` from a built-in dataset (Fashion-MNIST,
-CIFAR-10/100), ImageNet-style folders (``train/<class>/*``, ``val/<class>/*``) or any folder of
+CIFAR-10/100), ImageNet-style folders (``train/<class>/*``, ``val/<class>/*``), any folder of
 images (unlabelled images anywhere below a folder; labelled and test images as
-``<class>/<image>``), with the labelled subset a config asks for (:func:`select_labeled`).
+``<class>/<image>``) or a Hugging Face dataset on disk (:mod:`paws.data.hf`), with the labelled
+subset a config asks for (:func:`select_labeled`).
 Folders small enough are decoded once into uint8 tensors (augmented as batches); larger ones
 stay on disk and are decoded per image by the loaders.
 """
@@ -21,6 +22,7 @@ from paws.data.builtin import FASHION_MNIST_CLASSES, STATS, load_cifar, load_fas
 from paws.data.images import (
     ImageSet,
     decode_images,
+    fits_in_memory,
     is_grey,
     relative_names,
     scan_images,
@@ -105,8 +107,10 @@ def select_labeled(images: ImageSet, cfg: DataConfig, num_classes: int) -> np.nd
     return np.sort(np.concatenate(chosen))
 
 
-def _fits(n: int, size: int, channels: int, limit_gb: float) -> bool:
-    return n * size * size * channels <= limit_gb * 1e9
+def memory_size(cfg: Config) -> int:
+    """Side of the square images a dataset decoded into memory holds: ``data.image_size``, by
+    default ``views.large_size * 8/7`` (room for the evaluation view's resize and crop)."""
+    return cfg.data.image_size or max(cfg.views.large_size, round(cfg.views.large_size * 8 / 7))
 
 
 def _folder_sets(cfg: Config) -> Datasets:
@@ -139,9 +143,9 @@ def _folder_sets(cfg: Config) -> Datasets:
     sets = [s for s in (unlabeled, labeled, test) if s is not None]
     unique = list(dict.fromkeys(f for s in sets for f in s.files or []))
     channels = d.channels or (1 if is_grey(unique) else 3)
-    size = d.image_size or max(cfg.views.large_size, round(cfg.views.large_size * 8 / 7))
+    size = memory_size(cfg)
     in_memory = d.in_memory is True or (
-        d.in_memory == "auto" and _fits(len(unique), size, channels, d.memory_limit_gb)
+        d.in_memory == "auto" and fits_in_memory(len(unique), size, channels, d.memory_limit_gb)
     )
     skipped: list[str] = []
     if in_memory:
@@ -210,6 +214,27 @@ def _imagenet_sets(cfg: Config) -> Datasets:
     return Datasets(unlabeled, labeled, test, classes, 3, mean, std)
 
 
+def _hf_sets(cfg: Config) -> Datasets:
+    from paws.data.hf import load_hf  # imports the datasets package: only when asked for
+
+    d = cfg.data
+    hf = load_hf(d, memory_size(cfg))
+    chosen = select_labeled(hf.train, d, len(hf.classes))
+    rest = np.setdiff1d(np.arange(len(hf.train)), chosen)
+    unlabeled = labeled_as_unlabeled(
+        hf.train if d.unlabeled_includes_labeled else hf.train.subset(rest)
+    )
+    if hf.unlabeled is not None:
+        unlabeled = ImageSet(
+            labels=np.concatenate([unlabeled.labels, hf.unlabeled.labels]),
+            names=unlabeled.names + hf.unlabeled.names,
+            images=torch.cat([unlabeled.images, hf.unlabeled.images]),
+        )
+    mean, std = _stats(cfg, "imagenet", hf.channels)
+    labeled = hf.train.subset(chosen)
+    return Datasets(unlabeled, labeled, hf.test, hf.classes, hf.channels, mean, std, hf.skipped)
+
+
 def load_datasets(cfg: Config) -> Datasets:
     """Load the run's unlabelled, labelled and test sets as the config describes."""
     d = cfg.data
@@ -217,6 +242,8 @@ def load_datasets(cfg: Config) -> Datasets:
         return _folder_sets(cfg)
     if d.dataset == "imagenet":
         return _imagenet_sets(cfg)
+    if d.dataset == "hf":
+        return _hf_sets(cfg)
     if d.dataset == "fashion_mnist":
         train, test = load_fashion_mnist(d.root)
         classes = list(FASHION_MNIST_CLASSES)

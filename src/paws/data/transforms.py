@@ -37,6 +37,7 @@ __all__ = [
     "ShardGenerator",
     "resized_crop",
     "color_distort",
+    "eval_resize",
     "eval_batch",
     "multicrop_transform",
     "support_transform",
@@ -287,6 +288,11 @@ class BatchViews:
         return self._normalise(eval_batch(x, self.cfg.large_size, self.cfg.eval_crop))
 
 
+def eval_resize(size: int, crop_fraction: float) -> int:
+    """The shorter side an evaluation view is resized to before its centre ``size`` crop."""
+    return int(round(size / crop_fraction))
+
+
 def eval_batch(x: torch.Tensor, size: int, crop_fraction: float = 1.0) -> torch.Tensor:
     """Resize the shorter side to ``size / crop_fraction`` and centre-crop ``size``.
 
@@ -298,7 +304,7 @@ def eval_batch(x: torch.Tensor, size: int, crop_fraction: float = 1.0) -> torch.
     """
     if x.dtype == torch.uint8:
         x = x.float().div_(255)
-    resize = int(round(size / crop_fraction))
+    resize = eval_resize(size, crop_fraction)
     h, w = x.shape[-2:]
     if min(h, w) != resize:
         if h <= w:
@@ -375,7 +381,7 @@ def eval_transform(
     return v2.Compose(
         [
             v2.ToImage(),
-            v2.Resize(int(round(size / crop_fraction)), antialias=True),
+            v2.Resize(eval_resize(size, crop_fraction), antialias=True),
             v2.CenterCrop(size),
             v2.ToDtype(torch.float32, scale=True),
             v2.Normalize(list(mean), list(std)),

@@ -1,0 +1,373 @@
+"""ONNX export: a trained model that classifies on its own, with ONNX Runtime and no paws.
+
+``paws export RUN --format onnx`` (:func:`export_onnx`) writes a folder of three files::
+
+    model.onnx     images (N, C, S, S) float32 -> probabilities (N, K), embeddings (N, D).
+                   A pre-trained or tightened model classifies by soft nearest neighbours
+                   against its support embeddings, which are constants of the graph:
+                   softmax(normalise(e) @ normalise(supports).T / tau), summed per class, as
+                   :func:`paws.evaluate.snn_classify`; a fine-tuned model returns the softmax of
+                   its classifier's logits. ``embeddings`` is the embedding it classifies.
+    encoder.onnx   images (N, C, S, S) -> features (N, F): the bare encoder trunk.
+    onnx.json      classes, the preprocessing that makes ``images``, every input and output
+                   with its shape, and how the model classifies (tau, features, supports).
+
+The batch axis N (named ``batch`` in the graphs) is dynamic; weights beyond ONNX's 2 GB limit
+go to a ``.data`` file beside their graph, which ONNX Runtime finds by itself. The graphs wrap
+the network of a :class:`paws.inference.Predictor` and are written by ``torch.onnx.export`` (its
+torch.export-based exporter, with onnxscript); :func:`check_onnx` runs them with ONNX Runtime
+against the PyTorch model.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from paws.data.images import GREY
+from paws.data.transforms import eval_resize
+from paws.errors import UserError
+from paws.evaluate import snn_classify
+from paws.inference import Predictor
+
+__all__ = [
+    "FORMAT",
+    "VERSION",
+    "MODEL",
+    "ENCODER",
+    "DESCRIPTION",
+    "SoftNearestNeighbours",
+    "ClassifierProbabilities",
+    "Trunk",
+    "classifier_graph",
+    "preprocessing_description",
+    "export_onnx",
+    "reference_outputs",
+    "run_onnx",
+    "check_onnx",
+]
+
+FORMAT = "paws-onnx"
+VERSION = 1
+MODEL = "model.onnx"
+ENCODER = "encoder.onnx"
+DESCRIPTION = "onnx.json"
+INPUT = "images"
+_INSTALL = "pip install 'paws-ssl[onnx]'"
+# ONNX files hold at most 2 GB; larger weights go to a side file next to the graph.
+_PROTOBUF_LIMIT = 2_000_000_000
+
+
+# --------------------------------------------------------------------------------------------
+# The graphs.
+
+
+class SoftNearestNeighbours(nn.Module):
+    """A pre-trained network with its support set: images to class probabilities.
+
+    Args:
+        net: a :class:`paws.models.PAWSModel` (``embed(x, features)``).
+        supports: (M, D) support embeddings (normalised here).
+        labels: (M,) int64 class positions.
+        num_classes: K.
+        tau: soft nearest-neighbour temperature.
+        features: ``"head"`` or ``"trunk"``, the embedding the supports are in.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        supports: torch.Tensor,
+        labels: torch.Tensor,
+        num_classes: int,
+        tau: float,
+        features: str,
+    ):
+        super().__init__()
+        self.net = net
+        self.register_buffer("supports", F.normalize(supports.float(), dim=1))
+        self.register_buffer("labels", labels.long().view(1, -1))
+        self.num_classes, self.tau, self.features = int(num_classes), float(tau), features
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """images (N, C, S, S) to ``(probabilities (N, K), embeddings (N, D))``."""
+        emb = self.net.embed(images, self.features)
+        logits = F.normalize(emb, dim=1).div(self.tau) @ self.supports.T  # (N, M)
+        weights = logits.softmax(dim=1)
+        n = weights.shape[0]
+        # Per-class sums as a scatter, not a product with (M, K) one-hot labels: those would
+        # weigh M * K floats in the file (512 MB for ImageNet 10% with 1,000 classes).
+        probs = weights.new_zeros(n, self.num_classes)
+        return probs.scatter_add(1, self.labels.expand(n, -1), weights), emb
+
+
+class ClassifierProbabilities(nn.Module):
+    """A fine-tuned :class:`paws.models.Classifier`: images to softmax probabilities."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """images (N, C, S, S) to ``(probabilities (N, K), embeddings (N, D))``, the
+        embeddings being the classifier's input."""
+        emb = self.net.embed(images, "head")
+        return self.net.classifier(emb).softmax(dim=1), emb
+
+
+class Trunk(nn.Module):
+    """The bare encoder of a network: images (N, C, S, S) to trunk features (N, F)."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """images (N, C, S, S) to features (N, F)."""
+        return self.net.embed(images, "trunk")
+
+
+def classifier_graph(predictor: Predictor, net: nn.Module | None = None) -> nn.Module:
+    """The module ``model.onnx`` is exported from: images to (probabilities, embeddings).
+
+    Args:
+        predictor: the model (a pre-trained one's support is built now if it was not yet).
+        net: the network to wrap (default: the predictor's own).
+    """
+    net = predictor.net if net is None else net
+    if predictor.is_classifier:
+        return ClassifierProbabilities(net)
+    s = predictor.support
+    return SoftNearestNeighbours(
+        net, s.embeddings, s.labels, len(s.classes), predictor.tau, s.features
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# The description.
+
+
+def preprocessing_description(predictor: Predictor) -> dict[str, Any]:
+    """How an image file becomes one row of the ``images`` input, as JSON values and words."""
+    p = predictor.preprocessing
+    resize = eval_resize(p.size, p.crop_fraction)
+    if p.channels == 1:
+        mode = "grey: Pillow mode 'L', L = {:g} R + {:g} G + {:g} B (ITU-R 601 luma)".format(*GREY)
+    else:
+        mode = "RGB: Pillow mode 'RGB' (grey images repeated on 3 channels)"
+    return {
+        "size": p.size,
+        "crop_fraction": p.crop_fraction,
+        "resize": resize,
+        "mean": list(p.mean),
+        "std": list(p.std),
+        "channels": p.channels,
+        "steps": [
+            "palette and transparent images: composite on white",
+            f"convert to {mode}",
+            f"resize so that the shorter side is {resize} pixels, keeping the aspect ratio "
+            "(bilinear, antialiased)",
+            f"crop the centre {p.size} x {p.size} pixels",
+            "to float32 in [0, 1] (divide by 255), channels first: (C, H, W)",
+            "subtract mean and divide by std, per channel",
+            f"stack the images into a batch (N, {p.channels}, {p.size}, {p.size})",
+        ],
+        "torchvision": (
+            f"v2.Compose([v2.ToImage(), v2.Resize({resize}, antialias=True), "
+            f"v2.CenterCrop({p.size}), v2.ToDtype(torch.float32, scale=True), "
+            f"v2.Normalize(mean, std)])"
+        ),
+    }
+
+
+def _io(name: str, *dims: int | str) -> dict[str, Any]:
+    return {"name": name, "shape": ["batch", *dims], "dtype": "float32"}
+
+
+def _description(
+    predictor: Predictor, dims: dict[str, int], opset: int, seconds: float
+) -> dict[str, Any]:
+    p = predictor.preprocessing
+    images = _io(INPUT, p.channels, p.size, p.size)
+    if predictor.is_classifier:
+        classify: dict[str, Any] = {
+            "method": "linear",
+            "probabilities": "softmax of the fine-tuned classifier's logits",
+            "embeddings": "the classifier's input (the first layer of the projection head)",
+        }
+    else:
+        s = predictor.support
+        classify = {
+            "method": "snn",
+            "tau": predictor.tau,
+            "features": s.features,
+            "num_support": len(s.labels),
+            "probabilities": "softmax(normalise(embeddings) @ normalise(supports).T / tau), "
+            "summed over the supports of each class",
+            "embeddings": "the projection head's output (the space PAWS-NN classifies in)"
+            if s.features == "head"
+            else "the encoder trunk's features",
+        }
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "kind": predictor.kind,
+        "classes": list(predictor.classes),
+        "preprocessing": preprocessing_description(predictor),
+        "classify": classify,
+        "models": {
+            "classifier": {
+                "file": MODEL,
+                "inputs": [images],
+                "outputs": [
+                    _io("probabilities", len(predictor.classes)),
+                    _io("embeddings", dims["embeddings"]),
+                ],
+            },
+            "encoder": {
+                "file": ENCODER,
+                "inputs": [images],
+                "outputs": [_io("features", dims["features"])],
+            },
+        },
+        "batch_axis": "the first axis of every input and output ('batch') takes any size",
+        "opset": opset,
+        "exporter": f"torch.onnx (torch.export) in torch {torch.__version__}",
+        "export_seconds": round(seconds, 2),
+        "architecture": predictor.architecture.to_dict(),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Writing and checking.
+
+
+def _require(*modules: str) -> None:
+    """A one-line error naming what to install when an ONNX package is missing."""
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UserError(f"ONNX export needs {', '.join(missing)}: {_INSTALL}")
+    if torch.__version__ < (2, 5):  # type: ignore[operator]
+        raise UserError(f"ONNX export needs torch >= 2.5 (this is {torch.__version__})")
+
+
+def _export(module: nn.Module, example: torch.Tensor, path: Path, outputs: list[str]) -> int:
+    """Write ``module`` as ONNX with a dynamic batch axis; returns the opset."""
+    size = sum(t.numel() * t.element_size() for t in module.state_dict().values())
+    program = torch.onnx.export(
+        module,
+        (example,),
+        str(path),
+        dynamo=True,
+        verbose=False,
+        external_data=size > _PROTOBUF_LIMIT,
+        input_names=[INPUT],
+        output_names=outputs,
+        dynamic_shapes={INPUT: {0: torch.export.Dim("batch")}},
+    )
+    return int(program.model.opset_imports.get("", 0)) if program is not None else 0
+
+
+def export_onnx(predictor: Predictor, out_dir: str | Path, progress: bool = False) -> Path:
+    """Write ``model.onnx``, ``encoder.onnx`` and ``onnx.json`` into ``out_dir`` (created).
+
+    Args:
+        predictor: the model and its preprocessing; a pre-trained model's support is embedded
+            now if it was not yet, and baked into ``model.onnx``.
+        out_dir: the folder.
+        progress: show progress while the support is embedded.
+
+    Returns:
+        The folder.
+    """
+    _require("onnx", "onnxscript")
+    if not predictor.is_classifier:
+        predictor.load_support(progress)
+    start = time.perf_counter()
+    net = copy.deepcopy(predictor.net).cpu().eval()  # exported on the CPU, predictor untouched
+    graph, trunk = classifier_graph(predictor, net).eval(), Trunk(net).eval()
+    p = predictor.preprocessing
+    # Two images: a batch of one would be specialised to a fixed size by torch.export.
+    example = torch.zeros(2, p.channels, p.size, p.size)
+    with torch.no_grad():
+        dims = {"embeddings": graph(example)[1].shape[1], "features": trunk(example).shape[1]}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    opset = _export(graph, example, out / MODEL, ["probabilities", "embeddings"])
+    _export(trunk, example, out / ENCODER, ["features"])
+    seconds = time.perf_counter() - start
+    text = json.dumps(_description(predictor, dims, opset, seconds), indent=2)
+    (out / DESCRIPTION).write_text(text + "\n")
+    return out
+
+
+@torch.no_grad()
+def reference_outputs(predictor: Predictor, images: torch.Tensor) -> dict[str, np.ndarray]:
+    """What the ONNX graphs must return, computed by PyTorch as :class:`Predictor` does.
+
+    Args:
+        predictor: the model.
+        images: (N, C, S, S) preprocessed float32 images.
+
+    Returns:
+        ``{"probabilities": (N, K), "embeddings": (N, D), "features": (N, F)}``.
+    """
+    net = predictor.net
+    x = images.to(predictor.device)
+    if predictor.is_classifier:
+        emb = net.embed(x, "head")
+        probs = net(x).float().softmax(dim=1)
+    else:
+        s = predictor.support
+        emb = net.embed(x, s.features)
+        probs = snn_classify(
+            emb, s.embeddings.to(x.device), s.labels, len(s.classes), predictor.tau
+        )
+    out = {"probabilities": probs, "embeddings": emb, "features": net.embed(x, "trunk")}
+    return {k: v.float().cpu().numpy() for k, v in out.items()}
+
+
+def run_onnx(folder: str | Path, images: np.ndarray) -> dict[str, np.ndarray]:
+    """Both graphs of an ONNX export run by ONNX Runtime on the CPU.
+
+    Args:
+        folder: the export folder.
+        images: (N, C, S, S) preprocessed float32 images.
+
+    Returns:
+        ``{"probabilities": (N, K), "embeddings": (N, D), "features": (N, F)}``.
+    """
+    _require("onnxruntime")
+    import onnxruntime as ort
+
+    out: dict[str, np.ndarray] = {}
+    for name in (MODEL, ENCODER):
+        path = Path(folder) / name
+        if not path.is_file():
+            raise UserError(f"ONNX export file missing: {path}")
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        names = [o.name for o in session.get_outputs()]
+        values = session.run(names, {INPUT: np.ascontiguousarray(images, dtype=np.float32)})
+        out.update(zip(names, values))
+    return out
+
+
+def check_onnx(folder: str | Path, predictor: Predictor, batch: int = 7) -> dict[str, float]:
+    """The largest absolute difference of each ONNX Runtime output from PyTorch's, on a batch
+    of ``batch`` random normal images (drawn from a fixed seed; the global generator is left
+    alone): ``{"probabilities", "embeddings", "features"}``."""
+    p = predictor.preprocessing
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, p.channels, p.size, p.size, generator=gen)
+    expected = reference_outputs(predictor, x)
+    got = run_onnx(folder, x.numpy())
+    return {k: float(np.abs(got[k] - v).max()) for k, v in expected.items()}

@@ -1,0 +1,162 @@
+"""paws export --format onnx: ONNX Runtime classifies new images as the PyTorch model does."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from tiny import error_line, write_folder
+
+from paws.cli import main
+from paws.finetune import finetune_checkpoint
+from paws.inference import expand_images, from_checkpoint
+
+ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+
+def _preprocess(files: list[Path], prep: dict) -> np.ndarray:
+    """Images as onnx.json's steps describe them, with Pillow and numpy only: for images of
+    the model's size (no resize, no crop)."""
+    rows = []
+    for f in files:
+        with Image.open(f) as im:
+            im = im.convert("L" if prep["channels"] == 1 else "RGB")
+        assert im.size == (prep["resize"], prep["resize"]) == (prep["size"], prep["size"])
+        x = np.asarray(im, dtype=np.float32) / 255
+        x = x[None] if x.ndim == 2 else x.transpose(2, 0, 1)
+        mean, std = (
+            np.asarray(prep[k], dtype=np.float32).reshape(-1, 1, 1) for k in ("mean", "std")
+        )
+        rows.append((x - mean) / std)
+    return np.stack(rows).astype(np.float32)
+
+
+def _torchvision(files: list[Path], prep: dict) -> np.ndarray:
+    """Images through onnx.json's torchvision recipe, built from its values."""
+    from torchvision.transforms import v2
+
+    tf = v2.Compose(
+        [
+            v2.ToImage(),
+            v2.Resize(prep["resize"], antialias=True),
+            v2.CenterCrop(prep["size"]),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(prep["mean"], prep["std"]),
+        ]
+    )
+    mode = "L" if prep["channels"] == 1 else "RGB"
+    return torch.stack([tf(Image.open(f).convert(mode)) for f in files]).numpy()
+
+
+def _session(folder: Path, description: dict, which: str) -> ort.InferenceSession:
+    """An ONNX Runtime session of one graph, its inputs and outputs checked against onnx.json."""
+    model = description["models"][which]
+    session = ort.InferenceSession(str(folder / model["file"]), providers=["CPUExecutionProvider"])
+    for got, want in (
+        (session.get_inputs(), model["inputs"]),
+        (session.get_outputs(), model["outputs"]),
+    ):
+        assert [a.name for a in got] == [w["name"] for w in want]
+        assert [list(a.shape) for a in got] == [w["shape"] for w in want]
+    return session
+
+
+def _compare(folder: Path, x: np.ndarray, expected: dict[str, np.ndarray]) -> dict[str, float]:
+    """Largest differences of ONNX Runtime's outputs from ``expected``, run on the images in
+    batches of 1 and 7."""
+    description = json.loads((folder / "onnx.json").read_text())
+    classifier = _session(folder, description, "classifier")
+    encoder = _session(folder, description, "encoder")
+    assert len(x) == 8
+    worst = {k: 0.0 for k in expected}
+    for part in (slice(0, 1), slice(1, 8)):
+        probs, emb = classifier.run(None, {"images": x[part]})
+        (features,) = encoder.run(None, {"images": x[part]})
+        got = {"probabilities": probs, "embeddings": emb, "features": features}
+        for k, v in expected.items():
+            assert got[k].shape == v[part].shape, k
+            worst[k] = max(worst[k], float(np.abs(got[k] - v[part]).max()))
+    return worst
+
+
+def _expected(model, files: list[Path]) -> dict[str, np.ndarray]:
+    features = "head" if model.is_classifier else model.support.features
+    return {
+        "probabilities": model.predict_proba(files).numpy(),
+        "embeddings": model.embed(files, features).numpy(),
+        "features": model.embed(files, "trunk").numpy(),
+    }
+
+
+def test_onnx_runtime_classifies_new_images_as_pytorch(shared_run, tmp_path, capsys):
+    paths, run_dir = shared_run
+    out = tmp_path / "onnx"
+    assert main(["--quiet", "export", str(run_dir), "--format", "onnx", "--out", str(out)]) == 0
+    assert "ONNX Runtime matches PyTorch" in capsys.readouterr().out
+    description = json.loads((out / "onnx.json").read_text())
+    assert description["classes"] == [f"class{i}" for i in range(4)]
+    assert description["classify"]["method"] == "snn" and description["classify"]["tau"] == 0.1
+    assert description["classify"]["num_support"] == 32
+    prep = description["preprocessing"]
+    assert (prep["size"], prep["channels"]) == (16, 1)
+    # Images the model never saw: four of the test folder and four of the support folder.
+    files = expand_images([paths["test"]])[::12] + expand_images([paths["support"]])[:4]
+    model = from_checkpoint(run_dir, device="cpu")
+    x = _preprocess(files, prep)
+    assert np.abs(x - torch.cat(list(model.batches(files))).numpy()).max() < 1e-6
+    expected = _expected(model, files)
+    assert expected["probabilities"].shape == (8, 4) and expected["embeddings"].shape == (8, 16)
+    worst = _compare(out, x, expected)
+    assert all(v < 1e-4 for v in worst.values()), worst
+
+
+def test_onnx_export_of_a_fine_tuned_classifier(shared_run, tmp_path):
+    paths, run_dir = shared_run
+    finetune_checkpoint(run_dir, ["finetune.lrs=[0.05]", "finetune.epochs=[2]"], tmp_path)
+    out = tmp_path / "onnx"
+    args = ["--quiet", "export", str(tmp_path / "finetune.pt"), "--format", "onnx"]
+    assert main([*args, "--out", str(out)]) == 0
+    description = json.loads((out / "onnx.json").read_text())
+    assert description["classify"]["method"] == "linear" and description["kind"] == "finetune"
+    files = expand_images([paths["test"]])[1::6][:8]
+    model = from_checkpoint(tmp_path / "finetune.pt", device="cpu")
+    expected = _expected(model, files)
+    worst = _compare(out, _preprocess(files, description["preprocessing"]), expected)
+    assert all(v < 1e-4 for v in worst.values()), worst
+    assert np.allclose(expected["probabilities"].sum(axis=1), 1, atol=1e-5)
+
+
+def test_onnx_with_a_new_support_resize_crop_and_colour(shared_run, tmp_path):
+    """New classes baked in from a support folder; 21-px colour images resized to 20 and
+    centre-cropped to 16 as onnx.json's torchvision recipe says."""
+    paths, run_dir = shared_run
+    images = write_folder(tmp_path / "colour", 6, 2, size=21, channels=3, seed=9)
+    files = expand_images([images])[:8]
+    out = tmp_path / "onnx"
+    args = ["export", str(run_dir / "final.pt"), "--support", str(paths["support"])]
+    settings = ["--set", "views.eval_crop=0.8"]
+    assert main(["--quiet", *args, *settings, "--format", "onnx", "--out", str(out)]) == 0
+    description = json.loads((out / "onnx.json").read_text())
+    prep = description["preprocessing"]
+    assert (prep["resize"], prep["size"], description["kind"]) == (20, 16, "pretrain")
+    assert description["classes"] == [f"class{i}" for i in range(6)]
+    model = from_checkpoint(run_dir / "final.pt", ["views.eval_crop=0.8"], device="cpu")
+    model.set_support(paths["support"])
+    worst = _compare(out, _torchvision(files, prep), _expected(model, files))
+    assert all(v < 1e-4 for v in worst.values()), worst
+
+
+def test_onnx_export_without_onnxscript_is_one_line(shared_run, tmp_path, capsys, monkeypatch):
+    _, run_dir = shared_run
+    monkeypatch.setitem(sys.modules, "onnxscript", None)  # import machinery: "not installed"
+    args = ["--quiet", "export", str(run_dir), "--format", "onnx", "--out", str(tmp_path / "x")]
+    assert main(args) == 2
+    line = error_line(capsys.readouterr().err)
+    assert "onnxscript" in line and "pip install 'paws-ssl[onnx]'" in line
+    assert not (tmp_path / "x").exists()
