@@ -47,14 +47,17 @@ def test_predict_csv_top_k_probabilities(shared_run, capsys):
     args = ["--quiet", "predict", str(run_dir), *map(str, files), "--top-k", "3"]
     assert main(args) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[0] == "file,class_1,probability_1,class_2,probability_2,class_3,probability_3"
+    assert lines[0] == (
+        "file,class_1,probability_1,class_2,probability_2,class_3,probability_3,score,unknown"
+    )
     assert len(lines) == 4
     for line, f in zip(lines[1:], files):
         cells = line.split(",")
         assert cells[0] == str(f)
-        probs = [float(p) for p in cells[2::2]]
+        probs = [float(p) for p in cells[2:7:2]]
         assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-6
-        assert len(set(cells[1::2])) == 3
+        assert len(set(cells[1:7:2])) == 3
+        assert -1 <= float(cells[7]) <= 1 and cells[8] in ("true", "false")
 
 
 def test_new_classes_are_recognised_from_a_support_folder(shared_run, tmp_path):

@@ -129,12 +129,20 @@ def _eval_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int
     p.add_argument("checkpoint", help="checkpoint file or run directory")
     _set_option(p, "override a config key, e.g. --set data.root=/data/fmnist (repeatable)")
     p.add_argument("--features", choices=["head", "trunk"], help="embedding to classify")
+    p.add_argument(
+        "--unknown",
+        metavar="DIR",
+        help="images of classes outside the support (any layout): also report how well the "
+        "known score tells them from the test images (AUROC, FPR at 95%% TPR)",
+    )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
     def run(args: argparse.Namespace) -> int:
+        import numpy as np
+
         from paws import runtime
-        from paws.data import load_datasets
-        from paws.evaluate import paws_nn
+        from paws.data import ImageSet, load_datasets, scan_images
+        from paws.evaluate import paws_nn, unknown_detection
         from paws.rundir import restore_model
 
         overrides = list(args.overrides)
@@ -147,14 +155,28 @@ def _eval_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int
             raise UserError("no test set to evaluate: set data.test to a <class>/<image> folder")
         model.to(device)
         ev = paws_nn(model, data, cfg, device, progress=True)
-        out = {k: ev[k] for k in ("top1", "top5", "num_support", "num_query", "features")}
+        keys = ("top1", "top5", "balanced_top1", "num_support", "num_query", "features")
+        out = {k: ev[k] for k in keys}
+        if args.unknown:
+            files = scan_images(args.unknown)
+            names = [str(f) for f in files]
+            images = ImageSet(labels=np.full(len(files), -1), names=names, files=files)
+            out["unknown"] = unknown_detection(model, data, cfg, device, images, progress=True)
         if args.json:
             _print_json(out)
-        else:
+            return 0
+        print(
+            f"PAWS-NN top-1 {out['top1']:.2f}%  top-5 {out['top5']:.2f}%  balanced top-1 "
+            f"{out['balanced_top1']:.2f}%  ({out['num_query']} queries, {out['num_support']} "
+            f"supports, {out['features']} features)"
+        )
+        if args.unknown:
+            u = out["unknown"]
             print(
-                f"PAWS-NN top-1 {out['top1']:.2f}%  top-5 {out['top5']:.2f}%  "
-                f"({out['num_query']} queries, {out['num_support']} supports, "
-                f"{out['features']} features)"
+                f"unknown images: AUROC {u['auroc']:.3f}, FPR at 95% TPR "
+                f"{100 * u['fpr_at_95_tpr']:.1f}%; the calibrated threshold ({u['threshold']:.3f}) "
+                f"flags {u['unknown_flagged']:.1f}% of the {u['num_unknown']} unknown and "
+                f"{u['known_flagged']:.1f}% of the {u['num_known']} test images"
             )
         return 0
 
@@ -331,7 +353,15 @@ def _predict_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], 
                 f"classifying {len(files)} images against {len(s.labels)} support images of "
                 f"{len(s.classes)} classes ({s.features} features, tau {model.tau:g})"
             )
-        text = predictions_text(files, model.predict(files, top_k=args.top_k, progress=True), fmt)
+        predictions = model.predictions(files, top_k=args.top_k, progress=True)
+        if not model.is_classifier:
+            flagged = sum(p.unknown for p in predictions)
+            info(
+                f"{flagged} of {len(files)} images are unknown: known score below "
+                f"{model.unknown_threshold:.3f} (eval.unknown_quantile "
+                f"{model.unknown_quantile:g} of the labelled images' own scores)"
+            )
+        text = predictions_text(files, predictions, fmt)
         if args.out:
             Path(args.out).write_text(text)
             info(f"predictions written to {args.out}")

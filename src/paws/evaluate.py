@@ -18,12 +18,15 @@ from paws.data.loaders import Loading, eval_batches
 from paws.data.sources import Datasets
 from paws.models import PAWSModel
 from paws.progress import Progress
+from paws.unknown import calibrate_threshold, detection_metrics, similarity_scores
 
 __all__ = [
     "embed_images",
     "snn_classify",
     "accuracy",
+    "balanced_accuracy",
     "paws_nn",
+    "unknown_detection",
     "classifier_probs",
     "classifier_accuracy",
 ]
@@ -127,6 +130,15 @@ def accuracy(probs: torch.Tensor, labels: torch.Tensor, k: int = 1) -> float:
     return 100.0 * float((top == labels.view(-1, 1).cpu()).any(dim=1).float().mean())
 
 
+def balanced_accuracy(confusion: np.ndarray) -> float:
+    """Mean per-class recall in percent, over the classes with test images (rows of the
+    (K, K) confusion matrix: true classes)."""
+    confusion = np.asarray(confusion, dtype=np.float64)
+    per_class = confusion.sum(axis=1)
+    present = per_class > 0
+    return float(100.0 * np.mean(np.diag(confusion)[present] / per_class[present]))
+
+
 def paws_nn(
     model: PAWSModel,
     data: Datasets,
@@ -138,8 +150,9 @@ def paws_nn(
     """PAWS-NN accuracy of ``queries`` (default: the test set) with the labelled set as support.
 
     Returns:
-        ``{"top1", "top5", "num_support", "num_query", "features", "predictions",
-        "labels", "confusion"}`` (accuracies in percent; predictions and labels as lists).
+        ``{"top1", "top5", "balanced_top1", "num_support", "num_query", "features",
+        "predictions", "labels", "confusion"}`` (accuracies in percent; balanced top-1 is the
+        mean recall of the classes present; predictions and labels as lists).
     """
     queries = queries if queries is not None else data.test
     if queries is None:
@@ -158,12 +171,49 @@ def paws_nn(
     return {
         "top1": accuracy(probs, y, 1),
         "top5": accuracy(probs, y, 5),
+        "balanced_top1": balanced_accuracy(confusion),
         "num_support": len(data.labeled),
         "num_query": len(queries),
         "features": cfg.eval.features,
         "predictions": pred.tolist(),
         "labels": y.tolist(),
         "confusion": confusion.tolist(),
+    }
+
+
+def unknown_detection(
+    model: PAWSModel,
+    data: Datasets,
+    cfg: Config,
+    device: torch.device,
+    unknown: ImageSet,
+    progress: bool = False,
+) -> dict[str, float | int]:
+    """How well the known score (:mod:`paws.unknown`) tells the test images (of the support
+    classes) from ``unknown`` images (of classes outside them).
+
+    Returns:
+        ``{"auroc", "fpr_at_95_tpr", "threshold", "known_flagged", "unknown_flagged",
+        "num_known", "num_unknown"}``: the threshold calibrated on the labelled images and the
+        shares (percent) of test and unknown images it calls unknown.
+    """
+    if data.test is None:
+        raise ValueError("no test set: the known images of the comparison")
+    args = (cfg, Loading.of(cfg, data), device)
+    sup = embed_images(model, data.labeled, *args, progress=progress, desc="embed supports")
+    known = embed_images(model, data.test, *args, progress=progress, desc="embed test images")
+    other = embed_images(model, unknown, *args, progress=progress, desc="embed unknown images")
+    e = cfg.eval
+    score = lambda q: similarity_scores(q, sup, e.unknown_neighbors, e.chunk_size).numpy()  # noqa: E731
+    s_known, s_other = score(known), score(other)
+    threshold = calibrate_threshold(sup, e.unknown_quantile, e.unknown_neighbors, e.chunk_size)
+    return {
+        **detection_metrics(s_known, s_other),
+        "threshold": threshold,
+        "known_flagged": float(100.0 * np.mean(s_known < threshold)),
+        "unknown_flagged": float(100.0 * np.mean(s_other < threshold)),
+        "num_known": len(s_known),
+        "num_unknown": len(s_other),
     }
 
 
@@ -181,7 +231,16 @@ def classifier_probs(
 def classifier_accuracy(
     model: torch.nn.Module, data: Datasets, cfg: Config, device: torch.device
 ) -> dict[str, float | int]:
-    """Top-1/top-5 test accuracy (percent) of a classifier: ``{"top1", "top5", "num_query"}``."""
+    """Test accuracy (percent) of a classifier: ``{"top1", "top5", "balanced_top1",
+    "num_query"}``."""
     probs = classifier_probs(model, data.test, cfg, data, device)
     y = torch.from_numpy(data.test.labels)
-    return {"top1": accuracy(probs, y, 1), "top5": accuracy(probs, y, 5), "num_query": len(y)}
+    k = probs.shape[1]
+    confusion = np.zeros((k, k), dtype=np.int64)
+    np.add.at(confusion, (y.numpy(), probs.argmax(dim=1).numpy()), 1)
+    return {
+        "top1": accuracy(probs, y, 1),
+        "top5": accuracy(probs, y, 5),
+        "balanced_top1": balanced_accuracy(confusion),
+        "num_query": len(y),
+    }

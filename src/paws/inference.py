@@ -40,10 +40,12 @@ from paws.evaluate import embed_images, snn_classify
 from paws.export import Export, is_export, read_export, write_export
 from paws.models import Architecture, Classifier, build_network
 from paws.progress import Progress
+from paws.unknown import calibrate_threshold, similarity_scores
 
 __all__ = [
     "Preprocessing",
     "Support",
+    "Prediction",
     "Predictor",
     "expand_images",
     "from_checkpoint",
@@ -94,6 +96,28 @@ class Support:
     labels: torch.Tensor
     classes: list[str]
     features: str
+
+
+@dataclass
+class Prediction:
+    """What a model says of one image.
+
+    Attributes:
+        top: the most probable classes with their probabilities, most probable first.
+        score: the known score (:mod:`paws.unknown`: similarity to the nearest supports), or
+            None for a fine-tuned classifier.
+        unknown: the score is below the threshold calibrated on the labelled images: the image
+            is likely of none of the support classes.
+    """
+
+    top: list[tuple[str, float]]
+    score: float | None = None
+    unknown: bool = False
+
+    @property
+    def label(self) -> str:
+        """The answer: the most probable class, or ``"unknown"``."""
+        return "unknown" if self.unknown else self.top[0][0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -158,6 +182,9 @@ class Predictor:
         tau: soft nearest-neighbour temperature.
         batch_size: images per forward pass.
         chunk_size: supports per similarity chunk.
+        unknown_neighbors: supports averaged in the known score (``eval.unknown_neighbors``).
+        unknown_quantile: the share of labelled images the unknown threshold would flag
+            (``eval.unknown_quantile``).
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"`` or a device.
         support: the support set, or None to build it on first use with ``support_source``.
         support_source: ``fn(predictor, progress) -> Support``, the default support.
@@ -177,6 +204,8 @@ class Predictor:
         device: str | torch.device = "auto",
         support: Support | None = None,
         support_source: Callable[[Predictor, bool], Support] | None = None,
+        unknown_neighbors: int = 1,
+        unknown_quantile: float = 0.05,
     ):
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -189,6 +218,8 @@ class Predictor:
         self.features, self.tau = features, tau
         self.batch_size, self.chunk_size = batch_size, chunk_size
         self._support, self._support_source = support, support_source
+        self.unknown_neighbors, self.unknown_quantile = unknown_neighbors, unknown_quantile
+        self._threshold: tuple[int, float] | None = None  # (id of its support, threshold)
 
     @property
     def is_classifier(self) -> bool:
@@ -329,14 +360,65 @@ class Predictor:
         self, images: Images, top_k: int = 1, progress: bool = False
     ) -> list[list[tuple[str, float]]]:
         """The ``top_k`` most probable classes of each image, as ``(class, probability)`` pairs,
-        most probable first."""
-        probs = self.predict_proba(images, progress)
+        most probable first (:meth:`predictions` also says which images are unknown)."""
+        return self._top(self.predict_proba(images, progress), top_k)
+
+    def _top(self, probs: torch.Tensor, top_k: int) -> list[list[tuple[str, float]]]:
         k = max(1, min(top_k, probs.shape[1]))
         values, indices = probs.topk(k, dim=1)
         names = self.classes
         return [
             [(names[i], float(v)) for v, i in zip(vs.tolist(), ix.tolist())]
             for vs, ix in zip(values, indices)
+        ]
+
+    @property
+    def unknown_threshold(self) -> float:
+        """The known score below which an image is unknown, calibrated on the support itself
+        (leave one out, :func:`paws.unknown.calibrate_threshold`)."""
+        support = self.support
+        if self._threshold is None or self._threshold[0] != id(support):
+            t = calibrate_threshold(
+                support.embeddings, self.unknown_quantile, self.unknown_neighbors, self.chunk_size
+            )
+            self._threshold = (id(support), t)
+        return self._threshold[1]
+
+    @torch.no_grad()
+    def known_scores(self, images: Images, progress: bool = False) -> torch.Tensor:
+        """(N,) known scores of pre-trained models: mean cosine similarity to the nearest
+        supports (:mod:`paws.unknown`)."""
+        support = self.support
+        queries = self.embed(images, support.features, progress)
+        return self._scores(queries)
+
+    def _scores(self, queries: torch.Tensor) -> torch.Tensor:
+        emb = self.support.embeddings
+        return similarity_scores(queries, emb, self.unknown_neighbors, self.chunk_size)
+
+    @torch.no_grad()
+    def predictions(
+        self, images: Images, top_k: int = 1, progress: bool = False
+    ) -> list[Prediction]:
+        """The ``top_k`` classes of each image and, for pre-trained models, its known score and
+        whether it is unknown (of none of the support classes), from one pass over the
+        images."""
+        if self.is_classifier:
+            return [Prediction(t) for t in self.predict(images, top_k, progress)]
+        support = self.support
+        queries = self.embed(images, support.features, progress)
+        probs = snn_classify(
+            queries,
+            support.embeddings,
+            support.labels,
+            len(support.classes),
+            self.tau,
+            self.chunk_size,
+        ).cpu()
+        scores, threshold = self._scores(queries), self.unknown_threshold
+        return [
+            Prediction(t, float(sc), bool(sc < threshold))
+            for t, sc in zip(self._top(probs, top_k), scores.tolist())
         ]
 
     def export(self, out_dir: str | Path, progress: bool = False) -> Path:
@@ -368,6 +450,8 @@ class Predictor:
                 "features": support.features,
                 "tau": self.tau,
                 "chunk_size": self.chunk_size,
+                "unknown_neighbors": self.unknown_neighbors,
+                "unknown_quantile": self.unknown_quantile,
             }
             parts.support = {"embeddings": support.embeddings, "labels": support.labels}
         return write_export(parts, out_dir)
@@ -437,6 +521,8 @@ def from_checkpoint(
         chunk_size=cfg.eval.chunk_size,
         device=device,
         support_source=None if is_classifier else _run_support(cfg),
+        unknown_neighbors=cfg.eval.unknown_neighbors,
+        unknown_quantile=cfg.eval.unknown_quantile,
     )
 
 
@@ -482,6 +568,8 @@ def from_export(folder: str | Path, device: str | torch.device = "auto") -> Pred
         tau=float(e.classify.get("tau", 0.1)),
         chunk_size=int(e.classify.get("chunk_size", 8192)),
         support=support,
+        unknown_neighbors=int(e.classify.get("unknown_neighbors", 1)),
+        unknown_quantile=float(e.classify.get("unknown_quantile", 0.05)),
         **common,
     )
 

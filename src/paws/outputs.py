@@ -11,11 +11,15 @@ import io
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from paws.errors import UserError
+
+if TYPE_CHECKING:
+    from paws.inference import Prediction
 
 __all__ = ["predictions_text", "write_embeddings", "EMBEDDING_SUFFIXES"]
 
@@ -23,34 +27,41 @@ EMBEDDING_SUFFIXES = (".npy", ".safetensors")
 
 
 def predictions_text(
-    files: Sequence[str | Path], top: Sequence[Sequence[tuple[str, float]]], fmt: str = "csv"
+    files: Sequence[str | Path], predictions: Sequence[Prediction], fmt: str = "csv"
 ) -> str:
     """The predictions of ``files`` as text.
 
     Args:
         files: the images, in order.
-        top: for each image, its ``(class, probability)`` pairs, most probable first (as
-            :meth:`paws.inference.Predictor.predict` returns them).
-        fmt: ``"csv"`` (``file,class_1,probability_1,...``) or ``"json"`` (a list of
-            ``{"file", "top": [{"class", "probability"}, ...]}``).
+        predictions: what the model says of each (:meth:`paws.inference.Predictor.predictions`).
+        fmt: ``"csv"`` (``file,class_1,probability_1,...,score,unknown``) or ``"json"`` (a list
+            of ``{"file", "top": [{"class", "probability"}, ...], "score", "unknown"}``); the
+            score and the unknown flag are empty (null) for a fine-tuned classifier.
     """
     if fmt == "json":
         rows = [
-            {"file": str(f), "top": [{"class": c, "probability": pr} for c, pr in t]}
-            for f, t in zip(files, top)
+            {
+                "file": str(f),
+                "top": [{"class": c, "probability": pr} for c, pr in p.top],
+                "score": p.score,
+                "unknown": p.unknown if p.score is not None else None,
+            }
+            for f, p in zip(files, predictions)
         ]
         return json.dumps(rows, indent=2) + "\n"
     if fmt != "csv":
         raise UserError(f"predictions are written as csv or json, not {fmt!r}")
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    k = len(top[0]) if top else 0
+    k = len(predictions[0].top) if predictions else 0
     header = ["file"]
     for i in range(1, k + 1):
         header += [f"class_{i}", f"probability_{i}"]
-    writer.writerow(header)
-    for f, t in zip(files, top):
-        writer.writerow([str(f)] + [v for c, pr in t for v in (c, f"{pr:.6f}")])
+    writer.writerow([*header, "score", "unknown"])
+    for f, p in zip(files, predictions):
+        known = p.score is not None
+        tail = [f"{p.score:.6f}", str(p.unknown).lower()] if known else ["", ""]
+        writer.writerow([str(f)] + [v for c, pr in p.top for v in (c, f"{pr:.6f}")] + tail)
     return buf.getvalue()
 
 

@@ -316,6 +316,7 @@ def finish_run(run: Run, step: int, evals: rundir.MetricsLog) -> dict[str, Any] 
         summary["tighten"] = {k: report[k] for k in ("steps", "loss_first", "loss_last")}
     if ev is None:
         return None
-    summary.update({k: ev[k] for k in ("top1", "top5", "num_support", "num_query", "features")})
+    keys = ("top1", "top5", "balanced_top1", "num_support", "num_query", "features")
+    summary.update({k: ev[k] for k in keys})
     rundir.write_results(run.out, summary, ev, data.classes)
     return summary

@@ -272,6 +272,17 @@ class EvalConfig:
     tau: float = _f(0.1, "soft nearest-neighbour temperature", (1e-4, 10.0))
     batch_size: int = _f(512, "images per forward pass", (1, None))
     chunk_size: int = _f(8192, "supports per similarity chunk (bounds memory)", (1, None))
+    unknown_neighbors: int = _f(
+        1,
+        "known score of an image: mean cosine similarity to this many nearest labelled images",
+        (1, None),
+    )
+    unknown_quantile: float = _f(
+        0.05,
+        "an image is unknown when its known score is below this quantile of the labelled "
+        "images' own (leave-one-out) scores: about this share of known images is flagged too",
+        (0.0, 1.0),
+    )
 
 
 @dataclass

@@ -74,6 +74,7 @@ def _summary_rows(runs: Sequence[RunRecord]) -> list[list[str]]:
         spe = r.steps_per_epoch
         top1 = r.summary.get("top1") if r.summary else None
         top5 = r.summary.get("top5") if r.summary else None
+        balanced = r.summary.get("balanced_top1") if r.summary else None
         if top1 is None and len(r.evals.get("top1", [])):
             top1 = float(r.evals["top1"][-1])
         base = r.baseline.get("top1") if r.baseline else None
@@ -94,6 +95,7 @@ def _summary_rows(runs: Sequence[RunRecord]) -> list[list[str]]:
                 f"{model.get('encoder', '?')} (width {model.get('width') or 'default'})",
                 length,
                 _top1_text(top1, r.summary),
+                "–" if balanced is None else f"{balanced:.2f}%",
                 "–" if top5 is None else f"{top5:.2f}%",
                 "–" if base is None else f"{base:.2f}%",
             ]
@@ -108,6 +110,7 @@ _SUMMARY_HEAD = [
     "encoder",
     "steps",
     "PAWS-NN top-1",
+    "balanced top-1",
     "PAWS-NN top-5",
     "supervised only top-1",
 ]

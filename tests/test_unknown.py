@@ -1,0 +1,82 @@
+"""The unknown answer: known scores, a threshold calibrated on the labelled images, AUROC."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import paws
+from paws.cli import main
+from paws.unknown import calibrate_threshold, detection_metrics, similarity_scores
+
+
+def test_detection_metrics_hand_values():
+    # Known above unknown in 3 of the 4 pairs; the 95%-TPR threshold is 0.8, which one of the
+    # two unknown images reaches.
+    m = detection_metrics(np.array([0.9, 0.8]), np.array([0.1, 0.85]))
+    assert m["auroc"] == pytest.approx(0.75) and m["fpr_at_95_tpr"] == pytest.approx(0.5)
+    assert detection_metrics(np.array([1.0, 2.0]), np.array([0.0]))["auroc"] == 1.0
+    ties = detection_metrics(np.array([0.5, 0.5]), np.array([0.5, 0.5]))
+    assert ties["auroc"] == pytest.approx(0.5) and ties["fpr_at_95_tpr"] == 1.0
+
+
+def test_similarity_scores_are_chunk_independent_and_can_leave_one_out():
+    torch.manual_seed(0)
+    q, s = torch.randn(7, 5), torch.randn(11, 5)
+    cos = torch.nn.functional.normalize(q, dim=1) @ torch.nn.functional.normalize(s, dim=1).T
+    for k in (1, 3):
+        want = cos.topk(k, dim=1).values.mean(dim=1)
+        for chunk in (2, 4, 100):
+            torch.testing.assert_close(similarity_scores(q, s, k, chunk), want)
+    self_sims = torch.nn.functional.normalize(s, dim=1) @ torch.nn.functional.normalize(s, dim=1).T
+    self_sims.fill_diagonal_(-2.0)
+    loo = similarity_scores(s, s, 1, chunk_size=3, exclude_self=True)
+    torch.testing.assert_close(loo, self_sims.max(dim=1).values)
+
+
+def test_the_threshold_separates_a_new_cluster_from_the_known_ones():
+    g = torch.Generator().manual_seed(1)
+    centres = torch.eye(8)[:3] * 10  # two known classes and one nobody labelled
+    supports = torch.cat([centres[c] + torch.randn(10, 8, generator=g) for c in (0, 1)])
+    known = torch.cat([centres[c] + torch.randn(50, 8, generator=g) for c in (0, 1)])
+    unknown = centres[2] + torch.randn(50, 8, generator=g)
+    t = calibrate_threshold(supports, quantile=0.05)
+    s_known, s_unknown = similarity_scores(known, supports), similarity_scores(unknown, supports)
+    assert (s_unknown < t).all()  # every image of the new cluster is unknown
+    assert (s_known < t).float().mean() < 0.2  # few known ones are
+    assert detection_metrics(s_known.numpy(), s_unknown.numpy())["auroc"] == 1.0
+    # A higher quantile flags more known images.
+    assert calibrate_threshold(supports, quantile=0.5) > t
+
+
+def test_predictions_say_which_images_are_unknown(shared_run):
+    paths, run_dir = shared_run
+    model = paws.load(run_dir, device="cpu")
+    files = sorted(paths["test_all"].rglob("*.png"))
+    preds = model.predictions(files, top_k=2)
+    scores = model.known_scores(files)
+    assert [p.score for p in preds] == pytest.approx(scores.tolist(), abs=1e-6)
+    assert [p.unknown for p in preds] == (scores < model.unknown_threshold).tolist()
+    assert all(p.label == ("unknown" if p.unknown else p.top[0][0]) for p in preds)
+    assert [p.top for p in preds] == model.predict(files, top_k=2)
+    # A labelled image is its own nearest support: score 1, known.
+    own = sorted(paths["labeled"].rglob("*.png"))[:2]
+    assert model.known_scores(own).tolist() == pytest.approx([1.0, 1.0], abs=1e-5)
+
+
+def test_eval_reports_auroc_against_a_folder_of_unknown_images(shared_run, tmp_path, capsys):
+    paths, run_dir = shared_run
+    unknown = tmp_path / "unknown"
+    unknown.mkdir()
+    for name in ("class4", "class5"):  # classes without labels in the run
+        for f in (paths["test_all"] / name).glob("*.png"):
+            (unknown / f"{name}_{f.name}").write_bytes(f.read_bytes())
+    assert main(["--quiet", "eval", str(run_dir), "--unknown", str(unknown), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    u = out["unknown"]
+    assert u["num_unknown"] == 24 and u["num_known"] == out["num_query"] == 48
+    assert 0.0 <= u["auroc"] <= 1.0 and 0.0 <= u["fpr_at_95_tpr"] <= 1.0
+    assert 0.0 <= out["balanced_top1"] <= 100.0
