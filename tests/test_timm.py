@@ -194,3 +194,10 @@ def test_keys_that_do_not_apply_to_the_encoder_are_one_line_errors(tmp_path, cap
     assert code == 2
     assert "6x6 is not a multiple of the ViT patch size 4" in error_line(err)
 
+
+def test_global_batch_norm_refuses_batch_norms_that_hold_an_activation():
+    from paws.distributed import check_plain_batchnorm
+
+    check_plain_batchnorm(create_encoder("timm:test_resnet"))  # plain BatchNorm2d layers
+    with pytest.raises(UserError, match="run.sync_bn cannot make BatchNormAct2d layers global"):
+        check_plain_batchnorm(create_encoder("timm:test_efficientnet"))
