@@ -201,3 +201,18 @@ def test_global_batch_norm_refuses_batch_norms_that_hold_an_activation():
     check_plain_batchnorm(create_encoder("timm:test_resnet"))  # plain BatchNorm2d layers
     with pytest.raises(UserError, match="run.sync_bn cannot make BatchNormAct2d layers global"):
         check_plain_batchnorm(create_encoder("timm:test_efficientnet"))
+
+
+def test_the_vit_small_recipe_builds_a_vit_s16_that_takes_its_crops():
+    cfg = load_config("imagenet_vit_small_16")
+    arch = Architecture.from_config(cfg, 3)
+    assert arch.encoder == "timm:vit_small_patch16_224" and arch.encoder_kwargs == {}
+    v = cfg.views
+    with torch.device("meta"):  # shapes only: no memory, no initialisation cost
+        net = build_network(arch)
+        large = [torch.empty(2, 3, v.large_size, v.large_size)] * 2
+        small = [torch.empty(2, 3, v.small_size, v.small_size)] * v.small_crops
+        h, _ = net(large + small)  # 224 and 96 px crops are multiples of the 16 px patch
+    assert h.shape == (2 * (2 + v.small_crops), 256)
+    assert net.encoder.num_features == 384  # ViT-S width
+    assert 21e6 < sum(p.numel() for p in net.encoder.parameters()) < 23e6  # ViT-S: 22M
