@@ -44,7 +44,7 @@ def _timm() -> Any:
         import timm
     except ImportError as e:
         raise UserError(
-            f"{PREFIX} encoders need timm: pip install 'paws-ssl[timm]' (or pip install timm)"
+            f"timm encoders (model.encoder: {PREFIX}<name>) need timm: pip install 'paws-ssl[timm]'"
         ) from e
     return timm
 
