@@ -303,3 +303,16 @@ def test_unknown_encoder_suggests_the_nearest_name():
 
     with pytest.raises(UserError, match="did you mean 'resnet18'"):
         check_encoder("resnt18")
+
+
+def test_a_timm_encoder_without_timm_says_how_to_install_it(monkeypatch):
+    import sys
+
+    from paws.models import check_encoder
+
+    monkeypatch.setitem(sys.modules, "timm", None)  # as if timm were not installed
+    for call in (lambda: check_encoder("timm:resnet18"), lambda: create_encoder("timm:resnet18")):
+        with pytest.raises(UserError, match=r"need timm: pip install 'paws-ssl\[timm\]'") as e:
+            call()
+        assert "\n" not in str(e.value)
+    check_encoder("resnet18")  # the built-in encoders need no timm

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from paws.errors import UserError
+
 __all__ = [
     "init",
     "is_initialized",
@@ -30,6 +32,7 @@ __all__ = [
     "broadcast_object",
     "any_true",
     "convert_batchnorm",
+    "check_plain_batchnorm",
     "data_parallel",
     "GlobalBatchNorm",
     "destroy",
@@ -238,9 +241,23 @@ def convert_batchnorm(module: torch.nn.Module, device: torch.device) -> torch.nn
     """
     if not is_initialized():
         return module
+    check_plain_batchnorm(module)
     if device.type == "cuda":
         return torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
     return _swap_bn(module)
+
+
+def check_plain_batchnorm(module: torch.nn.Module) -> None:
+    """A one-line error if a batch-norm layer holds more than a batch norm (timm's
+    ``BatchNormAct2d``, with its activation inside): converting it to a global batch norm would
+    silently drop what it holds."""
+    for m in module.modules():
+        held = [c for c in m.children() if not isinstance(c, torch.nn.Identity)]
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and held:
+            raise UserError(
+                f"run.sync_bn cannot make {type(m).__name__} layers global (they hold an "
+                "activation too): set run.sync_bn=false for this encoder"
+            )
 
 
 def data_parallel(

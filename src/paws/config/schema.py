@@ -151,7 +151,9 @@ class SupportConfig:
 @dataclass
 class ModelConfig:
     encoder: str = _f(
-        "cnn_small", "encoder: cnn_small, resnet18, resnet34, resnet50, wide_resnet28_2"
+        "cnn_small",
+        "encoder: cnn_small, resnet18, resnet34, resnet50, wide_resnet28_2, or timm:<name>, any "
+        "timm model (pip install 'paws-ssl[timm]'; tested: ResNet, ConvNeXt, ViT families)",
     )
     width: int = _f(
         0,
@@ -162,6 +164,12 @@ class ModelConfig:
     small_images: bool | None = _f(
         None, "small-image stem (3x3 conv, no max-pool); default: when views.large_size < 64"
     )
+    patch_size: int | None = _f(
+        None, "timm ViT patch size (default: the model's); crop sides must be multiples", (1, 1024)
+    )
+    img_size: int | None = _f(
+        None, "timm ViT image side of the position-embedding grid (default: the model's)", (8, 4096)
+    )
     proj_hidden: int = _f(256, "projection head hidden size", (1, None))
     proj_out: int = _f(256, "projection head output size", (1, None))
     proj_layers: int = _f(3, "projection head linear layers", (1, 8))
@@ -170,6 +178,23 @@ class ModelConfig:
     weights: str | None = _f(
         None, "initialise the encoder from a torchvision/timm state dict (.pt/.pth/.safetensors)"
     )
+
+    def validate(self) -> None:
+        """One-line errors for keys that do not apply to the encoder."""
+        timm = self.encoder.startswith("timm:")
+        for key, hint in _BUILT_IN_KEYS.items():
+            if timm and getattr(self, key):
+                raise UserError(f"model.{key} applies to the built-in encoders; {hint}")
+        for key in TIMM_KEYS:
+            if not timm and getattr(self, key) is not None:
+                raise UserError(f"model.{key} applies to timm encoders only (timm:<name>)")
+
+
+TIMM_KEYS = ("patch_size", "img_size")  # model.* keys passed to timm.create_model as they are
+_BUILT_IN_KEYS = {
+    "width": "choose the timm model of the size you want (e.g. timm:vit_small_patch16_224)",
+    "small_images": "for a timm ViT on small images set model.patch_size and model.img_size",
+}
 
 
 @dataclass
@@ -367,6 +392,7 @@ class Config:
     def validate(self) -> Config:
         """Cross-field checks; returns self."""
         d, v = self.data, self.views
+        self.model.validate()
         if d.dataset == "folder" and not d.labeled:
             raise UserError(
                 "data.dataset is 'folder' but data.labeled is not set: point it to "

@@ -1,6 +1,7 @@
 """Encoders, heads and the networks built from them.
 
 - :mod:`paws.models.encoders`: the registry of encoder trunks and initial weights from a file.
+- :mod:`paws.models.timm_encoders`: any timm model as a trunk (``timm:<name>``; timm optional).
 - :mod:`paws.models.networks`: heads, :class:`PAWSModel`, :class:`Classifier`, and the one
   builder, :func:`build_network`, from an :class:`Architecture` record.
 """
@@ -9,6 +10,7 @@ from paws.models.encoders import (
     ENCODERS,
     check_encoder,
     create_encoder,
+    is_timm,
     load_encoder_weights,
     register_encoder,
 )
@@ -31,6 +33,7 @@ __all__ = [
     "build_network",
     "check_encoder",
     "create_encoder",
+    "is_timm",
     "load_encoder_weights",
     "register_encoder",
 ]

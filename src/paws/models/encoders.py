@@ -9,6 +9,7 @@
 - ``wide_resnet28_2`` (other widen factors through ``width``): pre-activation
   WideResNet-28 without dropout (Appendix C).
 - ``cnn_small``: a small VGG-style CNN that trains fast on a CPU.
+- ``timm:<name>``: any timm model (:mod:`paws.models.timm_encoders`, timm installed apart).
 
 Every encoder takes 1-channel (grayscale) or 3-channel input.
 """
@@ -25,10 +26,12 @@ import torch.nn.functional as F
 import torchvision
 
 from paws.errors import UserError
+from paws.models import timm_encoders
 
 __all__ = [
     "ENCODERS",
     "register_encoder",
+    "is_timm",
     "check_encoder",
     "create_encoder",
     "load_encoder_weights",
@@ -49,36 +52,47 @@ def register_encoder(name: str) -> Callable[[Callable[..., nn.Module]], Callable
     return add
 
 
+def is_timm(name: str) -> bool:
+    """Whether ``name`` (``model.encoder``) names a timm model: ``timm:<name>``."""
+    return name.startswith(timm_encoders.PREFIX)
+
+
 def check_encoder(name: str) -> None:
     """Raise a one-line :class:`UserError` (with the nearest name) unless ``name`` is a
-    registered encoder."""
+    registered encoder or ``timm:<name>`` of a timm model (timm installed)."""
     if name in ENCODERS:
+        return
+    if is_timm(name):
+        timm_encoders.check(name[len(timm_encoders.PREFIX) :])
         return
     close = difflib.get_close_matches(name, sorted(ENCODERS), n=1)
     hint = f"did you mean '{close[0]}'? " if close else ""
     raise UserError(
         f"unknown encoder '{name}' (model.encoder); {hint}choose one of: "
-        f"{', '.join(sorted(ENCODERS))}"
+        f"{', '.join(sorted(ENCODERS))}, or {timm_encoders.PREFIX}<name> of a timm model"
     )
 
 
 def create_encoder(
     name: str, in_channels: int = 3, small_images: bool = False, **kwargs: object
 ) -> nn.Module:
-    """Build a registered encoder trunk.
+    """Build a registered encoder trunk, or a timm model's.
 
     Args:
-        name: a key of :data:`ENCODERS`.
+        name: a key of :data:`ENCODERS`, or ``timm:<name>`` (:mod:`paws.models.timm_encoders`).
         in_channels: 1 for grayscale, 3 for colour images.
         small_images: use a stem for small inputs (e.g. 28x28 or 32x32) where the architecture
             has one.
         **kwargs: architecture options, e.g. ``width`` (ResNet width multiplier, CNN base
-            channels, WideResNet widen factor).
+            channels, WideResNet widen factor); for timm, ``patch_size`` and ``img_size``.
 
     Returns:
         A module mapping (N, in_channels, H, W) to (N, module.num_features).
     """
     check_encoder(name)
+    if is_timm(name):
+        bare = name[len(timm_encoders.PREFIX) :]
+        return timm_encoders.create(bare, in_channels, small_images, **kwargs)
     return ENCODERS[name](in_channels=in_channels, small_images=small_images, **kwargs)
 
 
@@ -245,14 +259,33 @@ def cnn_small(in_channels: int = 3, small_images: bool = True, width: int = 32) 
 def load_encoder_weights(encoder: nn.Module, path: str | Path) -> tuple[list[str], list[str]]:
     """Initialise an encoder from a local torchvision or timm state dict.
 
-    Accepts ``.safetensors`` or a PyTorch file (loaded with ``weights_only=True``); strips the
-    usual prefixes (``module.``, ``encoder.``, ``backbone.``, ``model.``), ignores classifier
-    keys (``fc.``, ``head.``, ``classifier.``), and sums RGB stem filters for 1-channel input.
+    Accepts ``.safetensors`` or a PyTorch file (loaded with ``weights_only=True``), the tensors
+    possibly nested under ``state_dict``, ``model`` or ``encoder``. A built-in encoder takes
+    the keys without the usual prefixes (``module.``, ``encoder.``, ``backbone.``, ``model.``),
+    ignores classifier keys (``fc.``, ``head.``, ``classifier.``), and sums RGB stem filters for
+    1-channel input; a timm encoder fits a plain timm ``state_dict()`` with timm's own rules
+    (:meth:`paws.models.timm_encoders.TimmEncoder.match_state_dict`).
 
     Returns:
         ``(missing, unexpected)`` key lists after matching.
     """
     path = Path(path)
+    state = _read_weights(path)
+    if isinstance(encoder, timm_encoders.TimmEncoder):
+        try:
+            cleaned = encoder.match_state_dict(state)
+        except Exception as e:  # noqa: BLE001 - timm's filters fail on tensors they cannot fit
+            raise UserError(f"cannot fit the encoder weights {path} to the timm model: {e}") from e
+    else:
+        cleaned = _match_builtin(encoder, state)
+    if not cleaned:
+        raise UserError(f"no tensor in {path} matches the encoder; is it the same architecture?")
+    result = encoder.load_state_dict(cleaned, strict=False)
+    return list(result.missing_keys), list(result.unexpected_keys)
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a weights file (a one-line error for a missing or unreadable one)."""
     if not path.is_file():
         raise UserError(f"encoder weights file not found: {path}")
     try:
@@ -267,6 +300,13 @@ def load_encoder_weights(encoder: nn.Module, path: str | Path) -> tuple[list[str
     for key in ("state_dict", "model", "encoder"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
+    if not isinstance(state, dict):
+        raise UserError(f"cannot read encoder weights {path}: it holds no state dict")
+    return state
+
+
+def _match_builtin(encoder: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors of a torchvision/timm-style state dict that fit a built-in encoder."""
     target = encoder.state_dict()
     inner = "net." if any(k.startswith("net.") for k in target) else ""
     cleaned: dict[str, torch.Tensor] = {}
@@ -281,7 +321,4 @@ def load_encoder_weights(encoder: nn.Module, path: str | Path) -> tuple[list[str
             v = v.sum(dim=1, keepdim=True)
         if k in target and target[k].shape == v.shape:
             cleaned[k] = v
-    if not cleaned:
-        raise UserError(f"no tensor in {path} matches the encoder; is it the same architecture?")
-    result = encoder.load_state_dict(cleaned, strict=False)
-    return list(result.missing_keys), list(result.unexpected_keys)
+    return cleaned

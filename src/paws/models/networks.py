@@ -19,8 +19,9 @@ from typing import Any, Literal
 import torch
 import torch.nn as nn
 
+from paws.config import TIMM_KEYS
 from paws.errors import UserError
-from paws.models.encoders import create_encoder, load_encoder_weights
+from paws.models.encoders import create_encoder, is_timm, load_encoder_weights
 from paws.progress import info
 
 __all__ = [
@@ -39,8 +40,9 @@ class Architecture:
     """Everything needed to rebuild a network, as JSON-friendly values.
 
     Attributes:
-        encoder: a registered encoder name (``model.encoder``).
-        encoder_kwargs: its options, e.g. ``{"width": 48}``.
+        encoder: a registered encoder name or ``timm:<name>`` (``model.encoder``).
+        encoder_kwargs: its options, e.g. ``{"width": 48}``, or a timm ViT's
+            ``{"patch_size": 4, "img_size": 32}``.
         in_channels: 1 (grey) or 3 (colour).
         small_images: the encoder's small-image stem.
         proj_hidden: projection head hidden size.
@@ -74,15 +76,17 @@ class Architecture:
         classifier_on: Literal["head", "trunk"] = "head",
     ) -> Architecture:
         """The network a :class:`paws.config.Config` describes for ``channels``-channel
-        images; a classifier of ``num_classes`` outputs when given. The small-image stem is on
-        when ``model.small_images`` says so, by default when ``views.large_size`` < 64."""
+        images; a classifier of ``num_classes`` outputs when given. The small-image stem of a
+        built-in encoder is on when ``model.small_images`` says so, by default when
+        ``views.large_size`` < 64; timm encoders have none (their options, such as a ViT's
+        ``patch_size`` and ``img_size``, are in ``encoder_kwargs``)."""
         m = cfg.model
         small = m.small_images if m.small_images is not None else cfg.views.large_size < 64
         return cls(
             encoder=m.encoder,
-            encoder_kwargs={"width": m.width} if m.width else {},
+            encoder_kwargs=_encoder_kwargs(m),
             in_channels=int(channels),
-            small_images=bool(small),
+            small_images=bool(small) and not is_timm(m.encoder),
             proj_hidden=m.proj_hidden,
             proj_out=m.proj_out,
             proj_layers=m.proj_layers,
@@ -110,6 +114,15 @@ class Architecture:
     ) -> Architecture:
         """The same network with (or, for None, without) a classifier."""
         return dataclasses.replace(self, num_classes=num_classes, classifier_on=on)
+
+
+def _encoder_kwargs(m: Any) -> dict[str, Any]:
+    """The options a ``model`` config section gives the encoder's factory: ``width`` (when not
+    0) for a built-in encoder; for a timm one, the timm arguments among :data:`TIMM_KEYS` that
+    are set."""
+    if is_timm(m.encoder):
+        return {k: getattr(m, k) for k in TIMM_KEYS if getattr(m, k, None) is not None}
+    return {"width": m.width} if m.width else {}
 
 
 def build_network(
