@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from paws import checkpoint, distributed, rundir, runtime
+from paws import checkpoint, distributed, rundir, runtime, tracking
 from paws.config import Config, save_config, to_dict
 from paws.data.loaders import Batch, step_batches
 from paws.data.sources import Datasets, load_datasets
@@ -275,9 +275,10 @@ def open_run(cfg: Config, out: Path, resume: bool) -> dict[str, Any] | None:
 
     Raises:
         UserError: a new run would overwrite one; a resume changes the run's shape; an unknown
-            encoder (checked before any data is read).
+            encoder or a tracker not installed (checked before any data is read).
     """
     check_encoder(cfg.model.encoder)
+    tracking.require(cfg)
     state = None
     last = out / rundir.LAST
     if resume and not last.exists():
@@ -531,7 +532,8 @@ def train(
     data: Datasets | None = None,
     device: torch.device | None = None,
 ) -> dict[str, Any]:
-    """Pre-train PAWS as ``cfg`` describes, writing the run into ``out_dir``.
+    """Pre-train PAWS as ``cfg`` describes, writing the run into ``out_dir`` (and to the
+    experiment trackers of ``run.trackers``, :mod:`paws.tracking`).
 
     Changes no process-wide setting: the ``paws`` command calls :func:`paws.runtime.setup`
     first (threads, determinism, denormals, the process group under torchrun).
@@ -559,15 +561,18 @@ def train(
     run = build_run(cfg, out, data, device)
     if state is not None:
         restore_run(run, state)
+    tracked = tracking.start(cfg, out, resume=state is not None)
     del state
-    tensorboard = out / "tensorboard" if cfg.run.tensorboard and distributed.is_main() else None
-    metrics = rundir.MetricsLog(out / rundir.METRICS, tensorboard, tag="train/")
-    evals = rundir.MetricsLog(out / rundir.EVALS, writer=metrics.writer, tag="eval/")
+    metrics = rundir.MetricsLog(out / rundir.METRICS, tracked, "train/")
+    evals = rundir.MetricsLog(out / rundir.EVALS, tracked, "eval/")
+    status = "failed"
     try:
         result = run_steps(run, metrics, evals)
         if result["status"] == "done":
             result["eval"] = finish_run(run, result["step"], evals)
+            tracked.log_results(out)
+        status = result["status"]
     finally:
-        metrics.close()
+        tracked.close(status)
     distributed.barrier()
     return {"eval": None, "skipped": len(data.skipped), **result}
