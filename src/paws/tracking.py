@@ -144,6 +144,7 @@ class MLflow:
             self.run_id = previous["run_id"]
             self.found = self.client.get_run(self.run_id).info.status
             self.client.update_run(self.run_id, status="RUNNING")
+            info(f"mlflow: logging to run {self.run_id} of {uri or local}")
         else:
             artifacts = None if uri else (out / "mlartifacts").resolve().as_uri()
             exp = self.client.get_experiment_by_name(experiment)
@@ -154,6 +155,8 @@ class MLflow:
             tags = {"paws.run_dir": str(out.resolve())}
             run = self.client.create_run(exp_id, run_name=out.resolve().name, tags=tags)
             self.run_id, self.found = run.info.run_id, None
+            where = uri or f"{local}; browse it with: mlflow ui --backend-store-uri {local}"
+            info(f"mlflow: run {self.run_id} in experiment '{experiment}' of {where}")
         self.record = {"run_id": self.run_id, "tracking_uri": uri}
 
     def log_params(self, params: dict[str, Any]) -> None:
@@ -220,8 +223,8 @@ class WandB:
         if self.run.offline:
             where = Path(self.run.dir).parent
             info(
-                f"wandb: offline (no W&B key: set WANDB_API_KEY or WANDB_MODE); logging to "
-                f"{where}; upload it with: wandb sync {where}"
+                f"wandb: offline, as no W&B key is set (WANDB_API_KEY or wandb login); "
+                f"logging to {where}; upload it with: wandb sync {where}"
             )
 
     def log_params(self, params: dict[str, Any]) -> None:
