@@ -500,7 +500,13 @@ def _config_cmd_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace
 
 @command("report", "draw a run's curves, accuracy, confusion matrix, t-SNE map and predictions")
 def _report_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
-    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (several: overlaid)")
+    p.add_argument(
+        "runs",
+        nargs="+",
+        metavar="RUN_DIR",
+        help="run directories (several: overlaid); one run's report is also added to its "
+        "tracked MLflow and W&B runs",
+    )
     p.add_argument(
         "--out", metavar="DIR", help="where report.png and report.html go (default: first RUN_DIR)"
     )
@@ -521,11 +527,16 @@ def _report_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], i
 
     def run(args: argparse.Namespace) -> int:
         from paws.report import build_report
+        from paws.tracking import log_report
 
         if args.tsne_points < 0 or args.grid_images < 0:
             raise UserError("--tsne-points and --grid-images must be 0 or more")
         paths = build_report(args.runs, args.out, args.tsne_points, args.grid_images)
         print(f"report written: {paths['html']} and {paths['png']}")
+        if len(args.runs) == 1:  # a run's own report goes to its tracked runs
+            tracked = log_report(args.runs[0], [paths["html"], paths["png"]])
+            if tracked:
+                print(f"report added to the run's tracked runs: {', '.join(tracked)}")
         return 0
 
     return run

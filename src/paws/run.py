@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from paws import checkpoint, distributed, rundir, runtime
+from paws import checkpoint, distributed, rundir, runtime, tracking
 from paws.config import Config, save_config, to_dict
 from paws.data.sources import Datasets
 from paws.errors import UserError
@@ -153,9 +153,10 @@ def open_run(cfg: Config, out: Path, resume: bool) -> dict[str, Any] | None:
 
     Raises:
         UserError: a new run would overwrite one; the checkpoint holds no training state; an
-            unknown encoder.
+            unknown encoder or a tracker that is not installed.
     """
     check_encoder(cfg.model.encoder)
+    tracking.require(cfg)
     state = None
     last = out / rundir.LAST
     if resume and not last.exists():

@@ -4,8 +4,9 @@ A run directory holds ``config.yaml`` (the resolved config), ``metrics.csv`` (a 
 ``run.log_every`` steps, columns :data:`METRIC_COLUMNS`), ``evals.csv`` (PAWS-NN during
 training), ``last.pt`` (the latest checkpoint), ``final.pt``, ``eval.json`` and
 ``predictions.json`` (the final evaluation), and, when the run ended by tightening,
-``tighten.pt`` and ``tighten.json``. Later commands add ``baseline.json``, ``finetune.pt`` and
-``finetune.json``. Only rank 0 writes.
+``tighten.pt`` and ``tighten.json``; with experiment trackers, ``trackers.json`` (their runs,
+see :mod:`paws.tracking`) and their local stores. Later commands add ``baseline.json``,
+``finetune.pt`` and ``finetune.json``. Only rank 0 writes.
 
 Which model a run directory means is decided here alone (:func:`model_file`), and so is the one
 way to rebuild a saved model (:func:`restore`).
@@ -36,6 +37,7 @@ __all__ = [
     "CONFIG",
     "METRICS",
     "EVALS",
+    "TRACKERS",
     "LAST",
     "FINAL",
     "TIGHTENED",
@@ -64,6 +66,7 @@ __all__ = [
 ]
 
 CONFIG, METRICS, EVALS = "config.yaml", "metrics.csv", "evals.csv"
+TRACKERS = "trackers.json"
 LAST, FINAL, TIGHTENED, FINETUNED = "last.pt", "final.pt", "tighten.pt", "finetune.pt"
 
 # The monitor-only metrics of the paper's Fig. 4 (every run.monitor_every steps).
@@ -89,6 +92,8 @@ RESUME_SAFE_KEYS = (
     "run.eval_every",
     "run.monitor_every",
     "run.tensorboard",
+    "run.trackers",
+    "run.experiment",
     "run.threads",
     "data.root",
     "data.workers",
@@ -120,29 +125,16 @@ def metrics_row(values: dict[str, Any]) -> dict[str, Any]:
 
 
 class MetricsLog:
-    """Appends rows to a CSV file (and TensorBoard when asked), rank 0 only."""
+    """Appends rows to a CSV file, rank 0 only, and hands each row's numbers to ``tracker``
+    (anything with ``log_metrics(values, step, prefix)``, e.g. a
+    :class:`paws.tracking.Tracking`), named ``prefix + column``."""
 
-    def __init__(
-        self,
-        path: Path,
-        tensorboard_dir: Path | None = None,
-        writer: Any = None,
-        tag: str = "",
-    ):
-        self.path, self.writer, self.tag = path, writer, tag
+    def __init__(self, path: Path, tracker: Any = None, prefix: str = ""):
+        self.path, self.tracker, self.prefix = path, tracker, prefix
         self.fields: list[str] | None = None
         if path.is_file() and distributed.is_main():
             with open(path, newline="") as f:
                 self.fields = next(csv.reader(f), None)
-        if tensorboard_dir is not None:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError as e:
-                raise UserError(
-                    "run.tensorboard is true but tensorboard is not installed: "
-                    "pip install 'paws-ssl[tensorboard]'"
-                ) from e
-            self.writer = SummaryWriter(str(tensorboard_dir))
 
     def log(self, row: dict[str, Any]) -> None:
         """Append ``row`` (the first row written fixes the columns)."""
@@ -154,15 +146,9 @@ class MetricsLog:
                 csv.writer(f).writerow(self.fields)
         with open(self.path, "a", newline="") as f:
             csv.writer(f).writerow([_fmt(row.get(k, "")) for k in self.fields])
-        if self.writer is not None:
-            for k, v in row.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self.writer.add_scalar(self.tag + k, v, row["step"])
-
-    def close(self) -> None:
-        """Close the TensorBoard writer, if any."""
-        if self.writer is not None:
-            self.writer.close()
+        if self.tracker is not None:
+            values = {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))}
+            self.tracker.log_metrics(values, int(row["step"]), self.prefix)
 
 
 def _fmt(v: Any) -> Any:

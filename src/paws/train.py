@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from paws import distributed, rundir, runtime
+from paws import distributed, rundir, runtime, tracking
 from paws.config import Config
 from paws.data.loaders import Batch, step_batches
 from paws.data.sources import Datasets, load_datasets
@@ -265,7 +265,8 @@ def train(
     data: Datasets | None = None,
     device: torch.device | None = None,
 ) -> dict[str, Any]:
-    """Pre-train PAWS as ``cfg`` describes, writing the run into ``out_dir``.
+    """Pre-train PAWS as ``cfg`` describes, writing the run into ``out_dir`` (and to the
+    experiment trackers of ``run.trackers``, :mod:`paws.tracking`).
 
     Changes no process-wide setting: the ``paws`` command calls :func:`paws.runtime.setup`
     first (threads, determinism, denormals, the process group under torchrun).
@@ -295,15 +296,18 @@ def train(
     run = build_run(cfg, out, data, device)
     if state is not None:
         restore_run(run, state)
+    tracked = tracking.start(cfg, out, resume=state is not None)
     del state
-    tensorboard = out / "tensorboard" if cfg.run.tensorboard and distributed.is_main() else None
-    metrics = rundir.MetricsLog(out / rundir.METRICS, tensorboard, tag="train/")
-    evals = rundir.MetricsLog(out / rundir.EVALS, writer=metrics.writer, tag="eval/")
+    metrics = rundir.MetricsLog(out / rundir.METRICS, tracked, "train/")
+    evals = rundir.MetricsLog(out / rundir.EVALS, tracked, "eval/")
+    status = "failed"
     try:
         result = run_steps(run, metrics, evals)
         if result["status"] == "done":
             result["eval"] = finish_run(run, result["step"], evals)
+            tracked.log_results(out)
+        status = result["status"]
     finally:
-        metrics.close()
+        tracked.close(status)
     distributed.barrier()
     return {"eval": None, "skipped": len(data.skipped), **result}

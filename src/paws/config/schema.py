@@ -286,7 +286,13 @@ class RunConfig:
     monitor_every: int = _f(
         100, "steps between monitor-only metrics (Fig. 4b), 0: never", (0, None)
     )
-    tensorboard: bool = _f(False, "also log to TensorBoard (needs the tensorboard package)")
+    tensorboard: bool = _f(False, "also log to TensorBoard (the same as adding it to trackers)")
+    trackers: list[Literal["tensorboard", "mlflow", "wandb"]] = _f(
+        [],
+        "experiment trackers that also get the config, metrics, results and files "
+        "(each an extra: pip install 'paws-ssl[mlflow]'); a resume may add one",
+    )
+    experiment: str = _f("paws", "MLflow experiment and W&B project of tracked runs")
 
 
 @dataclass
