@@ -31,7 +31,15 @@ import torch.nn as nn
 from PIL import Image
 
 from paws import rundir
-from paws.data.images import read_image, scan_images, scan_labeled_folder, tensor_channels, to_mode
+from paws.data.images import (
+    Images,
+    as_items,
+    expand_images,
+    read_image,
+    scan_labeled_folder,
+    tensor_channels,
+    to_mode,
+)
 from paws.data.loaders import Loading
 from paws.data.sources import load_datasets
 from paws.data.transforms import eval_transform
@@ -52,9 +60,6 @@ __all__ = [
     "from_export",
     "load",
 ]
-
-ImageLike = str | Path | Image.Image | torch.Tensor
-Images = ImageLike | Sequence[ImageLike]
 
 
 @dataclass
@@ -118,45 +123,6 @@ class Prediction:
     def label(self) -> str:
         """The answer: the most probable class, or ``"unknown"``."""
         return "unknown" if self.unknown else self.top[0][0]
-
-
-# --------------------------------------------------------------------------------------------
-# Inputs.
-
-
-def expand_images(paths: Sequence[str | Path]) -> list[Path]:
-    """Image files from files and folders (searched recursively, sorted), in the given order."""
-    files: list[Path] = []
-    for p in paths:
-        path = Path(p).expanduser()
-        if path.is_dir():
-            files += scan_images(path)
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise UserError(f"no such image file or folder: {path}")
-    if not files:
-        raise UserError("no images given")
-    return files
-
-
-def _as_items(images: Images) -> list[Any] | torch.Tensor:
-    """A list of paths and PIL images, or one (N, C, H, W) tensor."""
-    if isinstance(images, torch.Tensor):
-        return images.unsqueeze(0) if images.dim() == 3 else images
-    if isinstance(images, (str, Path, Image.Image)):
-        images = [images]
-    items: list[Any] = []
-    for im in images:
-        if isinstance(im, (str, Path)):
-            items += expand_images([im])
-        elif isinstance(im, torch.Tensor):
-            items += list(im.unsqueeze(0) if im.dim() == 3 else im)
-        elif isinstance(im, Image.Image):
-            items.append(im)
-        else:
-            raise UserError(f"cannot read an image from a {type(im).__name__}")
-    return items
 
 
 # --------------------------------------------------------------------------------------------
@@ -256,7 +222,7 @@ class Predictor:
         self, images: Images, progress: bool = False, desc: str = "images"
     ) -> Iterator[torch.Tensor]:
         """Preprocessed batches (n, C, size, size) on the device, in input order."""
-        items = _as_items(images)
+        items = as_items(images)
         tf = self.preprocessing.transform()
         channels = self.preprocessing.channels
 

@@ -12,6 +12,7 @@ from paws.config.loading import (
     to_dict,
 )
 from paws.config.schema import (
+    TIMM_KEYS,
     BaselineConfig,
     Config,
     DataConfig,
@@ -47,4 +48,5 @@ __all__ = [
     "describe",
     "recipe_path",
     "RECIPES_DIR",
+    "TIMM_KEYS",
 ]

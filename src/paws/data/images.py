@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,6 +38,9 @@ __all__ = [
     "is_grey",
     "fits_in_memory",
     "decode_images",
+    "Images",
+    "expand_images",
+    "as_items",
 ]
 
 IMAGE_EXTENSIONS = (
@@ -282,3 +286,47 @@ def decode_images(
 def relative_names(files: Sequence[Path], root: Path) -> list[str]:
     """The files' paths relative to ``root``, as the names split files and outputs use."""
     return [str(f.relative_to(root)) for f in files]
+
+
+ImageLike = str | Path | Image.Image | torch.Tensor
+Images = ImageLike | Sequence[ImageLike]
+
+
+# --------------------------------------------------------------------------------------------
+# What users pass as images: files, folders, PIL images, tensors.
+
+
+def expand_images(paths: Sequence[str | Path]) -> list[Path]:
+    """Image files from files and folders (searched recursively, sorted), in the given order."""
+    files: list[Path] = []
+    for p in paths:
+        path = Path(p).expanduser()
+        if path.is_dir():
+            files += scan_images(path)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise UserError(f"no such image file or folder: {path}")
+    if not files:
+        raise UserError("no images given")
+    return files
+
+
+def as_items(images: Images) -> list[Any] | torch.Tensor:
+    """A list of paths (folders expanded), PIL images and (C, H, W) tensors, or one
+    (N, C, H, W) tensor."""
+    if isinstance(images, torch.Tensor):
+        return images.unsqueeze(0) if images.dim() == 3 else images
+    if isinstance(images, (str, Path, Image.Image)):
+        images = [images]
+    items: list[Any] = []
+    for im in images:
+        if isinstance(im, (str, Path)):
+            items += expand_images([im])
+        elif isinstance(im, torch.Tensor):
+            items += list(im.unsqueeze(0) if im.dim() == 3 else im)
+        elif isinstance(im, Image.Image):
+            items.append(im)
+        else:
+            raise UserError(f"cannot read an image from a {type(im).__name__}")
+    return items

@@ -1,0 +1,178 @@
+"""``paws train``, ``baseline``, ``finetune`` and ``tighten``: the commands that train."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+
+from paws.cli.base import (
+    _checkpoint_overrides,
+    _config_args,
+    _default_out,
+    _load,
+    _print_json,
+    _setup_for,
+    command,
+)
+from paws.errors import UserError
+
+
+@command("train", "pre-train PAWS (default: Fashion-MNIST with 10 labels per class)")
+def _train_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
+    _config_args(p)
+    p.add_argument("--out", metavar="RUN_DIR", help="run directory (default: runs/paws-...)")
+    p.add_argument(
+        "--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint"
+    )
+
+    def run(args: argparse.Namespace) -> int:
+        from paws import distributed, runtime
+        from paws.config import load_config
+        from paws.train import train
+
+        if args.resume:
+            run_dir = Path(args.resume)
+            if not (run_dir / "config.yaml").is_file():
+                raise UserError(f"{run_dir} is not a run directory (no config.yaml)")
+            cfg = load_config(args.config or run_dir / "config.yaml", args.overrides)
+            out = run_dir
+        else:
+            cfg = _load(args)
+            out = Path(args.out) if args.out else _default_out("paws", cfg.data.dataset)
+        try:
+            # Joins torchrun's process group, so that every rank writes to rank 0's
+            # (time-stamped) run directory.
+            device = runtime.setup(cfg)
+            out = Path(distributed.broadcast_object(str(out)))
+            result = train(cfg, out, resume=bool(args.resume), device=device)
+            main = distributed.is_main()
+        finally:
+            distributed.destroy()
+        if result["status"] == "interrupted":
+            return 128 + int(result.get("signal") or 2)
+        if not main:
+            return 0
+        ev = result["eval"]
+        if ev is not None and "pretrained" in ev:
+            print(
+                f"PAWS-NN test accuracy: top-1 {ev['pretrained']['top1']:.2f}% after "
+                f"pre-training (final.pt), {ev['top1']:.2f}% after tightening (tighten.pt)  "
+                f"top-5 {ev['top5']:.2f}%  ({ev['num_query']} test images, "
+                f"{ev['num_support']} labelled supports)"
+            )
+        elif ev is not None:
+            print(
+                f"PAWS-NN test accuracy: top-1 {ev['top1']:.2f}%  top-5 {ev['top5']:.2f}%  "
+                f"({ev['num_query']} test images, {ev['num_support']} labelled supports)"
+            )
+        if result.get("skipped"):
+            print(
+                f"skipped {result['skipped']} unreadable images "
+                f"(listed in {out / 'skipped_images.txt'})"
+            )
+        print(f"run saved in {out}")
+        return 0
+
+    return run
+
+
+@command("baseline", "supervised-only baseline on the labelled images, same encoder and budget")
+def _baseline_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
+    _config_args(p)
+    p.add_argument("--out", metavar="DIR", help="where to write baseline.json")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    def run(args: argparse.Namespace) -> int:
+        from paws import runtime
+        from paws.baseline import train_baseline
+
+        cfg = _load(args)
+        result = train_baseline(cfg, args.out, device=runtime.setup(cfg))
+        if args.json:
+            _print_json(result)
+        else:
+            print(
+                f"supervised-only test accuracy: top-1 {result['top1']:.2f}%  top-5 "
+                f"{result['top5']:.2f}%  ({result['num_labeled']} labelled images, "
+                f"{result['steps']} steps = {result['epochs']:g} epochs, final training loss "
+                f"{result['train_loss']:.3g}, {result['seconds']:.0f} s)"
+            )
+        return 0
+
+    return run
+
+
+@command("finetune", "fine-tune a linear classifier and the encoder on the labels (Appendix A)")
+def _finetune_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
+    p.add_argument("checkpoint", help="pre-trained checkpoint file or run directory")
+    p.add_argument(
+        "--out",
+        metavar="DIR",
+        help="where to write finetune.pt and finetune.json "
+        "(default: the checkpoint's run directory)",
+    )
+    _checkpoint_overrides(p, "finetune.lrs=[0.05,0.1]")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    def run(args: argparse.Namespace) -> int:
+        from paws.finetune import finetune_checkpoint
+
+        device = _setup_for(args.checkpoint, args.overrides, pretrained=True)
+        r = finetune_checkpoint(args.checkpoint, args.overrides, args.out, device=device)
+        if args.json:
+            _print_json(r)
+            return 0
+        for row in r["sweep"]:
+            print(
+                f"  lr {row['lr']:<6g} {row['epochs']:>4d} epochs  "
+                f"validation top-1 {row['val_top1']:6.2f}%"
+            )
+        val = f" (validation top-1 {r['val_top1']:.2f}%)" if r["val_top1"] is not None else ""
+        print(f"chosen: lr {r['lr']:g}, {r['epochs']} epochs{val}")
+        if r["test"] is not None:
+            print(
+                f"fine-tuned test accuracy: top-1 {r['test']['top1']:.2f}%  top-5 "
+                f"{r['test']['top5']:.2f}%  ({r['test']['num_query']} test images, single "
+                f"centre crop); PAWS-NN of the pre-trained model: top-1 "
+                f"{r['paws_nn']['top1']:.2f}%"
+            )
+        print(f"fine-tuned model saved as {r['checkpoint']}")
+        return 0
+
+    return run
+
+
+@command("tighten", "tighten the labelled clusters with SuNCEt, then PAWS-NN (Appendix C)")
+def _tighten_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
+    p.add_argument("checkpoint", help="pre-trained checkpoint file or run directory")
+    p.add_argument(
+        "--out",
+        metavar="DIR",
+        help="where to write tighten.pt and tighten.json (default: the checkpoint's run directory)",
+    )
+    _checkpoint_overrides(p, "tighten.steps=100")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    def run(args: argparse.Namespace) -> int:
+        from paws.tighten import tighten_checkpoint
+
+        device = _setup_for(args.checkpoint, args.overrides, pretrained=True)
+        r = tighten_checkpoint(args.checkpoint, args.overrides, args.out, device=device)
+        if args.json:
+            _print_json(r)
+            return 0
+        print(
+            f"{r['steps']} SuNCEt steps of {r['classes']} classes x {r['images_per_class']} "
+            f"images: loss {r['loss_first']:.3f} -> {r['loss_last']:.3f}"
+        )
+        if r["paws_nn_after"] is not None:
+            print(
+                f"PAWS-NN test accuracy: top-1 {r['paws_nn_before']['top1']:.2f}% before, "
+                f"{r['paws_nn_after']['top1']:.2f}% after tightening  "
+                f"({r['paws_nn_after']['num_query']} test images)"
+            )
+        print(f"tightened model saved as {r['checkpoint']}")
+        return 0
+
+    return run
