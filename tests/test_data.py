@@ -252,3 +252,19 @@ def test_views_are_a_function_of_the_step_in_memory_and_on_disk(image_folders):
         if in_memory == "false":  # the number of worker processes does not change the views
             c = _views(data, cfg, index_fn, 2)
             assert all(torch.equal(x, y) for x, y in zip(a[1][1], c[1][1]))
+
+
+def test_num_labels_draws_uniformly_from_the_whole_set_with_uneven_counts():
+    labels = np.repeat(np.arange(10), 100)
+    images = ImageSet(labels=labels, names=[str(i) for i in range(1000)])
+    cfg = load_config(None, ["data.num_labels=100", "data.split_seed=3"]).data
+    chosen = select_labeled(images, cfg, 10)
+    assert len(chosen) == len(np.unique(chosen)) == 100
+    counts = np.bincount(labels[chosen], minlength=10)
+    assert counts.sum() == 100 and counts.min() != counts.max()  # not 10 of each
+    again = select_labeled(images, cfg, 10)
+    assert np.array_equal(chosen, again)  # a function of split_seed
+    other = load_config(None, ["data.num_labels=100", "data.split_seed=4"]).data
+    assert not np.array_equal(chosen, select_labeled(images, other, 10))
+    with pytest.raises(UserError, match="num_labels is 2000"):
+        select_labeled(images, load_config(None, ["data.num_labels=2000"]).data, 10)

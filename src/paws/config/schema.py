@@ -60,6 +60,14 @@ class DataConfig:
         "split_seed); label_fraction and split_file take precedence",
         (1, None),
     )
+    num_labels: int | None = _f(
+        None,
+        "labelled subset of a built-in or hf dataset: this many images drawn uniformly at "
+        "random from the whole training set with split_seed, so classes get uneven counts, as "
+        "a user labelling at random would (takes precedence over labels_per_class and "
+        "label_fraction)",
+        (1, None),
+    )
     label_fraction: float | None = _f(
         None,
         "labelled subset of a built-in or hf dataset: this fraction of each class (split_file "

@@ -71,9 +71,9 @@ def select_labeled(images: ImageSet, cfg: DataConfig, num_classes: int) -> np.nd
     """Indices of the labelled subset of a fully labelled set, per ``cfg``.
 
     ``split_file`` lines are matched to image names (an index for Fashion-MNIST/CIFAR, a file
-    name or relative path for folders); otherwise ``label_fraction`` or else
-    ``labels_per_class`` images are drawn per class with ``split_seed``. With none of them set,
-    every image is labelled.
+    name or relative path for folders); otherwise ``num_labels`` images are drawn uniformly at
+    random from the whole set, or ``label_fraction`` or else ``labels_per_class`` images per
+    class, with ``split_seed``. With none of them set, every image is labelled.
     """
     if cfg.split_file:
         wanted = _read_split(cfg.split_file)
@@ -88,6 +88,14 @@ def select_labeled(images: ImageSet, cfg: DataConfig, num_classes: int) -> np.nd
                 f"dataset, e.g. '{missing[0]}'; fix the names or the data folder"
             )
         return np.unique([lookup[w] for w in wanted])
+    if cfg.num_labels is not None:
+        if cfg.num_labels > len(images):
+            raise UserError(
+                f"data.num_labels is {cfg.num_labels} but the set has {len(images)} images"
+            )
+        return np.sort(
+            np.random.default_rng(cfg.split_seed).choice(len(images), cfg.num_labels, replace=False)
+        )
     if cfg.labels_per_class is None and cfg.label_fraction is None:
         return np.arange(len(images))
     rng = np.random.default_rng(cfg.split_seed)
