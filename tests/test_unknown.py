@@ -10,7 +10,7 @@ import torch
 
 import paws
 from paws.cli import main
-from paws.unknown import calibrate_threshold, detection_metrics, similarity_scores
+from paws.unknown import KnownScore, detection_metrics
 
 
 def test_detection_metrics_hand_values():
@@ -23,18 +23,25 @@ def test_detection_metrics_hand_values():
     assert ties["auroc"] == pytest.approx(0.5) and ties["fpr_at_95_tpr"] == 1.0
 
 
-def test_similarity_scores_are_chunk_independent_and_can_leave_one_out():
+@pytest.mark.parametrize("kind", ["soft", "nearest"])
+def test_known_scores_match_a_plain_reference_in_any_chunks_and_leave_one_out(kind):
     torch.manual_seed(0)
     q, s = torch.randn(7, 5), torch.randn(11, 5)
+    score = KnownScore(kind=kind, tau=0.2)
     cos = torch.nn.functional.normalize(q, dim=1) @ torch.nn.functional.normalize(s, dim=1).T
-    for k in (1, 3):
-        want = cos.topk(k, dim=1).values.mean(dim=1)
-        for chunk in (2, 4, 100):
-            torch.testing.assert_close(similarity_scores(q, s, k, chunk), want)
-    self_sims = torch.nn.functional.normalize(s, dim=1) @ torch.nn.functional.normalize(s, dim=1).T
-    self_sims.fill_diagonal_(-2.0)
-    loo = similarity_scores(s, s, 1, chunk_size=3, exclude_self=True)
-    torch.testing.assert_close(loo, self_sims.max(dim=1).values)
+
+    def reference(c: torch.Tensor) -> torch.Tensor:
+        if kind == "nearest":
+            return c.max(dim=1).values
+        return torch.stack([0.2 * torch.log(torch.exp(row / 0.2).sum()) for row in c])
+
+    for chunk in (1, 4, 100):
+        torch.testing.assert_close(score.scores(q, s, chunk), reference(cos))
+    self_cos = torch.nn.functional.normalize(s, dim=1) @ torch.nn.functional.normalize(s, dim=1).T
+    others = [torch.cat([row[:i], row[i + 1 :]]) for i, row in enumerate(self_cos)]
+    want = reference(torch.stack(others))
+    for chunk in (1, 3, 100):
+        torch.testing.assert_close(score.scores(s, s, chunk, exclude_self=True), want)
 
 
 def test_the_threshold_separates_a_new_cluster_from_the_known_ones():
@@ -43,13 +50,16 @@ def test_the_threshold_separates_a_new_cluster_from_the_known_ones():
     supports = torch.cat([centres[c] + torch.randn(10, 8, generator=g) for c in (0, 1)])
     known = torch.cat([centres[c] + torch.randn(50, 8, generator=g) for c in (0, 1)])
     unknown = centres[2] + torch.randn(50, 8, generator=g)
-    t = calibrate_threshold(supports, quantile=0.05)
-    s_known, s_unknown = similarity_scores(known, supports), similarity_scores(unknown, supports)
-    assert (s_unknown < t).all()  # every image of the new cluster is unknown
-    assert (s_known < t).float().mean() < 0.2  # few known ones are
-    assert detection_metrics(s_known.numpy(), s_unknown.numpy())["auroc"] == 1.0
-    # A higher quantile flags more known images.
-    assert calibrate_threshold(supports, quantile=0.5) > t
+    for kind in ("soft", "nearest"):
+        score = KnownScore(kind=kind, quantile=0.05)
+        t = score.threshold(supports)
+        s_known, s_unknown = score.scores(known, supports), score.scores(unknown, supports)
+        assert (s_unknown < t).all()  # every image of the new cluster is unknown
+        assert (s_known < t).float().mean() < 0.2  # few known ones are
+        assert detection_metrics(s_known.numpy(), s_unknown.numpy())["auroc"] == 1.0
+        # A higher quantile flags more known images.
+        assert KnownScore(kind=kind, quantile=0.5).threshold(supports) > t
+    assert KnownScore().threshold(supports[:1]) == float("-inf")  # one labelled image
 
 
 def test_predictions_say_which_images_are_unknown(shared_run):
@@ -58,12 +68,16 @@ def test_predictions_say_which_images_are_unknown(shared_run):
     files = sorted(paths["test_all"].rglob("*.png"))
     preds = model.predictions(files, top_k=2)
     scores = model.known_scores(files)
+    assert scores.shape == (len(files),)
     assert [p.score for p in preds] == pytest.approx(scores.tolist(), abs=1e-6)
     assert [p.unknown for p in preds] == (scores < model.unknown_threshold).tolist()
     assert all(p.label == ("unknown" if p.unknown else p.top[0][0]) for p in preds)
     assert [p.top for p in preds] == model.predict(files, top_k=2)
-    # A labelled image is its own nearest support: score 1, known.
+    assert model.known_score.features == "trunk" and model.support.known is not None
+    # A labelled image is its own nearest support: its nearest score is 1.
     own = sorted(paths["labeled"].rglob("*.png"))[:2]
+    model.known_score = KnownScore(kind="nearest")
+    model._threshold = None
     assert model.known_scores(own).tolist() == pytest.approx([1.0, 1.0], abs=1e-5)
 
 

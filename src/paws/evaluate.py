@@ -18,7 +18,7 @@ from paws.data.loaders import Loading, eval_batches
 from paws.data.sources import Datasets
 from paws.models import PAWSModel
 from paws.progress import Progress
-from paws.unknown import calibrate_threshold, detection_metrics, similarity_scores
+from paws.unknown import KnownScore, detection_metrics
 
 __all__ = [
     "embed_images",
@@ -199,14 +199,15 @@ def unknown_detection(
     """
     if data.test is None:
         raise ValueError("no test set: the known images of the comparison")
-    args = (cfg, Loading.of(cfg, data), device)
+    known_score = KnownScore.from_config(cfg)
+    args = (cfg, Loading.of(cfg, data), device, known_score.features)
     sup = embed_images(model, data.labeled, *args, progress=progress, desc="embed supports")
     known = embed_images(model, data.test, *args, progress=progress, desc="embed test images")
     other = embed_images(model, unknown, *args, progress=progress, desc="embed unknown images")
-    e = cfg.eval
-    score = lambda q: similarity_scores(q, sup, e.unknown_neighbors, e.chunk_size).numpy()  # noqa: E731
-    s_known, s_other = score(known), score(other)
-    threshold = calibrate_threshold(sup, e.unknown_quantile, e.unknown_neighbors, e.chunk_size)
+    chunk = cfg.eval.chunk_size
+    s_known = known_score.scores(known, sup, chunk).numpy()
+    s_other = known_score.scores(other, sup, chunk).numpy()
+    threshold = known_score.threshold(sup, chunk)
     return {
         **detection_metrics(s_known, s_other),
         "threshold": threshold,

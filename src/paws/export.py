@@ -47,7 +47,8 @@ class Export:
         classify: ``{"method": "linear"}``, or ``{"method": "snn", "features", "tau",
             "chunk_size"}`` for soft nearest neighbours against ``support``.
         weights: the network's state dict.
-        support: ``{"embeddings": (M, D) float32, "labels": (M,) int64}`` for ``"snn"``.
+        support: ``{"embeddings": (M, D) float32, "labels": (M,) int64}`` for ``"snn"``, and
+            ``"known"`` (M, F): the embeddings of the known score when in another space.
         batch_size: images per forward pass.
     """
 
@@ -84,6 +85,8 @@ def write_export(export: Export, out_dir: str | Path) -> Path:
             "embeddings": export.support["embeddings"].float().contiguous(),
             "labels": export.support["labels"].long().contiguous(),
         }
+        if export.support.get("known") is not None:
+            support["known"] = export.support["known"].float().contiguous()
         save_file(support, str(out / _SUPPORT), metadata={"format": FORMAT})
         classify.update(support=_SUPPORT, num_support=len(support["labels"]))
     manifest: dict[str, Any] = {

@@ -48,7 +48,7 @@ from paws.evaluate import embed_images, snn_classify
 from paws.export import Export, is_export, read_export, write_export
 from paws.models import Architecture, Classifier, build_network
 from paws.progress import Progress
-from paws.unknown import calibrate_threshold, similarity_scores
+from paws.unknown import KnownScore
 
 __all__ = [
     "Preprocessing",
@@ -95,12 +95,15 @@ class Support:
         labels: (M,) int64 positions in ``classes``.
         classes: class names.
         features: which embedding (``"head"`` or ``"trunk"``).
+        known: (M, F) embeddings the known score compares with (see :mod:`paws.unknown`),
+            or None when they are ``embeddings`` (the same features).
     """
 
     embeddings: torch.Tensor
     labels: torch.Tensor
     classes: list[str]
     features: str
+    known: torch.Tensor | None = None
 
 
 @dataclass
@@ -148,9 +151,7 @@ class Predictor:
         tau: soft nearest-neighbour temperature.
         batch_size: images per forward pass.
         chunk_size: supports per similarity chunk.
-        unknown_neighbors: supports averaged in the known score (``eval.unknown_neighbors``).
-        unknown_quantile: the share of labelled images the unknown threshold would flag
-            (``eval.unknown_quantile``).
+        known_score: how images are judged unknown (:class:`paws.unknown.KnownScore`).
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"`` or a device.
         support: the support set, or None to build it on first use with ``support_source``.
         support_source: ``fn(predictor, progress) -> Support``, the default support.
@@ -170,8 +171,7 @@ class Predictor:
         device: str | torch.device = "auto",
         support: Support | None = None,
         support_source: Callable[[Predictor, bool], Support] | None = None,
-        unknown_neighbors: int = 1,
-        unknown_quantile: float = 0.05,
+        known_score: KnownScore | None = None,
     ):
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -184,7 +184,7 @@ class Predictor:
         self.features, self.tau = features, tau
         self.batch_size, self.chunk_size = batch_size, chunk_size
         self._support, self._support_source = support, support_source
-        self.unknown_neighbors, self.unknown_quantile = unknown_neighbors, unknown_quantile
+        self.known_score = known_score or KnownScore(features=features)
         self._threshold: tuple[int, float] | None = None  # (id of its support, threshold)
 
     @property
@@ -255,13 +255,29 @@ class Predictor:
         Returns:
             (N, D) float32 on the CPU.
         """
-        if features not in ("head", "trunk"):
-            raise UserError(f"features must be 'head' or 'trunk', got {features!r}")
-        out = [
-            self.net.embed(x, features).float().cpu()
-            for x in self.batches(images, progress, "embed")
-        ]
-        return torch.cat(out)
+        return self._embed(images, [features], progress)[0]
+
+    @torch.no_grad()
+    def _embed(self, images: Images, features: list[str], progress: bool) -> list[torch.Tensor]:
+        """The embeddings of ``images`` in each of ``features``, from one pass: float32 on the
+        CPU."""
+        for f in features:
+            if f not in ("head", "trunk"):
+                raise UserError(f"features must be 'head' or 'trunk', got {f!r}")
+        out: list[list[torch.Tensor]] = [[] for _ in features]
+        for x in self.batches(images, progress, "embed"):
+            for store, e in zip(out, self.net.embed_features(x, features)):
+                store.append(e.float().cpu())
+        return [torch.cat(o) for o in out]
+
+    def _support_embeddings(
+        self, images: Images, progress: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Support embeddings for classifying and, when another space, for the known score."""
+        if self.known_score.features == self.features:
+            return self.embed(images, self.features, progress), None
+        emb, known = self._embed(images, [self.features, self.known_score.features], progress)
+        return emb, known
 
     def set_support(
         self,
@@ -296,10 +312,10 @@ class Predictor:
         names = list(classes) if classes is not None else [str(i) for i in range(int(y.max()) + 1)]
         if y.numel() and (y.min() < 0 or y.max() >= len(names)):
             raise UserError(f"support labels must lie in [0, {len(names)})")
-        emb = self.embed(images, self.features, progress)
+        emb, known = self._support_embeddings(images, progress)
         if len(emb) != len(y):
             raise UserError(f"{len(emb)} support images but {len(y)} labels")
-        self._support = Support(emb, y, names, self.features)
+        self._support = Support(emb, y, names, self.features, known)
         return self._support
 
     @torch.no_grad()
@@ -338,29 +354,31 @@ class Predictor:
             for vs, ix in zip(values, indices)
         ]
 
+    def _known_support(self) -> torch.Tensor:
+        support = self.support
+        if support.known is not None:
+            return support.known
+        if self.known_score.features != support.features:
+            raise UserError(
+                f"this support has no {self.known_score.features} embeddings for the known "
+                f"score; set eval.unknown_features: {support.features}"
+            )
+        return support.embeddings
+
     @property
     def unknown_threshold(self) -> float:
         """The known score below which an image is unknown, calibrated on the support itself
-        (leave one out, :func:`paws.unknown.calibrate_threshold`)."""
+        (leave one out, :meth:`paws.unknown.KnownScore.threshold`)."""
         support = self.support
         if self._threshold is None or self._threshold[0] != id(support):
-            t = calibrate_threshold(
-                support.embeddings, self.unknown_quantile, self.unknown_neighbors, self.chunk_size
-            )
+            t = self.known_score.threshold(self._known_support(), self.chunk_size)
             self._threshold = (id(support), t)
         return self._threshold[1]
 
-    @torch.no_grad()
     def known_scores(self, images: Images, progress: bool = False) -> torch.Tensor:
-        """(N,) known scores of pre-trained models: mean cosine similarity to the nearest
-        supports (:mod:`paws.unknown`)."""
-        support = self.support
-        queries = self.embed(images, support.features, progress)
-        return self._scores(queries)
-
-    def _scores(self, queries: torch.Tensor) -> torch.Tensor:
-        emb = self.support.embeddings
-        return similarity_scores(queries, emb, self.unknown_neighbors, self.chunk_size)
+        """(N,) known scores of pre-trained models (:mod:`paws.unknown`)."""
+        queries = self.embed(images, self.known_score.features, progress)
+        return self.known_score.scores(queries, self._known_support(), self.chunk_size)
 
     @torch.no_grad()
     def predictions(
@@ -372,16 +390,20 @@ class Predictor:
         if self.is_classifier:
             return [Prediction(t) for t in self.predict(images, top_k, progress)]
         support = self.support
-        queries = self.embed(images, support.features, progress)
+        features = list(dict.fromkeys([support.features, self.known_score.features]))
+        embedded = dict(zip(features, self._embed(images, features, progress)))
         probs = snn_classify(
-            queries,
+            embedded[support.features],
             support.embeddings,
             support.labels,
             len(support.classes),
             self.tau,
             self.chunk_size,
         ).cpu()
-        scores, threshold = self._scores(queries), self.unknown_threshold
+        scores = self.known_score.scores(
+            embedded[self.known_score.features], self._known_support(), self.chunk_size
+        )
+        threshold = self.unknown_threshold
         return [
             Prediction(t, float(sc), bool(sc < threshold))
             for t, sc in zip(self._top(probs, top_k), scores.tolist())
@@ -416,10 +438,11 @@ class Predictor:
                 "features": support.features,
                 "tau": self.tau,
                 "chunk_size": self.chunk_size,
-                "unknown_neighbors": self.unknown_neighbors,
-                "unknown_quantile": self.unknown_quantile,
+                "known": self.known_score.to_dict(),
             }
             parts.support = {"embeddings": support.embeddings, "labels": support.labels}
+            if support.known is not None:
+                parts.support["known"] = support.known
         return write_export(parts, out_dir)
 
 
@@ -439,18 +462,25 @@ def _run_support(cfg: Any) -> Callable[[Predictor, bool], Support]:
                 f"cannot rebuild the run's labelled set ({e}); give a support folder "
                 "(--support DIR) or set data paths with --set"
             ) from e
-        emb = embed_images(
-            predictor.net,
-            data.labeled,
-            cfg,
-            Loading.of(cfg, data),
-            predictor.device,
-            predictor.features,
-            progress=progress,
-            desc="embed support",
-        )
+
+        def embed(features: str) -> torch.Tensor:
+            loading = Loading.of(cfg, data)
+            return embed_images(
+                predictor.net,
+                data.labeled,
+                cfg,
+                loading,
+                predictor.device,
+                features,
+                progress=progress,
+                desc="embed support",
+            ).cpu()
+
+        emb = embed(predictor.features)
+        known_features = predictor.known_score.features
+        known = embed(known_features) if known_features != predictor.features else None
         labels = torch.from_numpy(np.asarray(data.labeled.labels, dtype=np.int64))
-        return Support(emb.cpu(), labels, list(data.classes), predictor.features)
+        return Support(emb, labels, list(data.classes), predictor.features, known)
 
     return build
 
@@ -487,8 +517,7 @@ def from_checkpoint(
         chunk_size=cfg.eval.chunk_size,
         device=device,
         support_source=None if is_classifier else _run_support(cfg),
-        unknown_neighbors=cfg.eval.unknown_neighbors,
-        unknown_quantile=cfg.eval.unknown_quantile,
+        known_score=KnownScore.from_config(cfg),
     )
 
 
@@ -519,12 +548,19 @@ def from_export(folder: str | Path, device: str | torch.device = "auto") -> Pred
     common: dict[str, Any] = {"batch_size": e.batch_size, "device": device}
     if e.classify.get("method") == "linear":
         return Predictor(net, e.kind, prep, arch, classes=e.classes, **common)
+    features = str(e.classify.get("features", "head"))
+    known = e.support.get("known")
     support = Support(
         e.support["embeddings"].float(),
         e.support["labels"].long(),
         e.classes,
-        str(e.classify.get("features", "head")),
+        features,
+        None if known is None else known.float(),
     )
+    # An export without the known score's embeddings scores in its classifying space.
+    settings = dict(e.classify.get("known") or {"features": features})
+    if known is None:
+        settings["features"] = features
     return Predictor(
         net,
         e.kind,
@@ -534,8 +570,7 @@ def from_export(folder: str | Path, device: str | torch.device = "auto") -> Pred
         tau=float(e.classify.get("tau", 0.1)),
         chunk_size=int(e.classify.get("chunk_size", 8192)),
         support=support,
-        unknown_neighbors=int(e.classify.get("unknown_neighbors", 1)),
-        unknown_quantile=float(e.classify.get("unknown_quantile", 0.05)),
+        known_score=KnownScore(**settings),
         **common,
     )
 

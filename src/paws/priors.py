@@ -7,9 +7,10 @@ the regulariser is ``KL(pbar || prior)`` (:func:`paws.losses.me_max_term`):
 - ``uniform``: the paper's ME-MAX, unchanged;
 - ``labeled``: the labelled images' class frequencies (when the labels were drawn with the
   same profile as the unlabelled images);
-- ``estimated``: a running average of the mean soft nearest-neighbour prediction of the
-  unlabelled images (the targets' views, before sharpening), as distribution alignment
-  (ReMixMatch) estimates the model's class marginal; it starts uniform;
+- ``estimated``: a running average of the class marginal of the targets (the mean sharpened
+  soft nearest-neighbour prediction of the unlabelled images' target views), as distribution
+  alignment (ReMixMatch) estimates the model's class marginal; it starts uniform, so early
+  training is the paper's ME-MAX, and follows the data as the embedding forms;
 - a list of numbers: the user's class frequencies, one per class.
 
 Each step classifies against the step's support classes only (positions 0..C-1 of

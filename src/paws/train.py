@@ -31,7 +31,7 @@ from paws.data.loaders import Batch, step_batches
 from paws.data.sources import Datasets, load_datasets
 from paws.evaluate import paws_nn
 from paws.fitting import fit_to_data
-from paws.losses import RoPAWS, paws_loss, snn
+from paws.losses import RoPAWS, paws_loss, sharpen, snn
 from paws.monitor import monitor_metrics
 from paws.optim import backward_step, set_lr
 from paws.progress import Progress, info
@@ -71,11 +71,11 @@ def _ropaws(cfg: Config) -> RoPAWS | None:
 
 @torch.no_grad()
 def _class_mass(
-    views: torch.Tensor, supports: torch.Tensor, labels: torch.Tensor, tau: float
+    views: torch.Tensor, supports: torch.Tensor, labels: torch.Tensor, tau: float, T: float
 ) -> torch.Tensor:
-    """(K,) the mean soft nearest-neighbour prediction of a step's views, over every rank:
-    what an estimated ME-MAX prior follows."""
-    p = snn(views.detach().float(), supports.float(), labels, tau)
+    """(K,) the mean sharpened soft nearest-neighbour prediction of a step's target views
+    (the targets' class marginal), over every rank: what an estimated ME-MAX prior follows."""
+    p = sharpen(snn(views.detach().float(), supports.float(), labels, tau), T)
     return distributed.all_reduce_mean(p.mean(dim=0))
 
 
@@ -140,7 +140,9 @@ def train_step(
     backward_step(loss, optimizer, scaler)
     mass = None
     if loss_cfg.me_max_prior == "estimated":
-        mass = _class_mass(target_views, target_supports, support_labels, loss_cfg.tau)
+        mass = _class_mass(
+            target_views, target_supports, support_labels, loss_cfg.tau, loss_cfg.sharpen
+        )
     extra = (
         monitor_metrics(
             h.detach(),

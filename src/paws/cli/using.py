@@ -119,7 +119,7 @@ def _predict_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], 
             info(
                 f"{flagged} of {len(files)} images are unknown: known score below "
                 f"{model.unknown_threshold:.3f} (eval.unknown_quantile "
-                f"{model.unknown_quantile:g} of the labelled images' own scores)"
+                f"{model.known_score.quantile:g} of the labelled images' own scores)"
             )
         text = predictions_text(files, predictions, fmt)
         if args.out:

@@ -311,10 +311,15 @@ class EvalConfig:
     tau: float = _f(0.1, "soft nearest-neighbour temperature", (1e-4, 10.0))
     batch_size: int = _f(512, "images per forward pass", (1, None))
     chunk_size: int = _f(8192, "supports per similarity chunk (bounds memory)", (1, None))
-    unknown_neighbors: int = _f(
-        1,
-        "known score of an image: mean cosine similarity to this many nearest labelled images",
-        (1, None),
+    unknown_score: Literal["soft", "nearest"] = _f(
+        "soft",
+        "known score of an image: soft (tau x log of the summed exp(cosine / tau) over the "
+        "labelled images) or nearest (the largest cosine similarity to one)",
+    )
+    unknown_features: Literal["trunk", "head"] = _f(
+        "trunk",
+        "embedding of the known score: the encoder's output (trunk: kept its AUROC through "
+        "tightening, see benchmarks/uncurated.py) or the head PAWS-NN classifies in",
     )
     unknown_quantile: float = _f(
         0.05,

@@ -298,6 +298,16 @@ class PAWSModel(nn.Module):
             return self.trunk(x)
         return self.forward([x])[1]
 
+    def embed_features(self, x: torch.Tensor, features: Sequence[str]) -> list[torch.Tensor]:
+        """The embeddings named in ``features`` (``"trunk"``, ``"head"``) from one trunk
+        pass: (N, F) or (N, D) each, in that order."""
+        t = self.trunk(x)
+        head = None
+        if "head" in features:
+            h = self.projection(t)
+            head = self.prediction(h) if self.prediction is not None else h
+        return [t if f == "trunk" else head for f in features]
+
 
 class Classifier(nn.Module):
     """Encoder trunk, a head (possibly empty) and a linear classifier: images to logits.
@@ -360,5 +370,10 @@ class Classifier(nn.Module):
 
     def embed(self, x: torch.Tensor, features: str = "head") -> torch.Tensor:
         """``"head"``: the classifier's input (N, D); ``"trunk"``: encoder output (N, F)."""
-        h = self.encoder(x)
-        return h if features == "trunk" else self.head(h)
+        return self.embed_features(x, [features])[0]
+
+    def embed_features(self, x: torch.Tensor, features: Sequence[str]) -> list[torch.Tensor]:
+        """The embeddings named in ``features`` (``"trunk"``, ``"head"``) from one pass."""
+        t = self.encoder(x)
+        head = self.head(t) if "head" in features else None
+        return [t if f == "trunk" else head for f in features]
