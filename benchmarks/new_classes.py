@@ -28,8 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     from paws import runtime
     from paws.config import load_config
     from paws.data import load_datasets
-    from paws.inference import Predictor, Preprocessing, from_checkpoint
+    from paws.inference import Predictor, Preprocessing
     from paws.models import Architecture, build_network
+    from paws.opening import from_checkpoint
     from paws.train import train
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -17,9 +17,9 @@ from paws.config import load_config
 from paws.data import load_datasets
 from paws.errors import UserError
 from paws.finetune import crop_flip_views, finetune_checkpoint, validation_split
-from paws.inference import from_checkpoint
 from paws.losses import supervised_nce
 from paws.models import Classifier
+from paws.opening import from_checkpoint
 from paws.rundir import restore_model
 from paws.tighten import freeze_batchnorm, tighten_checkpoint
 

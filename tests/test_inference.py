@@ -19,8 +19,9 @@ from tiny import error_line
 
 import paws
 from paws.cli import main
+from paws.data.images import expand_images
 from paws.finetune import finetune_checkpoint
-from paws.inference import expand_images, from_checkpoint
+from paws.opening import from_checkpoint
 
 
 def _accuracy(rows: list[dict]) -> float:

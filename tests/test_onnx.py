@@ -13,8 +13,9 @@ from PIL import Image
 from tiny import error_line, write_folder
 
 from paws.cli import main
+from paws.data.images import expand_images
 from paws.finetune import finetune_checkpoint
-from paws.inference import expand_images, from_checkpoint
+from paws.opening import from_checkpoint
 
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")

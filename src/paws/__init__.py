@@ -24,8 +24,8 @@ def load(path: Any, device: Any = "auto", support: Any = None) -> Predictor:
     ``.predict_proba(images)`` and ``.embed(images, features="head" | "trunk")``; images are
     paths, folders, PIL images or tensors. ``support`` is a ``<class>/<image>`` folder that a
     pre-trained model classifies against instead of its own labelled images (see
-    :func:`paws.inference.load`).
+    :func:`paws.opening.load`).
     """
-    from paws.inference import load as _load  # imported here so that `import paws` stays cheap
+    from paws.opening import load as _load  # imported here so that `import paws` stays cheap
 
     return _load(path, device=device, support=support)

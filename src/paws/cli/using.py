@@ -94,7 +94,7 @@ def _predict_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], 
     p.add_argument("--out", metavar="FILE", help="write here instead of standard output")
 
     def run(args: argparse.Namespace) -> int:
-        from paws.inference import expand_images
+        from paws.data.images import expand_images
         from paws.outputs import predictions_text
         from paws.progress import info
 
@@ -150,7 +150,7 @@ def _embed_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], in
     )
 
     def run(args: argparse.Namespace) -> int:
-        from paws.inference import expand_images
+        from paws.data.images import expand_images
         from paws.outputs import EMBEDDING_SUFFIXES, write_embeddings
         from paws.progress import info
 
@@ -198,7 +198,7 @@ def _export_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], i
     _checkpoint_overrides(p, "data.root=DIR")
 
     def run(args: argparse.Namespace) -> int:
-        from paws.inference import from_checkpoint
+        from paws.opening import from_checkpoint
 
         src = Path(args.checkpoint)
         suffix = "-onnx" if args.format == "onnx" else ""

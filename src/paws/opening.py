@@ -1,0 +1,187 @@
+"""Opening a trained model for prediction: a checkpoint or run directory (rebuilt with
+:func:`paws.rundir.restore`, its support the run's labelled images), an export folder (the
+format of :mod:`paws.export`), and :func:`load`, which tells them apart (``paws.load``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from paws import rundir
+from paws.data.loaders import Loading
+from paws.data.sources import load_datasets
+from paws.errors import UserError
+from paws.evaluate import embed_images
+from paws.export import is_export, read_export
+from paws.inference import Prediction, Predictor, Preprocessing, Support
+from paws.models import Architecture, build_network
+from paws.unknown import KnownScore
+
+__all__ = ["from_checkpoint", "from_export", "load", "Prediction"]
+
+
+def _run_support(cfg: Any) -> Callable[[Predictor, bool], Support]:
+    """The default support of a checkpoint: the run's labelled images, embedded exactly as
+    ``paws eval`` embeds them."""
+
+    def build(predictor: Predictor, progress: bool) -> Support:
+        try:
+            data = load_datasets(cfg)
+        except UserError as e:
+            raise UserError(
+                f"cannot rebuild the run's labelled set ({e}); give a support folder "
+                "(--support DIR) or set data paths with --set"
+            ) from e
+
+        def embed(features: str) -> torch.Tensor:
+            loading = Loading.of(cfg, data)
+            return embed_images(
+                predictor.net,
+                data.labeled,
+                cfg,
+                loading,
+                predictor.device,
+                features,
+                progress=progress,
+                desc="embed support",
+            ).cpu()
+
+        emb = embed(predictor.features)
+        known_features = predictor.known_score.features
+        known = embed(known_features) if known_features != predictor.features else None
+        labels = torch.from_numpy(np.asarray(data.labeled.labels, dtype=np.int64))
+        return Support(emb, labels, list(data.classes), predictor.features, known)
+
+    return build
+
+
+def from_checkpoint(
+    path: str | Path, overrides: list[str] | None = None, device: str | torch.device = "auto"
+) -> Predictor:
+    """A :class:`Predictor` from a checkpoint of kind pretrain, tighten or finetune.
+
+    Args:
+        path: checkpoint file or run directory.
+        overrides: ``key=value`` config overrides (e.g. ``data.root=...`` to find the labelled
+            set, ``eval.tau=...``).
+        device: compute device.
+    """
+    r = rundir.restore(path, overrides)
+    cfg, state = r.cfg, r.state
+    channels = r.arch.in_channels
+    mean = tuple(state.get("mean") or cfg.data.mean or [])
+    std = tuple(state.get("std") or cfg.data.std or [])
+    if len(mean) != channels or len(std) != channels:
+        raise UserError(f"{path} does not record its normalisation (mean and std)")
+    prep = Preprocessing(cfg.views.large_size, cfg.views.eval_crop, mean, std, int(channels))
+    is_classifier = r.kind == "finetune"
+    return Predictor(
+        r.net,
+        r.kind,
+        prep,
+        r.arch,
+        classes=[str(c) for c in state.get("classes") or []] if is_classifier else None,
+        features=cfg.eval.features,
+        tau=cfg.eval.tau,
+        batch_size=cfg.eval.batch_size,
+        chunk_size=cfg.eval.chunk_size,
+        device=device,
+        support_source=None if is_classifier else _run_support(cfg),
+        known_score=KnownScore.from_config(cfg),
+    )
+
+
+def from_export(folder: str | Path, device: str | torch.device = "auto") -> Predictor:
+    """A :class:`Predictor` from an export folder (:mod:`paws.export`)."""
+    folder = Path(folder)
+    e = read_export(folder)
+    try:
+        arch = Architecture.from_dict(e.architecture)
+        p = e.preprocessing
+        prep = Preprocessing(
+            int(p["size"]),
+            float(p["crop_fraction"]),
+            tuple(float(v) for v in p["mean"]),
+            tuple(float(v) for v in p["std"]),
+            int(p["channels"]),
+        )
+        net = build_network(arch, seed=0)  # the saved weights replace these
+    except (KeyError, TypeError, ValueError) as err:
+        raise UserError(f"{folder} is incomplete or damaged ({err!r})") from err
+    try:
+        net.load_state_dict(e.weights)
+    except RuntimeError as err:
+        raise UserError(
+            f"{folder} does not match its architecture: {str(err).splitlines()[0]}"
+        ) from err
+    net.eval()
+    common: dict[str, Any] = {"batch_size": e.batch_size, "device": device}
+    if e.classify.get("method") == "linear":
+        return Predictor(net, e.kind, prep, arch, classes=e.classes, **common)
+    features = str(e.classify.get("features", "head"))
+    known = e.support.get("known")
+    support = Support(
+        e.support["embeddings"].float(),
+        e.support["labels"].long(),
+        e.classes,
+        features,
+        None if known is None else known.float(),
+    )
+    # An export without the known score's embeddings scores in its classifying space.
+    settings = dict(e.classify.get("known") or {"features": features})
+    if known is None:
+        settings["features"] = features
+    return Predictor(
+        net,
+        e.kind,
+        prep,
+        arch,
+        features=support.features,
+        tau=float(e.classify.get("tau", 0.1)),
+        chunk_size=int(e.classify.get("chunk_size", 8192)),
+        support=support,
+        known_score=KnownScore(**settings),
+        **common,
+    )
+
+
+def load(
+    path: str | Path,
+    device: str | torch.device = "auto",
+    support: str | Path | None = None,
+    overrides: list[str] | None = None,
+) -> Predictor:
+    """Open a trained model for prediction and embedding.
+
+    Args:
+        path: an export folder (``paws export``), a checkpoint file, or a run directory.
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``.
+        support: a ``<class>/<image>`` folder to classify against (pre-trained models); default:
+            the export's support embeddings, or the run's labelled images for a checkpoint.
+        overrides: config overrides for a checkpoint (ignored for an export).
+
+    Returns:
+        A :class:`Predictor` with ``.predict(images, top_k=...)``, ``.predict_proba(images)``
+        and ``.embed(images, features=...)``.
+
+    Example:
+        >>> model = paws.load("runs/paws-fashion_mnist/export")  # doctest: +SKIP
+        >>> model.predict(["shoe.png"], top_k=3)  # doctest: +SKIP
+        [[('Sneaker', 0.91), ('Sandal', 0.06), ('Ankle boot', 0.02)]]
+    """
+    p = Path(path).expanduser()
+    if is_export(p):
+        predictor = from_export(p, device)
+    elif p.is_file() or (p / rundir.LAST).is_file():
+        predictor = from_checkpoint(p, overrides, device)
+    else:
+        raise UserError(
+            f"{p} is neither an export folder (no model.json), a checkpoint, nor a run directory"
+        )
+    if support is not None:
+        predictor.set_support(support)
+    return predictor
