@@ -358,3 +358,17 @@ class _Shell:
 
     def __reduce__(self):
         return (os.system, (self.command,))
+
+
+def test_a_me_max_prior_of_the_wrong_length_or_negative_is_one_line(
+    folder, tmp_path, capsys, monkeypatch
+):
+    cfg = tiny_config(folder, "loss.me_max_prior=[0.5,0.5]")  # the folder has 3 classes
+    line = expect_error(paws_train(tmp_path, capsys, monkeypatch, cfg))
+    assert line.startswith("loss.me_max_prior has 2 numbers but there are 3 classes")
+    cfg = tiny_config(folder, "loss.me_max_prior=[0.5,-0.2,0.7]")
+    line = expect_error(paws_train(tmp_path, capsys, monkeypatch, cfg))
+    assert "non-negative" in line and "-0.2" in line
+    cfg = tiny_config(folder, "loss.me_max_prior=estimatd")
+    line = expect_error(paws_train(tmp_path, capsys, monkeypatch, cfg))
+    assert "did you mean 'estimated'" in line
