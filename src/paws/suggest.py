@@ -302,6 +302,20 @@ def _on_disk(cfg: Config) -> Config:
     return replace(cfg, data=replace(cfg.data, in_memory=False))
 
 
+def _no_labels(cfg: Config) -> Config:
+    """A built-in dataset's config whose whole training set is the pool, with no labelled
+    subset drawn (a cold start has none)."""
+    d = replace(
+        cfg.data,
+        labels_per_class=None,
+        num_labels=None,
+        label_fraction=None,
+        split_file=None,
+        unlabeled_includes_labeled=True,
+    )
+    return replace(cfg, data=d)
+
+
 def _check_n(n: int, pool: Pool) -> None:
     if n < 1:
         raise UserError("-n must be at least 1")
@@ -422,7 +436,7 @@ def suggest_cold(
     has_labels = bool(d.labels_file or (d.dataset == "folder" and d.labeled))
     data: Datasets | None = None
     if unlabeled is None or has_labels:
-        data = load_datasets(_on_disk(cfg))
+        data = load_datasets(_on_disk(cfg if has_labels else _no_labels(cfg)))
     if unlabeled is not None:
         files = expand_images([unlabeled])
         from paws.data.images import is_grey

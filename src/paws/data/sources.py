@@ -243,6 +243,23 @@ def _add_labels_file(
     return out, names, extra
 
 
+def _test_with_new_classes(
+    root: Path, classes: list[str]
+) -> tuple[list[Path], np.ndarray, list[str]]:
+    """A test folder beside a labels file, which may not have labelled every class yet: its
+    classes without labels are added after the labelled ones (PAWS-NN never predicts them).
+
+    Returns:
+        ``(files, labels, classes)``.
+    """
+    files, y, own = scan_labeled_folder(root)
+    unlabelled = [c for c in own if c not in classes]
+    if unlabelled:
+        info(f"test classes with no labels yet: {', '.join(unlabelled)} (never predicted)")
+    names = [*classes, *unlabelled]
+    return files, np.asarray([names.index(own[c]) for c in y], dtype=np.int64), names
+
+
 def memory_size(cfg: Config) -> int:
     """Side of the square images a dataset decoded into memory holds: ``data.image_size``, by
     default ``views.large_size * 8/7`` (room for the evaluation view's resize and crop)."""
@@ -281,7 +298,10 @@ def _folder_sets(cfg: Config) -> Datasets:
     test = None
     if d.test:
         test_root = Path(d.test).expanduser()
-        test_files, test_y, _ = scan_labeled_folder(test_root, classes)
+        if d.labels_file:
+            test_files, test_y, classes = _test_with_new_classes(test_root, classes)
+        else:
+            test_files, test_y, _ = scan_labeled_folder(test_root, classes)
         test = ImageSet(
             labels=test_y, names=relative_names(test_files, test_root), files=test_files
         )
