@@ -7,6 +7,7 @@ import csv
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from test_data import write_fashion
@@ -412,3 +413,22 @@ def test_report_shows_the_rounds_of_a_labelling_loop_in_order(pool, tmp_path):
     ]
     assert [v[6] for v in values] == ["scratch", "r1", "r2"]
     assert all(v[4].endswith("%") and float(v[5]) >= 0 for v in values)
+
+
+def test_many_embeddings_are_written_to_a_float16_file_chunk_by_chunk(pool, tmp_path):
+    from paws.data import ImageSet
+    from paws.data.loaders import Loading
+    from paws.selection import MemmapSource, TensorSource
+    from paws.suggest import PixelFeatures, embed_pool
+
+    files = sorted(pool["unlabeled"].rglob("*.png"))
+    names = [f.name for f in files]
+    images = ImageSet(labels=-np.ones(len(files), dtype=np.int64), names=names, files=files)
+    cfg = load_config(None, tiny_overrides(pool))
+    args = (PixelFeatures(), images, cfg, Loading(1, (0.5,), (0.25,)), torch.device("cpu"), "head")
+    in_memory = embed_pool(*args, progress=False)
+    on_disk = embed_pool(*args, scratch=tmp_path, memory_rows=5, chunk=7, progress=False)
+    assert isinstance(in_memory, TensorSource) and isinstance(on_disk, MemmapSource)
+    assert on_disk.path.parent == tmp_path and len(on_disk) == 24 and on_disk.dim == 144
+    torch.testing.assert_close(on_disk.rows(0, 24), in_memory.x, atol=1e-3, rtol=0)
+    assert torch.allclose(in_memory.x.norm(dim=1), torch.ones(24))

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import io
 import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -70,6 +72,7 @@ __all__ = [
 ]
 
 STRATEGIES = ("mixed", "coverage", "uncertainty", "random", "kcenter")
+KMEANS_ITERS = 10  # Lloyd iterations of coverage
 COLD_FEATURES = ("auto", "pixels", "encoder")
 
 
@@ -218,6 +221,7 @@ def choose(
     margin: np.ndarray | None = None,
     suggested: np.ndarray | None = None,
     seed: int = 0,
+    progress: bool = False,
 ) -> tuple[np.ndarray, list[str]]:
     """The rows a strategy chooses, best first, with the reason for each.
 
@@ -230,6 +234,7 @@ def choose(
         margin: (N,) PAWS-NN margins, or None at a cold start.
         suggested: (N,) PAWS-NN's class of each row.
         seed: seed of k-means and of random choices.
+        progress: show a progress bar over the passes through the embeddings.
     """
     if strategy not in STRATEGIES:
         raise UserError(f"unknown strategy '{strategy}': choose one of {', '.join(STRATEGIES)}")
@@ -241,11 +246,14 @@ def choose(
     if strategy == "random":
         rows = random_select(len(source), n, exclude, seed)
         return rows, ["random"] * len(rows)
+    chunks = -(-len(source) // source.chunk)
     if strategy == "coverage":
-        rows = kmeans_select(source, n, labelled, exclude, seed=seed)
+        with _ticks(progress, (KMEANS_ITERS + 2) * chunks) as tick:
+            rows = kmeans_select(source, n, labelled, exclude, KMEANS_ITERS, seed, tick=tick)
         return rows, ["coverage"] * len(rows)
     if strategy == "kcenter":
-        rows = k_center_greedy(source, n, labelled, exclude)
+        with _ticks(progress, (n + 2) * chunks) as tick:
+            rows = k_center_greedy(source, n, labelled, exclude, tick=tick)
         return rows, ["coverage (k-center)"] * len(rows)
     assert margin is not None
     if strategy == "uncertainty":
@@ -253,6 +261,19 @@ def choose(
     else:
         rows = mixed_select(source, margin, np.asarray(suggested), n, labelled, exclude, seed=seed)
     return rows, [f"uncertain (margin {margin[i]:.2f})" for i in rows]
+
+
+@contextmanager
+def _ticks(show: bool, total: int) -> Iterator[Callable[[], None] | None]:
+    """A progress bar's one-step update over ``total`` chunk reads, or None."""
+    if not show:
+        yield None
+        return
+    bar = Progress(total, "select")
+    try:
+        yield lambda: bar.update(1)
+    finally:
+        bar.close()
 
 
 def _classify(
@@ -379,7 +400,9 @@ def suggest_from_run(
         source = embed_pool(net, pool.images, cfg, loading, device, features, Path(tmp), progress)
         y = torch.from_numpy(np.asarray(data.labeled.labels, dtype=np.int64))
         top, conf, margin = _classify(source, labelled, y, len(data.classes), cfg.eval.tau)
-        rows, reasons = choose(strategy, source, n, labelled, pool.labelled, margin, top, seed=seed)
+        rows, reasons = choose(
+            strategy, source, n, labelled, pool.labelled, margin, top, seed, progress
+        )
     picks = [
         Suggestion(int(i), data.classes[top[i]], float(conf[i]), r) for i, r in zip(rows, reasons)
     ]
@@ -463,7 +486,9 @@ def suggest_cold(
             lab = embed_pool(model, data.labeled, cfg, loading, device, which, Path(tmp), False)
             labelled = lab.take(np.arange(len(lab)))
         source = embed_pool(model, pool.images, cfg, loading, device, which, Path(tmp), progress)
-        rows, reasons = choose(strategy, source, n, labelled, pool.labelled, seed=seed)
+        rows, reasons = choose(
+            strategy, source, n, labelled, pool.labelled, seed=seed, progress=progress
+        )
     picks = [Suggestion(int(i), None, None, r) for i, r in zip(rows, reasons)]
     return Suggestions(pool, picks, strategy, what)
 

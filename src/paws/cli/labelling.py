@@ -47,10 +47,11 @@ def _suggest_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], 
     p.add_argument("--html", metavar="FILE", help="also write a contact sheet of thumbnails")
     p.add_argument(
         "--strategy",
-        choices=["mixed", "coverage", "uncertainty", "random"],
+        choices=["mixed", "coverage", "uncertainty", "random", "kcenter"],
         help="mixed (default with a run): typical images among the uncertain, spread over the "
         "suggested classes; coverage (default at a cold start): the image nearest each k-means "
-        "centre; uncertainty: smallest PAWS-NN margin; random",
+        "centre; uncertainty: smallest PAWS-NN margin; random; kcenter: k-center greedy "
+        "(farthest first: outliers, worse than random for small batches)",
     )
     p.add_argument(
         "--features",
