@@ -90,7 +90,7 @@ def test_excluded_images_are_never_chosen_by_any_strategy():
         kmeans_select(src, n, None, exclude),
         k_center_greedy(src, n, None, exclude),
         least_margin(margin, n, exclude),
-        mixed_select(src, margin, probs.argmax(dim=1).numpy(), n, None, exclude, pool=1),
+        mixed_select(src, margin, probs.argmax(dim=1).numpy(), n, None, exclude, clusters=1),
         random_select(len(x), n, exclude),
     ):
         assert len(picks) == n
@@ -116,21 +116,30 @@ def test_uncertainty_picks_the_images_placed_between_two_classes():
     assert sorted(picks.tolist()) == list(range(40, 45))
 
 
-def test_mixed_picks_uncertain_images_of_every_suggested_class():
-    # Two confusions, each with a pool of midway images: the mixed strategy takes from both.
-    x1, s1, y1 = between_two_classes()
-    x2 = x1.roll(2, dims=1)  # the same picture on two other axes: classes 2 and 3
-    queries = torch.cat([x1, x2])
-    supports = torch.cat([s1, s1.roll(2, dims=1)])
-    labels = torch.cat([y1, y1 + 2])
-    probs = snn_classify(queries, supports, labels, 4, tau=0.1)
-    margin = margins(probs).numpy()
-    suggested = probs.argmax(dim=1).numpy()
-    picks = mixed_select(TensorSource(unit_rows(queries)), margin, suggested, 4, pool=2)
-    midway = set(range(40, 45)) | set(range(85, 90))
-    assert set(picks.tolist()) <= midway
-    assert {int(suggested[p]) // 2 for p in picks} == {0, 1}  # both confusions
-    assert len(set(picks.tolist())) == 4
+def test_mixed_picks_typical_images_of_each_class_uncertain_group():
+    # Each of 3 classes: a confident group at its labelled images, an uncertain group leaning
+    # towards the next class, and a few images on the boundary between them.
+    g = torch.Generator().manual_seed(0)
+    axes = torch.eye(8)
+    supports = unit_rows(
+        axes[:3].repeat_interleave(2, dim=0) + 0.02 * torch.randn(6, 8, generator=g)
+    )
+    labels = torch.arange(3).repeat_interleave(2)
+    rows, group = [], []
+    for k in range(3):
+        lean = 0.55 * axes[k] + 0.45 * axes[(k + 1) % 3]
+        rows += [axes[k] + 0.05 * torch.randn(30, 8, generator=g)]
+        rows += [lean + 0.03 * torch.randn(40, 8, generator=g)]
+        rows += [axes[k] + axes[(k + 1) % 3] + 0.05 * torch.randn(3, 8, generator=g)]
+        group += [f"confident {k}"] * 30 + [f"uncertain {k}"] * 40 + [f"boundary {k}"] * 3
+    x = unit_rows(torch.cat(rows))
+    probs = snn_classify(x, supports, labels, 3, tau=0.1)
+    margin, suggested = margins(probs).numpy(), probs.argmax(dim=1).numpy()
+    picks = mixed_select(TensorSource(x, chunk=50), margin, suggested, 3, supports)
+    assert sorted(group[p] for p in picks) == ["uncertain 0", "uncertain 1", "uncertain 2"]
+    # Typical, not extreme: none of them is among the images of smallest margin, which
+    # uncertainty alone would take.
+    assert not set(picks.tolist()) & set(least_margin(margin, 6).tolist())
 
 
 def test_margins_of_hand_values():

@@ -12,13 +12,14 @@ centre, k-means its (n, D) centres and one pass over the chunks an iteration.
   centres, the labelled images held as fixed centres (TypiClust-like; better for small budgets).
 - :func:`margins`, :func:`least_margin`: uncertainty of PAWS-NN, the gap between its two most
   probable classes.
-- :func:`mixed_select`: typical images of the uncertain, spread over the suggested classes.
+- :func:`mixed_select`: typical images of uncertain regions, spread over the suggested classes.
 - :func:`random_select`: uniformly at random, for comparison.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,8 @@ __all__ = [
     "MemmapSource",
     "unit_rows",
     "k_center_greedy",
+    "Clusters",
+    "kmeans_clusters",
     "kmeans_select",
     "margins",
     "least_margin",
@@ -239,6 +242,63 @@ def _kmeans_pp(x: torch.Tensor, n: int, fixed: torch.Tensor, gen: torch.Generato
     return torch.stack(centres)
 
 
+@dataclass
+class Clusters:
+    """k-means clusters of a source's rows, around free centres and fixed (labelled) ones.
+
+    Attributes:
+        typical: (m,) the row nearest each free centre among the rows that may be chosen, or
+            -1 where the cluster has none.
+        sizes: (m,) rows in each free cluster.
+        member: (N,) the free cluster of each row, -1 for rows nearest a labelled embedding.
+    """
+
+    typical: np.ndarray
+    sizes: np.ndarray
+    member: np.ndarray
+
+
+def kmeans_clusters(
+    source: EmbeddingSource,
+    m: int,
+    labelled: torch.Tensor | None = None,
+    exclude: np.ndarray | None = None,
+    iters: int = 10,
+    seed: int = 0,
+    sample: int = 20000,
+    tick: Tick = None,
+) -> Clusters:
+    """k-means with m free centres; the labelled embeddings are centres that never move, so
+    the free ones settle where nothing is labelled yet. Initialised by greedy k-means++ on a
+    random sample of at most ``sample`` rows, then ``iters`` Lloyd iterations over all rows,
+    one pass over the chunks each, and a last pass to assign the rows.
+
+    Args:
+        source: (N, D) unit rows.
+        m: free centres (at least 1).
+        labelled: (L, D) unit embeddings already labelled, or None.
+        exclude: (N,) bool, rows never chosen as typical (they still shape the clusters).
+        iters: Lloyd iterations.
+        seed: seed of the sample and of k-means++.
+        sample: rows k-means++ starts from.
+        tick: called once per chunk read.
+    """
+    N = len(source)
+    ok = np.ones(N, dtype=bool) if exclude is None else ~np.asarray(exclude, dtype=bool)
+    fixed = labelled.float() if labelled is not None else torch.zeros(0, source.dim)
+    gen = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    start = np.sort(rng.choice(N, min(N, max(sample, m)), replace=False))
+    free = _kmeans_pp(source.take(start), min(m, len(start)), fixed, gen)
+    for _ in range(iters):
+        sums, counts, _, _ = _assign(source, fixed, free, ok, tick)
+        moved = counts > 0
+        free[moved] = sums[moved] / counts[moved].unsqueeze(1)
+    member = np.full(N, -1, dtype=np.int64)
+    _, counts, _, best_i = _assign(source, fixed, free, ok, tick, member)
+    return Clusters(best_i.numpy(), counts.numpy().astype(np.int64), member)
+
+
 def kmeans_select(
     source: EmbeddingSource,
     n: int,
@@ -249,11 +309,8 @@ def kmeans_select(
     sample: int = 20000,
     tick: Tick = None,
 ) -> np.ndarray:
-    """Coverage by typical images: the row nearest each of n k-means centres.
-
-    The labelled embeddings are centres that never move, so the n free centres settle where
-    nothing is labelled yet. Initialised by k-means++ on a random sample of at most ``sample``
-    rows, then ``iters`` Lloyd iterations over all rows, one pass over the chunks each.
+    """Coverage by typical images: the row nearest each of n k-means centres
+    (:func:`kmeans_clusters`, the labelled embeddings fixed centres).
 
     Args:
         source: (N, D) unit rows.
@@ -268,24 +325,15 @@ def kmeans_select(
     Returns:
         (n,) row indices (fewer if fewer rows can be chosen), the largest cluster's first.
     """
-    N = len(source)
-    ok = np.ones(N, dtype=bool) if exclude is None else ~np.asarray(exclude, dtype=bool)
+    ok = np.ones(len(source), dtype=bool) if exclude is None else ~np.asarray(exclude, bool)
     n = min(n, int(ok.sum()))
     if n <= 0:
         return np.zeros(0, dtype=np.int64)
-    fixed = labelled.float() if labelled is not None else torch.zeros(0, source.dim)
-    gen = torch.Generator().manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    start = np.sort(rng.choice(N, min(N, max(sample, n)), replace=False))
-    free = _kmeans_pp(source.take(start), n, fixed, gen)
-    for _ in range(iters):
-        sums, counts, _, _ = _assign(source, fixed, free, ok, tick)
-        moved = counts > 0
-        free[moved] = sums[moved] / counts[moved].unsqueeze(1)
-    _, counts, best, best_i = _assign(source, fixed, free, ok, tick)
-    order = torch.argsort(counts, descending=True, stable=True)
-    chosen = [int(best_i[c]) for c in order if best_i[c] >= 0]
+    c = kmeans_clusters(source, n, labelled, exclude, iters, seed, sample, tick)
+    order = np.argsort(-c.sizes, kind="stable")
+    chosen = [int(c.typical[j]) for j in order if c.typical[j] >= 0]
     if len(chosen) < n:  # empty clusters: the rows worst covered by the others
+        fixed = labelled.float() if labelled is not None else torch.zeros(0, source.dim)
         d = _nearest(source, torch.cat([fixed, source.take(np.asarray(chosen, dtype=np.int64))]))
         d[torch.from_numpy(~ok)] = float("-inf")
         d[torch.as_tensor(chosen, dtype=torch.long)] = float("-inf")
@@ -294,9 +342,15 @@ def kmeans_select(
 
 
 def _assign(
-    source: EmbeddingSource, fixed: torch.Tensor, free: torch.Tensor, ok: np.ndarray, tick: Tick
+    source: EmbeddingSource,
+    fixed: torch.Tensor,
+    free: torch.Tensor,
+    ok: np.ndarray,
+    tick: Tick,
+    member: np.ndarray | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One pass: each row to its nearest centre (a fixed one where it is as near).
+    """One pass: each row to its nearest centre (a fixed one where it is as near), written
+    into ``member`` (N,) when given (-1 for a fixed centre).
 
     Returns:
         ``(sums (n, D), counts (n,), best distance (n,), best row (n,) or -1)`` of the free
@@ -309,6 +363,8 @@ def _assign(
         to_fixed = _min_dist(x, fixed)[0]
         dist, which = _min_dist(x, free)
         mine = dist < to_fixed
+        if member is not None:
+            member[start : start + len(x)] = np.where(mine.numpy(), which.numpy(), -1)
         sums.index_add_(0, which[mine], x[mine])
         counts.index_add_(0, which[mine], torch.ones(int(mine.sum())))
         pick = mine & torch.from_numpy(ok[start : start + len(x)])
@@ -351,15 +407,18 @@ def mixed_select(
     n: int,
     labelled: torch.Tensor | None = None,
     exclude: np.ndarray | None = None,
-    pool: int = 10,
+    clusters: int = 3,
     seed: int = 0,
+    tick: Tick = None,
 ) -> np.ndarray:
-    """Typical images of the uncertain, spread over the suggested classes.
+    """Typical images of uncertain regions, spread over the suggested classes.
 
-    The ``pool * n`` rows of smallest margin are split by suggested class; each class gets a
-    share of the n choices (as equal as its pool allows) and, within it, k-means picks the
-    rows nearest the centres (:func:`kmeans_select` on the class's pool, labelled embeddings
-    fixed), so the choices are neither near-duplicates nor all of one confusion.
+    k-means cuts the rows into ``clusters * n`` groups away from the labelled embeddings
+    (:func:`kmeans_clusters`). A group's doubt is the sum of (1 - margin) over its rows (many
+    rows PAWS-NN is unsure of: a few outliers weigh little), its class the suggested class of
+    its typical row (the one nearest its centre). The choice takes, class after class in
+    turns, each class's most doubtful group not taken yet, and from it the typical row:
+    never a near-duplicate, never an outlier on a class boundary.
 
     Args:
         source: (N, D) unit rows.
@@ -368,31 +427,38 @@ def mixed_select(
         n: rows to choose.
         labelled: (L, D) unit embeddings already labelled, or None.
         exclude: (N,) bool, rows never chosen.
-        pool: the candidates are the pool * n least certain rows.
+        clusters: groups per row chosen.
         seed: seed of k-means.
+        tick: called once per chunk read.
 
     Returns:
-        (n,) row indices, in rounds over the classes (each round its least certain first).
+        (n,) row indices (fewer if fewer rows can be chosen), in the order taken.
     """
-    candidates = least_margin(margin, pool * n, exclude)
-    n = min(n, len(candidates))
-    suggested = np.asarray(suggested)[candidates]
-    classes = np.unique(suggested)
-    sizes = np.array([(suggested == c).sum() for c in classes])
-    share = np.zeros(len(classes), dtype=np.int64)
-    while share.sum() < n:  # one more for the classes that still have rows, smallest first
-        open_ = np.flatnonzero(share < sizes)
-        share[open_[np.argsort(share[open_], kind="stable")[: n - share.sum()]]] += 1
-    per_class = []
-    for c, k in zip(classes, share):
-        rows = candidates[suggested == c]
-        sub = TensorSource(source.take(rows))
-        picked = rows[kmeans_select(sub, int(k), labelled, seed=seed)]
-        per_class.append(list(picked[np.argsort(np.asarray(margin)[picked], kind="stable")]))
-    out: list[int] = []
-    for r in range(max((len(p) for p in per_class), default=0)):
-        out += [int(p[r]) for p in per_class if r < len(p)]
-    return np.asarray(out[:n], dtype=np.int64)
+    ok = np.ones(len(source), dtype=bool) if exclude is None else ~np.asarray(exclude, bool)
+    n = min(n, int(ok.sum()))
+    if n <= 0:
+        return np.zeros(0, dtype=np.int64)
+    c = kmeans_clusters(source, clusters * n, labelled, exclude, seed=seed, tick=tick)
+    inside = c.member >= 0
+    doubt = 1.0 - np.asarray(margin, dtype=np.float64)[inside]
+    mass = np.bincount(c.member[inside], weights=doubt, minlength=len(c.sizes))
+    groups = np.flatnonzero(c.typical >= 0)
+    group_class = np.asarray(suggested)[c.typical[groups]]
+    queues = []
+    for k in np.unique(group_class):
+        mine = groups[group_class == k]
+        queues.append(list(mine[np.argsort(-mass[mine], kind="stable")]))
+    queues.sort(key=lambda q: -mass[q[0]])  # the class of the most uncertain group first
+    chosen: list[int] = []
+    while len(chosen) < n and any(queues):
+        for q in queues:
+            if q and len(chosen) < n:
+                chosen.append(int(c.typical[q.pop(0)]))
+    if len(chosen) < n:  # fewer typical rows than asked: the least certain of the rest
+        rest = ~ok
+        rest[chosen] = True
+        chosen += least_margin(margin, n - len(chosen), rest).tolist()
+    return np.asarray(chosen, dtype=np.int64)
 
 
 def random_select(

@@ -258,9 +258,12 @@ def choose(
     assert margin is not None
     if strategy == "uncertainty":
         rows = least_margin(margin, n, exclude)
-    else:
-        rows = mixed_select(source, margin, np.asarray(suggested), n, labelled, exclude, seed=seed)
-    return rows, [f"uncertain (margin {margin[i]:.2f})" for i in rows]
+        return rows, [f"uncertain (margin {margin[i]:.2f})" for i in rows]
+    with _ticks(progress, (KMEANS_ITERS + 2) * chunks) as tick:
+        rows = mixed_select(
+            source, margin, np.asarray(suggested), n, labelled, exclude, seed=seed, tick=tick
+        )
+    return rows, [f"typical of an uncertain group (margin {margin[i]:.2f})" for i in rows]
 
 
 @contextmanager
