@@ -5,6 +5,8 @@ everything done after the last.
 :func:`start_run` refuses a resume that would change the run and writes its config;
 :func:`build_run` makes the model, optimiser, samplers, schedule and ME-MAX prior (also what a
 benchmark needs to time a step); :func:`restore_run` continues from a checkpoint;
+:func:`open_init` and :func:`start_from` start a new run from another run's pre-trained weights
+(``paws train --init``: a round of a labelling loop);
 :func:`finish_run` saves the final model, evaluates it, tightens it and writes the results.
 The loop itself is :func:`paws.train.run_steps`.
 """
@@ -12,7 +14,7 @@ The loop itself is :func:`paws.train.run_steps`.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +42,8 @@ __all__ = [
     "start_run",
     "build_run",
     "restore_run",
+    "open_init",
+    "start_from",
     "finish_run",
 ]
 
@@ -260,6 +264,60 @@ def restore_run(run: Run, state: dict[str, Any]) -> None:
         rundir.truncate_rows(run.out / rundir.METRICS, run.start)
         rundir.truncate_rows(run.out / rundir.EVALS, run.start)
     info(f"resuming {run.out} at step {run.start}/{run.steps}")
+
+
+def open_init(
+    cfg: Config, out: Path, init: str | Path | None, state: dict[str, Any] | None
+) -> tuple[Config, dict[str, Any] | None]:
+    """The checkpoint a new run starts from: ``init`` (a run directory means its pre-trained
+    ``last.pt``, before tightening), or for a resumed run that has no checkpoint yet, the one
+    its ``init.json`` names.
+
+    Returns:
+        ``(config, checkpoint or None)``; a run started from a checkpoint keeps the schedule
+        as given: ``optim.min_steps`` never lengthens it.
+
+    Raises:
+        UserError: no such checkpoint, or a fine-tuned classifier.
+    """
+    if state is not None:
+        return cfg, None  # a resumed run continues from its own checkpoint
+    if init is None and (out / rundir.INIT).is_file():
+        init = rundir.read_json(out / rundir.INIT)["checkpoint"]
+    if init is None:
+        return cfg, None
+    path = rundir.model_file(init, pretrained=True)
+    if not path.is_file():
+        raise UserError(f"--init {init}: no checkpoint {path}; name a paws run directory or .pt")
+    start = checkpoint.load(path)
+    if start.get("kind") == "finetune" or "architecture" not in start:
+        raise UserError(f"--init {path} is not a pre-trained model; name a paws train run")
+    start["path"] = str(path.resolve())
+    cfg = replace(cfg, optim=replace(cfg.optim, min_steps=None))
+    return cfg, start
+
+
+def start_from(run: Run, start: dict[str, Any]) -> None:
+    """Begin ``run`` at step 0 with the pre-trained weights of ``start`` (:func:`open_init`)
+    and record where they came from in ``init.json``; optimiser, schedule, step and random
+    state are the new run's own.
+
+    Raises:
+        UserError: the checkpoint's architecture is not this run's.
+    """
+    saved, wanted = start["architecture"], run.arch.to_dict()
+    diff = [f"{k} {saved.get(k)!r} -> {wanted[k]!r}" for k in wanted if saved.get(k) != wanted[k]]
+    if diff:
+        raise UserError(
+            f"cannot start from {start['path']}: its architecture differs ({'; '.join(diff)}); "
+            "use the same model settings and image channels"
+        )
+    run.model.load_state_dict(start["model"])
+    path = Path(start["path"])
+    if distributed.is_main():
+        record = {"from": str(rundir.output_dir(path)), "checkpoint": str(path)}
+        rundir.write_json(run.out / rundir.INIT, {**record, "step": start.get("step")})
+    info(f"starting from the weights of {path} (step {start.get('step')}), a new schedule")
 
 
 def _tighten_after_training(run: Run, step: int) -> dict[str, Any] | None:

@@ -4,9 +4,10 @@ A run directory holds ``config.yaml`` (the resolved config), ``metrics.csv`` (a 
 ``run.log_every`` steps, columns :data:`METRIC_COLUMNS`), ``evals.csv`` (PAWS-NN during
 training), ``last.pt`` (the latest checkpoint), ``final.pt``, ``eval.json`` and
 ``predictions.json`` (the final evaluation), and, when the run ended by tightening,
-``tighten.pt`` and ``tighten.json``; with experiment trackers, ``trackers.json`` (their runs,
-see :mod:`paws.tracking`) and their local stores. Later commands add ``baseline.json``,
-``finetune.pt`` and ``finetune.json``. Only rank 0 writes.
+``tighten.pt`` and ``tighten.json``; when it started from another run's weights (``paws train
+--init``), ``init.json`` (that run and checkpoint); with experiment trackers,
+``trackers.json`` (their runs, see :mod:`paws.tracking`) and their local stores. Later commands
+add ``baseline.json``, ``finetune.pt`` and ``finetune.json``. Only rank 0 writes.
 
 Which model a run directory means is decided here alone (:func:`model_file`), and so is the one
 way to rebuild a saved model (:func:`restore`).
@@ -38,6 +39,7 @@ __all__ = [
     "METRICS",
     "EVALS",
     "TRACKERS",
+    "INIT",
     "LAST",
     "FINAL",
     "TIGHTENED",
@@ -54,6 +56,7 @@ __all__ = [
     "diverged",
     "training_state",
     "write_json",
+    "read_json",
     "write_results",
     "output_dir",
     "model_file",
@@ -67,6 +70,7 @@ __all__ = [
 
 CONFIG, METRICS, EVALS = "config.yaml", "metrics.csv", "evals.csv"
 TRACKERS = "trackers.json"
+INIT = "init.json"  # where a run started with paws train --init took its weights from
 LAST, FINAL, TIGHTENED, FINETUNED = "last.pt", "final.pt", "tighten.pt", "finetune.pt"
 
 # The monitor-only metrics of the paper's Fig. 4 (every run.monitor_every steps).
@@ -365,6 +369,7 @@ class RunRecord:
         predictions: predictions.json (classes, labels, predictions, confusion) or None.
         baseline: baseline.json (supervised-only top1, top5, ...) or None.
         summary: eval.json (final PAWS-NN result) or None.
+        init: init.json (the run and checkpoint it started from) or None.
     """
 
     name: str
@@ -375,6 +380,7 @@ class RunRecord:
     predictions: dict[str, Any] | None
     baseline: dict[str, Any] | None
     summary: dict[str, Any] | None
+    init: dict[str, Any] | None = None
 
     @property
     def classes(self) -> list[str] | None:
@@ -393,6 +399,15 @@ class RunRecord:
     def model(self) -> Path:
         """The checkpoint the run's results describe (:func:`model_file`)."""
         return model_file(self.path)
+
+    @property
+    def minutes(self) -> float | None:
+        """Wall-clock minutes from writing config.yaml (the start, or the last resume) to
+        writing eval.json (the end), or None for a run that has not ended."""
+        start, end = self.path / CONFIG, self.path / "eval.json"
+        if not start.is_file() or not end.is_file():
+            return None
+        return max(0.0, end.stat().st_mtime - start.stat().st_mtime) / 60
 
 
 def _read_csv(path: Path) -> dict[str, np.ndarray]:
@@ -417,7 +432,8 @@ def _read_csv(path: Path) -> dict[str, np.ndarray]:
     }
 
 
-def _read_json(path: Path) -> Any:
+def read_json(path: Path) -> Any:
+    """A JSON file of the run directory, or None when it does not exist."""
     if not path.is_file():
         return None
     try:
@@ -449,7 +465,8 @@ def load_run(path: str | Path, name: str | None = None) -> RunRecord:
         config=config,
         metrics=_read_csv(run / METRICS),
         evals=_read_csv(run / EVALS),
-        predictions=_read_json(run / "predictions.json"),
-        baseline=_read_json(run / "baseline.json"),
-        summary=_read_json(run / "eval.json"),
+        predictions=read_json(run / "predictions.json"),
+        baseline=read_json(run / "baseline.json"),
+        summary=read_json(run / "eval.json"),
+        init=read_json(run / INIT),
     )

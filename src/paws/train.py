@@ -10,8 +10,9 @@ the cross-entropy plus ME-MAX; step LARS. Everything a step uses is a function o
 checkpoint to resume from), the data and its defaults (:func:`paws.fitting.fit_to_data`),
 :func:`paws.run.start_run` (the resume check and config.yaml), :func:`paws.run.build_run`
 (model, optimiser, samplers, schedule, ME-MAX prior: everything before the first step),
-:func:`paws.run.restore_run`, :func:`run_steps` (the loop) and :func:`paws.run.finish_run`
-(final checkpoint, PAWS-NN, tightening, result files).
+:func:`paws.run.restore_run` (or, for a run started from another's weights,
+:func:`paws.run.open_init` and :func:`paws.run.start_from`), :func:`run_steps` (the loop) and
+:func:`paws.run.finish_run` (final checkpoint, PAWS-NN, tightening, result files).
 """
 
 from __future__ import annotations
@@ -35,7 +36,16 @@ from paws.losses import RoPAWS, paws_loss, sharpen, snn
 from paws.monitor import monitor_metrics
 from paws.optim import backward_step, set_lr
 from paws.progress import Progress, info
-from paws.run import Run, build_run, finish_run, open_run, restore_run, start_run
+from paws.run import (
+    Run,
+    build_run,
+    finish_run,
+    open_init,
+    open_run,
+    restore_run,
+    start_from,
+    start_run,
+)
 
 __all__ = ["StepResult", "train_step", "run_steps", "train"]
 
@@ -266,6 +276,7 @@ def train(
     resume: bool = False,
     data: Datasets | None = None,
     device: torch.device | None = None,
+    init: str | Path | None = None,
 ) -> dict[str, Any]:
     """Pre-train PAWS as ``cfg`` describes, writing the run into ``out_dir`` (and to the
     experiment trackers of ``run.trackers``, :mod:`paws.tracking`).
@@ -279,6 +290,8 @@ def train(
         resume: continue from ``out_dir/last.pt``; refuses a config that changes the run.
         data: preloaded datasets (tests, benchmarks), else loaded from the config.
         device: compute device (default: from ``run.device``).
+        init: start a new run from the pre-trained weights of this run directory or
+            checkpoint (:func:`paws.run.open_init`), with the schedule as given.
 
     Returns:
         ``{"status": "done" | "interrupted", "step", "eval": PAWS-NN summary or None,
@@ -288,6 +301,7 @@ def train(
     out = Path(out_dir)
     device = device or runtime.device_for(cfg.run.device)
     state = open_run(cfg, out, resume)
+    cfg, start = open_init(cfg, out, init, state)
     data = data or load_datasets(cfg)
     info(f"data: {data.summary()}")
     cfg = fit_to_data(cfg, len(data.unlabeled), data.labeled.labels, distributed.get_world_size())
@@ -298,8 +312,10 @@ def train(
     run = build_run(cfg, out, data, device)
     if state is not None:
         restore_run(run, state)
+    elif start is not None:
+        start_from(run, start)
     tracked = tracking.start(cfg, out, resume=state is not None)
-    del state
+    del state, start
     metrics = rundir.MetricsLog(out / rundir.METRICS, tracked, "train/")
     evals = rundir.MetricsLog(out / rundir.EVALS, tracked, "eval/")
     status = "failed"

@@ -25,12 +25,20 @@ def _train_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], in
     p.add_argument(
         "--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint"
     )
+    p.add_argument(
+        "--init",
+        metavar="RUN_DIR",
+        help="start a new run from RUN_DIR's pre-trained weights (its last.pt, or a .pt "
+        "file) with this config's schedule and labels: the next round of a labelling loop",
+    )
 
     def run(args: argparse.Namespace) -> int:
         from paws import distributed, runtime
         from paws.config import load_config
         from paws.train import train
 
+        if args.resume and args.init:
+            raise UserError("--init starts a new run; --resume continues one: give one of them")
         if args.resume:
             run_dir = Path(args.resume)
             if not (run_dir / "config.yaml").is_file():
@@ -45,7 +53,7 @@ def _train_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], in
             # (time-stamped) run directory.
             device = runtime.setup(cfg)
             out = Path(distributed.broadcast_object(str(out)))
-            result = train(cfg, out, resume=bool(args.resume), device=device)
+            result = train(cfg, out, resume=bool(args.resume), device=device, init=args.init)
             main = distributed.is_main()
         finally:
             distributed.destroy()

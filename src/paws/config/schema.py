@@ -52,7 +52,20 @@ class DataConfig:
         "folder dataset: folder of unlabelled images (any layout, "
         "searched recursively); default: the labelled folder",
     )
-    labeled: str | None = _f(None, "folder dataset: labelled images as <class>/<image>")
+    labeled: str | None = _f(
+        None, "folder dataset: labelled images as <class>/<image> (optional with labels_file)"
+    )
+    labels_file: str | None = _f(
+        None,
+        "CSV of labelled images with a header path,label (what paws suggest writes, its label "
+        "column filled in; more columns allowed): folders: paths relative to the CSV's folder "
+        "or absolute, with or instead of data.labeled; built-in, imagenet, hf: image names as "
+        "in split_file (takes precedence over the other labelled-subset keys)",
+    )
+    accept_suggested: bool = _f(
+        False,
+        "labels_file: a row left without a label takes its suggested_label (default: skipped)",
+    )
     test: str | None = _f(None, "folder dataset: optional test images as <class>/<image>")
     labels_per_class: int | None = _f(
         10,
@@ -412,10 +425,10 @@ class Config:
         """Cross-field checks; returns self."""
         d, v = self.data, self.views
         self.model.validate()
-        if d.dataset == "folder" and not d.labeled:
+        if d.dataset == "folder" and not d.labeled and not d.labels_file:
             raise UserError(
                 "data.dataset is 'folder' but data.labeled is not set: point it to "
-                "a folder of <class>/<image> files"
+                "a folder of <class>/<image> files, or set data.labels_file"
             )
         if d.dataset == "hf" and not d.root:
             raise UserError("data.dataset is 'hf': set data.root to a saved dataset or images")

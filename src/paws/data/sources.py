@@ -11,6 +11,7 @@ stay on disk and are decoded per image by the loaders.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,9 +30,17 @@ from paws.data.images import (
     scan_labeled_folder,
     to_grey,
 )
+from paws.data.labels import LabelRow, LabelsFile, read_labels_file
 from paws.errors import UserError
+from paws.progress import info
 
-__all__ = ["Datasets", "select_labeled", "labeled_as_unlabeled", "load_datasets"]
+__all__ = [
+    "Datasets",
+    "select_labeled",
+    "labeled_from_file",
+    "labeled_as_unlabeled",
+    "load_datasets",
+]
 
 
 @dataclass
@@ -67,6 +76,16 @@ def _read_split(path: str) -> list[str]:
     return names
 
 
+def _name_lookup(images: ImageSet) -> dict[str, int]:
+    """Image positions by name and by file name (the first image of a name wins): how split
+    files and labels files name the images of a set."""
+    lookup: dict[str, int] = {}
+    for i, name in enumerate(images.names):
+        lookup.setdefault(name, i)
+        lookup.setdefault(Path(name).name, i)
+    return lookup
+
+
 def select_labeled(images: ImageSet, cfg: DataConfig, num_classes: int) -> np.ndarray:
     """Indices of the labelled subset of a fully labelled set, per ``cfg``.
 
@@ -77,10 +96,7 @@ def select_labeled(images: ImageSet, cfg: DataConfig, num_classes: int) -> np.nd
     """
     if cfg.split_file:
         wanted = _read_split(cfg.split_file)
-        lookup: dict[str, int] = {}
-        for i, name in enumerate(images.names):
-            lookup.setdefault(name, i)
-            lookup.setdefault(Path(name).name, i)
+        lookup = _name_lookup(images)
         missing = [w for w in wanted if w not in lookup]
         if missing:
             raise UserError(
@@ -115,6 +131,135 @@ def select_labeled(images: ImageSet, cfg: DataConfig, num_classes: int) -> np.nd
     return np.sort(np.concatenate(chosen))
 
 
+def _class_id(labels: LabelsFile, row: LabelRow, classes: Sequence[str]) -> int:
+    """The class a labels file's row names in a dataset of fixed classes: a class name, or a
+    class index where no class has that name."""
+    if row.label in classes:
+        return list(classes).index(row.label)
+    if row.label.isdigit() and int(row.label) < len(classes):
+        return int(row.label)
+    shown = ", ".join(classes[:12]) + (", ..." if len(classes) > 12 else "")
+    raise labels.error(row, f"'{row.label}' is not a class of the dataset ({shown})")
+
+
+def labeled_from_file(
+    images: ImageSet, cfg: DataConfig, classes: Sequence[str]
+) -> tuple[np.ndarray, np.ndarray]:
+    """The labelled subset ``data.labels_file`` names in a set of named images (a built-in,
+    ImageNet or Hugging Face training set), with the file's labels.
+
+    Returns:
+        ``(index (M,), labels (M,))``: positions in ``images`` (sorted) and class ids.
+    """
+    labels = read_labels_file(cfg.labels_file or "", cfg.accept_suggested)
+    lookup = _name_lookup(images)
+
+    def image(row: LabelRow) -> str:
+        if row.path not in lookup:
+            example = f", e.g. '{images.names[0]}'" if len(images) else ""
+            raise labels.error(row, f"no image of that name in the training set (names{example})")
+        return str(lookup[row.path])
+
+    rows = labels.unique(image)
+    index = np.array([int(k) for k in rows], dtype=np.int64)
+    y = np.array([_class_id(labels, r, classes) for r in rows.values()], dtype=np.int64)
+    order = np.argsort(index, kind="stable")
+    _said(labels, y, classes)
+    return index[order], y[order]
+
+
+def _said(labels: LabelsFile, y: np.ndarray, classes: Sequence[str]) -> None:
+    skipped = f"; {labels.unlabelled} unlabelled suggestions skipped" if labels.unlabelled else ""
+    info(
+        f"labels file {labels.path}: {len(y)} labelled images of {len(np.unique(y))} of "
+        f"{len(classes)} classes{skipped}"
+    )
+
+
+def _labeled_subset(
+    images: ImageSet, cfg: DataConfig, classes: Sequence[str]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Positions and labels of the labelled subset of a fully labelled, named set:
+    :func:`labeled_from_file` with ``data.labels_file``, else :func:`select_labeled`."""
+    if cfg.labels_file:
+        return labeled_from_file(images, cfg, classes)
+    chosen = select_labeled(images, cfg, len(classes))
+    return chosen, images.labels[chosen]
+
+
+def _add_labels_file(
+    labeled: ImageSet, classes: list[str], folder: ImageSet, cfg: DataConfig
+) -> tuple[ImageSet, list[str], ImageSet]:
+    """A folder dataset's labelled set with the images of ``data.labels_file`` added.
+
+    Args:
+        labeled: the labelled folder's images (its ``data.split_file`` subset), maybe none.
+        classes: their class names.
+        folder: every image of the labelled folder, with its class.
+        cfg: the data config.
+
+    Returns:
+        ``(labelled set, class names, the file's images that are not in the folder)``; the
+        classes are the sorted union of the folder's and the file's.
+
+    Raises:
+        UserError: an unknown path, a duplicate, or an image the file labels with another
+            class than its class folder.
+    """
+    labels = read_labels_file(cfg.labels_file or "", cfg.accept_suggested)
+
+    def image(row: LabelRow) -> str:
+        f = labels.file(row)
+        if not f.is_file():
+            raise labels.error(row, f"no such image file {f}")
+        return str(f.resolve())
+
+    rows = labels.unique(image)
+    in_folder = {str(f.resolve()): classes[y] for f, y in zip(folder.files or [], folder.labels)}
+    chosen = {str(f.resolve()) for f in labeled.files or []}
+    for key, r in rows.items():
+        if key in in_folder and in_folder[key] != r.label:
+            raise labels.error(
+                r, f"conflicting labels: '{r.label}' here, '{in_folder[key]}' by its class folder"
+            )
+    new = [(k, r) for k, r in rows.items() if k not in chosen]
+    outside = [(k, r) for k, r in new if k not in in_folder]
+    names = sorted(set(classes) | {r.label for r in rows.values()})
+    added = sorted(set(names) - set(classes))
+    if classes and added:
+        info(f"labels file {labels.path} adds classes to {cfg.labeled}: {', '.join(added)}")
+    y = [names.index(classes[c]) for c in labeled.labels] + [names.index(r.label) for _, r in new]
+    out = ImageSet(
+        labels=np.asarray(y, dtype=np.int64),
+        names=list(labeled.names) + [r.path for _, r in new],
+        files=list(labeled.files or []) + [labels.file(r) for _, r in new],
+    )
+    _said(labels, np.asarray([names.index(r.label) for r in rows.values()]), names)
+    extra = ImageSet(
+        labels=np.asarray([names.index(r.label) for _, r in outside], dtype=np.int64),
+        names=[r.path for _, r in outside],
+        files=[labels.file(r) for _, r in outside],
+    )
+    return out, names, extra
+
+
+def _test_with_new_classes(
+    root: Path, classes: list[str]
+) -> tuple[list[Path], np.ndarray, list[str]]:
+    """A test folder beside a labels file, which may not have labelled every class yet: its
+    classes without labels are added after the labelled ones (PAWS-NN never predicts them).
+
+    Returns:
+        ``(files, labels, classes)``.
+    """
+    files, y, own = scan_labeled_folder(root)
+    unlabelled = [c for c in own if c not in classes]
+    if unlabelled:
+        info(f"test classes with no labels yet: {', '.join(unlabelled)} (never predicted)")
+    names = [*classes, *unlabelled]
+    return files, np.asarray([names.index(own[c]) for c in y], dtype=np.int64), names
+
+
 def memory_size(cfg: Config) -> int:
     """Side of the square images a dataset decoded into memory holds: ``data.image_size``, by
     default ``views.large_size * 8/7`` (room for the evaluation view's resize and crop)."""
@@ -123,28 +268,40 @@ def memory_size(cfg: Config) -> int:
 
 def _folder_sets(cfg: Config) -> Datasets:
     d = cfg.data
-    lab_root = Path(d.labeled).expanduser()
-    lab_files, lab_y, classes = scan_labeled_folder(lab_root)
-    labeled = ImageSet(labels=lab_y, names=relative_names(lab_files, lab_root), files=lab_files)
+    if d.labeled:
+        lab_root = Path(d.labeled).expanduser()
+        lab_files, lab_y, classes = scan_labeled_folder(lab_root)
+        lab_names = relative_names(lab_files, lab_root)
+    else:  # the labels file alone names the labelled images
+        lab_files, lab_y, classes, lab_names = [], np.zeros(0, dtype=np.int64), [], []
+    folder = ImageSet(labels=lab_y, names=lab_names, files=lab_files)
+    labeled = folder
     if d.split_file:
         labeled = labeled.subset(select_labeled(labeled, d, len(classes)))
+    if d.labels_file:
+        labeled, classes, extra = _add_labels_file(labeled, classes, folder, d)
+        lab_files, lab_names = lab_files + (extra.files or []), lab_names + extra.names
     if d.unlabeled:
         unl_root = Path(d.unlabeled).expanduser()
         unl_files = scan_images(unl_root)
         names = relative_names(unl_files, unl_root)
         if d.unlabeled_includes_labeled:
             seen = {f.resolve() for f in unl_files}
-            extra = [f for f in lab_files if f.resolve() not in seen]
-            unl_files, names = unl_files + extra, names + relative_names(extra, lab_root)
+            extra_i = [i for i, f in enumerate(lab_files) if f.resolve() not in seen]
+            unl_files = unl_files + [lab_files[i] for i in extra_i]
+            names = names + [lab_names[i] for i in extra_i]
     else:
-        unl_files, names = list(lab_files), relative_names(lab_files, lab_root)
+        unl_files, names = list(lab_files), list(lab_names)
     unlabeled = ImageSet(
         labels=-np.ones(len(unl_files), dtype=np.int64), names=names, files=unl_files
     )
     test = None
     if d.test:
         test_root = Path(d.test).expanduser()
-        test_files, test_y, _ = scan_labeled_folder(test_root, classes)
+        if d.labels_file:
+            test_files, test_y, classes = _test_with_new_classes(test_root, classes)
+        else:
+            test_files, test_y, _ = scan_labeled_folder(test_root, classes)
         test = ImageSet(
             labels=test_y, names=relative_names(test_files, test_root), files=test_files
         )
@@ -205,11 +362,13 @@ def _imagenet_sets(cfg: Config) -> Datasets:
     full = ImageSet(
         labels=train_y, names=relative_names(train_files, root / "train"), files=train_files
     )
-    labeled = full.subset(select_labeled(full, d, len(classes)))
+    chosen, chosen_y = _labeled_subset(full, d, classes)
+    labeled = full.subset(chosen)
+    labeled.labels = chosen_y
     unlabeled = (
         full
         if d.unlabeled_includes_labeled
-        else full.subset(np.setdiff1d(np.arange(len(full)), select_labeled(full, d, len(classes))))
+        else full.subset(np.setdiff1d(np.arange(len(full)), chosen))
     )
     unlabeled = labeled_as_unlabeled(unlabeled)
     test = None
@@ -227,7 +386,7 @@ def _hf_sets(cfg: Config) -> Datasets:
 
     d = cfg.data
     hf = load_hf(d, memory_size(cfg))
-    chosen = select_labeled(hf.train, d, len(hf.classes))
+    chosen, chosen_y = _labeled_subset(hf.train, d, hf.classes)
     rest = np.setdiff1d(np.arange(len(hf.train)), chosen)
     unlabeled = labeled_as_unlabeled(
         hf.train if d.unlabeled_includes_labeled else hf.train.subset(rest)
@@ -240,6 +399,7 @@ def _hf_sets(cfg: Config) -> Datasets:
         )
     mean, std = _stats(cfg, "imagenet", hf.channels)
     labeled = hf.train.subset(chosen)
+    labeled.labels = chosen_y
     return Datasets(unlabeled, labeled, hf.test, hf.classes, hf.channels, mean, std, hf.skipped)
 
 
@@ -266,8 +426,9 @@ def load_datasets(cfg: Config) -> Datasets:
         else:
             train.images, test.images = (to_grey(s.images) for s in (train, test))
         channels = d.channels
-    chosen = select_labeled(train, d, len(classes))
+    chosen, chosen_y = _labeled_subset(train, d, classes)
     labeled = train.subset(chosen)
+    labeled.labels = chosen_y
     unlabeled = (
         train
         if d.unlabeled_includes_labeled

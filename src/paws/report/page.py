@@ -5,8 +5,10 @@ A run directory already holds everything a picture needs except the embeddings: 
 at each evaluation), predictions.json (the last evaluation), baseline.json (the supervised-only
 baseline, when ``paws baseline --out RUN_DIR`` was run) and the final model. The t-SNE map and
 the image grid re-load the test images the run's config names. Several runs are drawn overlaid,
-one colour each, to compare configs. The figures are :mod:`paws.report.figures`; this module
-lays them out as sections of one page.
+one colour each, to compare configs; runs that are the rounds of a labelling loop (one started
+from another with ``paws train --init``) also get a table of the rounds
+(:mod:`paws.report.rounds`). The figures are :mod:`paws.report.figures`; this module lays them
+out as sections of one page.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from paws.report.figures import (
     png,
     require,
 )
+from paws.report.rounds import ROUND_COLUMNS, labelling_rounds, plot_rounds, round_rows
 from paws.report.test_images import prediction_grid, test_view, tsne_map
 from paws.rundir import RunRecord, load_run
 
@@ -39,13 +42,15 @@ __all__ = ["Section", "build_report"]
 
 @dataclass
 class Section:
-    """One part of the report: a heading, a PNG and a caption (or a note why it is missing)."""
+    """One part of the report: a heading, a PNG and a caption (or a note why it is missing),
+    and optionally a table (its header and rows)."""
 
     title: str
     png: bytes | None = None
     caption: str = ""
     note: str = ""
     alt: str = ""
+    table: tuple[list[str], list[list[str]]] | None = None
 
 
 def _unique_names(paths: Sequence[Path]) -> list[str]:
@@ -194,6 +199,15 @@ def _html(runs: Sequence[RunRecord], rows: list[list[str]], sections: list[Secti
         parts.append(f"<h2>{e(s.title)}</h2>")
         if s.caption:
             parts.append(f'<p class="caption">{e(s.caption)}</p>')
+        if s.table is not None:
+            head, body = s.table
+            parts.append(
+                "<table><thead><tr>"
+                + "".join(f"<th>{e(h)}</th>" for h in head)
+                + "</tr></thead><tbody>"
+                + "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in body)
+                + "</tbody></table>"
+            )
         if s.png is not None:
             data = base64.b64encode(s.png).decode("ascii")
             parts.append(f'<img alt="{e(s.alt or s.title)}" src="data:image/png;base64,{data}">')
@@ -201,6 +215,24 @@ def _html(runs: Sequence[RunRecord], rows: list[list[str]], sections: list[Secti
             parts.append(f'<p class="note">{e(s.note)}</p>')
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
+
+
+def _round_sections(runs: Sequence[RunRecord]) -> list[Section]:
+    """The rounds of a labelling loop side by side, when the runs are such rounds."""
+    ordered = labelling_rounds(runs)
+    if ordered is None:
+        return []
+    rows = round_rows(ordered)
+    return [
+        Section(
+            "Labelling rounds",
+            plot_rounds(rows),
+            caption="Runs that started from another run's weights (paws train --init, "
+            "init.json), in round order: each round's labelled images and classes, PAWS-NN "
+            "top-1 and the minutes from config.yaml to eval.json.",
+            table=(ROUND_COLUMNS, rows),
+        )
+    ]
 
 
 def _metric_sections(runs: Sequence[RunRecord]) -> list[Section]:
@@ -327,7 +359,7 @@ def build_report(
     runs = [load_run(p, n) for p, n in zip(paths, _unique_names(paths))]
     out = Path(out_dir).expanduser() if out_dir else paths[0]
     out.mkdir(parents=True, exist_ok=True)
-    sections = _metric_sections(runs)
+    sections = _round_sections(runs) + _metric_sections(runs)
     if tsne_points > 0 or grid_images > 0:
         sections += _test_image_sections(runs, tsne_points, grid_images, seed, data)
     rows = _summary_rows(runs)

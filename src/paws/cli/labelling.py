@@ -1,0 +1,114 @@
+"""``paws suggest``: the images worth labelling next, as a CSV to fill in (and a contact sheet)."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+from collections.abc import Callable
+from pathlib import Path
+
+from paws.cli.base import _config_args, command
+from paws.errors import UserError
+
+
+def _refuse_filled(out: Path) -> None:
+    """A suggestion file whose labels someone filled in is never overwritten."""
+    if not out.is_file():
+        return
+    with open(out, newline="", encoding="utf-8-sig") as f:
+        rows = list(csv.reader(f))
+    if rows and "label" in rows[0]:
+        col = rows[0].index("label")
+        filled = sum(1 for r in rows[1:] if col < len(r) and r[col].strip())
+        if filled:
+            raise UserError(
+                f"{out} already holds {filled} labels; train with it "
+                f"(--set data.labels_file={out}) and choose another --out"
+            )
+
+
+@command("suggest", "which images to label next: a CSV to fill in (and a contact sheet)")
+def _suggest_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
+    p.add_argument(
+        "run",
+        nargs="?",
+        metavar="RUN_DIR",
+        help="a trained run directory or checkpoint (none: a cold start, no labels yet)",
+    )
+    p.add_argument(
+        "--unlabeled",
+        metavar="DIR",
+        help="candidate images (any layout); default: the run's (or the config's) unlabelled set",
+    )
+    p.add_argument("-n", type=int, required=True, metavar="N", help="how many images to suggest")
+    p.add_argument(
+        "--out", default="next.csv", metavar="FILE", help="the CSV to write (default: next.csv)"
+    )
+    p.add_argument("--html", metavar="FILE", help="also write a contact sheet of thumbnails")
+    p.add_argument(
+        "--strategy",
+        choices=["mixed", "coverage", "uncertainty", "random", "kcenter"],
+        help="mixed (default with a run): typical images among the uncertain, spread over the "
+        "suggested classes; coverage (default at a cold start): the image nearest each k-means "
+        "centre; uncertainty: smallest PAWS-NN margin; random; kcenter: k-center greedy "
+        "(farthest first: outliers, worse than random for small batches)",
+    )
+    p.add_argument(
+        "--features",
+        choices=["auto", "pixels", "encoder"],
+        default="auto",
+        help="cold start: what to cluster; pixels, or the config's encoder (model.weights, or "
+        "random weights); auto: the encoder with model.weights, else pixels",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of k-means and random choices")
+    p.add_argument(
+        "--device",
+        default="auto",
+        choices=["auto", "cpu", "cuda"],
+        help="compute device (auto: CUDA when available)",
+    )
+    _config_args(p)
+
+    def run(args: argparse.Namespace) -> int:
+        from paws.progress import info
+        from paws.suggest import describe, write_sheet
+
+        if args.n < 1:
+            raise UserError("-n must be at least 1")
+        out = Path(args.out).expanduser()
+        _refuse_filled(out)
+        s = _suggest(args)
+        s.write(out)
+        d = describe(s)
+        groups = ", ".join(f"{k} {v}" for k, v in sorted(d["groups"].items(), key=lambda g: -g[1]))
+        by = f"; suggested classes: {groups}" if s.picks and s.picks[0].suggested else ""
+        info(f"{s.strategy} on {s.features}, among {d['pool']} images{by}")
+        print(f"{d['images']} images to label written to {out} (fill in its label column)")
+        if args.html:
+            print(f"contact sheet: {write_sheet(s, args.html, out.name)}")
+        return 0
+
+    return run
+
+
+def _suggest(args: argparse.Namespace):
+    """The suggestions the arguments ask for: from a run, or a cold start from a config."""
+    from paws import runtime
+    from paws.config import load_config
+    from paws.rundir import checkpoint_config
+    from paws.suggest import suggest_cold, suggest_from_run
+
+    device_set = [f"run.device={args.device}"]
+    if args.run:
+        if args.config:
+            raise UserError("--config applies to a cold start; a run has its own config")
+        overrides = [*args.overrides, *device_set]
+        device = runtime.setup(checkpoint_config(args.run, overrides))
+        strategy = args.strategy or "mixed"
+        return suggest_from_run(
+            args.run, args.n, strategy, args.unlabeled, overrides, device, args.seed
+        )
+    cfg = load_config(args.config, [*args.overrides, *device_set])
+    device = runtime.setup(cfg)
+    strategy = args.strategy or "coverage"
+    return suggest_cold(cfg, args.n, args.unlabeled, strategy, args.features, device, args.seed)

@@ -1,0 +1,556 @@
+"""Which images to label next: ``paws suggest``.
+
+From a trained run, the candidates (a folder of images, or the run's own unlabelled set) are
+embedded as PAWS-NN embeds them and classified by soft nearest neighbours against the run's
+labelled images; :mod:`paws.selection` then chooses n of them by one of :data:`STRATEGIES`:
+
+- ``mixed`` (the default): typical images among the uncertain, spread over the suggested classes
+  (:func:`paws.selection.mixed_select`);
+- ``coverage``: the image nearest each of n k-means centres, the labelled images held as fixed
+  centres (:func:`paws.selection.kmeans_select`);
+- ``uncertainty``: the smallest margins between PAWS-NN's two most probable classes;
+- ``random``: uniformly at random.
+
+With no run yet (the cold start), the first batch covers the data by k-means on features that
+need no labels (:data:`COLD_FEATURES`): the eval view's pixels, or the config's encoder (its
+``model.weights`` backbone, or random weights). Images already labelled are never suggested:
+matched by resolved path for files and by name for a built-in dataset's images.
+
+Embeddings of up to ``memory_rows`` images stay in memory; more go to a float16 file in a
+scratch folder, embedded and read in chunks, so memory stays bounded for any number of images.
+"""
+
+from __future__ import annotations
+
+import io
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from paws import rundir
+from paws.config import Config
+from paws.data.images import ImageSet, expand_images, read_image
+from paws.data.labels import csv_path, write_suggestions
+from paws.data.loaders import Loading
+from paws.data.sources import Datasets, load_datasets
+from paws.errors import UserError
+from paws.evaluate import embed_images, snn_classify
+from paws.models import Architecture, build_network
+from paws.progress import Progress, info
+from paws.selection import (
+    EmbeddingSource,
+    MemmapSource,
+    TensorSource,
+    k_center_greedy,
+    kmeans_select,
+    least_margin,
+    margins,
+    mixed_select,
+    random_select,
+    unit_rows,
+)
+
+__all__ = [
+    "STRATEGIES",
+    "COLD_FEATURES",
+    "Suggestion",
+    "Suggestions",
+    "Pool",
+    "PixelFeatures",
+    "embed_pool",
+    "choose",
+    "suggest_from_run",
+    "suggest_cold",
+    "write_sheet",
+]
+
+STRATEGIES = ("mixed", "coverage", "uncertainty", "random", "kcenter")
+KMEANS_ITERS = 10  # Lloyd iterations of coverage
+COLD_FEATURES = ("auto", "pixels", "encoder")
+
+
+@dataclass
+class Suggestion:
+    """One image worth labelling.
+
+    Attributes:
+        index: its position in the pool.
+        suggested: PAWS-NN's class for it, or None at a cold start.
+        confidence: that class's probability, or None.
+        reason: why it was chosen, e.g. ``"uncertain (margin 0.03)"``.
+    """
+
+    index: int
+    suggested: str | None
+    confidence: float | None
+    reason: str
+
+
+@dataclass
+class Pool:
+    """The images to choose from.
+
+    Attributes:
+        images: the candidates (files, or a built-in dataset's images in memory).
+        labelled: (N,) bool, the candidates labelled already (never suggested).
+        loading: how they become network input.
+        builtin: the images are named by a built-in dataset (the CSV's paths are their names).
+    """
+
+    images: ImageSet
+    labelled: np.ndarray
+    loading: Loading
+    builtin: bool
+
+    def path(self, i: int, folder: Path) -> str:
+        """How a labels file in ``folder`` names candidate ``i``."""
+        if self.builtin or self.images.files is None:
+            return self.images.names[i]
+        return csv_path(self.images.files[i], folder)
+
+
+@dataclass
+class Suggestions:
+    """The chosen images, best first, with the pool they come from."""
+
+    pool: Pool
+    picks: list[Suggestion]
+    strategy: str
+    features: str
+
+    def rows(self, folder: Path) -> list[list[object]]:
+        """CSV rows ``(path, label, suggested_label, confidence, reason)`` for a file in
+        ``folder`` (the label left empty, for a person to fill in)."""
+        return [
+            [
+                self.pool.path(s.index, folder),
+                "",
+                s.suggested or "",
+                "" if s.confidence is None else f"{s.confidence:.4f}",
+                s.reason,
+            ]
+            for s in self.picks
+        ]
+
+    def write(self, out: str | Path) -> Path:
+        """Write the suggestion CSV (:func:`paws.data.labels.write_suggestions`)."""
+        out = Path(out).expanduser()
+        return write_suggestions(out, self.rows(out.parent))
+
+
+# --------------------------------------------------------------------------------------------
+# Embedding.
+
+
+class PixelFeatures(torch.nn.Module):
+    """The evaluation view's normalised pixels as an embedding: (n, C, S, S) to (n, C*S*S)."""
+
+    def embed(self, x: torch.Tensor, features: str = "head") -> torch.Tensor:
+        return x.flatten(1)
+
+
+def embed_pool(
+    model: torch.nn.Module,
+    images: ImageSet,
+    cfg: Config,
+    loading: Loading,
+    device: torch.device,
+    features: str,
+    scratch: Path | None = None,
+    memory_rows: int = 250_000,
+    chunk: int = 16384,
+    progress: bool = True,
+) -> EmbeddingSource:
+    """Unit-length embeddings of every image (:func:`paws.evaluate.embed_images`), ``chunk``
+    images at a time.
+
+    Args:
+        model: anything with ``embed(x, features)`` (a PAWS model, :class:`PixelFeatures`).
+        images: the images.
+        cfg: config of the evaluation view and batch size.
+        loading: channels, normalisation and workers.
+        device: compute device.
+        features: ``"head"`` or ``"trunk"``.
+        scratch: folder of the float16 file when there are more than ``memory_rows`` images.
+        memory_rows: most images whose embeddings are held in memory.
+        chunk: images embedded at a time.
+        progress: show a progress bar.
+
+    Returns:
+        (N, D) unit rows, in memory or in a :class:`paws.selection.MemmapSource`.
+    """
+    n = len(images)
+    bar = Progress(n, "embed") if progress else None
+    parts: list[torch.Tensor] = []
+    store: MemmapSource | None = None
+    for start in range(0, n, chunk):
+        sub = images.subset(np.arange(start, min(start + chunk, n)))
+        x = unit_rows(embed_images(model, sub, cfg, loading, device, features).cpu())
+        if store is None and n > memory_rows:
+            if scratch is None:
+                raise ValueError("a scratch folder is needed for this many embeddings")
+            store = MemmapSource(scratch / "embeddings.f16", n, x.shape[1], mode="w+")
+        if store is not None:
+            store.write(start, x)
+        else:
+            parts.append(x)
+        if bar is not None:
+            bar.update(len(sub))
+    if bar is not None:
+        bar.close()
+    return store if store is not None else TensorSource(torch.cat(parts))
+
+
+# --------------------------------------------------------------------------------------------
+# Choosing.
+
+
+def choose(
+    strategy: str,
+    source: EmbeddingSource,
+    n: int,
+    labelled: torch.Tensor | None,
+    exclude: np.ndarray,
+    margin: np.ndarray | None = None,
+    suggested: np.ndarray | None = None,
+    seed: int = 0,
+    progress: bool = False,
+) -> tuple[np.ndarray, list[str]]:
+    """The rows a strategy chooses, best first, with the reason for each.
+
+    Args:
+        strategy: one of :data:`STRATEGIES` (``mixed`` and ``uncertainty`` need ``margin``).
+        source: (N, D) unit embeddings.
+        n: how many.
+        labelled: (L, D) unit embeddings of the labelled images, or None.
+        exclude: (N,) bool, rows never chosen.
+        margin: (N,) PAWS-NN margins, or None at a cold start.
+        suggested: (N,) PAWS-NN's class of each row.
+        seed: seed of k-means and of random choices.
+        progress: show a progress bar over the passes through the embeddings.
+    """
+    if strategy not in STRATEGIES:
+        raise UserError(f"unknown strategy '{strategy}': choose one of {', '.join(STRATEGIES)}")
+    if strategy in ("mixed", "uncertainty") and margin is None:
+        raise UserError(
+            f"--strategy {strategy} needs a trained run (PAWS-NN's uncertainty); "
+            "without one use coverage or random"
+        )
+    if strategy == "random":
+        rows = random_select(len(source), n, exclude, seed)
+        return rows, ["random"] * len(rows)
+    chunks = -(-len(source) // source.chunk)
+    if strategy == "coverage":
+        with _ticks(progress, (KMEANS_ITERS + 2) * chunks) as tick:
+            rows = kmeans_select(source, n, labelled, exclude, KMEANS_ITERS, seed, tick=tick)
+        return rows, ["coverage"] * len(rows)
+    if strategy == "kcenter":
+        with _ticks(progress, (n + 2) * chunks) as tick:
+            rows = k_center_greedy(source, n, labelled, exclude, tick=tick)
+        return rows, ["coverage (k-center)"] * len(rows)
+    assert margin is not None
+    if strategy == "uncertainty":
+        rows = least_margin(margin, n, exclude)
+        return rows, [f"uncertain (margin {margin[i]:.2f})" for i in rows]
+    with _ticks(progress, (KMEANS_ITERS + 2) * chunks) as tick:
+        rows = mixed_select(
+            source, margin, np.asarray(suggested), n, labelled, exclude, seed=seed, tick=tick
+        )
+    return rows, [f"typical of an uncertain group (margin {margin[i]:.2f})" for i in rows]
+
+
+@contextmanager
+def _ticks(show: bool, total: int) -> Iterator[Callable[[], None] | None]:
+    """A progress bar's one-step update over ``total`` chunk reads, or None."""
+    if not show:
+        yield None
+        return
+    bar = Progress(total, "select")
+    try:
+        yield lambda: bar.update(1)
+    finally:
+        bar.close()
+
+
+def _classify(
+    source: EmbeddingSource, support: torch.Tensor, labels: torch.Tensor, k: int, tau: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """PAWS-NN of every row, chunk by chunk: ``(class (N,), probability (N,), margin (N,))``."""
+    top, conf, margin = [], [], []
+    for _, x in source.chunks():
+        p = snn_classify(x, support, labels, k, tau)
+        values, classes = p.max(dim=1)
+        top.append(classes.numpy())
+        conf.append(values.numpy())
+        margin.append(margins(p).numpy())
+    return np.concatenate(top), np.concatenate(conf), np.concatenate(margin)
+
+
+# --------------------------------------------------------------------------------------------
+# Pools.
+
+
+def _file_pool(folder: str | Path, labelled: ImageSet | None, loading: Loading) -> Pool:
+    files = expand_images([folder])
+    known = {f.resolve() for f in (labelled.files or [])} if labelled is not None else set()
+    mask = np.array([f.resolve() in known for f in files], dtype=bool)
+    root = Path(folder).expanduser()
+    names = [str(f.relative_to(root)) for f in files]
+    images = ImageSet(labels=-np.ones(len(files), dtype=np.int64), names=names, files=files)
+    return Pool(images, mask, loading, builtin=False)
+
+
+def _own_pool(data: Datasets, cfg: Config, loading: Loading) -> Pool:
+    """The unlabelled set of a config, the labelled images marked."""
+    unl, lab = data.unlabeled, data.labeled
+    if unl.files is not None:
+        known = {f.resolve() for f in lab.files or []}
+        mask = np.array([f.resolve() in known for f in unl.files], dtype=bool)
+        return Pool(unl, mask, loading, builtin=False)
+    names = set(lab.names)
+    mask = np.array([name in names for name in unl.names], dtype=bool)
+    return Pool(unl, mask, loading, builtin=cfg.data.dataset != "folder")
+
+
+def _on_disk(cfg: Config) -> Config:
+    """A folder dataset's config that keeps its images as files (their paths go in the CSV)."""
+    if cfg.data.dataset != "folder":
+        return cfg
+    return replace(cfg, data=replace(cfg.data, in_memory=False))
+
+
+def _no_labels(cfg: Config) -> Config:
+    """A built-in dataset's config whose whole training set is the pool, with no labelled
+    subset drawn (a cold start has none)."""
+    d = replace(
+        cfg.data,
+        labels_per_class=None,
+        num_labels=None,
+        label_fraction=None,
+        split_file=None,
+        unlabeled_includes_labeled=True,
+    )
+    return replace(cfg, data=d)
+
+
+def _check_n(n: int, pool: Pool) -> None:
+    if n < 1:
+        raise UserError("-n must be at least 1")
+    left = int((~pool.labelled).sum())
+    if left == 0:
+        raise UserError("every candidate image is labelled already: nothing to suggest")
+    if n > left:
+        info(f"only {left} candidate images are not labelled yet: suggesting all of them")
+
+
+# --------------------------------------------------------------------------------------------
+# The two ways in.
+
+
+def suggest_from_run(
+    path: str | Path,
+    n: int,
+    strategy: str = "mixed",
+    unlabeled: str | Path | None = None,
+    overrides: list[str] | None = None,
+    device: torch.device | None = None,
+    seed: int = 0,
+    scratch: Path | None = None,
+    progress: bool = True,
+) -> Suggestions:
+    """Suggest ``n`` images to label next from a trained run (see the module's doc).
+
+    Args:
+        path: run directory or checkpoint (a run means its final model).
+        n: how many images.
+        strategy: one of :data:`STRATEGIES`.
+        unlabeled: a folder of candidate images (default: the run's own unlabelled set).
+        overrides: config overrides (e.g. ``data.root=...`` to find the labelled set).
+        device: compute device (default: the CPU).
+        seed: seed of k-means and random choices.
+        scratch: folder for the embeddings of very large pools (default: a temporary one).
+        progress: show progress.
+    """
+    device = device or torch.device("cpu")
+    cfg, net, state = rundir.restore_model(path, overrides)
+    cfg = _on_disk(cfg)
+    net.to(device)
+    try:
+        data = load_datasets(cfg)
+    except UserError as e:
+        raise UserError(
+            f"cannot rebuild the run's labelled set ({e}); set data paths with --set"
+        ) from e
+    loading = Loading.of(cfg, data)
+    if unlabeled is not None:
+        pool = _file_pool(unlabeled, data.labeled, loading)
+    else:
+        pool = _own_pool(data, cfg, loading)
+    _check_n(n, pool)
+    features = cfg.eval.features
+    with tempfile.TemporaryDirectory(dir=scratch) as tmp:
+        support = embed_pool(
+            net, data.labeled, cfg, loading, device, features, Path(tmp), progress=False
+        )
+        labelled = support.take(np.arange(len(support)))
+        source = embed_pool(net, pool.images, cfg, loading, device, features, Path(tmp), progress)
+        y = torch.from_numpy(np.asarray(data.labeled.labels, dtype=np.int64))
+        top, conf, margin = _classify(source, labelled, y, len(data.classes), cfg.eval.tau)
+        rows, reasons = choose(
+            strategy, source, n, labelled, pool.labelled, margin, top, seed, progress
+        )
+    picks = [
+        Suggestion(int(i), data.classes[top[i]], float(conf[i]), r) for i, r in zip(rows, reasons)
+    ]
+    return Suggestions(pool, picks, strategy, f"the run's {features} embedding")
+
+
+def _cold_model(cfg: Config, kind: str, channels: int) -> tuple[torch.nn.Module, str, str]:
+    """The label-free features of a cold start: ``(model, features argument, description)``."""
+    if kind == "auto":
+        kind = "encoder" if cfg.model.weights else "pixels"
+    if kind == "pixels":
+        return PixelFeatures(), "head", "pixels"
+    arch = Architecture.from_config(cfg, channels)
+    net = build_network(arch, cfg.run.seed, cfg.model.weights)
+    what = (
+        f"the {cfg.model.encoder} backbone from {cfg.model.weights}"
+        if cfg.model.weights
+        else (f"a randomly initialised {cfg.model.encoder}")
+    )
+    return net, "trunk", what
+
+
+def suggest_cold(
+    cfg: Config,
+    n: int,
+    unlabeled: str | Path | None = None,
+    strategy: str = "coverage",
+    features: str = "auto",
+    device: torch.device | None = None,
+    seed: int = 0,
+    scratch: Path | None = None,
+    progress: bool = True,
+) -> Suggestions:
+    """Suggest a first batch of ``n`` images with no trained run (see the module's doc).
+
+    Args:
+        cfg: the config: its encoder, evaluation view and normalisation; its dataset's
+            training set is the pool without ``unlabeled``; the images of its
+            ``data.labels_file`` or ``data.labeled`` count as labelled.
+        n: how many images.
+        unlabeled: a folder of candidate images.
+        strategy: ``coverage`` (k-means) or ``random``.
+        features: one of :data:`COLD_FEATURES` (``auto``: the encoder when ``model.weights``
+            is set, else pixels).
+        device: compute device (default: the CPU).
+        seed: seed of k-means and random choices.
+        scratch: folder for the embeddings of very large pools.
+        progress: show progress.
+    """
+    if features not in COLD_FEATURES:
+        raise UserError(f"unknown features '{features}': choose one of {', '.join(COLD_FEATURES)}")
+    device = device or torch.device("cpu")
+    d = cfg.data
+    has_labels = bool(d.labels_file or (d.dataset == "folder" and d.labeled))
+    data: Datasets | None = None
+    if unlabeled is None or has_labels:
+        data = load_datasets(_on_disk(cfg if has_labels else _no_labels(cfg)))
+    if unlabeled is not None:
+        files = expand_images([unlabeled])
+        from paws.data.images import is_grey
+
+        channels = d.channels or (1 if is_grey(files) else 3)
+        loading = (
+            Loading.of(cfg, data)
+            if data is not None
+            else Loading(channels, *_default_stats(cfg, channels), workers=d.workers)
+        )
+        pool = _file_pool(unlabeled, data.labeled if has_labels and data else None, loading)
+    else:
+        assert data is not None
+        loading = Loading.of(cfg, data)
+        pool = _own_pool(data, cfg, loading)
+        if not has_labels:
+            pool.labelled[:] = False
+    _check_n(n, pool)
+    model, which, what = _cold_model(cfg, features, loading.channels)
+    model.to(device)
+    with tempfile.TemporaryDirectory(dir=scratch) as tmp:
+        labelled = None
+        if has_labels and data is not None:
+            lab = embed_pool(model, data.labeled, cfg, loading, device, which, Path(tmp), False)
+            labelled = lab.take(np.arange(len(lab)))
+        source = embed_pool(model, pool.images, cfg, loading, device, which, Path(tmp), progress)
+        rows, reasons = choose(
+            strategy, source, n, labelled, pool.labelled, seed=seed, progress=progress
+        )
+    picks = [Suggestion(int(i), None, None, r) for i, r in zip(rows, reasons)]
+    return Suggestions(pool, picks, strategy, what)
+
+
+def _default_stats(cfg: Config, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Normalisation of a folder of images with no dataset: ``data.mean``/``data.std`` or
+    ImageNet's (grey: its luma)."""
+    if cfg.data.mean and cfg.data.std:
+        return tuple(cfg.data.mean), tuple(cfg.data.std)
+    return ((0.449,), (0.226,)) if channels == 1 else ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+# --------------------------------------------------------------------------------------------
+# The contact sheet.
+
+
+def _thumbnail(pool: Pool, i: int, size: int = 96) -> bytes:
+    """A PNG of candidate ``i``, its longer side at most ``size`` pixels."""
+    images = pool.images
+    if images.images is not None:
+        x = images.images[i].numpy()
+        im = Image.fromarray(x[0] if x.shape[0] == 1 else x.transpose(1, 2, 0))
+    else:
+        assert images.files is not None
+        im = read_image(images.files[i])
+    im.thumbnail((size, size))
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_sheet(s: Suggestions, out: str | Path, csv_name: str | None = None) -> Path:
+    """Write a self-contained HTML contact sheet of the suggestions: thumbnails grouped by
+    suggested class, each with its file name, confidence and reason."""
+    from paws.report.sheet import SheetItem, contact_sheet
+
+    out = Path(out).expanduser()
+    items = [
+        SheetItem(
+            group=p.suggested or "no suggestion yet (cold start)",
+            png=_thumbnail(s.pool, p.index),
+            name=s.pool.path(p.index, out.parent),
+            lines=[
+                *([f"{p.suggested} {p.confidence:.2f}"] if p.confidence is not None else []),
+                p.reason,
+            ],
+            rank=rank + 1,
+        )
+        for rank, p in enumerate(s.picks)
+    ]
+    title = f"{len(items)} images to label next ({s.strategy}, {s.features})"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(contact_sheet(items, title, csv_name), encoding="utf-8")
+    return out
+
+
+def describe(s: Suggestions) -> dict[str, Any]:
+    """Counts for the command's summary line."""
+    groups: dict[str, int] = {}
+    for p in s.picks:
+        groups[p.suggested or ""] = groups.get(p.suggested or "", 0) + 1
+    return {"images": len(s.picks), "pool": len(s.pool.images), "groups": groups}
