@@ -24,7 +24,7 @@ seed a different draw of the labels (``data.split_seed``) and of the weights (``
 
 Each run goes to ``OUT/<setting>/<arm>/seed<N>`` and is skipped when it already finished (its
 figures are read back), so the script can be run piecewise. Figures are also written to
-``OUT/results.json``.
+``OUT/results.json`` (merged with those of earlier invocations).
 """
 
 # ruff: noqa: E402 - the environment is set before torch is imported
@@ -180,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     progress.set_quiet(True)
     out = Path(a.out)
-    results: dict = {}
+    saved = out / "results.json"  # figures of earlier invocations are kept
+    results: dict = json.loads(saved.read_text()) if saved.is_file() else {}
     for setting in a.settings:
         for arm in ARMS[setting]:
             if a.arms and arm not in a.arms:
@@ -196,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
             minutes = statistics.mean(r["minutes"] for r in rows)
             print(f"{line}   ({minutes:.1f} min a run)", flush=True)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    saved.write_text(json.dumps(results, indent=2) + "\n")
     return 0
 
 
