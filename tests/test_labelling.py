@@ -13,7 +13,7 @@ import torch
 from test_data import write_fashion
 from tiny import error_line, run_cli, set_args, tiny_overrides, train_tiny, write_folder
 
-from paws import checkpoint
+from paws import checkpoint, suggest
 from paws.config import load_config
 from paws.data import load_datasets
 
@@ -106,6 +106,28 @@ def test_suggest_never_suggests_labelled_images(shared_run, tmp_path, capsys, mo
     every = {f.resolve() for f in data.rglob("*.png")}
     assert len(labelled) == 32 and labelled < every
     assert len(chosen) == len(set(chosen)) and set(chosen) == every - labelled
+
+
+@pytest.mark.parametrize("space", ["trunk", "head"])
+def test_coverage_chooses_in_the_space_asked_for(shared_run, space, monkeypatch):
+    _, run = shared_run
+    made, chosen_in = {}, []
+    embed, choose = suggest.embed_pool, suggest.choose
+
+    def spy_embed(net, images, cfg, loading, device, features, *a, **k):
+        out = embed(net, images, cfg, loading, device, features, *a, **k)
+        made[id(out)] = features
+        return out
+
+    def spy_choose(strategy, source, *a, **k):
+        chosen_in.append(made[id(source)])
+        return choose(strategy, source, *a, **k)
+
+    monkeypatch.setattr(suggest, "embed_pool", spy_embed)
+    monkeypatch.setattr(suggest, "choose", spy_choose)
+    s = suggest.suggest_from_run(run, 3, "coverage", progress=False, space=space)
+    assert chosen_in == [space] and s.features == f"the run's {space} embedding"
+    assert len(s.picks) == 3 and all(p.suggested is not None for p in s.picks)
 
 
 def test_cold_start_suggests_from_a_folder_with_no_run(pool, tmp_path, capsys, monkeypatch):

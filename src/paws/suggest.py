@@ -72,6 +72,8 @@ __all__ = [
 ]
 
 STRATEGIES = ("mixed", "coverage", "uncertainty", "random", "kcenter")
+GEOMETRIC = ("mixed", "coverage", "kcenter")  # strategies that use distances between images
+SPACES = ("trunk", "head")
 KMEANS_ITERS = 10  # Lloyd iterations of coverage
 COLD_FEATURES = ("auto", "pixels", "encoder")
 
@@ -164,6 +166,7 @@ def embed_pool(
     device: torch.device,
     features: str,
     scratch: Path | None = None,
+    *,
     memory_rows: int = 250_000,
     chunk: int = 16384,
     progress: bool = True,
@@ -364,6 +367,7 @@ def suggest_from_run(
     seed: int = 0,
     scratch: Path | None = None,
     progress: bool = True,
+    space: str = "trunk",
 ) -> Suggestions:
     """Suggest ``n`` images to label next from a trained run (see the module's doc).
 
@@ -377,7 +381,12 @@ def suggest_from_run(
         seed: seed of k-means and random choices.
         scratch: folder for the embeddings of very large pools (default: a temporary one).
         progress: show progress.
+        space: the embedding the geometric strategies (:data:`GEOMETRIC`) choose in,
+            ``"trunk"`` or ``"head"``; PAWS-NN's classes and margins always come from the
+            run's ``eval.features``.
     """
+    if space not in SPACES:
+        raise UserError(f"unknown space '{space}': choose one of {', '.join(SPACES)}")
     device = device or torch.device("cpu")
     cfg, net, state = rundir.restore_model(path, overrides)
     cfg = _on_disk(cfg)
@@ -396,20 +405,44 @@ def suggest_from_run(
     _check_n(n, pool)
     features = cfg.eval.features
     with tempfile.TemporaryDirectory(dir=scratch) as tmp:
-        support = embed_pool(
-            net, data.labeled, cfg, loading, device, features, Path(tmp), progress=False
-        )
-        labelled = support.take(np.arange(len(support)))
-        source = embed_pool(net, pool.images, cfg, loading, device, features, Path(tmp), progress)
+        both = (net, data.labeled, pool, cfg, loading, device)
+        labelled, source = _embed_both(*both, features, tmp, progress)
         y = torch.from_numpy(np.asarray(data.labeled.labels, dtype=np.int64))
         top, conf, margin = _classify(source, labelled, y, len(data.classes), cfg.eval.tau)
+        if space != features and strategy in GEOMETRIC:
+            labelled, source = _embed_both(*both, space, tmp, progress)
         rows, reasons = choose(
             strategy, source, n, labelled, pool.labelled, margin, top, seed, progress
         )
     picks = [
         Suggestion(int(i), data.classes[top[i]], float(conf[i]), r) for i, r in zip(rows, reasons)
     ]
-    return Suggestions(pool, picks, strategy, f"the run's {features} embedding")
+    where = space if strategy in GEOMETRIC else features
+    return Suggestions(pool, picks, strategy, f"the run's {where} embedding")
+
+
+def _embed_both(
+    net: torch.nn.Module,
+    labelled: ImageSet | None,
+    pool: Pool,
+    cfg: Config,
+    loading: Loading,
+    device: torch.device,
+    features: str,
+    tmp: str,
+    progress: bool,
+) -> tuple[torch.Tensor | None, EmbeddingSource]:
+    """The (L, D) ``features`` embeddings of the labelled images (None without them) and the
+    (N, D) source of the candidates, each with its own scratch folder."""
+    folder = Path(tmp) / features
+    (folder / "labelled").mkdir(parents=True, exist_ok=True)
+    args = (cfg, loading, device, features)
+    lab = None
+    if labelled is not None:
+        stored = embed_pool(net, labelled, *args, folder / "labelled", progress=False)
+        lab = stored.take(np.arange(len(stored)))
+    source = embed_pool(net, pool.images, *args, folder, progress=progress)
+    return lab, source
 
 
 def _cold_model(cfg: Config, kind: str, channels: int) -> tuple[torch.nn.Module, str, str]:
@@ -484,11 +517,17 @@ def suggest_cold(
     model, which, what = _cold_model(cfg, features, loading.channels)
     model.to(device)
     with tempfile.TemporaryDirectory(dir=scratch) as tmp:
-        labelled = None
-        if has_labels and data is not None:
-            lab = embed_pool(model, data.labeled, cfg, loading, device, which, Path(tmp), False)
-            labelled = lab.take(np.arange(len(lab)))
-        source = embed_pool(model, pool.images, cfg, loading, device, which, Path(tmp), progress)
+        labelled, source = _embed_both(
+            model,
+            data.labeled if has_labels and data else None,
+            pool,
+            cfg,
+            loading,
+            device,
+            which,
+            tmp,
+            progress,
+        )
         rows, reasons = choose(
             strategy, source, n, labelled, pool.labelled, seed=seed, progress=progress
         )

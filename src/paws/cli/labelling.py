@@ -60,6 +60,13 @@ def _suggest_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], 
         help="cold start: what to cluster; pixels, or the config's encoder (model.weights, or "
         "random weights); auto: the encoder with model.weights, else pixels",
     )
+    p.add_argument(
+        "--space",
+        choices=["trunk", "head"],
+        default="trunk",
+        help="with a run: the embedding mixed, coverage and kcenter choose in; trunk (the "
+        "default, measured better in benchmarks/label_selection.py) or the projection head's",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of k-means and random choices")
     p.add_argument(
         "--device",
@@ -106,7 +113,14 @@ def _suggest(args: argparse.Namespace):
         device = runtime.setup(checkpoint_config(args.run, overrides))
         strategy = args.strategy or "mixed"
         return suggest_from_run(
-            args.run, args.n, strategy, args.unlabeled, overrides, device, args.seed
+            args.run,
+            args.n,
+            strategy,
+            args.unlabeled,
+            overrides,
+            device,
+            args.seed,
+            space=args.space,
         )
     cfg = load_config(args.config, [*args.overrides, *device_set])
     device = runtime.setup(cfg)
