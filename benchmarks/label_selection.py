@@ -162,7 +162,7 @@ def main() -> None:
     p.add_argument("--out", default="runs/bench-label-selection", help="where the runs go")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
-    p.add_argument("--strategy", default="mixed", help="paws suggest strategy of round 2")
+    p.add_argument("--strategy", default="coverage", help="paws suggest strategy of round 2")
     p.add_argument(
         "--round2-epochs",
         type=float,

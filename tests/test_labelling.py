@@ -70,7 +70,7 @@ def test_suggest_writes_the_csv_and_a_contact_sheet_and_round_trips_into_trainin
     classes = {f"class{c}" for c in range(4)}  # the run's labelled classes
     assert all(r["suggested_label"] in classes for r in rows)
     assert all(0 < float(r["confidence"]) <= 1 for r in rows)
-    assert all(r["reason"].startswith("typical of an uncertain group (margin ") for r in rows)
+    assert all(r["reason"] == "coverage" for r in rows)  # the default strategy
     files = [(tmp_path / r["path"]).resolve() for r in rows]
     labelled = {f.resolve() for f in paths["labeled"].rglob("*.png")}
     assert all(f.is_file() and f not in labelled for f in files)

@@ -4,10 +4,11 @@ From a trained run, the candidates (a folder of images, or the run's own unlabel
 embedded as PAWS-NN embeds them and classified by soft nearest neighbours against the run's
 labelled images; :mod:`paws.selection` then chooses n of them by one of :data:`STRATEGIES`:
 
-- ``mixed`` (the default): typical images among the uncertain, spread over the suggested classes
+- ``coverage`` (the default): the image nearest each of n k-means centres, the labelled images
+  held as fixed centres (:func:`paws.selection.kmeans_select`), in the trunk's embedding: the
+  best of the strategies tried as round 2 of ``benchmarks/label_selection.py``;
+- ``mixed``: typical images among the uncertain, spread over the suggested classes
   (:func:`paws.selection.mixed_select`);
-- ``coverage``: the image nearest each of n k-means centres, the labelled images held as fixed
-  centres (:func:`paws.selection.kmeans_select`);
 - ``uncertainty``: the smallest margins between PAWS-NN's two most probable classes;
 - ``random``: uniformly at random.
 
@@ -360,7 +361,7 @@ def _check_n(n: int, pool: Pool) -> None:
 def suggest_from_run(
     path: str | Path,
     n: int,
-    strategy: str = "mixed",
+    strategy: str = "coverage",
     unlabeled: str | Path | None = None,
     overrides: list[str] | None = None,
     device: torch.device | None = None,

@@ -48,10 +48,11 @@ def _suggest_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], 
     p.add_argument(
         "--strategy",
         choices=["mixed", "coverage", "uncertainty", "random", "kcenter"],
-        help="mixed (default with a run): typical images among the uncertain, spread over the "
-        "suggested classes; coverage (default at a cold start): the image nearest each k-means "
-        "centre; uncertainty: smallest PAWS-NN margin; random; kcenter: k-center greedy "
-        "(farthest first: outliers, worse than random for small batches)",
+        help="coverage (the default): the image nearest each k-means centre, the labelled "
+        "images fixed centres; mixed: typical images of the groups PAWS-NN is least sure of, "
+        "spread over the suggested classes; uncertainty: smallest PAWS-NN margin; random; "
+        "kcenter: k-center greedy (farthest first: outliers, worse than random for small "
+        "batches)",
     )
     p.add_argument(
         "--features",
@@ -111,7 +112,7 @@ def _suggest(args: argparse.Namespace):
             raise UserError("--config applies to a cold start; a run has its own config")
         overrides = [*args.overrides, *device_set]
         device = runtime.setup(checkpoint_config(args.run, overrides))
-        strategy = args.strategy or "mixed"
+        strategy = args.strategy or "coverage"
         return suggest_from_run(
             args.run,
             args.n,
