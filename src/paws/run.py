@@ -26,7 +26,7 @@ from paws.data.sources import Datasets
 from paws.errors import UserError
 from paws.evaluate import paws_nn
 from paws.losses import smooth_labels
-from paws.models import Architecture, PAWSModel, build_network, check_encoder
+from paws.models import Architecture, PAWSModel, build_network, check_encoder, load_weights
 from paws.optim import LARS, WarmupCosine, param_groups
 from paws.priors import ClassPrior
 from paws.progress import info
@@ -250,13 +250,25 @@ def build_run(cfg: Config, out: Path, data: Datasets, device: torch.device) -> R
 
 def restore_run(run: Run, state: dict[str, Any]) -> None:
     """Continue ``run`` from a checkpoint: weights, optimiser, scaler, random state, step; logs
-    of steps after the checkpoint are dropped."""
-    run.model.load_state_dict(state["model"])
-    run.optimizer.load_state_dict(state["optimizer"])
-    if run.scaler is not None and state.get("scaler"):
-        run.scaler.load_state_dict(state["scaler"])
-    checkpoint.set_rng_state(state["rng"])
-    run.prior.load_state_dict(state.get("prior") or {})
+    of steps after the checkpoint are dropped.
+
+    Raises:
+        UserError: the checkpoint's weights or training state do not fit the run.
+    """
+    last = run.out / rundir.LAST
+    load_weights(run.model, state["model"], str(last))
+    try:
+        run.optimizer.load_state_dict(state["optimizer"])
+        if run.scaler is not None and state.get("scaler"):
+            run.scaler.load_state_dict(state["scaler"])
+        checkpoint.set_rng_state(state["rng"])
+        run.prior.load_state_dict(state.get("prior") or {})
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(
+            f"{last} is damaged: its training state does not fit the run ({first[:120]}); "
+            "resume from a copy of the run's earlier checkpoint, or start a new run"
+        ) from e
     run.start = int(state["step"])
     run.last_good = (run.out / rundir.LAST, run.start)
     if distributed.is_main():
@@ -290,8 +302,9 @@ def open_init(
     if not path.is_file():
         raise UserError(f"--init {init}: no checkpoint {path}; name a paws run directory or .pt")
     start = checkpoint.load(path)
-    if start.get("kind") == "finetune" or "architecture" not in start:
+    if start.get("kind") == "finetune" or not start.get("architecture"):
         raise UserError(f"--init {path} is not a pre-trained model; name a paws train run")
+    Architecture.from_dict(start["architecture"], f"{path}: its architecture")
     start["path"] = str(path.resolve())
     cfg = replace(cfg, optim=replace(cfg.optim, min_steps=None))
     return cfg, start
@@ -312,7 +325,7 @@ def start_from(run: Run, start: dict[str, Any]) -> None:
             f"cannot start from {start['path']}: its architecture differs ({'; '.join(diff)}); "
             "use the same model settings and image channels"
         )
-    run.model.load_state_dict(start["model"])
+    load_weights(run.model, start["model"], start["path"])
     path = Path(start["path"])
     if distributed.is_main():
         record = {"from": str(rundir.output_dir(path)), "checkpoint": str(path)}

@@ -28,7 +28,7 @@ import torch
 from paws import checkpoint, distributed
 from paws.config import Config, apply_overrides, from_dict
 from paws.errors import UserError
-from paws.models import Architecture, build_network
+from paws.models import Architecture, build_network, load_weights
 from paws.models.networks import input_channels
 
 if TYPE_CHECKING:
@@ -325,17 +325,14 @@ def restore(
     state = checkpoint.load(file)
     cfg = from_dict(apply_overrides(state["config"], list(overrides or [])))
     if state.get("architecture"):
-        arch = Architecture.from_dict(state["architecture"])
+        arch = Architecture.from_dict(state["architecture"], f"{file}: its architecture")
     else:  # checkpoints written before architectures were recorded
         saved = from_dict(state["config"])
         channels = int(state.get("channels") or input_channels(state["model"]))
         classes = len(state.get("classes") or []) if state.get("kind") == "finetune" else None
         arch = Architecture.from_config(saved, channels, classes)
     net = build_network(arch, seed=0)  # the saved weights replace these
-    try:
-        net.load_state_dict(state["model"])
-    except RuntimeError as e:
-        raise UserError(f"{file} does not match its architecture: {str(e).splitlines()[0]}") from e
+    load_weights(net, state["model"], str(file))
     net.eval()
     return Restored(cfg, net, arch, state, file)
 

@@ -196,9 +196,29 @@ def recipe_path(name_or_path: str) -> Path:
     raise UserError(f"config file not found: {name_or_path} (packaged recipes: {', '.join(names)})")
 
 
+def _read_text(path: Path) -> str:
+    """A config file's text: UTF-8 (a UTF-8 byte-order mark is allowed), else one line."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"cannot read config {path}: {e.strerror or e}") from e
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise UserError(f"config {path} is UTF-16 text; save it as UTF-8")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise UserError(
+            f"config {path} is not UTF-8 text (byte {e.start} is 0x{raw[e.start]:02x}); "
+            "save it as UTF-8 YAML"
+        ) from e
+    if "\x00" in text:
+        raise UserError(f"config {path} holds binary data, not YAML text")
+    return text
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
-        data = _yaml_load(path.read_text())
+        data = _yaml_load(_read_text(path))
     except yaml.YAMLError as e:
         raise UserError(f"cannot parse {path}: {str(e).splitlines()[0]}") from e
     if data is None:
