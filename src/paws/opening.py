@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from paws import rundir
+from paws.config import apply_overrides, from_dict
 from paws.data.loaders import Loading
 from paws.data.sources import load_datasets
 from paws.errors import UserError
@@ -92,6 +93,8 @@ def from_checkpoint(
         device=device,
         support_source=None if is_classifier else _run_support(cfg),
         known_score=KnownScore.from_config(cfg),
+        on_bad_image=cfg.data.on_bad_image,
+        max_pixels=cfg.data.max_image_pixels,
     )
 
 
@@ -200,7 +203,8 @@ def load(
         device: ``"auto"``, ``"cpu"``, ``"cuda"``.
         support: a ``<class>/<image>`` folder to classify against (pre-trained models); default:
             the export's support embeddings, or the run's labelled images for a checkpoint.
-        overrides: config overrides for a checkpoint (ignored for an export).
+        overrides: config overrides for a checkpoint; for an export, only how image files
+            are read applies (``data.on_bad_image``, ``data.max_image_pixels``).
 
     Returns:
         A :class:`Predictor` with ``.predict(images, top_k=...)``, ``.predict_proba(images)``
@@ -214,6 +218,11 @@ def load(
     p = Path(path).expanduser()
     if is_export(p):
         predictor = from_export(p, device)
+        reading = from_dict(apply_overrides({}, list(overrides or []))).data
+        predictor.on_bad_image, predictor.max_pixels = (
+            reading.on_bad_image,
+            reading.max_image_pixels,
+        )
     elif p.is_file() or (p / rundir.LAST).is_file():
         predictor = from_checkpoint(p, overrides, device)
     else:

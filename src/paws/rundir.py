@@ -102,6 +102,7 @@ RESUME_SAFE_KEYS = (
     "data.root",
     "data.workers",
     "data.memory_limit_gb",
+    "data.max_image_pixels",
     "data.labeled",
     "data.unlabeled",
     "data.test",

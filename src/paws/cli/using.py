@@ -7,6 +7,7 @@ import argparse
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from paws.cli.base import (
     _checkpoint_overrides,
@@ -80,6 +81,21 @@ def _eval_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int
     return run
 
 
+def _readable(files: list[Path], model: Any) -> list[Path]:
+    """The files a model's last call read (``data.on_bad_image: skip`` leaves some out),
+    saying how many were skipped."""
+    from paws.progress import info
+
+    if not model.skipped:
+        return files
+    gone = {i for i, _ in model.skipped}
+    info(
+        f"skipped {len(gone)} unreadable images (data.on_bad_image: skip), e.g. "
+        f"{model.skipped[0][1]}"
+    )
+    return [f for i, f in enumerate(files) if i not in gone]
+
+
 @command("predict", "classify images: top-k classes with probabilities, as CSV or JSON")
 def _predict_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
     _model_args(p)
@@ -114,6 +130,7 @@ def _predict_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], 
                 f"{len(s.classes)} classes ({s.features} features, tau {model.tau:g})"
             )
         predictions = model.predictions(files, top_k=args.top_k, progress=True)
+        files = _readable(files, model)
         if not model.is_classifier:
             flagged = sum(p.unknown for p in predictions)
             info(
@@ -159,6 +176,7 @@ def _embed_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], in
         files = expand_images(args.images)
         model = _open_model(args)
         emb = model.embed(files, features=args.features, progress=True)
+        files = _readable(files, model)
         where = write_embeddings(args.out, emb, files, args.features)
         info(f"{emb.shape[0]} embeddings of size {emb.shape[1]} ({args.features}) in {where}")
         return 0

@@ -114,6 +114,12 @@ class DataConfig:
     on_bad_image: Literal["error", "skip"] = _f(
         "error", "a corrupt or non-image file: stop with an error, or skip it and report it"
     )
+    max_image_pixels: int = _f(
+        89_478_485,
+        "an image file claiming more pixels (width x height) is a bad image, never decoded "
+        "(a decompression bomb); at most Pillow's own limit",
+        (1, 178_956_970),
+    )
     channels: int | None = _f(None, "1 (grey) or 3 (colour); default: from the dataset", (1, 3))
     mean: list[float] | None = _f(None, "per-channel normalisation mean (default: dataset's)")
     std: list[float] | None = _f(None, "per-channel normalisation std (default: dataset's)")
