@@ -30,7 +30,7 @@ from paws.fitting import fit_to_data
 from paws.models import Architecture, build_network, check_encoder
 from paws.optim import LARS, WarmupCosine, param_groups, set_lr
 from paws.progress import Progress, info
-from paws.run import total_steps
+from paws.run import check_length, total_steps
 from paws.sampling import EpochSampler, Stream, UnlabeledSampler
 
 __all__ = ["train_baseline"]
@@ -41,11 +41,13 @@ def _length(cfg: Config, data: Datasets, steps_per_epoch: int) -> int:
     the data) and at least ``baseline.min_epochs`` epochs over the labelled images."""
     b = cfg.baseline
     if b.epochs is not None:
-        return max(1, int(round(b.epochs * steps_per_epoch)))
+        steps = max(1, int(round(b.epochs * steps_per_epoch)))
+        return check_length(steps, "baseline.epochs", steps_per_epoch)
     paws_cfg = fit_to_data(cfg, len(data.unlabeled), data.labeled.labels)
     unl = UnlabeledSampler(len(data.unlabeled), paws_cfg.optim.batch_size, cfg.run.seed)
     steps = total_steps(paws_cfg, unl.steps_per_epoch)
-    return max(steps, int(math.ceil(b.min_epochs * steps_per_epoch)))
+    least = int(math.ceil(b.min_epochs * steps_per_epoch))
+    return max(steps, check_length(least, "baseline.min_epochs", steps_per_epoch))
 
 
 def train_baseline(

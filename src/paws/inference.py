@@ -179,6 +179,8 @@ class Predictor:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise UserError(f"device '{device}' asked for but no GPU is available; use auto or cpu")
         self.net = net.to(self.device).eval()
         self.kind = kind
         self.preprocessing = preprocessing

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from paws import checkpoint, distributed, rundir, runtime, tracking
-from paws.config import Config, save_config, to_dict
+from paws.config import MAX_STEPS, Config, save_config, to_dict
 from paws.data.sources import Datasets
 from paws.errors import UserError
 from paws.evaluate import paws_nn
@@ -38,6 +38,7 @@ __all__ = [
     "training_model",
     "build_optimizer",
     "total_steps",
+    "check_length",
     "open_run",
     "start_run",
     "build_run",
@@ -74,10 +75,27 @@ def build_optimizer(cfg: Config, model: torch.nn.Module) -> LARS:
 
 
 def total_steps(cfg: Config, steps_per_epoch: int) -> int:
-    """Training length in steps: ``optim.steps`` or ``optim.epochs`` epochs (at least 1)."""
+    """Training length in steps: ``optim.steps`` or ``optim.epochs`` epochs (at least 1).
+
+    Raises:
+        UserError: more epochs than :data:`paws.config.MAX_STEPS` steps.
+    """
     if cfg.optim.steps is not None:
         return cfg.optim.steps
-    return max(1, int(round(cfg.optim.epochs * steps_per_epoch)))
+    return check_length(
+        max(1, int(round(cfg.optim.epochs * steps_per_epoch))), "optim.epochs", steps_per_epoch
+    )
+
+
+def check_length(steps: int, key: str, steps_per_epoch: int) -> int:
+    """``steps``, or a one-line error when a length in epochs (``key``) means more steps than
+    a run can take (:data:`paws.config.MAX_STEPS`)."""
+    if steps > MAX_STEPS:
+        raise UserError(
+            f"{key} asks for {steps:,} steps ({steps_per_epoch:,} an epoch), more than the "
+            f"largest run ({MAX_STEPS:,} steps); lower it"
+        )
+    return steps
 
 
 @dataclass

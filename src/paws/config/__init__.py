@@ -12,6 +12,7 @@ from paws.config.loading import (
     to_dict,
 )
 from paws.config.schema import (
+    MAX_STEPS,
     TIMM_KEYS,
     BaselineConfig,
     Config,
@@ -28,6 +29,7 @@ from paws.config.schema import (
 )
 
 __all__ = [
+    "MAX_STEPS",
     "Config",
     "DataConfig",
     "ViewsConfig",

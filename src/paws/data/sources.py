@@ -437,8 +437,18 @@ def _hf_sets(cfg: Config) -> Datasets:
 
 
 def load_datasets(cfg: Config) -> Datasets:
-    """Load the run's unlabelled, labelled and test sets as the config describes."""
+    """Load the run's unlabelled, labelled and test sets as the config describes.
+
+    Raises:
+        UserError: a folder the config names does not exist (``data.root`` included: a
+            dataset is never silently taken from elsewhere), or anything wrong with the data.
+    """
     d = cfg.data
+    if d.root and not Path(d.root).expanduser().exists():
+        raise UserError(
+            f"data.root {d.root} does not exist; fix the path, or create the folder "
+            "(Fashion-MNIST is downloaded into it when it is not there)"
+        )
     if d.dataset == "folder":
         return _folder_sets(cfg)
     if d.dataset == "imagenet":
