@@ -140,7 +140,8 @@ def _check_range(value: Any, rng: tuple | None, key: str) -> None:
     lo, hi = rng
     if (lo is not None and value < lo) or (hi is not None and value > hi):
         span = f">= {lo}" if hi is None else f"<= {hi}" if lo is None else f"in [{lo}, {hi}]"
-        raise UserError(f"{key} must be {span}, got {value}")
+        shown = f"{value:.3g}" if abs(value) > 1e12 else value  # e.g. 1e30 read as an int
+        raise UserError(f"{key} must be {span}, got {shown}")
 
 
 def _unknown(key: str, valid: list[str], where: str) -> UserError:
