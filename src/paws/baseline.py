@@ -26,6 +26,7 @@ from paws.data.loaders import Loading, view_batches
 from paws.data.sources import Datasets, load_datasets
 from paws.errors import UserError
 from paws.evaluate import classifier_accuracy
+from paws.files import check_out_dir
 from paws.fitting import fit_to_data
 from paws.models import Architecture, build_network, check_encoder
 from paws.optim import LARS, WarmupCosine, param_groups, set_lr
@@ -70,6 +71,8 @@ def train_baseline(
         ``out_dir/baseline.json`` when ``out_dir`` is given.
     """
     check_encoder(cfg.model.encoder)
+    if out_dir is not None:  # before the training, not after it
+        check_out_dir(out_dir)
     device = device or runtime.device_for(cfg.run.device)
     data = data or load_datasets(cfg)
     if data.test is None:
@@ -124,8 +127,12 @@ def train_baseline(
         seconds=round(time.time() - start, 1),
     )
     if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "baseline_config.yaml")
-        rundir.write_json(out / "baseline.json", result)
+        _write(Path(out_dir), cfg, result)
     return result
+
+
+def _write(out: Path, cfg: Config, result: dict[str, Any]) -> None:
+    """The baseline's files: its config and its result."""
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "baseline_config.yaml")
+    rundir.write_json(out / "baseline.json", result)

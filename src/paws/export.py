@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from paws.errors import UserError
+from paws.files import check_out_dir, reason, write_atomic
 
 __all__ = [
     "MANIFEST",
@@ -83,12 +84,15 @@ def write_export(export: Export, out_dir: str | Path) -> Path:
     Returns:
         The folder.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_out_dir(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the export folder {out}: {reason(e)}") from e
     state = {k: v.detach().cpu().contiguous() for k, v in export.weights.items()}
-    save_file(state, str(out / _WEIGHTS), metadata={"format": FORMAT})
+    write_atomic(out / _WEIGHTS, save(state, metadata={"format": FORMAT}))
     classify = dict(export.classify)
     if export.support is not None:
         support = {
@@ -97,7 +101,7 @@ def write_export(export: Export, out_dir: str | Path) -> Path:
         }
         if export.support.get("known") is not None:
             support["known"] = export.support["known"].float().contiguous()
-        save_file(support, str(out / _SUPPORT), metadata={"format": FORMAT})
+        write_atomic(out / _SUPPORT, save(support, metadata={"format": FORMAT}))
         classify.update(support=_SUPPORT, num_support=len(support["labels"]))
     manifest: dict[str, Any] = {
         "format": FORMAT,
@@ -109,7 +113,7 @@ def write_export(export: Export, out_dir: str | Path) -> Path:
         "classes": list(export.classes),
         "classify": classify,
     }
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    write_atomic(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     return out
 
 

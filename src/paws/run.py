@@ -25,6 +25,7 @@ from paws.config import MAX_STEPS, Config, save_config, to_dict
 from paws.data.sources import Datasets
 from paws.errors import UserError
 from paws.evaluate import paws_nn
+from paws.files import check_out_dir
 from paws.losses import smooth_labels
 from paws.models import Architecture, PAWSModel, build_network, check_encoder, load_weights
 from paws.optim import LARS, WarmupCosine, param_groups
@@ -179,10 +180,14 @@ def open_run(cfg: Config, out: Path, resume: bool) -> dict[str, Any] | None:
     """
     check_encoder(cfg.model.encoder)
     tracking.require(cfg)
+    check_out_dir(out, "run directory")
     state = None
     last = out / rundir.LAST
     if resume and not last.exists():
         info(f"{out} has no checkpoint yet: starting it from step 0")
+        if distributed.is_main():  # rows of steps no checkpoint kept are logged again
+            rundir.truncate_rows(out / rundir.METRICS, 0)
+            rundir.truncate_rows(out / rundir.EVALS, 0)
     elif resume:
         state = checkpoint.load(last)
         if any(k not in state for k in ("optimizer", "step", "rng")):
@@ -391,6 +396,7 @@ def finish_run(run: Run, step: int, evals: rundir.MetricsLog) -> dict[str, Any] 
     ev = None
     if data.test is not None:
         ev = paws_nn(run.model, data, cfg, device, progress=True)
+        rundir.truncate_rows(run.out / rundir.EVALS, step - 1)  # a finished run resumed
         evals.log({"step": step, "top1": ev["top1"], "top5": ev["top5"]})
     summary: dict[str, Any] = {"model": rundir.FINAL, "step": step}
     report = _tighten_after_training(run, step)

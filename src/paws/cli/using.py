@@ -20,6 +20,7 @@ from paws.cli.base import (
     command,
 )
 from paws.errors import UserError
+from paws.files import check_out_dir, check_out_file, write_atomic
 
 
 @command("eval", "PAWS-NN accuracy of a checkpoint (labelled images as support)")
@@ -116,6 +117,8 @@ def _predict_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], 
 
         if args.top_k < 1:
             raise UserError("--top-k must be at least 1")
+        if args.out:
+            check_out_file(args.out)
         fmt = args.format or ("json" if (args.out or "").endswith(".json") else "csv")
         files = expand_images(args.images)
         model = _open_model(args)
@@ -140,7 +143,7 @@ def _predict_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], 
             )
         text = predictions_text(files, predictions, fmt)
         if args.out:
-            Path(args.out).write_text(text)
+            write_atomic(args.out, text)
             info(f"predictions written to {args.out}")
         else:
             sys.stdout.write(text)
@@ -173,6 +176,7 @@ def _embed_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], in
 
         if Path(args.out).suffix not in EMBEDDING_SUFFIXES:
             raise UserError(f"--out must end in .npy or .safetensors, got {Path(args.out).name}")
+        check_out_file(args.out)
         files = expand_images(args.images)
         model = _open_model(args)
         emb = model.embed(files, features=args.features, progress=True)
@@ -226,6 +230,7 @@ def _export_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], i
             out = src / f"export{suffix}"
         else:
             out = src.parent / f"export-{src.stem}{suffix}"
+        check_out_dir(out)
         model = from_checkpoint(src, args.overrides, args.device)
         if args.support:
             model.set_support(args.support, progress=True)

@@ -21,9 +21,11 @@ import yaml
 
 from paws.config.schema import Config
 from paws.errors import UserError
+from paws.files import write_atomic
 
 __all__ = [
     "load_config",
+    "read_yaml",
     "from_dict",
     "to_dict",
     "save_config",
@@ -217,7 +219,13 @@ def _read_text(path: Path) -> str:
     return text
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def read_yaml(path: Path) -> dict[str, Any]:
+    """A YAML config file's mapping of sections, unchecked (:func:`from_dict` checks it).
+
+    Raises:
+        UserError: a file that cannot be read, is not UTF-8 text, does not parse, or is not a
+            mapping.
+    """
     try:
         data = _yaml_load(_read_text(path))
     except yaml.YAMLError as e:
@@ -258,13 +266,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     Returns:
         A validated :class:`Config`.
     """
-    values: dict[str, Any] = _read_yaml(recipe_path(str(path))) if path else {}
+    values: dict[str, Any] = read_yaml(recipe_path(str(path))) if path else {}
     return from_dict(apply_overrides(values, list(overrides or [])))
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    """Write the resolved config as YAML."""
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    """Write the resolved config as YAML, atomically: a full disk leaves the old file (or
+    none), never an empty or half-written one."""
+    write_atomic(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def describe() -> str:
