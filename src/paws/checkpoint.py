@@ -172,7 +172,7 @@ _ENTRIES: dict[str, tuple[Any, str]] = {
     "architecture": (lambda v: v is None or isinstance(v, dict), "a mapping"),
     "step": (lambda v: v is None or (_is_int(v) and v >= 0), "a step number"),
     "config": (lambda v: isinstance(v, dict), "a mapping of config sections"),
-    "channels": (lambda v: v is None or v in (1, 3), "1 or 3"),
+    "channels": (lambda v: v is None or (_is_int(v) and v in (1, 3)), "1 or 3"),
     "classes": (lambda v: isinstance(v, (list, tuple)), "a list of class names"),
     "mean": (_numbers, "a list of numbers"),
     "std": (lambda v: _numbers(v) and all(x > 0 for x in v), "a list of positive numbers"),

@@ -36,6 +36,7 @@ class RunLock:
     def __init__(self, run_dir: str | Path):
         self.path = Path(run_dir) / LOCK
         self.fd: int | None = None
+        self.created = False  # the directory, by this lock: removed again if left empty
 
     def __enter__(self) -> RunLock:
         if self.fd is None:
@@ -52,6 +53,7 @@ class RunLock:
         if fcntl is None:
             return
         try:
+            self.created = not self.path.parent.exists()
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise UserError(f"cannot create {self.path.parent}: {e.strerror or e}") from e
@@ -80,7 +82,8 @@ class RunLock:
         self.fd = fd
 
     def release(self) -> None:
-        """Remove the lock file and let go of the lock (nothing if it is not held)."""
+        """Remove the lock file and let go of the lock (nothing if it is not held); a run
+        directory the lock created and nothing was written into is removed too."""
         if self.fd is None:
             return
         try:
@@ -89,3 +92,8 @@ class RunLock:
             pass
         os.close(self.fd)  # closing drops the flock
         self.fd = None
+        if self.created:
+            try:
+                self.path.parent.rmdir()  # only if empty: a run that failed before writing
+            except OSError:
+                pass
