@@ -88,10 +88,16 @@ def test_gentle_conversions():
 
 
 def test_out_of_range():
-    assert _error(["optim.batch_size=0"]) == "optim.batch_size must be >= 1, got 0"
+    assert _error(["optim.batch_size=0"]) == "optim.batch_size must be in [1, 1048576], got 0"
     assert _error(["optim.momentum=1.5"]) == "optim.momentum must be in [0.0, 0.9999], got 1.5"
     assert _error(["support.views=9"]) == "support.views must be in [1, 8], got 9"
     assert _error(["optim.ref_lr=-1"]) == "optim.ref_lr must be >= 0.0, got -1.0"
+    # Absurd counts are refused at once, not run for ever.
+    assert _error(["optim.steps=1e30"]) == "optim.steps must be in [1, 100000000], got 1e+30"
+    assert _error(["optim.epochs=1e30"]) == "optim.epochs must be in [0.0, 1000000.0], got 1e+30"
+    assert _error(["tighten.steps=1e9"]) == (
+        "tighten.steps must be in [1, 100000000], got 1000000000"
+    )
     # Bounds are inclusive.
     assert load_config(None, ["support.views=8", "optim.momentum=0"]).support.views == 8
 

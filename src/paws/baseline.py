@@ -26,11 +26,12 @@ from paws.data.loaders import Loading, view_batches
 from paws.data.sources import Datasets, load_datasets
 from paws.errors import UserError
 from paws.evaluate import classifier_accuracy
+from paws.files import check_out_dir
 from paws.fitting import fit_to_data
 from paws.models import Architecture, build_network, check_encoder
 from paws.optim import LARS, WarmupCosine, param_groups, set_lr
 from paws.progress import Progress, info
-from paws.run import total_steps
+from paws.run import check_length, total_steps
 from paws.sampling import EpochSampler, Stream, UnlabeledSampler
 
 __all__ = ["train_baseline"]
@@ -41,11 +42,13 @@ def _length(cfg: Config, data: Datasets, steps_per_epoch: int) -> int:
     the data) and at least ``baseline.min_epochs`` epochs over the labelled images."""
     b = cfg.baseline
     if b.epochs is not None:
-        return max(1, int(round(b.epochs * steps_per_epoch)))
+        steps = max(1, int(round(b.epochs * steps_per_epoch)))
+        return check_length(steps, "baseline.epochs", steps_per_epoch)
     paws_cfg = fit_to_data(cfg, len(data.unlabeled), data.labeled.labels)
     unl = UnlabeledSampler(len(data.unlabeled), paws_cfg.optim.batch_size, cfg.run.seed)
     steps = total_steps(paws_cfg, unl.steps_per_epoch)
-    return max(steps, int(math.ceil(b.min_epochs * steps_per_epoch)))
+    least = int(math.ceil(b.min_epochs * steps_per_epoch))
+    return max(steps, check_length(least, "baseline.min_epochs", steps_per_epoch))
 
 
 def train_baseline(
@@ -68,6 +71,8 @@ def train_baseline(
         ``out_dir/baseline.json`` when ``out_dir`` is given.
     """
     check_encoder(cfg.model.encoder)
+    if out_dir is not None:  # before the training, not after it
+        check_out_dir(out_dir)
     device = device or runtime.device_for(cfg.run.device)
     data = data or load_datasets(cfg)
     if data.test is None:
@@ -122,8 +127,12 @@ def train_baseline(
         seconds=round(time.time() - start, 1),
     )
     if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "baseline_config.yaml")
-        rundir.write_json(out / "baseline.json", result)
+        _write(Path(out_dir), cfg, result)
     return result
+
+
+def _write(out: Path, cfg: Config, result: dict[str, Any]) -> None:
+    """The baseline's files: its config and its result."""
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "baseline_config.yaml")
+    rundir.write_json(out / "baseline.json", result)

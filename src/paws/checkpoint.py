@@ -18,12 +18,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from paws.config import to_dict
+from paws.config import from_dict, to_dict
 from paws.errors import UserError
 
 __all__ = [
     "save",
     "load",
+    "check_structure",
     "remove_partial_writes",
     "rng_state",
     "set_rng_state",
@@ -128,7 +129,91 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
         raise UserError(f"cannot load checkpoint {path}: {first}") from e
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise UserError(f"{path} is not a paws checkpoint")
+    check_structure(state, path)
     return state
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _numbers(v: Any) -> bool:
+    return isinstance(v, (list, tuple)) and all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) and np.isfinite(x) for x in v
+    )
+
+
+def _weights(v: Any) -> bool:
+    return isinstance(v, dict) and all(torch.is_tensor(t) for t in v.values())
+
+
+def _rng(v: Any) -> bool:
+    """The random states :func:`rng_state` writes, of the types :func:`set_rng_state` needs."""
+    if not isinstance(v, dict):
+        return False
+    kinds = {
+        "python": lambda x: isinstance(x, list) and all(map(_is_int, x)),
+        "python_version": _is_int,
+        "python_gauss": lambda x: x is None or isinstance(x, float),
+        "numpy": lambda x: torch.is_tensor(x) and x.dim() == 1 and x.numel() == 624,
+        "numpy_pos": _is_int,
+        "numpy_gauss": lambda x: isinstance(x, (list, tuple)) and len(x) == 2,
+        "torch": lambda x: torch.is_tensor(x) and x.dtype == torch.uint8,
+    }
+    return all(k in v and ok(v[k]) for k, ok in kinds.items())
+
+
+# What each top-level entry of a checkpoint must be (entries a kind does not write may be
+# absent), with the words that say it.
+_ENTRIES: dict[str, tuple[Any, str]] = {
+    "format": (_is_int, "a whole number"),
+    "kind": (lambda v: v in ("pretrain", "tighten", "finetune"), "pretrain, tighten or finetune"),
+    "model": (_weights, "a mapping of parameter names to tensors"),
+    "architecture": (lambda v: v is None or isinstance(v, dict), "a mapping"),
+    "step": (lambda v: v is None or (_is_int(v) and v >= 0), "a step number"),
+    "config": (lambda v: isinstance(v, dict), "a mapping of config sections"),
+    "channels": (lambda v: v is None or (_is_int(v) and v in (1, 3)), "1 or 3"),
+    "classes": (lambda v: isinstance(v, (list, tuple)), "a list of class names"),
+    "mean": (_numbers, "a list of numbers"),
+    "std": (lambda v: _numbers(v) and all(x > 0 for x in v), "a list of positive numbers"),
+    "optimizer": (
+        lambda v: isinstance(v, dict) and isinstance(v.get("param_groups"), list),
+        "an optimiser state",
+    ),
+    "scaler": (lambda v: v is None or isinstance(v, dict), "a gradient scaler state"),
+    "epoch": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
+    "rng": (_rng, "the random states of Python, NumPy and torch"),
+    "prior": (
+        lambda v: (
+            v is None
+            or (isinstance(v, dict) and all(x is None or torch.is_tensor(x) for x in v.values()))
+        ),
+        "a mapping of tensors",
+    ),
+}
+
+
+def check_structure(state: dict[str, Any], path: str | Path) -> None:
+    """Check every top-level entry of a loaded checkpoint (:data:`_ENTRIES`), and its config,
+    so that what uses it can trust its types.
+
+    Raises:
+        UserError: naming the file and the first entry of the wrong type, or a newer format.
+    """
+    for key, (ok, words) in _ENTRIES.items():
+        if key in state and not ok(state[key]):
+            got = state[key]
+            shown = type(got).__name__ if isinstance(got, (dict, list, tuple)) else repr(got)
+            raise UserError(
+                f"{path} is damaged: its '{key}' must be {words}, got {shown[:60]}; use "
+                "another checkpoint (a run directory keeps last.pt and final.pt)"
+            )
+    if state.get("format", FORMAT_VERSION) > FORMAT_VERSION:
+        raise UserError(f"{path} was written by a newer paws (format {state['format']}); upgrade")
+    try:
+        from_dict(state["config"])
+    except UserError as e:
+        raise UserError(f"{path} holds a config this paws cannot use: {e}") from e
 
 
 def model_record(

@@ -25,8 +25,19 @@ from typing import Any
 import torch
 
 from paws.errors import UserError
+from paws.files import check_out_dir, reason, write_atomic
 
-__all__ = ["MANIFEST", "FORMAT", "VERSION", "Export", "is_export", "write_export", "read_export"]
+__all__ = [
+    "MANIFEST",
+    "FORMAT",
+    "VERSION",
+    "Export",
+    "is_export",
+    "write_export",
+    "read_export",
+    "check_manifest",
+    "check_support",
+]
 
 MANIFEST = "model.json"
 FORMAT = "paws-export"
@@ -73,12 +84,15 @@ def write_export(export: Export, out_dir: str | Path) -> Path:
     Returns:
         The folder.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_out_dir(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the export folder {out}: {reason(e)}") from e
     state = {k: v.detach().cpu().contiguous() for k, v in export.weights.items()}
-    save_file(state, str(out / _WEIGHTS), metadata={"format": FORMAT})
+    write_atomic(out / _WEIGHTS, save(state, metadata={"format": FORMAT}))
     classify = dict(export.classify)
     if export.support is not None:
         support = {
@@ -87,7 +101,7 @@ def write_export(export: Export, out_dir: str | Path) -> Path:
         }
         if export.support.get("known") is not None:
             support["known"] = export.support["known"].float().contiguous()
-        save_file(support, str(out / _SUPPORT), metadata={"format": FORMAT})
+        write_atomic(out / _SUPPORT, save(support, metadata={"format": FORMAT}))
         classify.update(support=_SUPPORT, num_support=len(support["labels"]))
     manifest: dict[str, Any] = {
         "format": FORMAT,
@@ -99,22 +113,125 @@ def write_export(export: Export, out_dir: str | Path) -> Path:
         "classes": list(export.classes),
         "classify": classify,
     }
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    write_atomic(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     return out
+
+
+def _damaged(path: Path, key: str, words: str, got: Any) -> UserError:
+    shown = type(got).__name__ if isinstance(got, (dict, list, tuple)) else repr(got)
+    return UserError(
+        f"{path} is damaged: {key} must be {words}, got {shown[:60]}; export the model again "
+        "with paws export"
+    )
+
+
+def _is_int(v: Any, lo: int, hi: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+
+
+def _is_number(v: Any, lo: float, hi: float) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and lo <= v <= hi
+
+
+def _plain_name(v: Any) -> bool:
+    """A file name inside the export folder (no folders, no way out of it)."""
+    return isinstance(v, str) and v not in ("", ".", "..") and "/" not in v and "\\" not in v
+
+
+# What the entries of a manifest must be: (where, check, words). Entries absent from older
+# exports take the defaults of read_export.
+_PREPROCESSING = (
+    ("size", lambda v: _is_int(v, 4, 4096), "a whole number in [4, 4096]"),
+    ("crop_fraction", lambda v: _is_number(v, 1e-3, 1.0), "a number in (0, 1]"),
+    ("channels", lambda v: v in (1, 3) and not isinstance(v, bool), "1 or 3"),
+)
+_CLASSIFY = (
+    ("features", lambda v: v in ("head", "trunk"), "'head' or 'trunk'"),
+    ("tau", lambda v: _is_number(v, 1e-4, 10.0), "a number in [0.0001, 10]"),
+    ("chunk_size", lambda v: _is_int(v, 1, 2**31 - 1), "a whole number >= 1"),
+    ("support", _plain_name, "a file name in the export folder"),
+    ("num_support", lambda v: _is_int(v, 1, 2**40), "a whole number >= 1"),
+)
+_KNOWN = (
+    ("kind", lambda v: v in ("soft", "nearest"), "'soft' or 'nearest'"),
+    ("features", lambda v: v in ("head", "trunk"), "'head' or 'trunk'"),
+    ("tau", lambda v: _is_number(v, 1e-4, 10.0), "a number in [0.0001, 10]"),
+    ("quantile", lambda v: _is_number(v, 0.0, 1.0), "a number in [0, 1]"),
+)
+
+
+def _check_entries(path: Path, section: dict, prefix: str, checks: tuple) -> None:
+    for key, ok, words in checks:
+        if key in section and not ok(section[key]):
+            raise _damaged(path, f"{prefix}{key}", words, section[key])
+
+
+def _check_stats(path: Path, p: dict) -> None:
+    """mean and std: one finite number per channel, std positive."""
+    for key in ("mean", "std"):
+        v = p.get(key)
+        good = (
+            isinstance(v, list)
+            and len(v) == p["channels"]
+            and all(_is_number(x, -1e6, 1e6) for x in v)
+            and (key == "mean" or all(x > 0 for x in v))
+        )
+        if not good:
+            words = f"a list of {p['channels']} " + ("numbers" if key == "mean" else "numbers > 0")
+            raise _damaged(path, f"preprocessing.{key}", words, v)
+
+
+def check_manifest(m: Any, path: Path) -> None:
+    """Check every entry of an export's description, so that opening it cannot fail later.
+
+    Raises:
+        UserError: naming the file and the first entry that is missing or wrong.
+    """
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        raise UserError(f"{path} is not a paws export description")
+    version = m.get("version", 0)
+    if not _is_int(version, 0, 2**31):
+        raise _damaged(path, "version", "a whole number", version)
+    if version > VERSION:
+        raise UserError(
+            f"{path} was written by a newer paws (export version {version}); upgrade paws"
+        )
+    for key, kind in (("architecture", dict), ("preprocessing", dict), ("classify", dict)):
+        if not isinstance(m.get(key), kind):
+            raise _damaged(path, key, "a mapping", m.get(key))
+    if m.get("kind", "pretrain") not in ("pretrain", "tighten", "finetune"):
+        raise _damaged(path, "kind", "pretrain, tighten or finetune", m.get("kind"))
+    if not _is_int(m.get("batch_size", 256), 1, 65536):
+        raise _damaged(path, "batch_size", "a whole number in [1, 65536]", m.get("batch_size"))
+    classes = m.get("classes")
+    if not isinstance(classes, list) or not classes or len(set(map(str, classes))) < len(classes):
+        raise _damaged(path, "classes", "a non-empty list of distinct class names", classes)
+    p = m["preprocessing"]
+    for key, _, words in _PREPROCESSING:
+        if key not in p:
+            raise _damaged(path, f"preprocessing.{key}", words, None)
+    _check_entries(path, p, "preprocessing.", _PREPROCESSING)
+    _check_stats(path, p)
+    c = m["classify"]
+    if c.get("method") not in ("linear", "snn"):
+        raise _damaged(path, "classify.method", "'linear' or 'snn'", c.get("method"))
+    _check_entries(path, c, "classify.", _CLASSIFY)
+    known = c.get("known")
+    if known is not None and not isinstance(known, dict):
+        raise _damaged(path, "classify.known", "a mapping", known)
+    _check_entries(path, known or {}, "classify.known.", _KNOWN)
+    unknown = sorted(set(known or {}) - {k for k, _, _ in _KNOWN})
+    if unknown:
+        raise _damaged(path, "classify.known", "kind, features, tau and quantile", unknown)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        manifest = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"cannot read {path}: {e}") from e
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise UserError(f"{path} is not a paws export description")
-    if int(manifest.get("version", 0)) > VERSION:
-        raise UserError(
-            f"{path} was written by a newer paws (export version {manifest['version']}); "
-            "upgrade paws"
-        )
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot read {path}: {first[:160]}; export the model again") from e
+    check_manifest(manifest, path)
     return manifest
 
 
@@ -129,28 +246,68 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise UserError(f"cannot read {path}: {str(e).splitlines()[0] if str(e) else e}") from e
 
 
+def check_support(support: dict[str, torch.Tensor], path: Path, num_classes: int) -> None:
+    """Check an export's support tensors: (M, D) finite float embeddings, M >= 1, (M,) integer
+    labels in [0, ``num_classes``), and optionally (M, F) finite float ``known`` embeddings.
+
+    Raises:
+        UserError: naming the file and the tensor.
+    """
+    for key in ("embeddings", "labels"):
+        if key not in support:
+            raise UserError(f"{path} lacks the '{key}' tensor; export the model again")
+    emb, labels, known = support["embeddings"], support["labels"], support.get("known")
+    if emb.dim() != 2 or len(emb) == 0 or not emb.is_floating_point():
+        raise _damaged(path, "embeddings", "a non-empty (M, D) float tensor", _shape(emb))
+    if labels.dim() != 1 or len(labels) != len(emb) or labels.is_floating_point():
+        raise _damaged(path, "labels", f"({len(emb)},) integers", _shape(labels))
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise _damaged(
+            path,
+            "labels",
+            f"class positions in [0, {num_classes})",
+            [labels.min().item(), labels.max().item()],
+        )
+    if known is not None and (
+        known.dim() != 2 or len(known) != len(emb) or not known.is_floating_point()
+    ):
+        raise _damaged(path, "known", f"a ({len(emb)}, F) float tensor", _shape(known))
+    for key, t in (("embeddings", emb), ("known", known)):
+        if t is not None and not bool(torch.isfinite(t).all()):
+            raise UserError(f"{path}: its '{key}' hold NaN or infinite values; export again")
+
+
+def _shape(t: torch.Tensor) -> str:
+    return f"shape {tuple(t.shape)} of {t.dtype}"
+
+
 def read_export(folder: str | Path) -> Export:
-    """The parts of an export folder.
+    """The parts of an export folder, each checked (:func:`check_manifest`,
+    :func:`check_support`) so that a model built from them can trust them.
 
     Raises:
         UserError: a missing, damaged or incomplete file, or a newer format version.
     """
     folder = Path(folder)
     m = _read_json(folder / MANIFEST)
-    try:
-        classify = dict(m["classify"])
-        export = Export(
-            kind=str(m.get("kind", "pretrain")),
-            architecture=dict(m["architecture"]),
-            preprocessing=dict(m["preprocessing"]),
-            classes=[str(c) for c in m["classes"]],
-            classify=classify,
-            weights={},
-            batch_size=int(m.get("batch_size", 256)),
-        )
-    except (KeyError, TypeError, ValueError) as e:
-        raise UserError(f"{folder / MANIFEST} is incomplete or damaged ({e!r})") from e
+    classify = dict(m["classify"])
+    export = Export(
+        kind=str(m.get("kind", "pretrain")),
+        architecture=dict(m["architecture"]),
+        preprocessing=dict(m["preprocessing"]),
+        classes=[str(c) for c in m["classes"]],
+        classify=classify,
+        weights={},
+        batch_size=int(m.get("batch_size", 256)),
+    )
     export.weights = _read_tensors(folder / _WEIGHTS)
-    if classify.get("method") != "linear":
-        export.support = _read_tensors(folder / str(classify.get("support", _SUPPORT)))
+    if classify["method"] != "linear":
+        file = folder / str(classify.get("support", _SUPPORT))
+        export.support = _read_tensors(file)
+        check_support(export.support, file, len(export.classes))
+        n = classify.get("num_support")
+        if n is not None and n != len(export.support["labels"]):
+            raise _damaged(
+                folder / MANIFEST, "classify.num_support", f"{len(export.support['labels'])}", n
+            )
     return export

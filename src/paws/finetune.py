@@ -34,6 +34,7 @@ from paws.data.loaders import Loading, view_batches
 from paws.data.sources import Datasets, load_datasets
 from paws.errors import UserError
 from paws.evaluate import accuracy, classifier_accuracy, classifier_probs, paws_nn
+from paws.files import check_out_dir
 from paws.models import Classifier, PAWSModel
 from paws.optim import LARS, WarmupCosine, backward_step, set_lr
 from paws.progress import Progress, info
@@ -280,11 +281,11 @@ def finetune_checkpoint(
     start = time.time()
     restored = rundir.restore(path, overrides, pretrained=True).pretrained()
     cfg, pretrained = restored.cfg, restored.net
+    out = check_out_dir(out_dir if out_dir is not None else rundir.output_dir(path))
     device = device or runtime.device_for(cfg.run.device)
     data = data or load_datasets(cfg)
     pretrained.to(device)
     report, model = finetune(cfg, pretrained, data, device)
-    out = Path(out_dir) if out_dir is not None else rundir.output_dir(path)
     out.mkdir(parents=True, exist_ok=True)
     finetuned = {k: report[k] for k in ("lr", "epochs", "sweep", "val_top1", "steps")}
     arch = restored.arch.with_classifier(len(data.classes))

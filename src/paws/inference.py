@@ -30,6 +30,7 @@ import torch.nn as nn
 from PIL import Image
 
 from paws.data.images import (
+    MAX_IMAGE_PIXELS,
     Images,
     as_items,
     expand_images,
@@ -148,6 +149,13 @@ class Predictor:
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"`` or a device.
         support: the support set, or None to build it on first use with ``support_source``.
         support_source: ``fn(predictor, progress) -> Support``, the default support.
+        on_bad_image: ``"error"``: an unreadable image file stops with its name; ``"skip"``:
+            it is left out of the result, and its position and name are in :attr:`skipped`
+            (``data.on_bad_image``).
+        max_pixels: image files claiming more pixels are unreadable (``data.max_image_pixels``).
+
+    Attributes:
+        skipped: ``(position, name)`` of the images the last call left out.
     """
 
     def __init__(
@@ -165,10 +173,14 @@ class Predictor:
         support: Support | None = None,
         support_source: Callable[[Predictor, bool], Support] | None = None,
         known_score: KnownScore | None = None,
+        on_bad_image: str = "error",
+        max_pixels: int = MAX_IMAGE_PIXELS,
     ):
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise UserError(f"device '{device}' asked for but no GPU is available; use auto or cpu")
         self.net = net.to(self.device).eval()
         self.kind = kind
         self.preprocessing = preprocessing
@@ -179,6 +191,8 @@ class Predictor:
         self._support, self._support_source = support, support_source
         self.known_score = known_score or KnownScore(features=features)
         self._threshold: tuple[int, float] | None = None  # (id of its support, threshold)
+        self.on_bad_image, self.max_pixels = on_bad_image, max_pixels
+        self.skipped: list[tuple[int, str]] = []
 
     @property
     def is_classifier(self) -> bool:
@@ -214,14 +228,28 @@ class Predictor:
     def batches(
         self, images: Images, progress: bool = False, desc: str = "images"
     ) -> Iterator[torch.Tensor]:
-        """Preprocessed batches (n, C, size, size) on the device, in input order."""
+        """Preprocessed batches (n, C, size, size) on the device, in input order; with
+        ``on_bad_image`` ``"skip"``, unreadable files are left out and listed in
+        :attr:`skipped`.
+
+        Raises:
+            UserError: an unreadable file (unless skipped), or none of the images readable.
+        """
         items = as_items(images)
         tf = self.preprocessing.transform()
         channels = self.preprocessing.channels
+        self.skipped = []
 
-        def one(item: Any) -> torch.Tensor:
+        def one(i: int) -> torch.Tensor | None:
+            item = items[i]
             if isinstance(item, Path):
-                return tf(read_image(item, channels))
+                try:
+                    return tf(read_image(item, channels, max_pixels=self.max_pixels))
+                except UserError:
+                    if self.on_bad_image != "skip":
+                        raise
+                    self.skipped.append((i, str(item)))
+                    return None
             if isinstance(item, Image.Image):
                 return tf(to_mode(item, channels))
             return tf(tensor_channels(item, channels))
@@ -230,13 +258,17 @@ class Predictor:
         bar = Progress((n + self.batch_size - 1) // self.batch_size, desc) if progress else None
         with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
             for start in range(0, n, self.batch_size):
-                chunk = items[start : start + self.batch_size]
-                x = torch.stack(list(pool.map(one, chunk)))
-                yield x.to(self.device)
+                index = range(start, min(n, start + self.batch_size))
+                views = [x for x in pool.map(one, index) if x is not None]
+                if views:
+                    yield torch.stack(views).to(self.device)
                 if bar is not None:
                     bar.update(1)
         if bar is not None:
             bar.close()
+        self.skipped.sort()
+        if n and len(self.skipped) == n:
+            raise UserError(f"none of the {n} images could be read")
 
     # -- outputs --------------------------------------------------------------------------------
 
@@ -306,6 +338,9 @@ class Predictor:
         if y.numel() and (y.min() < 0 or y.max() >= len(names)):
             raise UserError(f"support labels must lie in [0, {len(names)})")
         emb, known = self._support_embeddings(images, progress)
+        if self.skipped:  # unreadable support images skipped: so are their labels
+            gone = {i for i, _ in self.skipped}
+            y = y[[i for i in range(len(y)) if i not in gone]]
         if len(emb) != len(y):
             raise UserError(f"{len(emb)} support images but {len(y)} labels")
         self._support = Support(emb, y, names, self.features, known)

@@ -12,13 +12,14 @@ import numpy as np
 import torch
 
 from paws import rundir
+from paws.config import apply_overrides, from_dict
 from paws.data.loaders import Loading
 from paws.data.sources import load_datasets
 from paws.errors import UserError
 from paws.evaluate import embed_images
-from paws.export import is_export, read_export
+from paws.export import MANIFEST, is_export, read_export
 from paws.inference import Prediction, Predictor, Preprocessing, Support
-from paws.models import Architecture, build_network
+from paws.models import Architecture, build_network, load_weights
 from paws.unknown import KnownScore
 
 __all__ = ["from_checkpoint", "from_export", "load", "Prediction"]
@@ -92,33 +93,73 @@ def from_checkpoint(
         device=device,
         support_source=None if is_classifier else _run_support(cfg),
         known_score=KnownScore.from_config(cfg),
+        on_bad_image=cfg.data.on_bad_image,
+        max_pixels=cfg.data.max_image_pixels,
     )
 
 
+def _width(net: torch.nn.Module, prep: Preprocessing, features: str) -> int:
+    """The width of a network's ``features`` embedding, from one blank image."""
+    x = torch.zeros(1, prep.channels, prep.size, prep.size)
+    try:
+        with torch.no_grad():
+            return int(net.embed_features(x, [features])[0].shape[1])
+    except RuntimeError as err:  # e.g. an input too small for the network's strides
+        raise UserError(
+            f"the network cannot take {prep.size}-pixel images (preprocessing.size): "
+            f"{str(err).splitlines()[0][:120]}"
+        ) from err
+
+
+def _check_widths(folder: Path, e: Any, net: torch.nn.Module, prep: Preprocessing) -> None:
+    """An export's support embeddings must be as wide as the network's embeddings."""
+    spaces = [("embeddings", str(e.classify.get("features", "head")))]
+    if e.support.get("known") is not None:
+        spaces.append(("known", str((e.classify.get("known") or {}).get("features", "trunk"))))
+    for key, features in spaces:
+        got, want = e.support[key].shape[1], _width(net, prep, features)
+        if got != want:
+            raise UserError(
+                f"{folder} is damaged: its support {key} are {got} wide, the network's "
+                f"{features} embeddings {want}; export the model again"
+            )
+
+
 def from_export(folder: str | Path, device: str | torch.device = "auto") -> Predictor:
-    """A :class:`Predictor` from an export folder (:mod:`paws.export`)."""
+    """A :class:`Predictor` from an export folder (:mod:`paws.export`), checked whole when
+    opened: manifest, weights against the architecture, support against the network.
+
+    Raises:
+        UserError: naming the file and what in it is wrong.
+    """
     folder = Path(folder)
     e = read_export(folder)
-    try:
-        arch = Architecture.from_dict(e.architecture)
-        p = e.preprocessing
-        prep = Preprocessing(
-            int(p["size"]),
-            float(p["crop_fraction"]),
-            tuple(float(v) for v in p["mean"]),
-            tuple(float(v) for v in p["std"]),
-            int(p["channels"]),
-        )
-        net = build_network(arch, seed=0)  # the saved weights replace these
-    except (KeyError, TypeError, ValueError) as err:
-        raise UserError(f"{folder} is incomplete or damaged ({err!r})") from err
-    try:
-        net.load_state_dict(e.weights)
-    except RuntimeError as err:
+    manifest = folder / MANIFEST
+    arch = Architecture.from_dict(e.architecture, f"{manifest}: its architecture")
+    linear = e.classify.get("method") == "linear"
+    if linear and arch.num_classes != len(e.classes):
         raise UserError(
-            f"{folder} does not match its architecture: {str(err).splitlines()[0]}"
-        ) from err
+            f"{manifest} is damaged: its classifier has {arch.num_classes} outputs but "
+            f"{len(e.classes)} classes are named; export the model again"
+        )
+    p = e.preprocessing
+    prep = Preprocessing(
+        int(p["size"]),
+        float(p["crop_fraction"]),
+        tuple(float(v) for v in p["mean"]),
+        tuple(float(v) for v in p["std"]),
+        int(p["channels"]),
+    )
+    if arch.in_channels != prep.channels:
+        raise UserError(
+            f"{manifest} is damaged: the network takes {arch.in_channels} channels, the "
+            f"preprocessing gives {prep.channels}; export the model again"
+        )
+    net = build_network(arch, seed=0)  # the saved weights replace these
+    load_weights(net, e.weights, str(folder / "model.safetensors"))
     net.eval()
+    if not linear:
+        _check_widths(folder, e, net, prep)
     common: dict[str, Any] = {"batch_size": e.batch_size, "device": device}
     if e.classify.get("method") == "linear":
         return Predictor(net, e.kind, prep, arch, classes=e.classes, **common)
@@ -162,7 +203,8 @@ def load(
         device: ``"auto"``, ``"cpu"``, ``"cuda"``.
         support: a ``<class>/<image>`` folder to classify against (pre-trained models); default:
             the export's support embeddings, or the run's labelled images for a checkpoint.
-        overrides: config overrides for a checkpoint (ignored for an export).
+        overrides: config overrides for a checkpoint; for an export, only how image files
+            are read applies (``data.on_bad_image``, ``data.max_image_pixels``).
 
     Returns:
         A :class:`Predictor` with ``.predict(images, top_k=...)``, ``.predict_proba(images)``
@@ -176,6 +218,11 @@ def load(
     p = Path(path).expanduser()
     if is_export(p):
         predictor = from_export(p, device)
+        reading = from_dict(apply_overrides({}, list(overrides or []))).data
+        predictor.on_bad_image, predictor.max_pixels = (
+            reading.on_bad_image,
+            reading.max_image_pixels,
+        )
     elif p.is_file() or (p / rundir.LAST).is_file():
         predictor = from_checkpoint(p, overrides, device)
     else:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from paws.errors import UserError
+from paws.files import check_out_file, write_atomic, write_with
 
 if TYPE_CHECKING:
     from paws.inference import Prediction
@@ -80,16 +81,17 @@ def write_embeddings(
     if out.suffix not in EMBEDDING_SUFFIXES:
         raise UserError(f"--out must end in .npy or .safetensors, got {out.name}")
     names = [str(f) for f in files]
+    check_out_file(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".npy":
-        np.save(out, embeddings.numpy())
-        out.with_suffix(".txt").write_text("\n".join(names) + "\n")
+        write_with(out, lambda f: np.save(f, embeddings.numpy()))
+        write_atomic(out.with_suffix(".txt"), "\n".join(names) + "\n")
         return f"{out} (files listed in {out.with_suffix('.txt')})"
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    save_file(
+    data = save(
         {"embeddings": embeddings.contiguous()},
-        str(out),
         metadata={"files": json.dumps(names), "features": features},
     )
+    write_atomic(out, data)
     return str(out)

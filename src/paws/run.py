@@ -21,12 +21,13 @@ from typing import Any
 import torch
 
 from paws import checkpoint, distributed, rundir, runtime, tracking
-from paws.config import Config, save_config, to_dict
+from paws.config import MAX_STEPS, Config, save_config, to_dict
 from paws.data.sources import Datasets
 from paws.errors import UserError
 from paws.evaluate import paws_nn
+from paws.files import check_out_dir
 from paws.losses import smooth_labels
-from paws.models import Architecture, PAWSModel, build_network, check_encoder
+from paws.models import Architecture, PAWSModel, build_network, check_encoder, load_weights
 from paws.optim import LARS, WarmupCosine, param_groups
 from paws.priors import ClassPrior
 from paws.progress import info
@@ -38,6 +39,7 @@ __all__ = [
     "training_model",
     "build_optimizer",
     "total_steps",
+    "check_length",
     "open_run",
     "start_run",
     "build_run",
@@ -74,10 +76,27 @@ def build_optimizer(cfg: Config, model: torch.nn.Module) -> LARS:
 
 
 def total_steps(cfg: Config, steps_per_epoch: int) -> int:
-    """Training length in steps: ``optim.steps`` or ``optim.epochs`` epochs (at least 1)."""
+    """Training length in steps: ``optim.steps`` or ``optim.epochs`` epochs (at least 1).
+
+    Raises:
+        UserError: more epochs than :data:`paws.config.MAX_STEPS` steps.
+    """
     if cfg.optim.steps is not None:
         return cfg.optim.steps
-    return max(1, int(round(cfg.optim.epochs * steps_per_epoch)))
+    return check_length(
+        max(1, int(round(cfg.optim.epochs * steps_per_epoch))), "optim.epochs", steps_per_epoch
+    )
+
+
+def check_length(steps: int, key: str, steps_per_epoch: int) -> int:
+    """``steps``, or a one-line error when a length in epochs (``key``) means more steps than
+    a run can take (:data:`paws.config.MAX_STEPS`)."""
+    if steps > MAX_STEPS:
+        raise UserError(
+            f"{key} asks for {steps:,} steps ({steps_per_epoch:,} an epoch), more than the "
+            f"largest run ({MAX_STEPS:,} steps); lower it"
+        )
+    return steps
 
 
 @dataclass
@@ -161,10 +180,14 @@ def open_run(cfg: Config, out: Path, resume: bool) -> dict[str, Any] | None:
     """
     check_encoder(cfg.model.encoder)
     tracking.require(cfg)
+    check_out_dir(out, "run directory")
     state = None
     last = out / rundir.LAST
     if resume and not last.exists():
         info(f"{out} has no checkpoint yet: starting it from step 0")
+        if distributed.is_main():  # rows of steps no checkpoint kept are logged again
+            rundir.truncate_rows(out / rundir.METRICS, 0)
+            rundir.truncate_rows(out / rundir.EVALS, 0)
     elif resume:
         state = checkpoint.load(last)
         if any(k not in state for k in ("optimizer", "step", "rng")):
@@ -250,13 +273,25 @@ def build_run(cfg: Config, out: Path, data: Datasets, device: torch.device) -> R
 
 def restore_run(run: Run, state: dict[str, Any]) -> None:
     """Continue ``run`` from a checkpoint: weights, optimiser, scaler, random state, step; logs
-    of steps after the checkpoint are dropped."""
-    run.model.load_state_dict(state["model"])
-    run.optimizer.load_state_dict(state["optimizer"])
-    if run.scaler is not None and state.get("scaler"):
-        run.scaler.load_state_dict(state["scaler"])
-    checkpoint.set_rng_state(state["rng"])
-    run.prior.load_state_dict(state.get("prior") or {})
+    of steps after the checkpoint are dropped.
+
+    Raises:
+        UserError: the checkpoint's weights or training state do not fit the run.
+    """
+    last = run.out / rundir.LAST
+    load_weights(run.model, state["model"], str(last))
+    try:
+        run.optimizer.load_state_dict(state["optimizer"])
+        if run.scaler is not None and state.get("scaler"):
+            run.scaler.load_state_dict(state["scaler"])
+        checkpoint.set_rng_state(state["rng"])
+        run.prior.load_state_dict(state.get("prior") or {})
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(
+            f"{last} is damaged: its training state does not fit the run ({first[:120]}); "
+            "resume from a copy of the run's earlier checkpoint, or start a new run"
+        ) from e
     run.start = int(state["step"])
     run.last_good = (run.out / rundir.LAST, run.start)
     if distributed.is_main():
@@ -290,8 +325,9 @@ def open_init(
     if not path.is_file():
         raise UserError(f"--init {init}: no checkpoint {path}; name a paws run directory or .pt")
     start = checkpoint.load(path)
-    if start.get("kind") == "finetune" or "architecture" not in start:
+    if start.get("kind") == "finetune" or not start.get("architecture"):
         raise UserError(f"--init {path} is not a pre-trained model; name a paws train run")
+    Architecture.from_dict(start["architecture"], f"{path}: its architecture")
     start["path"] = str(path.resolve())
     cfg = replace(cfg, optim=replace(cfg.optim, min_steps=None))
     return cfg, start
@@ -312,7 +348,7 @@ def start_from(run: Run, start: dict[str, Any]) -> None:
             f"cannot start from {start['path']}: its architecture differs ({'; '.join(diff)}); "
             "use the same model settings and image channels"
         )
-    run.model.load_state_dict(start["model"])
+    load_weights(run.model, start["model"], start["path"])
     path = Path(start["path"])
     if distributed.is_main():
         record = {"from": str(rundir.output_dir(path)), "checkpoint": str(path)}
@@ -360,6 +396,7 @@ def finish_run(run: Run, step: int, evals: rundir.MetricsLog) -> dict[str, Any] 
     ev = None
     if data.test is not None:
         ev = paws_nn(run.model, data, cfg, device, progress=True)
+        rundir.truncate_rows(run.out / rundir.EVALS, step - 1)  # a finished run resumed
         evals.log({"step": step, "top1": ev["top1"], "top5": ev["top5"]})
     summary: dict[str, Any] = {"model": rundir.FINAL, "step": step}
     report = _tighten_after_training(run, step)

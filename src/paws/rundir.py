@@ -16,6 +16,7 @@ way to rebuild a saved model (:func:`restore`).
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from dataclasses import dataclass
@@ -26,9 +27,10 @@ import numpy as np
 import torch
 
 from paws import checkpoint, distributed
-from paws.config import Config, apply_overrides, from_dict
+from paws.config import Config, apply_overrides, from_dict, load_config, read_yaml
 from paws.errors import UserError
-from paws.models import Architecture, build_network
+from paws.files import write_atomic
+from paws.models import Architecture, build_network, load_weights
 from paws.models.networks import input_channels
 
 if TYPE_CHECKING:
@@ -61,6 +63,7 @@ __all__ = [
     "output_dir",
     "model_file",
     "checkpoint_config",
+    "resume_config",
     "Restored",
     "restore",
     "restore_model",
@@ -102,6 +105,7 @@ RESUME_SAFE_KEYS = (
     "data.root",
     "data.workers",
     "data.memory_limit_gb",
+    "data.max_image_pixels",
     "data.labeled",
     "data.unlabeled",
     "data.test",
@@ -188,8 +192,9 @@ def truncate_rows(path: Path, last_step: int) -> None:
         rows = list(csv.reader(f))
     keep = rows[:1] + [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) <= last_step]
     if len(keep) != len(rows):
-        with open(path, "w", newline="") as f:
-            csv.writer(f).writerows(keep)
+        text = io.StringIO(newline="")
+        csv.writer(text).writerows(keep)
+        write_atomic(path, text.getvalue())
 
 
 def training_state(
@@ -231,8 +236,8 @@ def diverged(what: str, last_good: tuple[Path, int] | None) -> UserError:
 
 
 def write_json(path: Path, obj: Any, indent: int | None = 2) -> None:
-    """Write ``obj`` as a JSON file (one line per value with ``indent``)."""
-    path.write_text(json.dumps(obj, indent=indent) + "\n")
+    """Write ``obj`` as a JSON file (one line per value with ``indent``), atomically."""
+    write_atomic(path, json.dumps(obj, indent=indent) + "\n")
 
 
 def write_results(out: Path, summary: dict[str, Any], ev: dict[str, Any], classes: list) -> None:
@@ -301,6 +306,34 @@ class Restored:
         return self
 
 
+def resume_config(
+    run_dir: str | Path, config: str | Path | None = None, overrides: list[str] | None = None
+) -> Config:
+    """The config a resumed run continues with: ``config`` (a file or recipe name) when given,
+    else the run's own ``config.yaml``, with ``overrides`` applied.
+
+    Raises:
+        UserError: no run directory, or a ``config.yaml`` that is empty or unreadable:
+            resuming with the defaults in its place would silently train another run.
+    """
+    run = Path(run_dir)
+    file = run / CONFIG
+    if config is None:
+        if not file.is_file():
+            raise UserError(f"{run} is not a run directory (no {CONFIG})")
+        try:
+            values = read_yaml(file)
+        except UserError as e:
+            raise UserError(f"cannot resume {run}: {e}; give the run's config with --config") from e
+        if not values:
+            raise UserError(
+                f"cannot resume {run}: its {CONFIG} is empty (a write that did not finish?); "
+                "give the run's config with --config FILE"
+            )
+        return from_dict(apply_overrides(values, list(overrides or [])))
+    return load_config(config, overrides)
+
+
 def checkpoint_config(
     path: str | Path, overrides: list[str] | None = None, pretrained: bool = False
 ) -> Config:
@@ -325,17 +358,14 @@ def restore(
     state = checkpoint.load(file)
     cfg = from_dict(apply_overrides(state["config"], list(overrides or [])))
     if state.get("architecture"):
-        arch = Architecture.from_dict(state["architecture"])
+        arch = Architecture.from_dict(state["architecture"], f"{file}: its architecture")
     else:  # checkpoints written before architectures were recorded
         saved = from_dict(state["config"])
         channels = int(state.get("channels") or input_channels(state["model"]))
         classes = len(state.get("classes") or []) if state.get("kind") == "finetune" else None
         arch = Architecture.from_config(saved, channels, classes)
     net = build_network(arch, seed=0)  # the saved weights replace these
-    try:
-        net.load_state_dict(state["model"])
-    except RuntimeError as e:
-        raise UserError(f"{file} does not match its architecture: {str(e).splitlines()[0]}") from e
+    load_weights(net, state["model"], str(file))
     net.eval()
     return Restored(cfg, net, arch, state, file)
 
@@ -449,16 +479,12 @@ def load_run(path: str | Path, name: str | None = None) -> RunRecord:
         path: the run directory.
         name: legend label (default: the directory name).
     """
-    import yaml
-
     run = Path(path).expanduser()
     if not run.is_dir():
         raise UserError(f"run directory not found: {run}")
     if not (run / METRICS).is_file() and not (run / CONFIG).is_file():
         raise UserError(f"{run} is not a run directory (no {METRICS} or {CONFIG})")
-    config = {}
-    if (run / CONFIG).is_file():
-        config = yaml.safe_load((run / CONFIG).read_text()) or {}
+    config = read_yaml(run / CONFIG) if (run / CONFIG).is_file() else {}
     return RunRecord(
         name=name or run.resolve().name,
         path=run,

@@ -45,6 +45,7 @@ from paws.data.loaders import Loading, eval_batches
 from paws.data.sources import Datasets, load_datasets
 from paws.errors import UserError
 from paws.evaluate import paws_nn
+from paws.files import check_out_dir
 from paws.losses import supervised_nce
 from paws.models import Architecture, PAWSModel
 from paws.optim import LARS, WarmupCosine, param_groups, set_lr
@@ -224,11 +225,11 @@ def tighten_checkpoint(
     start = time.time()
     restored = rundir.restore(path, overrides, pretrained=True).pretrained()
     cfg, model = restored.cfg, restored.net
+    out = check_out_dir(out_dir if out_dir is not None else rundir.output_dir(path))
     device = device or runtime.device_for(cfg.run.device)
     data = data or load_datasets(cfg)
     model.to(device)
     report = tighten(cfg, model, data, device)
-    out = Path(out_dir) if out_dir is not None else rundir.output_dir(path)
     out.mkdir(parents=True, exist_ok=True)
     save_tightened(report, model, restored.arch, cfg, data, restored.state.get("step"), out, start)
     rundir.write_json(out / "tighten.json", report)

@@ -17,6 +17,7 @@ checkpoint to resume from), the data and its defaults (:func:`paws.fitting.fit_t
 
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
 import time
@@ -30,7 +31,9 @@ from paws import distributed, rundir, runtime, tracking
 from paws.config import Config
 from paws.data.loaders import Batch, step_batches
 from paws.data.sources import Datasets, load_datasets
+from paws.errors import UserError
 from paws.evaluate import paws_nn
+from paws.files import check_out_dir, write_atomic
 from paws.fitting import fit_to_data
 from paws.losses import RoPAWS, paws_loss, sharpen, snn
 from paws.monitor import monitor_metrics
@@ -46,6 +49,7 @@ from paws.run import (
     start_from,
     start_run,
 )
+from paws.runlock import RunLock
 
 __all__ = ["StepResult", "train_step", "run_steps", "train"]
 
@@ -300,6 +304,36 @@ def train(
     """
     out = Path(out_dir)
     device = device or runtime.device_for(cfg.run.device)
+    with _locked(cfg, out):
+        return _train(cfg, out, resume, data, device, init)
+
+
+def _locked(cfg: Config, out: Path) -> RunLock | contextlib.nullcontext:
+    """The run directory's lock, held by rank 0; every rank stops if another process holds
+    it."""
+    lock = RunLock(out) if distributed.is_main() else contextlib.nullcontext()
+    held = None
+    if isinstance(lock, RunLock):
+        check_out_dir(out, "run directory")
+        try:
+            lock.acquire()
+        except UserError as e:
+            held = str(e)
+    held = distributed.broadcast_object(held)
+    if held:
+        raise UserError(held)
+    return lock
+
+
+def _train(
+    cfg: Config,
+    out: Path,
+    resume: bool,
+    data: Datasets | None,
+    device: torch.device,
+    init: str | Path | None,
+) -> dict[str, Any]:
+    """:func:`train` with the run directory locked."""
     state = open_run(cfg, out, resume)
     cfg, start = open_init(cfg, out, init, state)
     data = data or load_datasets(cfg)
@@ -307,7 +341,7 @@ def train(
     cfg = fit_to_data(cfg, len(data.unlabeled), data.labeled.labels, distributed.get_world_size())
     start_run(cfg, out, state)
     if data.skipped and distributed.is_main():
-        (out / "skipped_images.txt").write_text("\n".join(data.skipped) + "\n")
+        write_atomic(out / "skipped_images.txt", "\n".join(data.skipped) + "\n")
         info(f"skipped {len(data.skipped)} unreadable images (listed in skipped_images.txt)")
     run = build_run(cfg, out, data, device)
     if state is not None:

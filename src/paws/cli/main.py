@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 
 from paws.cli.base import COMMANDS
 from paws.errors import UserError
@@ -56,6 +57,9 @@ def quiet_idle_threads() -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``paws`` console script."""
     quiet_idle_threads()
+    # paws checks every image's size against data.max_image_pixels itself and says so in one
+    # line; Pillow's warning about large images would be a second.
+    warnings.filterwarnings("ignore", message=r"Image size \(\d+ pixels\) exceeds limit")
     argv = list(sys.argv[1:] if argv is None else argv)
     n = 0  # global flags come first, in any order; the command defaults to train
     while n < len(argv) and argv[n] in ("--quiet", "--debug"):

@@ -34,17 +34,14 @@ def _train_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], in
 
     def run(args: argparse.Namespace) -> int:
         from paws import distributed, runtime
-        from paws.config import load_config
+        from paws.rundir import resume_config
         from paws.train import train
 
         if args.resume and args.init:
             raise UserError("--init starts a new run; --resume continues one: give one of them")
         if args.resume:
-            run_dir = Path(args.resume)
-            if not (run_dir / "config.yaml").is_file():
-                raise UserError(f"{run_dir} is not a run directory (no config.yaml)")
-            cfg = load_config(args.config or run_dir / "config.yaml", args.overrides)
-            out = run_dir
+            out = Path(args.resume)
+            cfg = resume_config(out, args.config, args.overrides)
         else:
             cfg = _load(args)
             out = Path(args.out) if args.out else _default_out("paws", cfg.data.dataset)

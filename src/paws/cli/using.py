@@ -7,6 +7,7 @@ import argparse
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from paws.cli.base import (
     _checkpoint_overrides,
@@ -19,6 +20,7 @@ from paws.cli.base import (
     command,
 )
 from paws.errors import UserError
+from paws.files import check_out_dir, check_out_file, write_atomic
 
 
 @command("eval", "PAWS-NN accuracy of a checkpoint (labelled images as support)")
@@ -80,6 +82,21 @@ def _eval_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int
     return run
 
 
+def _readable(files: list[Path], model: Any) -> list[Path]:
+    """The files a model's last call read (``data.on_bad_image: skip`` leaves some out),
+    saying how many were skipped."""
+    from paws.progress import info
+
+    if not model.skipped:
+        return files
+    gone = {i for i, _ in model.skipped}
+    info(
+        f"skipped {len(gone)} unreadable images (data.on_bad_image: skip), e.g. "
+        f"{model.skipped[0][1]}"
+    )
+    return [f for i, f in enumerate(files) if i not in gone]
+
+
 @command("predict", "classify images: top-k classes with probabilities, as CSV or JSON")
 def _predict_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
     _model_args(p)
@@ -100,6 +117,8 @@ def _predict_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], 
 
         if args.top_k < 1:
             raise UserError("--top-k must be at least 1")
+        if args.out:
+            check_out_file(args.out)
         fmt = args.format or ("json" if (args.out or "").endswith(".json") else "csv")
         files = expand_images(args.images)
         model = _open_model(args)
@@ -114,6 +133,7 @@ def _predict_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], 
                 f"{len(s.classes)} classes ({s.features} features, tau {model.tau:g})"
             )
         predictions = model.predictions(files, top_k=args.top_k, progress=True)
+        files = _readable(files, model)
         if not model.is_classifier:
             flagged = sum(p.unknown for p in predictions)
             info(
@@ -123,7 +143,7 @@ def _predict_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], 
             )
         text = predictions_text(files, predictions, fmt)
         if args.out:
-            Path(args.out).write_text(text)
+            write_atomic(args.out, text)
             info(f"predictions written to {args.out}")
         else:
             sys.stdout.write(text)
@@ -156,9 +176,11 @@ def _embed_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], in
 
         if Path(args.out).suffix not in EMBEDDING_SUFFIXES:
             raise UserError(f"--out must end in .npy or .safetensors, got {Path(args.out).name}")
+        check_out_file(args.out)
         files = expand_images(args.images)
         model = _open_model(args)
         emb = model.embed(files, features=args.features, progress=True)
+        files = _readable(files, model)
         where = write_embeddings(args.out, emb, files, args.features)
         info(f"{emb.shape[0]} embeddings of size {emb.shape[1]} ({args.features}) in {where}")
         return 0
@@ -208,6 +230,7 @@ def _export_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], i
             out = src / f"export{suffix}"
         else:
             out = src.parent / f"export-{src.stem}{suffix}"
+        check_out_dir(out)
         model = from_checkpoint(src, args.overrides, args.device)
         if args.support:
             model.set_support(args.support, progress=True)

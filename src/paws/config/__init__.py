@@ -7,11 +7,13 @@ from paws.config.loading import (
     describe,
     from_dict,
     load_config,
+    read_yaml,
     recipe_path,
     save_config,
     to_dict,
 )
 from paws.config.schema import (
+    MAX_STEPS,
     TIMM_KEYS,
     BaselineConfig,
     Config,
@@ -28,6 +30,7 @@ from paws.config.schema import (
 )
 
 __all__ = [
+    "MAX_STEPS",
     "Config",
     "DataConfig",
     "ViewsConfig",
@@ -41,6 +44,7 @@ __all__ = [
     "FinetuneConfig",
     "TightenConfig",
     "load_config",
+    "read_yaml",
     "from_dict",
     "to_dict",
     "save_config",

@@ -21,9 +21,11 @@ import yaml
 
 from paws.config.schema import Config
 from paws.errors import UserError
+from paws.files import write_atomic
 
 __all__ = [
     "load_config",
+    "read_yaml",
     "from_dict",
     "to_dict",
     "save_config",
@@ -140,7 +142,8 @@ def _check_range(value: Any, rng: tuple | None, key: str) -> None:
     lo, hi = rng
     if (lo is not None and value < lo) or (hi is not None and value > hi):
         span = f">= {lo}" if hi is None else f"<= {hi}" if lo is None else f"in [{lo}, {hi}]"
-        raise UserError(f"{key} must be {span}, got {value}")
+        shown = f"{value:.3g}" if abs(value) > 1e12 else value  # e.g. 1e30 read as an int
+        raise UserError(f"{key} must be {span}, got {shown}")
 
 
 def _unknown(key: str, valid: list[str], where: str) -> UserError:
@@ -196,9 +199,35 @@ def recipe_path(name_or_path: str) -> Path:
     raise UserError(f"config file not found: {name_or_path} (packaged recipes: {', '.join(names)})")
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def _read_text(path: Path) -> str:
+    """A config file's text: UTF-8 (a UTF-8 byte-order mark is allowed), else one line."""
     try:
-        data = _yaml_load(path.read_text())
+        raw = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"cannot read config {path}: {e.strerror or e}") from e
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise UserError(f"config {path} is UTF-16 text; save it as UTF-8")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise UserError(
+            f"config {path} is not UTF-8 text (byte {e.start} is 0x{raw[e.start]:02x}); "
+            "save it as UTF-8 YAML"
+        ) from e
+    if "\x00" in text:
+        raise UserError(f"config {path} holds binary data, not YAML text")
+    return text
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """A YAML config file's mapping of sections, unchecked (:func:`from_dict` checks it).
+
+    Raises:
+        UserError: a file that cannot be read, is not UTF-8 text, does not parse, or is not a
+            mapping.
+    """
+    try:
+        data = _yaml_load(_read_text(path))
     except yaml.YAMLError as e:
         raise UserError(f"cannot parse {path}: {str(e).splitlines()[0]}") from e
     if data is None:
@@ -237,13 +266,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     Returns:
         A validated :class:`Config`.
     """
-    values: dict[str, Any] = _read_yaml(recipe_path(str(path))) if path else {}
+    values: dict[str, Any] = read_yaml(recipe_path(str(path))) if path else {}
     return from_dict(apply_overrides(values, list(overrides or [])))
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    """Write the resolved config as YAML."""
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    """Write the resolved config as YAML, atomically: a full disk leaves the old file (or
+    none), never an empty or half-written one."""
+    write_atomic(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def describe() -> str:

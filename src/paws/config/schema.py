@@ -10,6 +10,7 @@ from typing import Any, Literal
 from paws.errors import UserError
 
 __all__ = [
+    "MAX_STEPS",
     "Config",
     "DataConfig",
     "ViewsConfig",
@@ -23,6 +24,15 @@ __all__ = [
     "FinetuneConfig",
     "TightenConfig",
 ]
+
+
+# The largest counts a config may ask for: beyond any real run, so that a slip such as
+# optim.steps=1e30 is refused at once instead of running for ever (or allocating without end).
+MAX_STEPS = 100_000_000  # optim.steps, and any run length derived from epochs
+MAX_EPOCHS = 1e6
+MAX_BATCH = 1_048_576
+MAX_IMAGES = 1_000_000_000
+MAX_SEED = 2**63 - 1
 
 
 def _f(default: Any, doc: str, range: tuple[float | None, float | None] | None = None) -> Any:
@@ -71,7 +81,7 @@ class DataConfig:
         10,
         "labelled subset of a built-in or hf dataset: this many images per class (drawn with "
         "split_seed); label_fraction and split_file take precedence",
-        (1, None),
+        (1, MAX_IMAGES),
     )
     num_labels: int | None = _f(
         None,
@@ -79,7 +89,7 @@ class DataConfig:
         "random from the whole training set with split_seed, so classes get uneven counts, as "
         "a user labelling at random would (takes precedence over labels_per_class and "
         "label_fraction)",
-        (1, None),
+        (1, MAX_IMAGES),
     )
     label_fraction: float | None = _f(
         None,
@@ -93,7 +103,7 @@ class DataConfig:
         "CIFAR indices; for folders, names relative to data.labeled; for hf, row numbers of "
         "the train split, or file names of an image folder)",
     )
-    split_seed: int = _f(0, "seed of the labelled-subset draw", (0, None))
+    split_seed: int = _f(0, "seed of the labelled-subset draw", (0, MAX_SEED))
     unlabeled_includes_labeled: bool = _f(
         True,
         "the unlabelled set is the whole training set, labelled images included (paper footnote 1)",
@@ -109,10 +119,16 @@ class DataConfig:
         "decode images once into uint8 memory: true, false, or 'auto' (when they fit "
         "memory_limit_gb); hf datasets are always decoded into memory",
     )
-    memory_limit_gb: float = _f(4.0, "largest in-memory dataset for in_memory: auto", (0.0, None))
+    memory_limit_gb: float = _f(4.0, "largest in-memory dataset for in_memory: auto", (0.0, 1e6))
     workers: int = _f(-1, "data-loader worker processes for on-disk datasets (-1: auto)", (-1, 256))
     on_bad_image: Literal["error", "skip"] = _f(
         "error", "a corrupt or non-image file: stop with an error, or skip it and report it"
+    )
+    max_image_pixels: int = _f(
+        89_478_485,
+        "an image file claiming more pixels (width x height) is a bad image, never decoded "
+        "(a decompression bomb); at most Pillow's own limit",
+        (1, 178_956_970),
     )
     channels: int | None = _f(None, "1 (grey) or 3 (colour); default: from the dataset", (1, 3))
     mean: list[float] | None = _f(None, "per-channel normalisation mean (default: dataset's)")
@@ -156,13 +172,13 @@ class SupportConfig:
         None,
         "C: classes per support batch, over all processes (default: every labelled class, "
         "at most 4 x optim.batch_size / images_per_class of them)",
-        (1, None),
+        (1, 1_000_000),
     )
     images_per_class: int = _f(
         5,
         "k: images per class per step, over all processes (a class with fewer labelled "
         "images repeats them, each augmented anew)",
-        (1, None),
+        (1, 1_000_000),
     )
     views: int = _f(2, "augmented views of each support image (Appendix C uses 2)", (1, 8))
     label_smoothing: float = _f(0.1, "label smoothing of support labels", (0.0, 0.999))
@@ -191,11 +207,11 @@ class ModelConfig:
     img_size: int | None = _f(
         None, "timm ViT image side of the position-embedding grid (default: the model's)", (8, 4096)
     )
-    proj_hidden: int = _f(256, "projection head hidden size", (1, None))
-    proj_out: int = _f(256, "projection head output size", (1, None))
+    proj_hidden: int = _f(256, "projection head hidden size", (1, 65536))
+    proj_out: int = _f(256, "projection head output size", (1, 65536))
     proj_layers: int = _f(3, "projection head linear layers", (1, 8))
     pred_head: bool = _f(False, "2-layer prediction head on the anchor side (Table 5)")
-    pred_hidden: int = _f(512, "prediction head hidden size", (1, None))
+    pred_hidden: int = _f(512, "prediction head hidden size", (1, 65536))
     weights: str | None = _f(
         None, "initialise the encoder from a torchvision/timm state dict (.pt/.pth/.safetensors)"
     )
@@ -261,17 +277,17 @@ class LossConfig:
 @dataclass
 class OptimConfig:
     batch_size: int = _f(
-        128, "unlabelled images per step, over all processes (global batch)", (1, None)
+        128, "unlabelled images per step, over all processes (global batch)", (1, MAX_BATCH)
     )
-    epochs: float = _f(1.774, "passes over the unlabelled set", (0.0, None))
-    steps: int | None = _f(None, "number of steps (overrides epochs and min_steps)", (1, None))
+    epochs: float = _f(1.774, "passes over the unlabelled set", (0.0, MAX_EPOCHS))
+    steps: int | None = _f(None, "number of steps (overrides epochs and min_steps)", (1, MAX_STEPS))
     min_steps: int | None = _f(
         830,
         "a run of optim.epochs shorter than this is lengthened to it, warm-up keeping its "
         "share, so a small folder trains as long as the default run (null: never)",
-        (1, None),
+        (1, MAX_STEPS),
     )
-    warmup_epochs: float = _f(0.25, "linear warm-up length in epochs", (0.0, None))
+    warmup_epochs: float = _f(0.25, "linear warm-up length in epochs", (0.0, MAX_EPOCHS))
     start_lr: float = _f(0.56, "learning rate at step 0", (0.0, None))
     ref_lr: float = _f(
         2.26,
@@ -289,7 +305,7 @@ class OptimConfig:
 
 @dataclass
 class RunConfig:
-    seed: int = _f(0, "seed of everything: initialisation, batches, augmentations", (0, None))
+    seed: int = _f(0, "seed of everything: initialisation, batches, augmentations", (0, MAX_SEED))
     device: Literal["auto", "cpu", "cuda"] = _f("auto", "compute device")
     amp: Literal["auto", "off", "bf16", "fp16"] = _f(
         "auto", "mixed precision on GPU ('auto': bf16 where supported); the loss is fp32"
@@ -299,13 +315,13 @@ class RunConfig:
     sync_bn: bool = _f(True, "global batch norm across processes, as in the paper")
     deterministic: bool = _f(False, "deterministic algorithms (bit-exact resume on CPU)")
     threads: int = _f(0, "CPU threads (0: all cores)", (0, 1024))
-    log_every: int = _f(25, "steps between metric rows in metrics.csv", (1, None))
-    checkpoint_every: int = _f(500, "steps between checkpoints (last.pt)", (1, None))
+    log_every: int = _f(25, "steps between metric rows in metrics.csv", (1, MAX_STEPS))
+    checkpoint_every: int = _f(500, "steps between checkpoints (last.pt)", (1, MAX_STEPS))
     eval_every: int = _f(
-        0, "steps between PAWS-NN evaluations during training (0: at the end)", (0, None)
+        0, "steps between PAWS-NN evaluations during training (0: at the end)", (0, MAX_STEPS)
     )
     monitor_every: int = _f(
-        100, "steps between monitor-only metrics (Fig. 4b), 0: never", (0, None)
+        100, "steps between monitor-only metrics (Fig. 4b), 0: never", (0, MAX_STEPS)
     )
     tensorboard: bool = _f(False, "also log to TensorBoard (the same as adding it to trackers)")
     trackers: list[Literal["tensorboard", "mlflow", "wandb"]] = _f(
@@ -322,8 +338,8 @@ class EvalConfig:
         "head", "PAWS-NN embeddings: the head output anchors are classified in, or the trunk"
     )
     tau: float = _f(0.1, "soft nearest-neighbour temperature", (1e-4, 10.0))
-    batch_size: int = _f(512, "images per forward pass", (1, None))
-    chunk_size: int = _f(8192, "supports per similarity chunk (bounds memory)", (1, None))
+    batch_size: int = _f(512, "images per forward pass", (1, MAX_BATCH))
+    chunk_size: int = _f(8192, "supports per similarity chunk (bounds memory)", (1, 2**31 - 1))
     unknown_score: Literal["soft", "nearest"] = _f(
         "soft",
         "known score of an image: soft (tau x log of the summed exp(cosine / tau) over the "
@@ -348,15 +364,15 @@ class BaselineConfig:
         None,
         "supervised-only baseline length in epochs over the labelled set (default: the same "
         "number of steps as PAWS, and at least min_epochs)",
-        (0.0, None),
+        (0.0, MAX_EPOCHS),
     )
     min_epochs: float = _f(
         100,
         "by default the baseline trains at least this many epochs over the labelled images, "
         "so that a small labelled set is fitted, not stopped early",
-        (0.0, None),
+        (0.0, MAX_EPOCHS),
     )
-    batch_size: int = _f(128, "labelled images per step", (1, None))
+    batch_size: int = _f(128, "labelled images per step", (1, MAX_BATCH))
     lr: float = _f(
         0.1, "learning rate (SGD, classical Nesterov momentum, cosine decay)", (0.0, None)
     )
@@ -373,7 +389,7 @@ class FinetuneConfig:
     )
     epochs: list[int] = _f([30, 50], "epoch counts swept (Appendix A; each >= 1)")
     batch_size: int = _f(
-        256, "labelled images per step (paper: 1024; at most the labelled set)", (2, None)
+        256, "labelled images per step (paper: 1024; at most the labelled set)", (2, MAX_BATCH)
     )
     val_fraction: float = _f(
         0.2,
@@ -390,12 +406,12 @@ class TightenConfig:
         "paws train ends by tightening (Appendix C's CIFAR-10 protocol) and reports PAWS-NN "
         "before and after; the tightened model is tighten.pt",
     )
-    steps: int = _f(180, "SuNCEt fine-tuning steps (Appendix C)", (1, None))
-    classes: int = _f(10, "classes per batch (at most the labelled classes)", (2, None))
+    steps: int = _f(180, "SuNCEt fine-tuning steps (Appendix C)", (1, MAX_STEPS))
+    classes: int = _f(10, "classes per batch (at most the labelled classes)", (2, 1_000_000))
     images_per_class: int = _f(
         64,
         "distinct images per class per batch (a class with fewer gives all it has)",
-        (1, None),
+        (1, 1_000_000),
     )
     lr: float = _f(0.1, "learning rate at step 0, cosine decay to 0", (0.0, None))
     momentum: float = _f(0.9, "classical momentum (no weight decay)", (0.0, 0.9999))
@@ -458,8 +474,10 @@ class Config:
             raise UserError("finetune.lrs and finetune.epochs must not be empty")
         if any(lr <= 0 for lr in self.finetune.lrs):
             raise UserError(f"finetune.lrs must all be > 0, got {self.finetune.lrs}")
-        if any(e < 1 for e in self.finetune.epochs):
-            raise UserError(f"finetune.epochs must all be >= 1, got {self.finetune.epochs}")
+        if any(not 1 <= e <= MAX_EPOCHS for e in self.finetune.epochs):
+            raise UserError(
+                f"finetune.epochs must all be in [1, {MAX_EPOCHS:g}], got {self.finetune.epochs}"
+            )
         sweep = len(self.finetune.lrs) * len(self.finetune.epochs)
         if self.finetune.val_fraction == 0 and sweep > 1:
             raise UserError(

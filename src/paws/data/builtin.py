@@ -203,14 +203,52 @@ def load_cifar(root: str | None, which: str = "cifar10") -> tuple[ImageSet, Imag
             f"data.root to the folder holding {sub}"
         )
 
+    names = _unpickle(folder / meta, names_key)[names_key]
+    if not isinstance(names, (list, tuple)) or not names:
+        raise UserError(f"{folder / meta} is damaged: '{names_key}' must list the class names")
+    classes = [str(c) for c in names]
+
     def read(files: list[str]) -> ImageSet:
         xs, ys = [], []
         for f in files:
-            d = _unpickle(folder / f, "data", key)
-            xs.append(np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-            ys.append(np.asarray(d[key], dtype=np.int64))
+            x, y = _check_batch(folder / f, _unpickle(folder / f, "data", key), key, len(classes))
+            xs.append(x)
+            ys.append(y)
         x, y = np.concatenate(xs), np.concatenate(ys)
         return ImageSet(labels=y, names=[str(i) for i in range(len(y))], images=torch.from_numpy(x))
 
-    classes = [str(c) for c in _unpickle(folder / meta, names_key)[names_key]]
     return read(train_files), read(test_files), classes
+
+
+def _check_batch(path: Path, d: dict, key: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """A CIFAR batch's images as (N, 3, 32, 32) uint8 and labels as (N,) int64, checked: the
+    data must be uint8 rows of 3072 values, one label in [0, ``num_classes``) for each row.
+
+    Raises:
+        UserError: naming the file and what is wrong.
+    """
+    fix = "download the batches again"
+    data = d["data"]
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8:
+        kind = data.dtype if isinstance(data, np.ndarray) else type(data).__name__
+        raise UserError(f"{path} is damaged: its data must be a uint8 array, got {kind}; {fix}")
+    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        raise UserError(
+            f"{path} is damaged: its data must be rows of 3072 values (32x32 colour images), "
+            f"got shape {data.shape}; {fix}"
+        )
+    try:
+        labels = np.asarray(d[key])
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{path} is damaged: its '{key}' are not a list of numbers; {fix}") from e
+    if labels.ndim != 1 or len(labels) != len(data) or labels.dtype.kind not in "iu":
+        raise UserError(
+            f"{path} is damaged: {len(data)} images need {len(data)} whole-number labels, got "
+            f"'{key}' of shape {labels.shape} and dtype {labels.dtype}; {fix}"
+        )
+    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        raise UserError(
+            f"{path} is damaged: its labels must lie in [0, {num_classes}), got "
+            f"{labels.min()} to {labels.max()}; {fix}"
+        )
+    return data.reshape(-1, 3, 32, 32), labels.astype(np.int64)

@@ -236,7 +236,9 @@ def _decode(
     skipped: list[str] = []
     for role, p in parts.items():
         shown = [f"{p.split}/{n}" for n in p.names]  # in messages: the split too
-        images, kept, bad = decode_images(p.sources, size, channels, d.on_bad_image, shown)
+        images, kept, bad = decode_images(
+            p.sources, size, channels, d.on_bad_image, shown, d.max_image_pixels
+        )
         skipped += bad
         sets[role] = ImageSet(
             labels=p.labels[kept], names=[p.names[k] for k in kept], images=images

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ from paws.errors import UserError
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "MAX_IMAGE_PIXELS",
+    "LARGEST_PIXEL_LIMIT",
     "GREY",
     "ImageSource",
     "ImageSet",
@@ -38,6 +41,7 @@ __all__ = [
     "is_grey",
     "fits_in_memory",
     "decode_images",
+    "readable",
     "Images",
     "expand_images",
     "as_items",
@@ -60,8 +64,32 @@ GREY = (0.299, 0.587, 0.114)  # luma weights of R, G and B (ITU-R BT.601), as Pi
 ImageSource = Path | bytes
 
 
-def _open(source: ImageSource) -> Image.Image:
-    return Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+# The most pixels an image may have (data.max_image_pixels): Pillow's own warning threshold,
+# about 9,460 x 9,460. A file claiming more is a bad image (a decompression bomb: a few bytes
+# that would decode into gigabytes) and is never decoded. Pillow refuses twice its threshold
+# whatever the setting, hence the largest limit.
+MAX_IMAGE_PIXELS = 89_478_485
+LARGEST_PIXEL_LIMIT = 2 * MAX_IMAGE_PIXELS
+
+
+class _TooLarge(Exception):
+    """An image whose header claims more pixels than the limit."""
+
+
+def _open(source: ImageSource, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """Open an image lazily (the header only), refusing one of more than ``max_pixels``."""
+    try:
+        im = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+    except Image.DecompressionBombError as e:  # Pillow's own limit: "Image size (N pixels)"
+        claimed = re.search(r"\((\d+) pixels\)", str(e))
+        raise _TooLarge(
+            f"{int(claimed[1]):,}" if claimed else f"over {LARGEST_PIXEL_LIMIT:,}"
+        ) from e
+    w, h = im.size
+    if w * h > max_pixels:
+        im.close()
+        raise _TooLarge(f"{w} x {h} = {w * h:,}")
+    return im
 
 
 @dataclass
@@ -154,9 +182,19 @@ def scan_labeled_folder(
     return files, np.asarray(labels, dtype=np.int64), order
 
 
+def _eight_bit(im: Image.Image) -> Image.Image:
+    """A 16-bit (or 32-bit integer) grey image as 8-bit grey, its full range 0..65535 scaled
+    to 0..255 (Pillow's own conversion clips everything above 255 to white)."""
+    arr = np.asarray(im, dtype=np.float64)
+    arr = np.clip(arr, 0, 65535) * (255 / 65535)
+    return Image.fromarray(np.rint(arr).astype(np.uint8), mode="L")
+
+
 def to_mode(im: Image.Image, channels: int | None = None) -> Image.Image:
     """The image in mode L (``channels`` 1) or RGB; palette and transparent images are
-    composited on white first."""
+    composited on white first, 16-bit grey images scaled to 8 bits (:func:`_eight_bit`)."""
+    if im.mode.startswith("I;16") or (im.mode == "I" and im.getextrema()[1] > 255):
+        im = _eight_bit(im)
     if im.mode in ("P", "PA", "LA", "RGBA") or "transparency" in im.info:
         im = im.convert("RGBA")
         bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
@@ -165,26 +203,39 @@ def to_mode(im: Image.Image, channels: int | None = None) -> Image.Image:
 
 
 def read_image(
-    path: ImageSource, channels: int | None = None, name: str | None = None
+    path: ImageSource,
+    channels: int | None = None,
+    name: str | None = None,
+    max_pixels: int = MAX_IMAGE_PIXELS,
 ) -> Image.Image:
     """Open and fully decode an image as RGB (or L when ``channels`` is 1), see :func:`to_mode`.
 
-    Raises :class:`UserError` naming the file (or ``name``) if it is corrupt, truncated or not
-    an image.
+    Raises :class:`UserError` naming the file (or ``name``) if it is corrupt, truncated, not
+    an image, or claims more than ``max_pixels`` pixels (it is then never decoded).
     """
+    where = name if name is not None else path
     try:
-        with _open(path) as im:
+        with _open(path, max_pixels) as im:
             im.load()
             return to_mode(im, channels)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except _TooLarge as e:
+        reason = (
+            f"it claims {e} pixels, more than data.max_image_pixels ({max_pixels:,}): a "
+            "decompression bomb or an image far too large"
+        )
+        raise _unreadable(where, reason) from e
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, MemoryError) as e:
         if isinstance(e, UnidentifiedImageError):
             reason = "not an image, or in a format Pillow cannot read"
         else:
             reason = str(e).strip().splitlines()[0] if str(e).strip() else "corrupt"
-        where = name if name is not None else path
-        raise UserError(
-            f"cannot read image {where}: {reason}; fix or remove it, or set data.on_bad_image: skip"
-        ) from e
+        raise _unreadable(where, reason) from e
+
+
+def _unreadable(where: Any, reason: str) -> UserError:
+    return UserError(
+        f"cannot read image {where}: {reason}; fix or remove it, or set data.on_bad_image: skip"
+    )
 
 
 def to_grey(x: torch.Tensor) -> torch.Tensor:
@@ -217,9 +268,9 @@ def is_grey(files: Sequence[ImageSource], sample: int = 2000) -> bool:
 
     def grey(path: ImageSource) -> bool:
         try:
-            with _open(path) as im:
-                return im.mode in ("1", "L", "LA", "I", "I;16", "F")
-        except (UnidentifiedImageError, OSError):
+            with _open(path, LARGEST_PIXEL_LIMIT) as im:
+                return im.mode in ("1", "L", "LA", "I", "F") or im.mode.startswith("I;16")
+        except (UnidentifiedImageError, OSError, _TooLarge, SyntaxError, ValueError):
             return True
 
     return all(grey(f) for f in list(files)[:sample])
@@ -248,6 +299,7 @@ def decode_images(
     channels: int,
     on_bad_image: str = "error",
     names: Sequence[str] | None = None,
+    max_pixels: int = MAX_IMAGE_PIXELS,
 ) -> tuple[torch.Tensor, list[int], list[str]]:
     """Decode files into a uint8 tensor, each resized (shorter side) and centre-cropped to
     ``size``.
@@ -258,6 +310,7 @@ def decode_images(
         channels: 1 (grey) or 3 (colour).
         on_bad_image: ``"error"`` or ``"skip"``.
         names: the images' names in messages (default: the file paths).
+        max_pixels: larger images are bad images (``data.max_image_pixels``).
 
     Returns:
         ``(images (N', C, size, size), kept indices, skipped file names)``; with
@@ -267,7 +320,7 @@ def decode_images(
 
     def one(i: int) -> np.ndarray | None:
         try:
-            return square(read_image(files[i], channels, names[i]), size)
+            return square(read_image(files[i], channels, names[i], max_pixels), size)
         except UserError:
             if on_bad_image == "error":
                 raise
@@ -281,6 +334,26 @@ def decode_images(
         raise UserError(f"none of the {len(files)} images could be read")
     out = torch.from_numpy(np.stack([arrays[i] for i in kept]))
     return out, kept, skipped
+
+
+def readable(
+    files: Sequence[ImageSource], max_pixels: int = MAX_IMAGE_PIXELS, decode: bool = True
+) -> list[bool]:
+    """Which files can be read: fully decoded (``decode``), or only their headers checked
+    (an image, not too large), which is cheap enough for every image of a large set."""
+
+    def ok(f: ImageSource) -> bool:
+        try:
+            if decode:
+                read_image(f, max_pixels=max_pixels)
+            else:
+                _open(f, max_pixels).close()
+            return True
+        except (UserError, UnidentifiedImageError, OSError, _TooLarge, SyntaxError, ValueError):
+            return False
+
+    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2))) as pool:
+        return list(pool.map(ok, files))
 
 
 def relative_names(files: Sequence[Path], root: Path) -> list[str]:

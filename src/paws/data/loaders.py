@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from paws.config import Config, ViewsConfig
-from paws.data.images import ImageSet, read_image
+from paws.data.images import MAX_IMAGE_PIXELS, ImageSet, read_image
 from paws.data.sources import Datasets
 from paws.data.transforms import (
     BatchViews,
@@ -60,6 +60,7 @@ class Loading:
         std: per-channel normalisation std.
         workers: data-loader worker processes for images on disk (-1: automatic).
         skip_bad: report and skip unreadable files instead of stopping (``data.on_bad_image``).
+        max_pixels: larger images are unreadable (``data.max_image_pixels``).
     """
 
     channels: int
@@ -67,6 +68,7 @@ class Loading:
     std: tuple[float, ...]
     workers: int = 0
     skip_bad: bool = False
+    max_pixels: int = MAX_IMAGE_PIXELS
 
     @classmethod
     def of(cls, cfg: Config, data: Datasets) -> Loading:
@@ -77,6 +79,7 @@ class Loading:
             tuple(data.std),
             cfg.data.workers,
             cfg.data.on_bad_image == "skip",
+            cfg.data.max_image_pixels,
         )
 
 
@@ -148,6 +151,7 @@ class _StepFiles(torch.utils.data.Dataset):
         self, images: ImageSet, transform: Callable, loading: Loading, seed: int, stream: int
     ):
         self.images, self.transform, self.channels = images, transform, loading.channels
+        self.max_pixels = loading.max_pixels
         self.seed, self.stream = seed, int(stream)
         self.bad = _BadFiles(loading.skip_bad)
 
@@ -160,7 +164,7 @@ class _StepFiles(torch.utils.data.Dataset):
         for attempt in range(len(files)):
             path = files[(i + attempt) % len(files)]
             try:
-                img = read_image(path, self.channels)
+                img = read_image(path, self.channels, max_pixels=self.max_pixels)
                 break
             except UserError as e:  # a bad file is replaced by the next readable one
                 self.bad.handle(e, path)
@@ -348,6 +352,7 @@ def step_batches(
 class _EvalFiles(torch.utils.data.Dataset):
     def __init__(self, images: ImageSet, transform: Callable, loading: Loading):
         self.images, self.transform, self.channels = images, transform, loading.channels
+        self.max_pixels = loading.max_pixels
         self.bad = _BadFiles(loading.skip_bad)
 
     def __len__(self) -> int:
@@ -355,7 +360,7 @@ class _EvalFiles(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         try:
-            img = read_image(self.images.files[i], self.channels)
+            img = read_image(self.images.files[i], self.channels, max_pixels=self.max_pixels)
         except UserError as e:
             self.bad.handle(e, self.images.files[i])
             img = Image.new("L" if self.channels == 1 else "RGB", (8, 8))

@@ -25,6 +25,7 @@ from paws.data.images import (
     decode_images,
     fits_in_memory,
     is_grey,
+    readable,
     relative_names,
     scan_images,
     scan_labeled_folder,
@@ -314,7 +315,9 @@ def _folder_sets(cfg: Config) -> Datasets:
     )
     skipped: list[str] = []
     if in_memory:
-        images, kept, skipped = decode_images(unique, size, channels, d.on_bad_image)
+        images, kept, skipped = decode_images(
+            unique, size, channels, d.on_bad_image, max_pixels=d.max_image_pixels
+        )
         row = {unique[k]: r for r, k in enumerate(kept)}
 
         def load(s: ImageSet) -> ImageSet:
@@ -328,8 +331,38 @@ def _folder_sets(cfg: Config) -> Datasets:
 
         unlabeled, labeled = load(unlabeled), load(labeled)
         test = load(test) if test is not None else None
+    elif d.on_bad_image == "skip":
+        unlabeled, labeled, test, skipped = _drop_unreadable(
+            unlabeled, labeled, test, d.max_image_pixels
+        )
     mean, std = _stats(cfg, "imagenet", channels)
     return Datasets(unlabeled, labeled, test, classes, channels, mean, std, skipped)
+
+
+def _drop_unreadable(
+    unlabeled: ImageSet, labeled: ImageSet, test: ImageSet | None, max_pixels: int
+) -> tuple[ImageSet, ImageSet, ImageSet | None, list[str]]:
+    """The sets of an on-disk folder dataset without their unreadable files
+    (``data.on_bad_image: skip``), and the files left out: labelled and test images are
+    decoded once, since a blank image in their place would count with its label; unlabelled
+    images have their headers checked (a file that fails later in a data-loader worker is
+    replaced by the next readable one).
+    """
+    test_files = (test.files or []) if test is not None else []
+    decoded = list(dict.fromkeys([*(labeled.files or []), *test_files]))
+    seen = set(decoded)
+    rest = [f for f in dict.fromkeys(unlabeled.files or []) if f not in seen]
+    bad = {f for f, ok in zip(decoded, readable(decoded, max_pixels)) if not ok}
+    bad |= {f for f, ok in zip(rest, readable(rest, max_pixels, decode=False)) if not ok}
+
+    def keep(s: ImageSet) -> ImageSet:
+        index = [i for i, f in enumerate(s.files or []) if f not in bad]
+        if not index:
+            raise UserError("every image of a set was unreadable and skipped")
+        return s.subset(index)
+
+    skipped = [str(f) for f in [*decoded, *rest] if f in bad]
+    return keep(unlabeled), keep(labeled), keep(test) if test else None, skipped
 
 
 def labeled_as_unlabeled(labeled: ImageSet) -> ImageSet:
@@ -404,8 +437,18 @@ def _hf_sets(cfg: Config) -> Datasets:
 
 
 def load_datasets(cfg: Config) -> Datasets:
-    """Load the run's unlabelled, labelled and test sets as the config describes."""
+    """Load the run's unlabelled, labelled and test sets as the config describes.
+
+    Raises:
+        UserError: a folder the config names does not exist (``data.root`` included: a
+            dataset is never silently taken from elsewhere), or anything wrong with the data.
+    """
     d = cfg.data
+    if d.root and not Path(d.root).expanduser().exists():
+        raise UserError(
+            f"data.root {d.root} does not exist; fix the path, or create the folder "
+            "(Fashion-MNIST is downloaded into it when it is not there)"
+        )
     if d.dataset == "folder":
         return _folder_sets(cfg)
     if d.dataset == "imagenet":

@@ -21,6 +21,7 @@ from paws.models.networks import (
     PredictionHead,
     ProjectionHead,
     build_network,
+    load_weights,
 )
 
 __all__ = [
@@ -35,5 +36,6 @@ __all__ = [
     "create_encoder",
     "is_timm",
     "load_encoder_weights",
+    "load_weights",
     "register_encoder",
 ]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -21,13 +21,14 @@ import torch.nn as nn
 
 from paws.config import TIMM_KEYS
 from paws.errors import UserError
-from paws.models.encoders import create_encoder, is_timm, load_encoder_weights
+from paws.models.encoders import check_encoder, create_encoder, is_timm, load_encoder_weights
 from paws.progress import info
 
 __all__ = [
     "Architecture",
     "build_network",
     "input_channels",
+    "load_weights",
     "ProjectionHead",
     "PredictionHead",
     "PAWSModel",
@@ -101,12 +102,27 @@ class Architecture:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> Architecture:
-        """The record :meth:`to_dict` wrote (keys it does not know are an error)."""
+    def from_dict(cls, values: Any, where: str = "architecture") -> Architecture:
+        """The record :meth:`to_dict` wrote, checked field by field (a file that holds it may
+        be damaged or crafted), so that building the network cannot fail deep inside torch.
+
+        Raises:
+            UserError: naming ``where`` and the field: an unknown field, a missing encoder, a
+                value of the wrong type or out of range.
+        """
+        if not isinstance(values, dict):
+            raise UserError(f"{where} must be a mapping, got {type(values).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
+        unknown = sorted(str(k) for k in set(values) - names)
         if unknown:
-            raise UserError(f"unknown architecture fields {unknown}: written by a newer paws?")
+            raise UserError(f"{where}: unknown fields {unknown}: written by a newer paws?")
+        if "encoder" not in values:
+            raise UserError(f"{where} names no encoder")
+        for key, value in values.items():
+            problem = _ARCH_CHECKS[key](value)
+            if problem:
+                raise UserError(f"{where}: {key} must be {problem}, got {value!r:.60}")
+        check_encoder(values["encoder"])
         return cls(**values)
 
     def with_classifier(
@@ -114,6 +130,52 @@ class Architecture:
     ) -> Architecture:
         """The same network with (or, for None, without) a classifier."""
         return dataclasses.replace(self, num_classes=num_classes, classifier_on=on)
+
+
+def _count(lo: int, hi: int, optional: bool = False) -> Callable[[Any], str | None]:
+    """A check of a whole number in [lo, hi] (or None when ``optional``)."""
+
+    def check(v: Any) -> str | None:
+        if v is None and optional:
+            return None
+        ok = isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+        return None if ok else f"a whole number in [{lo}, {hi}]" + (" or null" if optional else "")
+
+    return check
+
+
+def _kind_of(*types: type) -> Callable[[Any], str | None]:
+    return lambda v: None if isinstance(v, types) else " or ".join(t.__name__ for t in types)
+
+
+def _encoder_options(v: Any) -> str | None:
+    """Encoder options are plain values, a built-in encoder's width within reason."""
+    if not isinstance(v, dict) or not all(isinstance(k, str) for k in v):
+        return "a mapping of option names to values"
+    if any(not isinstance(x, (int, float, str, bool, list, type(None))) for x in v.values()):
+        return "plain values"
+    if "width" in v and _count(1, MAX_WIDTH)(v["width"]):
+        return f"options with a width in [1, {MAX_WIDTH}]"
+    return None
+
+
+# The largest sizes an architecture record may ask for: far above any real network, far below
+# what would exhaust memory while building it.
+MAX_WIDTH = 4096
+MAX_HEAD = 65536
+_ARCH_CHECKS: dict[str, Callable[[Any], str | None]] = {
+    "encoder": _kind_of(str),
+    "encoder_kwargs": _encoder_options,
+    "in_channels": lambda v: None if v in (1, 3) and not isinstance(v, bool) else "1 or 3",
+    "small_images": _kind_of(bool),
+    "proj_hidden": _count(1, MAX_HEAD),
+    "proj_out": _count(1, MAX_HEAD),
+    "proj_layers": _count(1, 16),
+    "pred_head": _kind_of(bool),
+    "pred_hidden": _count(1, MAX_HEAD),
+    "num_classes": _count(1, 10**6, optional=True),
+    "classifier_on": lambda v: None if v in ("head", "trunk") else "'head' or 'trunk'",
+}
 
 
 def _encoder_kwargs(m: Any) -> dict[str, Any]:
@@ -181,6 +243,52 @@ def input_channels(state_dict: dict[str, torch.Tensor]) -> int:
         if k.startswith("encoder.") and v.dim() == 4:
             return int(v.shape[1])
     raise UserError("cannot tell the input channels of these weights")
+
+
+def load_weights(net: nn.Module, weights: Any, where: str) -> None:
+    """Load saved ``weights`` into ``net`` after checking that they fit it, tensor by tensor:
+    a damaged file is one line naming the first tensor that does not fit, not a wall of
+    size mismatches.
+
+    Args:
+        net: the freshly built network.
+        weights: its state dict as a file held it.
+        where: the file, as messages name it.
+
+    Raises:
+        UserError: a missing or unknown tensor, a wrong shape or kind, or a value that is not
+            finite.
+    """
+    fix = "the file is damaged, or was not written for this architecture"
+    if not isinstance(weights, dict):
+        raise UserError(f"{where}: the weights must be a mapping of tensors; {fix}")
+    expected = net.state_dict()
+    missing = [k for k in expected if k not in weights]
+    unknown = [str(k) for k in weights if k not in expected]
+    if missing or unknown:
+        what = f"lacks '{missing[0]}'" if missing else f"has an unknown tensor '{unknown[0]}'"
+        count = f" ({len(missing)} missing, {len(unknown)} unknown)"
+        raise UserError(
+            f"{where}: the weights do not fit the architecture: it {what}{count}; {fix}"
+        )
+    for key, want in expected.items():
+        got = weights[key]
+        if not torch.is_tensor(got):
+            raise UserError(
+                f"{where}: weight '{key}' is a {type(got).__name__}, not a tensor; {fix}"
+            )
+        if tuple(got.shape) != tuple(want.shape):
+            raise UserError(
+                f"{where}: weight '{key}' has shape {tuple(got.shape)}, the architecture needs "
+                f"{tuple(want.shape)}; {fix}"
+            )
+        if got.is_floating_point() != want.is_floating_point() or got.is_complex():
+            raise UserError(
+                f"{where}: weight '{key}' is of dtype {got.dtype}, not {want.dtype}; {fix}"
+            )
+        if got.is_floating_point() and not bool(torch.isfinite(got).all()):
+            raise UserError(f"{where}: weight '{key}' holds NaN or infinite values; {fix}")
+    net.load_state_dict(weights)
 
 
 # --------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from paws.errors import UserError
+from paws.files import check_out_dir, write_atomic, write_with
 from paws.progress import info
 from paws.report.figures import (
     STYLE,
@@ -159,7 +160,7 @@ def _stack(pngs: Sequence[bytes], path: Path) -> None:
     for im in images:
         sheet.paste(im, ((width - im.width) // 2, y))
         y += im.height + gap
-    sheet.save(path, format="PNG", optimize=True)
+    write_with(path, lambda f: sheet.save(f, format="PNG", optimize=True))
 
 
 _CSS = """
@@ -357,13 +358,13 @@ def build_report(
         raise UserError("give at least one run directory")
     paths = [Path(p).expanduser() for p in run_dirs]
     runs = [load_run(p, n) for p, n in zip(paths, _unique_names(paths))]
-    out = Path(out_dir).expanduser() if out_dir else paths[0]
+    out = check_out_dir(Path(out_dir).expanduser() if out_dir else paths[0])
     out.mkdir(parents=True, exist_ok=True)
     sections = _round_sections(runs) + _metric_sections(runs)
     if tsne_points > 0 or grid_images > 0:
         sections += _test_image_sections(runs, tsne_points, grid_images, seed, data)
     rows = _summary_rows(runs)
     html_path, png_path = out / "report.html", out / "report.png"
-    html_path.write_text(_html(runs, rows, sections), encoding="utf-8")
+    write_atomic(html_path, _html(runs, rows, sections))
     _stack([_summary_png(rows)] + [s.png for s in sections if s.png is not None], png_path)
     return {"png": png_path, "html": html_path}

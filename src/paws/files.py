@@ -1,0 +1,152 @@
+"""Files a command writes: checked before the work starts, written whole or not at all.
+
+An output path is checked before any long work (:func:`check_out_dir`, :func:`check_out_file`):
+a path that names an existing file where a folder is needed, that lies below a file, or whose
+folder cannot be written ends the command in its first second, not after the training. Every
+file is written through a temporary file in the same folder, flushed, fsynced and renamed over
+the old one (:func:`write_atomic`), so a full disk or a killed process leaves the previous file
+as it was, never a half-written or empty one.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO
+
+from paws.errors import UserError
+
+__all__ = ["write_atomic", "write_with", "check_out_dir", "check_out_file", "reason"]
+
+
+def reason(e: OSError) -> str:
+    """The words of an OS error, without its errno prefix."""
+    return e.strerror or str(e) or type(e).__name__
+
+
+def write_with(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
+    """Write ``path`` atomically with ``write(binary file)``: a temporary file beside it,
+    fsynced, then renamed over it. A path that is not a regular file (``/dev/null``, a pipe) is
+    written in place: renaming over it would replace the device.
+
+    Raises:
+        UserError: naming the path when it cannot be written (a full disk, no permission); an
+            existing file keeps its old content.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_file() and not path.is_dir():
+        try:
+            with open(path, "wb") as f:
+                write(f)
+        except OSError as e:
+            raise UserError(f"could not write {path}: {reason(e)}") from e
+        return
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise UserError(f"could not write {path}: {reason(e)}; check the folder") from e
+    try:
+        # mkstemp makes the file private; give it the mode a plain write would have.
+        os.chmod(tmp, path.stat().st_mode & 0o7777 if path.is_file() else 0o666 & ~_umask())
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if isinstance(e, OSError):
+            kept = "; the previous file is intact" if path.is_file() else ""
+            raise UserError(f"could not write {path}: {reason(e)}{kept}") from e
+        raise
+
+
+@functools.cache
+def _umask() -> int:
+    """The process's umask, read without changing it (Linux), else the usual 022."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
+
+
+def write_atomic(path: str | Path, text: str | bytes) -> None:
+    """Write ``text`` (UTF-8) or bytes to ``path`` atomically (:func:`write_with`)."""
+    data = text.encode("utf-8") if isinstance(text, str) else text
+    write_with(path, lambda f: f.write(data))
+
+
+def _nearest_existing(path: Path) -> Path:
+    """``path`` or its closest ancestor that exists, refusing a file on the way."""
+    cur = path
+    while not cur.exists():
+        if cur.parent == cur:
+            break
+        cur = cur.parent
+    return cur
+
+
+def _writable(folder: Path, what: str, path: Path) -> None:
+    """Create and remove a file in ``folder``: the one test of writing that also holds for the
+    superuser, read-only file systems and network mounts."""
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".paws-check.", dir=folder)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise UserError(
+            f"{what} {path} cannot be written ({reason(e)} in {folder}); choose another path"
+        ) from e
+
+
+def check_out_dir(path: str | Path, what: str = "--out") -> Path:
+    """Check that the folder ``path`` can be created (or exists) and be written, creating
+    nothing.
+
+    Args:
+        path: the output folder.
+        what: how the message names it (the option).
+
+    Returns:
+        ``path`` as a :class:`Path`.
+
+    Raises:
+        UserError: ``path`` is an existing file, lies below a file, or its folder cannot be
+            written.
+    """
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{what} {path} is a file, not a folder; choose a folder")
+    base = _nearest_existing(path)
+    if not base.is_dir():
+        raise UserError(f"{what} {path} lies below {base}, which is a file; choose another path")
+    _writable(base, what, path)
+    return path
+
+
+def check_out_file(path: str | Path, what: str = "--out") -> Path:
+    """Check that the file ``path`` can be written (its folder may not exist yet), creating
+    nothing; ``/dev/null`` and other devices are accepted.
+
+    Raises:
+        UserError: ``path`` is a folder, lies below a file, or its folder cannot be written.
+    """
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise UserError(f"{what} {path} is a folder; give a file name")
+    if path.exists() and not path.is_file():
+        return path  # a device or a pipe: written in place
+    base = _nearest_existing(path.parent)
+    if not base.is_dir():
+        raise UserError(f"{what} {path} lies below {base}, which is a file; choose another path")
+    _writable(base, what, path)
+    return path
