@@ -179,3 +179,54 @@ def test_two_processes_train_like_one(two_then_one: dict, one_then_two: dict):
     two, one = losses(two_then_one["run"]), losses(one_then_two["run"])
     assert two == pytest.approx(one, abs=1e-4)
     assert two[0] != pytest.approx(two[1], abs=1e-3)  # the steps do differ
+
+
+def _rank_process(run: Path, rank: int) -> int:
+    """The pid of the process of ``rank`` training into ``run`` (read from /proc)."""
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if str(run).encode() in cmdline and f"RANK={rank}".encode() in environ:
+            return int(proc.name)
+    raise AssertionError(f"no process of rank {rank} found")
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").is_file(), reason="finds ranks in /proc")
+def test_a_rank_that_dies_leaves_one_line_and_a_run_that_resumes(folder: Path, tmp_path: Path):
+    run = tmp_path / "run"
+    args = [*_args(folder), "--set", "optim.steps=150", "--set", "run.checkpoint_every=2"]
+    p = subprocess.Popen(
+        _command(2, "train", "--out", str(run), *args),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+    )
+    deadline = time.monotonic() + 300
+    while len(_logged_steps(run)) < 4 or not (run / "last.pt").is_file():
+        if p.poll() is not None or time.monotonic() > deadline:
+            p.kill()
+            pytest.fail(f"the run ended before a rank was killed:\n{p.communicate()[1]}")
+        time.sleep(0.05)
+    os.kill(_rank_process(run, 1), signal.SIGKILL)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode != 0
+    assert "[rank0]: Traceback" not in err and "[rank0]:" not in err  # no gloo wall of text
+    said = [line for line in err.splitlines() if line.startswith("paws: ")]
+    # Rank 0 either hit the lost connection (one line naming rank 1 and the resume) or was
+    # stopped by torchrun's SIGTERM first (it saved a checkpoint and said how to continue).
+    lost = "paws: error: rank 0 of 2: rank 1 of this run stopped; resume from its last "
+    assert said == [f"{lost}checkpoint with: paws train --resume {run}"] or (
+        not said and f"continue with: paws train --resume {run}" in err
+    ), err
+    r = subprocess.run(
+        _command(1, "train", "--resume", str(run)),
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr

@@ -36,6 +36,7 @@ __all__ = [
     "data_parallel",
     "GlobalBatchNorm",
     "destroy",
+    "lost_peer",
 ]
 
 
@@ -92,6 +93,17 @@ def init(device: str = "auto") -> torch.device:
         if use_cuda:
             _HOST_GROUP = dist.new_group(backend="gloo")
     return here
+
+
+def lost_peer(e: BaseException) -> bool:
+    """Whether ``e`` is a collective that failed because another process of the group stopped
+    (gloo's "Connection reset by peer" or "closed", NCCL's errors, a timeout)."""
+    if not is_initialized() or get_world_size() == 1:
+        return False
+    dist_error = getattr(torch.distributed, "DistError", ())
+    text = str(e)
+    said = any(w in text for w in ("gloo", "NCCL", "Connection", "peer", "timed out"))
+    return isinstance(e, dist_error) or (isinstance(e, RuntimeError) and said)
 
 
 def destroy() -> None:

@@ -18,6 +18,20 @@ from paws.cli.base import (
 from paws.errors import UserError
 
 
+def _lost_peer_line(out: Path) -> str:
+    """What a rank says when another process of its run stopped."""
+    from paws import distributed
+
+    rank, world = distributed.get_rank(), distributed.get_world_size()
+    other = f"rank {1 - rank}" if world == 2 else "another process"
+    where = (
+        f"resume from its last checkpoint with: paws train --resume {out}"
+        if (out / "last.pt").is_file()
+        else f"no checkpoint had been written yet: start it again (--out {out})"
+    )
+    return f"rank {rank} of {world}: {other} of this run stopped; {where}"
+
+
 @command("train", "pre-train PAWS (default: Fashion-MNIST with 10 labels per class)")
 def _train_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
     _config_args(p)
@@ -50,7 +64,12 @@ def _train_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], in
             # (time-stamped) run directory.
             device = runtime.setup(cfg)
             out = Path(distributed.broadcast_object(str(out)))
-            result = train(cfg, out, resume=bool(args.resume), device=device, init=args.init)
+            try:
+                result = train(cfg, out, resume=bool(args.resume), device=device, init=args.init)
+            except Exception as e:  # noqa: BLE001 - only a lost process becomes one line
+                if not distributed.lost_peer(e):
+                    raise
+                raise UserError(_lost_peer_line(out)) from e
             main = distributed.is_main()
         finally:
             distributed.destroy()
