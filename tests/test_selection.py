@@ -97,6 +97,23 @@ def test_excluded_images_are_never_chosen_by_any_strategy():
         assert sorted(picks.tolist()) == np.flatnonzero(~exclude).tolist()
 
 
+@pytest.mark.parametrize("strategy", ["coverage", "mixed", "kcenter", "uncertainty", "random"])
+def test_asking_for_more_than_are_left_gives_every_one_without_a_search(strategy, monkeypatch):
+    from paws import suggest
+
+    x, which = clusters(4, 25, seed=6)
+    exclude = which == 2
+    margin = torch.rand(len(x)).numpy()
+    for slow in ("kmeans_select", "k_center_greedy", "mixed_select"):  # none may run
+        monkeypatch.setattr(suggest, slow, lambda *a, **k: pytest.fail("searched"))
+    rows, reasons = suggest.choose(
+        strategy, TensorSource(x), 10_000, None, exclude, margin, which, seed=0
+    )
+    assert sorted(rows.tolist()) == np.flatnonzero(~exclude).tolist()
+    assert (np.diff(margin[rows]) >= 0).all()  # the least sure first
+    assert set(reasons) == {"every candidate not labelled yet"}
+
+
 def between_two_classes():
     """Supports of classes 0 and 1 at two directions, queries near each and 5 midway."""
     a, b = torch.eye(8)[0], torch.eye(8)[1]

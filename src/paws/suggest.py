@@ -247,6 +247,11 @@ def choose(
             f"--strategy {strategy} needs a trained run (PAWS-NN's uncertainty); "
             "without one use coverage or random"
         )
+    left = np.flatnonzero(~np.asarray(exclude, dtype=bool))
+    if n >= len(left):  # nothing to choose between: every one, the least sure first
+        if margin is not None:
+            left = left[np.argsort(margin[left], kind="stable")]
+        return left, ["every candidate not labelled yet"] * len(left)
     if strategy == "random":
         rows = random_select(len(source), n, exclude, seed)
         return rows, ["random"] * len(rows)
