@@ -14,7 +14,8 @@ The labels of suggested images come from the dataset's true labels, as a person 
 would give. ``--seeds`` sets ``run.seed``, ``data.split_seed`` and ``paws suggest --seed``.
 Every step writes into ``OUT/seed<N>/``; a run or a file that is already complete is not made
 again, so the benchmark can be run piecewise (``--seeds``, ``--arms``) and resumed. The figures
-go to ``OUT/results.json``; each run prints its seeds, means and minutes.
+go to ``OUT/results.json``; each run prints its seeds, means and minutes, then the same before
+tightening (PAWS-NN of ``last.pt``).
 
     python benchmarks/label_selection.py --out runs/labels [--seeds 0 1 2] [--arms A B C D]
     python benchmarks/label_selection.py --seeds 0 --arms C D --set optim.steps=100   # a check
@@ -144,10 +145,8 @@ def summarise(scores: dict[str, dict[str, float]], minutes: dict[str, dict[str, 
         cells = " ".join(f"{per[s]:7.2f}%" if s in per else "       –" for s in _seeds(scores))
         means[arm] = sum(per.values()) / len(per)
         mins = minutes.get(arm, {})
-        took = sum(mins.values()) / len(mins) if mins else float("nan")
-        print(
-            f"{arm:<10} {NAMES[arm]:<34} {cells}  mean {means[arm]:6.2f}%  ({took:.1f} min a seed)"
-        )
+        took = f"  ({sum(mins.values()) / len(mins):.1f} min a seed)" if mins else ""
+        print(f"{arm:<10} {NAMES[arm]:<34} {cells}  mean {means[arm]:6.2f}%{took}")
     for a, b, target in (("D", "A", 3), ("D", "B", 1), ("C", "A", 0), ("Dscratch", "A", 3)):
         if a in means and b in means:
             print(f"{a} - {b}: {means[a] - means[b]:+.2f} points (target > {target})")
@@ -191,6 +190,9 @@ def main() -> None:
             run, minutes = bench.arm(arm, a)
             ev = json.loads((run / "eval.json").read_text())
             results.setdefault("top1", {}).setdefault(arm, {})[str(seed)] = ev["top1"]
+            before = ev.get("pretrained", {}).get("top1")
+            if before is not None:  # PAWS-NN of last.pt, before tightening
+                results.setdefault("pretrained_top1", {}).setdefault(arm, {})[str(seed)] = before
             results.setdefault("arm_minutes", {}).setdefault(arm, {})[str(seed)] = minutes
             saved.write_text(json.dumps(results, indent=2) + "\n")
             print(f"seed {seed} {arm:<9} top-1 {ev['top1']:.2f}%  ({minutes:.1f} min)", flush=True)
@@ -198,6 +200,10 @@ def main() -> None:
         {arm: results["top1"][arm] for arm in ARMS if arm in results.get("top1", {})},
         results.get("arm_minutes", {}),
     )
+    if results.get("pretrained_top1"):
+        print("\nPAWS-NN before tightening (last.pt):")
+        before = results["pretrained_top1"]
+        summarise({arm: before[arm] for arm in ARMS if arm in before}, {})
     print(f"figures in {saved}")
 
 
