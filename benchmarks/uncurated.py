@@ -17,7 +17,8 @@ seed a different draw of the labels (``data.split_seed``) and of the weights (``
 - ``long_tail_labels``: the same, but the labels follow the profile too (1% of each class, at
   least 1). Arms as for ``long_tail``.
 - ``uneven``: 100 labels drawn uniformly at random from the training set (``data.num_labels``:
-  classes get 3 to 17); it must train with no override. Arm: PAWS.
+  classes get 2 to 17); it must train with no override. Arm: PAWS (the same runs as arm A of
+  ``benchmarks/label_selection.py``).
 
     python benchmarks/uncurated.py [--settings out_of_class long_tail ...] [--seeds 0 1 2]
         [--arms ...] [--out runs/uncurated] [--set key=value ...]
