@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import io
 import tempfile
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -40,9 +41,10 @@ from paws.config import Config
 from paws.data.images import ImageSet, expand_images, read_image
 from paws.data.labels import csv_path, write_suggestions
 from paws.data.loaders import Loading
-from paws.data.sources import Datasets, load_datasets
+from paws.data.sources import Datasets, load_datasets, normalisation
 from paws.errors import UserError
 from paws.evaluate import embed_images, snn_classify
+from paws.files import write_atomic
 from paws.models import Architecture, build_network
 from paws.progress import Progress, info
 from paws.selection import (
@@ -510,7 +512,7 @@ def suggest_cold(
         loading = (
             Loading.of(cfg, data)
             if data is not None
-            else Loading(channels, *_default_stats(cfg, channels), workers=d.workers)
+            else Loading(channels, *normalisation(cfg, "folder", channels), workers=d.workers)
         )
         pool = _file_pool(unlabeled, data.labeled if has_labels and data else None, loading)
     else:
@@ -539,14 +541,6 @@ def suggest_cold(
         )
     picks = [Suggestion(int(i), None, None, r) for i, r in zip(rows, reasons)]
     return Suggestions(pool, picks, strategy, what)
-
-
-def _default_stats(cfg: Config, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Normalisation of a folder of images with no dataset: ``data.mean``/``data.std`` or
-    ImageNet's (grey: its luma)."""
-    if cfg.data.mean and cfg.data.std:
-        return tuple(cfg.data.mean), tuple(cfg.data.std)
-    return ((0.449,), (0.226,)) if channels == 1 else ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
 # --------------------------------------------------------------------------------------------
@@ -589,13 +583,11 @@ def write_sheet(s: Suggestions, out: str | Path, csv_name: str | None = None) ->
     ]
     title = f"{len(items)} images to label next ({s.strategy}, {s.features})"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(contact_sheet(items, title, csv_name), encoding="utf-8")
+    write_atomic(out, contact_sheet(items, title, csv_name))
     return out
 
 
 def describe(s: Suggestions) -> dict[str, Any]:
     """Counts for the command's summary line."""
-    groups: dict[str, int] = {}
-    for p in s.picks:
-        groups[p.suggested or ""] = groups.get(p.suggested or "", 0) + 1
-    return {"images": len(s.picks), "pool": len(s.pool.images), "groups": groups}
+    groups = Counter(p.suggested or "" for p in s.picks)
+    return {"images": len(s.picks), "pool": len(s.pool.images), "groups": dict(groups)}

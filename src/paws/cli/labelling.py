@@ -9,6 +9,7 @@ from pathlib import Path
 
 from paws.cli.base import _config_args, command
 from paws.errors import UserError
+from paws.files import check_out_file
 
 
 def _refuse_filled(out: Path) -> None:
@@ -83,7 +84,9 @@ def _suggest_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], 
 
         if args.n < 1:
             raise UserError("-n must be at least 1")
-        out = Path(args.out).expanduser()
+        out = check_out_file(args.out)  # before minutes of embedding
+        if args.html:
+            check_out_file(args.html, "--html")
         _refuse_filled(out)
         s = _suggest(args)
         s.write(out)

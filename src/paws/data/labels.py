@@ -16,12 +16,14 @@ naming the file, the row and the path (:meth:`LabelsFile.error`).
 from __future__ import annotations
 
 import csv
+import io
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from paws.errors import UserError
+from paws.files import write_atomic
 
 __all__ = [
     "LABEL_COLUMNS",
@@ -165,8 +167,9 @@ def write_suggestions(path: str | Path, rows: Sequence[Sequence[object]]) -> Pat
     ``(path, label, suggested_label, confidence, reason)``, empty cells as ``""``)."""
     p = Path(path).expanduser()
     p.parent.mkdir(parents=True, exist_ok=True)
-    with open(p, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(SUGGESTION_COLUMNS)
-        w.writerows(rows)
+    text = io.StringIO(newline="")
+    w = csv.writer(text)
+    w.writerow(SUGGESTION_COLUMNS)
+    w.writerows(rows)
+    write_atomic(p, text.getvalue())  # never half a file
     return p

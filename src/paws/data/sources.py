@@ -41,6 +41,7 @@ __all__ = [
     "labeled_from_file",
     "labeled_as_unlabeled",
     "load_datasets",
+    "normalisation",
 ]
 
 
@@ -335,7 +336,7 @@ def _folder_sets(cfg: Config) -> Datasets:
         unlabeled, labeled, test, skipped = _drop_unreadable(
             unlabeled, labeled, test, d.max_image_pixels
         )
-    mean, std = _stats(cfg, "imagenet", channels)
+    mean, std = normalisation(cfg, "imagenet", channels)
     return Datasets(unlabeled, labeled, test, classes, channels, mean, std, skipped)
 
 
@@ -375,7 +376,11 @@ def labeled_as_unlabeled(labeled: ImageSet) -> ImageSet:
     )
 
 
-def _stats(cfg: Config, dataset: str, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def normalisation(
+    cfg: Config, dataset: str, channels: int
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) of each channel: ``data.mean``/``data.std`` when set, else the dataset's
+    (ImageNet's for folders; for grey images, its luma)."""
     mean, std = STATS.get(dataset, STATS["imagenet"])
     if channels == 1 and len(mean) == 3:
         mean, std = (0.449,), (0.226,)
@@ -410,7 +415,7 @@ def _imagenet_sets(cfg: Config) -> Datasets:
         test = ImageSet(
             labels=val_y, names=relative_names(val_files, root / "val"), files=val_files
         )
-    mean, std = _stats(cfg, "imagenet", 3)
+    mean, std = normalisation(cfg, "imagenet", 3)
     return Datasets(unlabeled, labeled, test, classes, 3, mean, std)
 
 
@@ -430,7 +435,7 @@ def _hf_sets(cfg: Config) -> Datasets:
             names=unlabeled.names + hf.unlabeled.names,
             images=torch.cat([unlabeled.images, hf.unlabeled.images]),
         )
-    mean, std = _stats(cfg, "imagenet", hf.channels)
+    mean, std = normalisation(cfg, "imagenet", hf.channels)
     labeled = hf.train.subset(chosen)
     labeled.labels = chosen_y
     return Datasets(unlabeled, labeled, hf.test, hf.classes, hf.channels, mean, std, hf.skipped)
@@ -477,5 +482,5 @@ def load_datasets(cfg: Config) -> Datasets:
         if d.unlabeled_includes_labeled
         else train.subset(np.setdiff1d(np.arange(len(train)), chosen))
     )
-    mean, std = _stats(cfg, d.dataset, channels)
+    mean, std = normalisation(cfg, d.dataset, channels)
     return Datasets(labeled_as_unlabeled(unlabeled), labeled, test, classes, channels, mean, std)
