@@ -26,12 +26,12 @@ import torch
 
 def main(argv: list[str] | None = None) -> int:
     from paws import runtime
+    from paws.apply.load import from_checkpoint
+    from paws.apply.predictor import Predictor, Preprocessing
     from paws.config import load_config
     from paws.data import load_datasets
-    from paws.inference import Predictor, Preprocessing
     from paws.models import Architecture, build_network
-    from paws.opening import from_checkpoint
-    from paws.train import train
+    from paws.pretrain.train import train
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=300, help="pre-training steps")

@@ -1,13 +1,13 @@
 """How much a PAWS training step costs beyond its encoder, and what PAWS-NN evaluation costs.
 
-Training: takes the steps ``paws.train.train`` takes (draw and augment the batch, set the
+Training: takes the steps ``paws.pretrain.train.train`` takes (draw and augment the batch, set the
 learning rate, forward, PAWS loss, backward, LARS, read the loss) and, in turns with them, the
 bare encoder: a copy of the same model on the same view tensors already in memory (one forward
 per crop size, supports with the large views, a trivial loss, backward). Prints images/s of
 both, their ratio (step time / bare time; 1.00 means the step costs nothing beyond the encoder)
 and the fraction of step time spent waiting for data. Alternating step by step and reporting
 medians keeps a shared machine's changing load out of the ratio as far as possible; rerun to
-see the spread. ``--train-check N`` also runs ``paws.train.train`` itself and prints the
+see the spread. ``--train-check N`` also runs ``paws.pretrain.train.train`` itself and prints the
 images/s of its metrics.csv.
 
 Evaluation: PAWS-NN soft nearest neighbours for 60,000 supports x 10,000 queries (default),
@@ -53,10 +53,11 @@ import torch
 from paws import progress, runtime
 from paws.config import Config, load_config
 from paws.data import Datasets, ImageSet, load_datasets, step_batches
+from paws.method.optim import set_lr
 from paws.models import Architecture, build_network
-from paws.optim import set_lr
-from paws.run import build_run
-from paws.train import train, train_step
+from paws.pretrain.stages import build_run
+from paws.pretrain.step import train_step
+from paws.pretrain.train import train
 
 SYNTHETIC = {"fashion_mnist": (1, 28, 60000, 10000, 10), "cifar10": (3, 32, 50000, 10000, 10)}
 
@@ -93,12 +94,12 @@ def _median(xs: list[float]) -> float:
 def measure_step(cfg: Config, data: Datasets, steps: int) -> dict[str, list[float]]:
     """Per-step seconds of the full step and of the bare encoder, measured in turns.
 
-    The full step is what ``paws.train.train`` does each step, on a run made by
-    ``paws.run.build_run``: draw and augment the batch (``step_batches``), set the learning
-    rate, ``train_step`` (forward, PAWS loss, backward, LARS) and read the loss. The bare step
-    runs a copy of the same model on the same views with a trivial loss. Alternating the two
-    step by step keeps a shared machine's changing load out of their ratio. The first step
-    (warm-up) is dropped.
+    The full step is what ``paws.pretrain.train.train`` does each step, on a run made by
+    ``paws.pretrain.stages.build_run``: draw and augment the batch (``step_batches``), set the
+    learning rate, ``train_step`` (forward, PAWS loss, backward, LARS) and read the loss. The
+    bare step runs a copy of the same model on the same views with a trivial loss. Alternating
+    the two step by step keeps a shared machine's changing load out of their ratio. The first
+    step (warm-up) is dropped.
     """
     device = runtime.setup(cfg)
     run = build_run(cfg, Path(tempfile.gettempdir()), data, device)  # writes nothing
@@ -112,7 +113,17 @@ def measure_step(cfg: Config, data: Datasets, steps: int) -> dict[str, list[floa
         batch = next(batches)
         set_lr(optimizer, run.schedule(step))
         monitor = cfg.run.monitor_every > 0 and step % cfg.run.monitor_every == 0
-        train_step(model, optimizer, batch, run.labels, cfg, run.scaler, run.dtype, monitor).read()
+        train_step(
+            model,
+            optimizer,
+            batch,
+            run.labels,
+            cfg.loss,
+            run.ropaws,
+            run.scaler,
+            run.dtype,
+            monitor,
+        ).read()
         _sync(device)
         full = time.perf_counter() - t0
 
@@ -130,7 +141,8 @@ def measure_step(cfg: Config, data: Datasets, steps: int) -> dict[str, list[floa
 
 
 def train_images_per_s(cfg: Config, data: Datasets, steps: int) -> float:
-    """Images/s of ``paws.train.train`` itself, from its metrics.csv (first step dropped)."""
+    """Images/s of ``paws.pretrain.train.train`` itself, from its metrics.csv (first step
+    dropped)."""
     run = replace(
         cfg,
         optim=replace(cfg.optim, steps=steps + 1),
@@ -194,7 +206,8 @@ def _peak_rss_bytes() -> int:
 
 
 def _eval_child(kind: str, cfg: Config, supports: int, queries: int, synthetic: bool, q) -> None:
-    from paws.evaluate import paws_nn, snn_classify
+    from paws.after.evaluate import paws_nn
+    from paws.method.snn import snn_classify
 
     device = runtime.setup(cfg)
     torch.manual_seed(0)
@@ -251,7 +264,7 @@ def _eval_child(kind: str, cfg: Config, supports: int, queries: int, synthetic: 
 
 
 def _warm_up(kind: str, cfg: Config, device: torch.device) -> None:
-    from paws.evaluate import snn_classify
+    from paws.method.snn import snn_classify
 
     x = torch.randn(64, 8, device=device)
     snn_classify(x, x, torch.arange(64, device=device) % 4, 4)
@@ -287,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=0,
         metavar="N",
-        help="also run paws.train.train for N steps and print its images/s",
+        help="also run paws.pretrain.train.train for N steps and print its images/s",
     )
     parser.add_argument("--synthetic", action="store_true", help="random images, no dataset")
     parser.add_argument("--no-eval", action="store_true", help="skip PAWS-NN evaluation")
@@ -327,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.train_check:
             ips = train_images_per_s(cfg, data, args.train_check)
             results["train_images_per_s"] = ips
-            print(f"paws.train.train {ips:8.1f} images/s (its metrics.csv, cross-check)")
+            print(f"paws.pretrain.train.train {ips:8.1f} images/s (its metrics.csv, cross-check)")
     if not args.no_eval:
         kinds = ["embeddings"] + ([] if args.no_eval_full else ["full"])
         for kind in kinds:

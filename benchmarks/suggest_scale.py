@@ -35,7 +35,7 @@ def timed(args: list[str]) -> float:
 
 def write_rows(path: Path, n: int, dim: int, chunk: int = 65536) -> None:
     """n unit rows around 50 centres into a float16 file, a chunk at a time."""
-    from paws.selection import MemmapSource, unit_rows
+    from paws.labelling.strategies import MemmapSource, unit_rows
 
     gen = torch.Generator().manual_seed(0)
     centres = unit_rows(torch.randn(50, dim, generator=gen))
@@ -49,8 +49,8 @@ def write_rows(path: Path, n: int, dim: int, chunk: int = 65536) -> None:
 
 def choose_child(path: str, n_rows: int, dim: int, strategy: str) -> None:
     """In a fresh process: choose 100 rows, print seconds and peak memory (MiB)."""
-    from paws.selection import MemmapSource
-    from paws.suggest import choose
+    from paws.labelling.strategies import MemmapSource
+    from paws.labelling.suggest import choose
 
     torch.set_num_threads(2)
     imported = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -46,11 +46,11 @@ from pathlib import Path
 import numpy as np
 
 from paws import progress, runtime
+from paws.after.evaluate import unknown_detection
 from paws.config import Config, load_config
 from paws.data import Datasets, ImageSet, load_datasets
-from paws.evaluate import unknown_detection
+from paws.pretrain.train import train
 from paws.rundir import restore_model
-from paws.train import train
 
 KNOWN, UNKNOWN = [0, 1, 2, 3, 4, 5], [6, 7, 8, 9]
 ARMS = {

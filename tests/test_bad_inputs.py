@@ -42,7 +42,7 @@ from tiny import (
 )
 
 from paws import cli
-from paws.runlock import LOCK, RunLock
+from paws.rundir.lock import LOCK, RunLock
 
 # Values of every kind a damaged or hand-edited file may hold instead of the right one.
 WRONG: dict[str, Any] = {

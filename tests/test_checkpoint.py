@@ -17,10 +17,11 @@ import pytest
 import torch
 from tiny import write_evil_checkpoint
 
-from paws import checkpoint
+import paws
 from paws.errors import UserError
+from paws.rundir import checkpoint
 
-SRC = Path(checkpoint.__file__).parent
+SRC = Path(paws.__file__).parent
 
 
 def _state(seed: int) -> dict:
@@ -72,7 +73,8 @@ class _FillingFile(io.RawIOBase):
 
 
 def _disk_fills_after(monkeypatch: pytest.MonkeyPatch, room: int) -> None:
-    """Make checkpoint writes fail with ENOSPC after ``room`` bytes (only in paws.checkpoint)."""
+    """Make checkpoint writes fail with ENOSPC after ``room`` bytes (only in
+    paws.rundir.checkpoint)."""
     names = [k for k in dir(os) if not k.startswith("__")]
     fake_os = types.SimpleNamespace(**{k: getattr(os, k) for k in names})
     fake_os.fdopen = lambda fd, mode="r", *a, **kw: _FillingFile(os.fdopen(fd, mode), room)

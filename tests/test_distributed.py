@@ -27,12 +27,12 @@ import torch.multiprocessing as mp
 from paws import distributed
 from paws.config import load_config
 from paws.data import Batch, Datasets, ImageSet, step_batches
-from paws.losses import smooth_labels
+from paws.method.losses import smooth_labels
+from paws.method.optim import LARS, param_groups
+from paws.method.priors import ClassPrior
+from paws.method.sampling import SupportSampler, UnlabeledSampler
 from paws.models import Architecture, build_network
-from paws.optim import LARS, param_groups
-from paws.priors import ClassPrior
-from paws.sampling import SupportSampler, UnlabeledSampler
-from paws.train import train_step
+from paws.pretrain.step import ropaws_of, train_step
 
 WORLD = 2
 STEPS = {torch.float32: 1, torch.float64: 2}
@@ -123,7 +123,8 @@ def _steps(unique_classes: bool, dtype: torch.dtype = torch.float32, cfg=CFG) ->
         supports = torch.cat([d["support_views"][v][s] for v in range(VIEWS)])
         classes = torch.from_numpy(sup.global_batch(step)[1])
         prior = ClassPrior(cfg.loss.me_max_prior, d["labels"].numpy(), CLASSES).for_step(classes)
-        r = train_step(net, optimizer, Batch(step, views, supports), labels, cfg, prior=prior)
+        batch = Batch(step, views, supports)
+        r = train_step(net, optimizer, batch, labels, cfg.loss, ropaws_of(cfg.loss), prior=prior)
         out[f"scalars{step}"] = r.read()
         out[f"grads{step}"] = {n: p.grad.clone() for n, p in model.named_parameters()}
         out[f"state{step}"] = {k: v.clone() for k, v in model.state_dict().items()}

@@ -11,17 +11,16 @@ import torch
 import torch.nn as nn
 from tiny import error_line, write_folder
 
-from paws import checkpoint
+from paws.after.finetune import crop_flip_views, finetune_checkpoint, validation_split
+from paws.after.tighten import freeze_batchnorm, tighten_checkpoint
+from paws.apply.load import from_checkpoint
 from paws.cli import main
 from paws.config import load_config
 from paws.data import load_datasets
 from paws.errors import UserError
-from paws.finetune import crop_flip_views, finetune_checkpoint, validation_split
-from paws.losses import supervised_nce
+from paws.method.losses import supervised_nce
 from paws.models import Classifier
-from paws.opening import from_checkpoint
-from paws.rundir import restore_model
-from paws.tighten import freeze_batchnorm, tighten_checkpoint
+from paws.rundir import checkpoint, restore_model
 
 SWEEP = [
     "finetune.lrs=[0.005,0.05,0.5]",

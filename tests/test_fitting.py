@@ -9,8 +9,8 @@ import pytest
 from tiny import tiny_overrides, train_tiny, write_folder
 
 from paws.config import load_config
-from paws.fitting import fit_to_data
-from paws.run import total_steps
+from paws.config.adapt import fit_to_data
+from paws.pretrain.stages import total_steps
 
 
 def test_the_default_run_is_left_as_it_is(capsys):

@@ -18,10 +18,10 @@ from PIL import Image
 from tiny import error_line
 
 import paws
+from paws.after.finetune import finetune_checkpoint
+from paws.apply.load import from_checkpoint
 from paws.cli import main
 from paws.data.images import expand_images
-from paws.finetune import finetune_checkpoint
-from paws.opening import from_checkpoint
 
 
 def _accuracy(rows: list[dict]) -> float:

@@ -13,9 +13,10 @@ import torch
 from test_data import write_fashion
 from tiny import error_line, run_cli, set_args, tiny_overrides, train_tiny, write_folder
 
-from paws import checkpoint, suggest
 from paws.config import load_config
 from paws.data import load_datasets
+from paws.labelling import suggest
+from paws.rundir import checkpoint
 
 
 def read_rows(path: Path) -> list[dict[str, str]]:
@@ -349,7 +350,7 @@ def checkpoint_params(state: dict) -> list[tuple[str, torch.Tensor]]:
 def fresh_weights(pool: dict[str, Path], tmp_path: Path) -> dict[str, torch.Tensor]:
     """The weights a run without --init starts from (its seed's initialisation)."""
     from paws.models import Architecture
-    from paws.run import training_model
+    from paws.pretrain.stages import training_model
 
     cfg = load_config(None, tiny_overrides(pool))
     arch = Architecture.from_config(cfg, 1)
@@ -361,7 +362,7 @@ def test_init_keeps_the_schedule_short_and_takes_new_labels(pool, tmp_path):
     labels = write_rows(
         tmp_path / "labels.csv", ["path", "label"], [["unl/class0/class0_1.png", "new class"]]
     )
-    from paws.train import train
+    from paws.pretrain.train import train
 
     # 2 epochs of 33 images (24 + the 9 labelled) in batches of 8 are 8 steps, not min_steps.
     changes = [
@@ -405,8 +406,8 @@ def test_unlabelled_rows_only_is_one_line(pool, tmp_path, capsys, monkeypatch):
 
 def test_report_shows_the_rounds_of_a_labelling_loop_in_order(pool, tmp_path):
     pytest.importorskip("matplotlib")
+    from paws.pretrain.train import train
     from paws.report import build_report
-    from paws.train import train
 
     folders = {"unlabeled": pool["unlabeled"], "test": pool["test"]}
     rounds, labels = [], []
@@ -440,8 +441,8 @@ def test_report_shows_the_rounds_of_a_labelling_loop_in_order(pool, tmp_path):
 def test_many_embeddings_are_written_to_a_float16_file_chunk_by_chunk(pool, tmp_path):
     from paws.data import ImageSet
     from paws.data.loaders import Loading
-    from paws.selection import MemmapSource, TensorSource
-    from paws.suggest import PixelFeatures, embed_pool
+    from paws.labelling.strategies import MemmapSource, TensorSource
+    from paws.labelling.suggest import PixelFeatures, embed_pool
 
     files = sorted(pool["unlabeled"].rglob("*.png"))
     names = [f.name for f in files]

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from paws.losses import (
+from paws.method.losses import (
     RoPAWS,
     me_max_term,
     nt_xent,

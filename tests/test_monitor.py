@@ -11,18 +11,20 @@ import pytest
 import torch
 from tiny import EVALUATED, tiny_overrides, train_tiny
 
-from paws.checkpoint import load
 from paws.config import load_config
-from paws.losses import smooth_labels
-from paws.monitor import monitor_metrics
+from paws.method.losses import smooth_labels
+from paws.method.monitor import monitor_metrics
 from paws.rundir import load_run
+from paws.rundir.checkpoint import load
 
 
 def _metrics(h: torch.Tensor, z: torch.Tensor, n_sup: int, n_img: int, classes: int):
     cfg = load_config(None, ["loss.tau=0.1", "loss.sharpen=0.25"])
     per_class = n_sup // classes
     labels = smooth_labels(torch.arange(classes).repeat_interleave(per_class), classes, 0.1)
-    return monitor_metrics(h, z, z[:n_sup], h[:n_sup], labels, n_sup, n_img, cfg)
+    return monitor_metrics(
+        h, z, z[:n_sup], h[:n_sup], labels, n_sup, n_img, cfg.loss.tau, cfg.loss.sharpen
+    )
 
 
 def test_collapsed_embeddings_give_the_uninformative_values() -> None:

@@ -12,10 +12,10 @@ import torch
 from PIL import Image
 from tiny import error_line, write_folder
 
+from paws.after.finetune import finetune_checkpoint
+from paws.apply.load import from_checkpoint
 from paws.cli import main
 from paws.data.images import expand_images
-from paws.finetune import finetune_checkpoint
-from paws.opening import from_checkpoint
 
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")

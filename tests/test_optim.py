@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from paws.optim import LARS, WarmupCosine, param_groups, set_lr
+from paws.method.optim import LARS, WarmupCosine, param_groups, set_lr
 
 
 def _param(values: list[float], grad: list[float]) -> nn.Parameter:

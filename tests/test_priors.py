@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from paws.errors import UserError
-from paws.priors import ClassPrior
+from paws.method.priors import ClassPrior
 
 
 def test_uniform_is_the_papers_me_max_and_labeled_counts_the_labels():

@@ -208,7 +208,7 @@ def test_a_crash_then_resume_is_exact_with_ropaws_and_an_estimated_prior(
     folder, tmp_path, capsys, monkeypatch
 ):
     """The estimated ME-MAX prior is training state: a resumed run restores it."""
-    import paws.train
+    import paws.pretrain.loop
 
     options = ["loss.ropaws=true", "loss.me_max_prior=estimated", "loss.me_max_prior_momentum=0.5"]
     cfg = write_config(tmp_path / "cfg.yaml", tiny_config(folder, "data.in_memory=yes", *options))
@@ -218,7 +218,7 @@ def test_a_crash_then_resume_is_exact_with_ropaws_and_an_estimated_prior(
     state = torch.load(ref / "final.pt", weights_only=True)["prior"]["probs"]
     assert not torch.allclose(state, torch.full_like(state, 1 / len(state)))  # it moved
 
-    real_step, calls = paws.train.train_step, []
+    real_step, calls = paws.pretrain.loop.train_step, []
 
     def crash_at_step_10(*args, **kwargs):
         calls.append(1)
@@ -226,12 +226,12 @@ def test_a_crash_then_resume_is_exact_with_ropaws_and_an_estimated_prior(
             raise KeyboardInterrupt  # as a machine lost mid-run, after the step-8 checkpoint
         return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(paws.train, "train_step", crash_at_step_10)
+    monkeypatch.setattr(paws.pretrain.loop, "train_step", crash_at_step_10)
     code, _, _ = run_cli(
         ["--quiet", "train", "--config", str(cfg), "--out", str(run)], capsys, monkeypatch
     )
     assert code == 130 and torch.load(run / "last.pt", weights_only=True)["step"] == 8
-    monkeypatch.setattr(paws.train, "train_step", real_step)
+    monkeypatch.setattr(paws.pretrain.loop, "train_step", real_step)
     code, _, err = run_cli(["--quiet", "train", "--resume", str(run)], capsys, monkeypatch)
     assert code == 0, err
     _assert_same_run(run, ref)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from paws import checkpoint, rundir
+from paws import rundir
+from paws.rundir import checkpoint
 
 
 def test_a_run_directory_names_its_final_model_or_the_pretrained_one(tmp_path):
@@ -46,7 +47,7 @@ def test_a_checkpoint_without_an_architecture_record_is_rebuilt_from_its_config(
 
 
 def test_library_calls_leave_the_process_settings_alone(shared_run, tmp_path):
-    from paws.tighten import tighten_checkpoint
+    from paws.after.tighten import tighten_checkpoint
 
     _, run_dir = shared_run
     before = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled())

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from paws.errors import UserError
-from paws.sampling import SupportSampler, UnlabeledSampler
+from paws.method.sampling import SupportSampler, UnlabeledSampler
 
 
 def _labels(num_classes: int, per_class: int, seed: int = 0) -> np.ndarray:

@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from paws.evaluate import snn_classify
-from paws.selection import (
+from paws.labelling.strategies import (
     MemmapSource,
     TensorSource,
     k_center_greedy,
@@ -18,6 +17,7 @@ from paws.selection import (
     random_select,
     unit_rows,
 )
+from paws.method.snn import snn_classify
 
 
 def clusters(k: int, per: int, dim: int = 16, spread: float = 0.05, seed: int = 0):
@@ -99,7 +99,7 @@ def test_excluded_images_are_never_chosen_by_any_strategy():
 
 @pytest.mark.parametrize("strategy", ["coverage", "mixed", "kcenter", "uncertainty", "random"])
 def test_asking_for_more_than_are_left_gives_every_one_without_a_search(strategy, monkeypatch):
-    from paws import suggest
+    from paws.labelling import suggest
 
     x, which = clusters(4, 25, seed=6)
     exclude = which == 2

@@ -8,7 +8,7 @@ import json
 import torch
 from tiny import run_paws, set_args, tiny_overrides, write_folder
 
-from paws.checkpoint import load
+from paws.rundir.checkpoint import load
 
 # Checkpoints and monitoring metrics every 2 of the 4 steps.
 EVERY_2 = ["run.checkpoint_every=2", "run.monitor_every=2", "run.threads=1"]

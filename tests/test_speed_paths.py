@@ -10,10 +10,10 @@ import torch.nn.functional as F
 
 from paws.config import load_config
 from paws.data.transforms import ShardGenerator, _on_rows, color_distort
-from paws.evaluate import snn_classify
-from paws.losses import snn
+from paws.method.losses import snn
+from paws.method.optim import LARS, param_groups
+from paws.method.snn import snn_classify
 from paws.models import Architecture, build_network
-from paws.optim import LARS, param_groups
 
 
 @pytest.mark.parametrize("nesterov", [False, True])
@@ -103,8 +103,8 @@ def test_row_subsets_by_index_and_by_selection_agree():
 
 def _one_step(channels_last: bool, dtype: torch.dtype | None) -> tuple[dict, torch.nn.Module]:
     from paws.data import Batch
-    from paws.losses import smooth_labels
-    from paws.train import train_step
+    from paws.method.losses import smooth_labels
+    from paws.pretrain.step import train_step
 
     cfg = load_config(None, ["model.width=4", "model.proj_hidden=16", "model.proj_out=8"])
     torch.manual_seed(0)
@@ -118,7 +118,7 @@ def _one_step(channels_last: bool, dtype: torch.dtype | None) -> tuple[dict, tor
     views += [torch.randn(8, 1, 8, 8, generator=g) for _ in range(2)]
     supports = torch.randn(12, 1, 12, 12, generator=g)
     labels = smooth_labels(torch.arange(12) % 3, 3, 0.1)
-    r = train_step(model, opt, Batch(0, views, supports), labels, cfg, dtype=dtype)
+    r = train_step(model, opt, Batch(0, views, supports), labels, cfg.loss, dtype=dtype)
     assert r.loss.dtype == torch.float32  # the loss is computed in float32 in any case
     return r.read(), model
 

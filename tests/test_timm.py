@@ -16,7 +16,7 @@ from paws import rundir
 from paws.config import load_config
 from paws.errors import UserError
 from paws.models import Architecture, build_network, check_encoder, create_encoder
-from paws.run import training_model
+from paws.pretrain.stages import training_model
 
 timm = pytest.importorskip("timm")
 

@@ -20,7 +20,7 @@ from tiny import EVALUATED, RESUMABLE, error_line, run_cli, tiny_overrides, trai
 
 from paws import rundir, tracking
 from paws.config import load_config
-from paws.train import train
+from paws.pretrain.train import train
 
 
 @pytest.fixture(autouse=True)

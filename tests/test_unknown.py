@@ -10,7 +10,7 @@ import torch
 
 import paws
 from paws.cli import main
-from paws.unknown import KnownScore, detection_metrics
+from paws.method.known_score import KnownScore, detection_metrics
 
 
 def test_detection_metrics_hand_values():

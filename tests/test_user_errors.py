@@ -27,11 +27,12 @@ from tiny import (
     write_folder,
 )
 
-import paws.train
-from paws import checkpoint, cli
+import paws.pretrain.step
+from paws import cli
 from paws.config import load_config
 from paws.data import load_cifar
 from paws.errors import UserError
+from paws.rundir import checkpoint
 
 DISK = ["data.in_memory=no", "data.workers=2"]
 
@@ -237,14 +238,14 @@ def _finite_checkpoint(path: Path) -> int:
 def test_nan_loss_names_the_step_and_the_last_good_checkpoint(
     folder, tmp_path, capsys, monkeypatch
 ):
-    calls, real_loss = [], paws.train.paws_loss
+    calls, real_loss = [], paws.pretrain.step.paws_loss
 
     def loss_nan_at_step_7(*args, **kwargs):
         calls.append(1)
         ce, me = real_loss(*args, **kwargs)
         return (ce * math.nan, me) if len(calls) == 7 else (ce, me)
 
-    monkeypatch.setattr(paws.train, "paws_loss", loss_nan_at_step_7)
+    monkeypatch.setattr(paws.pretrain.step, "paws_loss", loss_nan_at_step_7)
     cfg = tiny_config(folder, "run.checkpoint_every=3")
     line = expect_error(paws_train(tmp_path, capsys, monkeypatch, cfg))
     run = tmp_path / "run"

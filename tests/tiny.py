@@ -35,7 +35,7 @@ from PIL import Image
 
 from paws import cli
 from paws.config import apply_overrides, load_config
-from paws.train import train
+from paws.pretrain.train import train
 
 # Class names of the colour folder that the command-line tests break in many ways.
 ANIMALS = ("cat", "dog", "fox")

@@ -85,7 +85,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _open_model(args: argparse.Namespace):
-    from paws.opening import load
+    from paws.apply.load import load
 
     model = load(args.checkpoint, device=args.device, overrides=args.overrides)
     if args.batch_size is not None:

@@ -79,8 +79,8 @@ def _suggest_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], 
     _config_args(p)
 
     def run(args: argparse.Namespace) -> int:
+        from paws.labelling.suggest import describe, write_sheet
         from paws.progress import info
-        from paws.suggest import describe, write_sheet
 
         if args.n < 1:
             raise UserError("-n must be at least 1")
@@ -106,8 +106,8 @@ def _suggest(args: argparse.Namespace):
     """The suggestions the arguments ask for: from a run, or a cold start from a config."""
     from paws import runtime
     from paws.config import load_config
+    from paws.labelling.suggest import suggest_cold, suggest_from_run
     from paws.rundir import checkpoint_config
-    from paws.suggest import suggest_cold, suggest_from_run
 
     device_set = [f"run.device={args.device}"]
     if args.run:

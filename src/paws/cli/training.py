@@ -48,8 +48,8 @@ def _train_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], in
 
     def run(args: argparse.Namespace) -> int:
         from paws import distributed, runtime
+        from paws.pretrain.train import train
         from paws.rundir import resume_config
-        from paws.train import train
 
         if args.resume and args.init:
             raise UserError("--init starts a new run; --resume continues one: give one of them")
@@ -109,7 +109,7 @@ def _baseline_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace],
 
     def run(args: argparse.Namespace) -> int:
         from paws import runtime
-        from paws.baseline import train_baseline
+        from paws.after.baseline import train_baseline
 
         cfg = _load(args)
         result = train_baseline(cfg, args.out, device=runtime.setup(cfg))
@@ -140,7 +140,7 @@ def _finetune_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace],
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
     def run(args: argparse.Namespace) -> int:
-        from paws.finetune import finetune_checkpoint
+        from paws.after.finetune import finetune_checkpoint
 
         device = _setup_for(args.checkpoint, args.overrides, pretrained=True)
         r = finetune_checkpoint(args.checkpoint, args.overrides, args.out, device=device)
@@ -179,7 +179,7 @@ def _tighten_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], 
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
     def run(args: argparse.Namespace) -> int:
-        from paws.tighten import tighten_checkpoint
+        from paws.after.tighten import tighten_checkpoint
 
         device = _setup_for(args.checkpoint, args.overrides, pretrained=True)
         r = tighten_checkpoint(args.checkpoint, args.overrides, args.out, device=device)

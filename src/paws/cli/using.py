@@ -40,8 +40,8 @@ def _eval_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int
         import numpy as np
 
         from paws import runtime
+        from paws.after.evaluate import paws_nn, unknown_detection
         from paws.data import ImageSet, load_datasets, scan_images
-        from paws.evaluate import paws_nn, unknown_detection
         from paws.rundir import restore_model
 
         overrides = list(args.overrides)
@@ -111,8 +111,8 @@ def _predict_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], 
     p.add_argument("--out", metavar="FILE", help="write here instead of standard output")
 
     def run(args: argparse.Namespace) -> int:
+        from paws.apply.outputs import predictions_text
         from paws.data.images import expand_images
-        from paws.outputs import predictions_text
         from paws.progress import info
 
         if args.top_k < 1:
@@ -170,8 +170,8 @@ def _embed_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], in
     )
 
     def run(args: argparse.Namespace) -> int:
+        from paws.apply.outputs import EMBEDDING_SUFFIXES, write_embeddings
         from paws.data.images import expand_images
-        from paws.outputs import EMBEDDING_SUFFIXES, write_embeddings
         from paws.progress import info
 
         if Path(args.out).suffix not in EMBEDDING_SUFFIXES:
@@ -220,7 +220,7 @@ def _export_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], i
     _checkpoint_overrides(p, "data.root=DIR")
 
     def run(args: argparse.Namespace) -> int:
-        from paws.opening import from_checkpoint
+        from paws.apply.load import from_checkpoint
 
         src = Path(args.checkpoint)
         suffix = "-onnx" if args.format == "onnx" else ""
@@ -235,7 +235,7 @@ def _export_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], i
         if args.support:
             model.set_support(args.support, progress=True)
         if args.format == "onnx":
-            from paws.onnx_export import check_onnx, export_onnx
+            from paws.apply.onnx_export import check_onnx, export_onnx
 
             write = export_onnx(model, out, progress=True)
         else:

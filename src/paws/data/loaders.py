@@ -1,10 +1,11 @@
 """Batches of network input: augmented views for each training step, and evaluation views.
 
-Every batch is a function of what it is for (a :class:`paws.sampling.Stream`), the seed and the
-step, never of the order in which batches are drawn, the number of data-loader workers or the
-number of processes, so a resumed run continues exactly where it stopped. Images held in memory
-are augmented as whole batches on the compute device (:class:`paws.data.transforms.BatchViews`);
-images on disk are decoded and augmented per image in data-loader workers.
+Every batch is a function of what it is for (a :class:`paws.method.sampling.Stream`), the seed
+and the step, never of the order in which batches are drawn, the number of data-loader workers
+or the number of processes, so a resumed run continues exactly where it stopped. Images held in
+memory are augmented as whole batches on the compute device
+(:class:`paws.data.transforms.BatchViews`); images on disk are decoded and augmented per image
+in data-loader workers.
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ from paws.data.transforms import (
     support_transform,
 )
 from paws.errors import UserError
+from paws.method.sampling import Stream, SupportSampler, UnlabeledSampler
 from paws.progress import info, quiet
-from paws.sampling import Stream, SupportSampler, UnlabeledSampler
 
 __all__ = [
     "Batch",

@@ -35,7 +35,7 @@ from paws.report.figures import (
     require,
 )
 from paws.report.rounds import ROUND_COLUMNS, labelling_rounds, plot_rounds, round_rows
-from paws.report.test_images import prediction_grid, test_view, tsne_map
+from paws.report.test_set import prediction_grid, test_view, tsne_map
 from paws.rundir import RunRecord, load_run
 
 __all__ = ["Section", "build_report"]

@@ -3,9 +3,10 @@
 A linear classifier, initialised to zero, is put on the first layer of the pre-trained projection
 head (trunk -> fc1 -> bn1 -> relu -> linear: :class:`paws.models.Classifier`); encoder
 and classifier are fine-tuned together with supervised cross-entropy on the labelled images only,
-by SGD with Nesterov momentum 0.9 (classical momentum, :class:`paws.optim.LARS` with adaptation
-off), no weight decay, a cosine learning-rate decay, and random crop (the pre-training's large
-crops: ``views.large_size``, ``views.large_scale``) + horizontal flip as the only augmentation.
+by SGD with Nesterov momentum 0.9 (classical momentum, :class:`paws.method.optim.LARS` with
+adaptation off), no weight decay, a cosine learning-rate decay, and random crop (the
+pre-training's large crops: ``views.large_size``, ``views.large_scale``) + horizontal flip as the
+only augmentation.
 
 Model selection follows BYOL and SimCLR: the learning rate and the number of epochs are swept
 (``finetune.lrs`` x ``finetune.epochs``); each setting is trained on the labelled images minus a
@@ -27,18 +28,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from paws import checkpoint, rundir, runtime
+from paws import rundir, runtime
+from paws.after.evaluate import accuracy, classifier_accuracy, classifier_probs, paws_nn
 from paws.config import Config, ViewsConfig
 from paws.data.images import ImageSet
 from paws.data.loaders import Loading, view_batches
 from paws.data.sources import Datasets, load_datasets
 from paws.errors import UserError
-from paws.evaluate import accuracy, classifier_accuracy, classifier_probs, paws_nn
 from paws.files import check_out_dir
+from paws.method.optim import LARS, WarmupCosine, backward_step, set_lr
+from paws.method.sampling import EpochSampler, Stream
 from paws.models import Classifier, PAWSModel
-from paws.optim import LARS, WarmupCosine, backward_step, set_lr
 from paws.progress import Progress, info
-from paws.sampling import EpochSampler, Stream
+from paws.rundir import checkpoint
 
 __all__ = [
     "validation_split",

@@ -8,7 +8,7 @@ benchmark needs to time a step); :func:`restore_run` continues from a checkpoint
 :func:`open_init` and :func:`start_from` start a new run from another run's pre-trained weights
 (``paws train --init``: a round of a labelling loop);
 :func:`finish_run` saves the final model, evaluates it, tightens it and writes the results.
-The loop itself is :func:`paws.train.run_steps`.
+The loop itself is :func:`paws.pretrain.loop.run_steps`.
 """
 
 from __future__ import annotations
@@ -20,26 +20,27 @@ from typing import Any
 
 import torch
 
-from paws import checkpoint, distributed, rundir, runtime, tracking
-from paws.config import MAX_STEPS, Config, save_config, to_dict
+from paws import distributed, rundir, runtime, tracking
+from paws.after.evaluate import paws_nn
+from paws.after.tighten import save_tightened, tighten
+from paws.config import Config, save_config, to_dict
+from paws.config.adapt import total_steps
 from paws.data.sources import Datasets
 from paws.errors import UserError
-from paws.evaluate import paws_nn
 from paws.files import check_out_dir
-from paws.losses import smooth_labels
+from paws.method.losses import RoPAWS, smooth_labels
+from paws.method.optim import LARS, WarmupCosine, param_groups
+from paws.method.priors import ClassPrior
+from paws.method.sampling import SupportSampler, UnlabeledSampler
 from paws.models import Architecture, PAWSModel, build_network, check_encoder, load_weights
-from paws.optim import LARS, WarmupCosine, param_groups
-from paws.priors import ClassPrior
+from paws.pretrain.step import ropaws_of
 from paws.progress import info
-from paws.sampling import SupportSampler, UnlabeledSampler
-from paws.tighten import save_tightened, tighten
+from paws.rundir import checkpoint
 
 __all__ = [
     "Run",
     "training_model",
     "build_optimizer",
-    "total_steps",
-    "check_length",
     "open_run",
     "start_run",
     "build_run",
@@ -48,6 +49,34 @@ __all__ = [
     "start_from",
     "finish_run",
 ]
+
+
+def training_state(
+    model: torch.nn.Module,
+    arch: Architecture,
+    optimizer: torch.optim.Optimizer,
+    scaler: Any,
+    step: int,
+    cfg: Config,
+    steps_per_epoch: int,
+    data: Datasets,
+    **extra: Any,
+) -> dict[str, Any]:
+    """Everything a resumed run needs, as tensors and plain values (see paws.rundir.checkpoint);
+    ``extra`` adds further training state (e.g. the ME-MAX prior's estimate)."""
+    return checkpoint.model_record(
+        "pretrain",
+        model,
+        arch.to_dict(),
+        cfg,
+        data,
+        step,
+        optimizer=optimizer.state_dict(),
+        scaler=scaler.state_dict() if scaler is not None else None,
+        epoch=step / steps_per_epoch,
+        rng=checkpoint.rng_state(),
+        **extra,
+    )
 
 
 def training_model(cfg: Config, arch: Architecture, device: torch.device) -> PAWSModel:
@@ -75,30 +104,6 @@ def build_optimizer(cfg: Config, model: torch.nn.Module) -> LARS:
     )
 
 
-def total_steps(cfg: Config, steps_per_epoch: int) -> int:
-    """Training length in steps: ``optim.steps`` or ``optim.epochs`` epochs (at least 1).
-
-    Raises:
-        UserError: more epochs than :data:`paws.config.MAX_STEPS` steps.
-    """
-    if cfg.optim.steps is not None:
-        return cfg.optim.steps
-    return check_length(
-        max(1, int(round(cfg.optim.epochs * steps_per_epoch))), "optim.epochs", steps_per_epoch
-    )
-
-
-def check_length(steps: int, key: str, steps_per_epoch: int) -> int:
-    """``steps``, or a one-line error when a length in epochs (``key``) means more steps than
-    a run can take (:data:`paws.config.MAX_STEPS`)."""
-    if steps > MAX_STEPS:
-        raise UserError(
-            f"{key} asks for {steps:,} steps ({steps_per_epoch:,} an epoch), more than the "
-            f"largest run ({MAX_STEPS:,} steps); lower it"
-        )
-    return steps
-
-
 @dataclass
 class Run:
     """A pre-training run, built and ready for its first (or next) step.
@@ -119,6 +124,7 @@ class Run:
         schedule: learning rate per step.
         labels: (S, K) smoothed labels of the gathered supports (the same every step).
         prior: the class prior of ME-MAX (and its estimate).
+        ropaws: RoPAWS's hyperparameters when ``loss.ropaws`` is on, else None.
         start: the first step to take (after a resume, the checkpoint's).
         last_good: the last checkpoint written and its step, named if the run diverges.
     """
@@ -138,12 +144,13 @@ class Run:
     schedule: WarmupCosine
     labels: torch.Tensor
     prior: ClassPrior
+    ropaws: RoPAWS | None = None
     start: int = 0
     last_good: tuple[Path, int] | None = field(default=None)
 
     def state(self, step: int) -> dict[str, Any]:
         """The checkpoint of this run after ``step`` steps."""
-        return rundir.training_state(
+        return training_state(
             self.model,
             self.arch,
             self.optimizer,
@@ -201,7 +208,7 @@ def open_run(cfg: Config, out: Path, resume: bool) -> dict[str, Any] | None:
 
 def start_run(cfg: Config, out: Path, state: dict[str, Any] | None) -> None:
     """Refuse a resume that changes the run's shape, then write the run's config (``cfg``
-    fitted to the data, :func:`paws.fitting.fit_to_data`) into the run directory."""
+    fitted to the data, :func:`paws.config.adapt.fit_to_data`) into the run directory."""
     if state is not None:
         diff = rundir.shape_diff(state["config"], to_dict(cfg))
         if diff:
@@ -268,6 +275,7 @@ def build_run(cfg: Config, out: Path, data: Datasets, device: torch.device) -> R
         schedule,
         labels,
         prior,
+        ropaws_of(cfg.loss),
     )
 
 
@@ -358,7 +366,7 @@ def start_from(run: Run, start: dict[str, Any]) -> None:
 
 def _tighten_after_training(run: Run, step: int) -> dict[str, Any] | None:
     """The last step of Appendix C's protocol when ``tighten.after_training``: SuNCEt on the
-    labelled images (:func:`paws.tighten.tighten`, ``run.model`` changed in place), saved as
+    labelled images (:func:`paws.after.tighten.tighten`, ``run.model`` changed in place), saved as
     ``tighten.pt`` in the run directory.
 
     Returns:

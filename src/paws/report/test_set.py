@@ -12,11 +12,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from paws.apply.embedding import embed_images
 from paws.data.images import read_image
 from paws.data.loaders import Loading
 from paws.data.sources import load_datasets
 from paws.errors import UserError
-from paws.evaluate import embed_images
 from paws.report.figures import INSTALL, plot_grid
 from paws.rundir import RunRecord, restore_model
 

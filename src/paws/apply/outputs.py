@@ -20,7 +20,7 @@ from paws.errors import UserError
 from paws.files import check_out_file, write_atomic, write_with
 
 if TYPE_CHECKING:
-    from paws.inference import Prediction
+    from paws.apply.predictor import Prediction
 
 __all__ = ["predictions_text", "write_embeddings", "EMBEDDING_SUFFIXES"]
 
@@ -34,7 +34,8 @@ def predictions_text(
 
     Args:
         files: the images, in order.
-        predictions: what the model says of each (:meth:`paws.inference.Predictor.predictions`).
+        predictions: what the model says of each
+            (:meth:`paws.apply.predictor.Predictor.predictions`).
         fmt: ``"csv"`` (``file,class_1,probability_1,...,score,unknown``) or ``"json"`` (a list
             of ``{"file", "top": [{"class", "probability"}, ...], "score", "unknown"}``); the
             score and the unknown flag are empty (null) for a fine-tuned classifier.

@@ -1,6 +1,6 @@
 """Opening a trained model for prediction: a checkpoint or run directory (rebuilt with
 :func:`paws.rundir.restore`, its support the run's labelled images), an export folder (the
-format of :mod:`paws.export`), and :func:`load`, which tells them apart (``paws.load``)."""
+format of :mod:`paws.apply.export`), and :func:`load`, which tells them apart (``paws.load``)."""
 
 from __future__ import annotations
 
@@ -12,15 +12,15 @@ import numpy as np
 import torch
 
 from paws import rundir
+from paws.apply.embedding import embed_images
+from paws.apply.export import MANIFEST, is_export, read_export
+from paws.apply.predictor import Prediction, Predictor, Preprocessing, Support
 from paws.config import apply_overrides, from_dict
 from paws.data.loaders import Loading
 from paws.data.sources import load_datasets
 from paws.errors import UserError
-from paws.evaluate import embed_images
-from paws.export import MANIFEST, is_export, read_export
-from paws.inference import Prediction, Predictor, Preprocessing, Support
+from paws.method.known_score import KnownScore
 from paws.models import Architecture, build_network, load_weights
-from paws.unknown import KnownScore
 
 __all__ = ["from_checkpoint", "from_export", "load", "Prediction"]
 
@@ -126,7 +126,7 @@ def _check_widths(folder: Path, e: Any, net: torch.nn.Module, prep: Preprocessin
 
 
 def from_export(folder: str | Path, device: str | torch.device = "auto") -> Predictor:
-    """A :class:`Predictor` from an export folder (:mod:`paws.export`), checked whole when
+    """A :class:`Predictor` from an export folder (:mod:`paws.apply.export`), checked whole when
     opened: manifest, weights against the architecture, support against the network.
 
     Raises:

@@ -21,18 +21,17 @@ import torch
 import torch.nn.functional as F
 
 from paws import rundir, runtime
+from paws.after.evaluate import classifier_accuracy
 from paws.config import Config, save_config
+from paws.config.adapt import check_length, fit_to_data, total_steps
 from paws.data.loaders import Loading, view_batches
 from paws.data.sources import Datasets, load_datasets
 from paws.errors import UserError
-from paws.evaluate import classifier_accuracy
 from paws.files import check_out_dir
-from paws.fitting import fit_to_data
+from paws.method.optim import LARS, WarmupCosine, param_groups, set_lr
+from paws.method.sampling import EpochSampler, Stream, UnlabeledSampler
 from paws.models import Architecture, build_network, check_encoder
-from paws.optim import LARS, WarmupCosine, param_groups, set_lr
 from paws.progress import Progress, info
-from paws.run import check_length, total_steps
-from paws.sampling import EpochSampler, Stream, UnlabeledSampler
 
 __all__ = ["train_baseline"]
 

@@ -6,7 +6,7 @@
                    A pre-trained or tightened model classifies by soft nearest neighbours
                    against its support embeddings, which are constants of the graph:
                    softmax(normalise(e) @ normalise(supports).T / tau), summed per class, as
-                   :func:`paws.evaluate.snn_classify`; a fine-tuned model returns the softmax of
+                   :func:`paws.method.snn.snn_classify`; a fine-tuned model returns the softmax of
                    its classifier's logits. ``embeddings`` is the embedding it classifies.
     encoder.onnx   images (N, C, S, S) -> features (N, F): the bare encoder trunk.
     onnx.json      classes, the preprocessing that makes ``images``, every input and output
@@ -14,9 +14,9 @@
 
 The batch axis N (named ``batch`` in the graphs) is dynamic; weights beyond ONNX's 2 GB limit
 go to a ``.data`` file beside their graph, which ONNX Runtime finds by itself. The graphs wrap
-the network of a :class:`paws.inference.Predictor` and are written by ``torch.onnx.export`` (its
-torch.export-based exporter, with onnxscript); :func:`check_onnx` runs them with ONNX Runtime
-against the PyTorch model.
+the network of a :class:`paws.apply.predictor.Predictor` and are written by
+``torch.onnx.export`` (its torch.export-based exporter, with onnxscript); :func:`check_onnx`
+runs them with ONNX Runtime against the PyTorch model.
 """
 
 from __future__ import annotations
@@ -33,11 +33,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from paws.apply.predictor import Predictor
 from paws.data.images import GREY
 from paws.data.transforms import eval_resize
 from paws.errors import UserError
-from paws.evaluate import snn_classify
-from paws.inference import Predictor
+from paws.method.snn import snn_classify
 
 __all__ = [
     "FORMAT",

@@ -2,7 +2,7 @@
 
 The paper's ME-MAX maximises the entropy of the mean prediction, that is, pushes it towards
 uniform classes; when the unlabelled images are imbalanced this fights the data. With a prior,
-the regulariser is ``KL(pbar || prior)`` (:func:`paws.losses.me_max_term`):
+the regulariser is ``KL(pbar || prior)`` (:func:`paws.method.losses.me_max_term`):
 
 - ``uniform``: the paper's ME-MAX, unchanged;
 - ``labeled``: the labelled images' class frequencies (when the labels were drawn with the
@@ -14,7 +14,7 @@ the regulariser is ``KL(pbar || prior)`` (:func:`paws.losses.me_max_term`):
 - a list of numbers: the user's class frequencies, one per class.
 
 Each step classifies against the step's support classes only (positions 0..C-1 of
-:class:`paws.sampling.SupportSampler`), so the prior of a step is the prior of those classes,
+:class:`paws.method.sampling.SupportSampler`), so the prior of a step is the prior of those classes,
 in that order, renormalised.
 """
 

@@ -2,13 +2,14 @@
 
 From a trained run, the candidates (a folder of images, or the run's own unlabelled set) are
 embedded as PAWS-NN embeds them and classified by soft nearest neighbours against the run's
-labelled images; :mod:`paws.selection` then chooses n of them by one of :data:`STRATEGIES`:
+labelled images; :mod:`paws.labelling.strategies` then chooses n of them by one of
+:data:`STRATEGIES`:
 
 - ``coverage`` (the default): the image nearest each of n k-means centres, the labelled images
-  held as fixed centres (:func:`paws.selection.kmeans_select`), in the trunk's embedding: the
-  best of the strategies tried as round 2 of ``benchmarks/label_selection.py``;
+  held as fixed centres (:func:`paws.labelling.strategies.kmeans_select`), in the trunk's
+  embedding: the best of the strategies tried as round 2 of ``benchmarks/label_selection.py``;
 - ``mixed``: typical images among the uncertain, spread over the suggested classes
-  (:func:`paws.selection.mixed_select`);
+  (:func:`paws.labelling.strategies.mixed_select`);
 - ``uncertainty``: the smallest margins between PAWS-NN's two most probable classes;
 - ``random``: uniformly at random.
 
@@ -37,17 +38,15 @@ import torch
 from PIL import Image
 
 from paws import rundir
+from paws.apply.embedding import embed_images
 from paws.config import Config
 from paws.data.images import ImageSet, expand_images, read_image
 from paws.data.labels import csv_path, write_suggestions
 from paws.data.loaders import Loading
 from paws.data.sources import Datasets, load_datasets, normalisation
 from paws.errors import UserError
-from paws.evaluate import embed_images, snn_classify
 from paws.files import write_atomic
-from paws.models import Architecture, build_network
-from paws.progress import Progress, info
-from paws.selection import (
+from paws.labelling.strategies import (
     EmbeddingSource,
     MemmapSource,
     TensorSource,
@@ -59,6 +58,9 @@ from paws.selection import (
     random_select,
     unit_rows,
 )
+from paws.method.snn import snn_classify
+from paws.models import Architecture, build_network
+from paws.progress import Progress, info
 
 __all__ = [
     "STRATEGIES",
@@ -174,7 +176,7 @@ def embed_pool(
     chunk: int = 16384,
     progress: bool = True,
 ) -> EmbeddingSource:
-    """Unit-length embeddings of every image (:func:`paws.evaluate.embed_images`), ``chunk``
+    """Unit-length embeddings of every image (:func:`paws.apply.embedding.embed_images`), ``chunk``
     images at a time.
 
     Args:
@@ -190,7 +192,7 @@ def embed_pool(
         progress: show a progress bar.
 
     Returns:
-        (N, D) unit rows, in memory or in a :class:`paws.selection.MemmapSource`.
+        (N, D) unit rows, in memory or in a :class:`paws.labelling.strategies.MemmapSource`.
     """
     n = len(images)
     bar = Progress(n, "embed") if progress else None
@@ -565,7 +567,7 @@ def _thumbnail(pool: Pool, i: int, size: int = 96) -> bytes:
 def write_sheet(s: Suggestions, out: str | Path, csv_name: str | None = None) -> Path:
     """Write a self-contained HTML contact sheet of the suggestions: thumbnails grouped by
     suggested class, each with its file name, confidence and reason."""
-    from paws.report.sheet import SheetItem, contact_sheet
+    from paws.labelling.sheet import SheetItem, contact_sheet
 
     out = Path(out).expanduser()
     items = [

@@ -10,19 +10,17 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from paws.apply.embedding import embed_images
 from paws.config import Config
 from paws.data.images import ImageSet
 from paws.data.loaders import Loading, eval_batches
 from paws.data.sources import Datasets
+from paws.method.known_score import KnownScore, detection_metrics
+from paws.method.snn import snn_classify
 from paws.models import PAWSModel
-from paws.progress import Progress
-from paws.unknown import KnownScore, detection_metrics
 
 __all__ = [
-    "embed_images",
-    "snn_classify",
     "accuracy",
     "balanced_accuracy",
     "paws_nn",
@@ -30,97 +28,6 @@ __all__ = [
     "classifier_probs",
     "classifier_accuracy",
 ]
-
-
-@torch.no_grad()
-def embed_images(
-    model: PAWSModel,
-    images: ImageSet,
-    cfg: Config,
-    loading: Loading,
-    device: torch.device,
-    features: str | None = None,
-    progress: bool = False,
-    desc: str = "embed",
-) -> torch.Tensor:
-    """Embeddings of every image (evaluation view of ``cfg.views``), in order.
-
-    Args:
-        model: the model (left in the mode it was in).
-        images: the images.
-        cfg: the config (``views``, ``eval.batch_size``, ``eval.features``).
-        loading: channels, normalisation and workers of the images.
-        device: compute device.
-        features: ``"head"`` or ``"trunk"`` (default: ``eval.features``).
-        progress: show progress.
-        desc: the progress label.
-
-    Returns:
-        (N, D) float32 on ``device``.
-    """
-    was_training = model.training
-    model.eval()
-    out: list[torch.Tensor] = []
-    batches = eval_batches(images, cfg.views, loading, device, cfg.eval.batch_size)
-    total = (len(images) + cfg.eval.batch_size - 1) // cfg.eval.batch_size
-    bar = Progress(total, desc) if progress else None
-    for x, _ in batches:
-        out.append(model.embed(x, features or cfg.eval.features).float())
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
-    model.train(was_training)
-    return torch.cat(out)
-
-
-@torch.no_grad()
-def snn_classify(
-    queries: torch.Tensor,
-    supports: torch.Tensor,
-    support_labels: torch.Tensor,
-    num_classes: int,
-    tau: float = 0.1,
-    chunk_size: int = 8192,
-    query_batch: int = 1024,
-) -> torch.Tensor:
-    """Soft nearest-neighbour class probabilities, chunked over supports and queries.
-
-    Equal to ``snn(queries, supports, one_hot(support_labels), tau)`` but never materialises
-    more than (query_batch, chunk_size) similarities.
-
-    Args:
-        queries: (N, D) embeddings.
-        supports: (S, D) embeddings of labelled images.
-        support_labels: (S,) int class ids.
-        num_classes: K.
-        tau: temperature.
-        chunk_size: supports per chunk.
-        query_batch: queries per block.
-
-    Returns:
-        (N, K) probabilities.
-    """
-    # 1/tau is folded into the queries, and one similarity block is reused for every chunk:
-    # exp in place, then a product with the chunk's one-hot labels sums it per class.
-    q_all = F.normalize(queries.float(), dim=1).div_(tau)
-    s_all = F.normalize(supports.float(), dim=1)
-    labels = support_labels.to(s_all.device).long()
-    block = q_all.new_empty(min(query_batch, len(q_all)), min(chunk_size, len(s_all)))
-    out = []
-    for q in q_all.split(query_batch):
-        running_max = torch.full((len(q), 1), float("-inf"), device=q.device)
-        class_sums = torch.zeros(len(q), num_classes, device=q.device)
-        for s, y in zip(s_all.split(chunk_size), labels.split(chunk_size)):
-            full = len(q) == block.shape[0] and len(s) == block.shape[1]
-            logits = torch.mm(q, s.T, out=block) if full else q @ s.T
-            new_max = torch.maximum(running_max, logits.amax(dim=1, keepdim=True))
-            class_sums.mul_(torch.exp(running_max - new_max))
-            onehot = F.one_hot(y, num_classes).to(logits.dtype)
-            class_sums.addmm_(logits.sub_(new_max).exp_(), onehot)
-            running_max = new_max
-        out.append(class_sums / class_sums.sum(dim=1, keepdim=True))
-    return torch.cat(out)
 
 
 def accuracy(probs: torch.Tensor, labels: torch.Tensor, k: int = 1) -> float:
@@ -189,8 +96,8 @@ def unknown_detection(
     unknown: ImageSet,
     progress: bool = False,
 ) -> dict[str, float | int]:
-    """How well the known score (:mod:`paws.unknown`) tells the test images (of the support
-    classes) from ``unknown`` images (of classes outside them).
+    """How well the known score (:mod:`paws.method.known_score`) tells the test images (of
+    the support classes) from ``unknown`` images (of classes outside them).
 
     Returns:
         ``{"auroc", "fpr_at_95_tpr", "threshold", "known_flagged", "unknown_flagged",

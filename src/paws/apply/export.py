@@ -12,7 +12,7 @@ An export folder holds::
                           so that prediction needs neither the training data nor its config
 
 This module reads and writes the parts (:class:`Export`) and nothing else; :func:`paws.load`
-(:mod:`paws.inference`) turns them into a model that predicts.
+(:mod:`paws.apply.predictor`) turns them into a model that predicts.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ so they adapt, each said in one line:
   lengthened to that many steps, its warm-up keeping its share of the run.
 
 A class with fewer labelled images than ``support.images_per_class`` needs nothing here: the
-support sampler repeats its images (:class:`paws.sampling.SupportSampler`).
+support sampler repeats its images (:class:`paws.method.sampling.SupportSampler`).
 """
 
 from __future__ import annotations
@@ -22,11 +22,11 @@ import math
 
 import numpy as np
 
-from paws.config import Config
+from paws.config.schema import MAX_STEPS, Config
 from paws.errors import UserError
 from paws.progress import info
 
-__all__ = ["fit_to_data", "support_classes"]
+__all__ = ["fit_to_data", "support_classes", "total_steps", "check_length"]
 
 
 def support_classes(cfg: Config, num_classes: int, world_size: int = 1) -> int:
@@ -115,3 +115,27 @@ def fit_to_data(cfg: Config, num_unlabeled: int, labels: np.ndarray, world_size:
     if classes != cfg.support.classes:
         cfg = dataclasses.replace(cfg, support=dataclasses.replace(cfg.support, classes=classes))
     return cfg
+
+
+def total_steps(cfg: Config, steps_per_epoch: int) -> int:
+    """Training length in steps: ``optim.steps`` or ``optim.epochs`` epochs (at least 1).
+
+    Raises:
+        UserError: more epochs than :data:`paws.config.MAX_STEPS` steps.
+    """
+    if cfg.optim.steps is not None:
+        return cfg.optim.steps
+    return check_length(
+        max(1, int(round(cfg.optim.epochs * steps_per_epoch))), "optim.epochs", steps_per_epoch
+    )
+
+
+def check_length(steps: int, key: str, steps_per_epoch: int) -> int:
+    """``steps``, or a one-line error when a length in epochs (``key``) means more steps than
+    a run can take (:data:`paws.config.MAX_STEPS`)."""
+    if steps > MAX_STEPS:
+        raise UserError(
+            f"{key} asks for {steps:,} steps ({steps_per_epoch:,} an epoch), more than the "
+            f"largest run ({MAX_STEPS:,} steps); lower it"
+        )
+    return steps

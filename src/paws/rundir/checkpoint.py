@@ -29,6 +29,8 @@ __all__ = [
     "rng_state",
     "set_rng_state",
     "model_record",
+    "finite",
+    "diverged",
     "FORMAT_VERSION",
 ]
 
@@ -286,3 +288,21 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def finite(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> bool:
+    """Whether every weight, buffer and optimiser state tensor is finite (checked before a
+    checkpoint, so that a checkpoint named as good is good)."""
+    tensors = [*model.state_dict().values()]
+    tensors += [v for st in optimizer.state.values() for v in st.values() if torch.is_tensor(v)]
+    return all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
+
+
+def diverged(what: str, last_good: tuple[Path, int] | None) -> UserError:
+    """The one-line error of a run whose loss or weights stopped being finite."""
+    where = (
+        f"the last good checkpoint is {last_good[0]} (step {last_good[1]})"
+        if last_good
+        else "no checkpoint was written before it"
+    )
+    return UserError(f"{what}; {where}; lower optim.ref_lr or check the data")

@@ -2,14 +2,16 @@
 
 After pre-training, batch norm is frozen and the network is fine-tuned for a few steps
 (``tighten.steps``, 180 in the paper) with the supervised contrastive loss SuNCEt
-(:func:`paws.losses.supervised_nce`) on the labelled images, without augmentation; the point is
-to pull the labelled images of a class together before they serve as the support of PAWS-NN.
+(:func:`paws.method.losses.supervised_nce`) on the labelled images, without augmentation; the
+point is to pull the labelled images of a class together before they serve as the support of
+PAWS-NN.
 
 - Batches: ``tighten.classes`` classes x ``tighten.images_per_class`` images (10 x 64 in the
-  paper) drawn by :class:`paws.sampling.SupportSampler`: distinct within a step, with replacement
-  across steps; a class with fewer images gives all it has. Every image is its evaluation view
-  (resize + centre crop), so an image without a second one of its class in the batch (a class
-  with a single labelled image) is not scored, but still serves as a neighbour of the others.
+  paper) drawn by :class:`paws.method.sampling.SupportSampler`: distinct within a step, with
+  replacement across steps; a class with fewer images gives all it has. Every image is its
+  evaluation view (resize + centre crop), so an image without a second one of its class in the
+  batch (a class with a single labelled image) is not scored, but still serves as a neighbour
+  of the others.
 - Loss: SuNCEt with temperature ``tighten.tau`` on the embedding PAWS-NN classifies in
   (``eval.features``; by default the head output, as the official code's
   ``encoder(images)``), each image classified against the other images of its batch.
@@ -39,18 +41,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from paws import checkpoint, rundir, runtime
+from paws import rundir, runtime
+from paws.after.evaluate import paws_nn
 from paws.config import Config
 from paws.data.loaders import Loading, eval_batches
 from paws.data.sources import Datasets, load_datasets
 from paws.errors import UserError
-from paws.evaluate import paws_nn
 from paws.files import check_out_dir
-from paws.losses import supervised_nce
+from paws.method.losses import supervised_nce
+from paws.method.optim import LARS, WarmupCosine, param_groups, set_lr
+from paws.method.sampling import SupportSampler
 from paws.models import Architecture, PAWSModel
-from paws.optim import LARS, WarmupCosine, param_groups, set_lr
 from paws.progress import Progress, info
-from paws.sampling import SupportSampler
+from paws.rundir import checkpoint
 
 __all__ = ["freeze_batchnorm", "save_tightened", "tighten", "tighten_checkpoint"]
 

@@ -4,13 +4,13 @@ A :class:`Predictor` wraps a network with its preprocessing (resize, centre crop
 the evaluation view of training) and its way of classifying:
 
 - a pre-trained (or tightened) PAWS model classifies by soft nearest neighbours against a
-  *support set* of labelled embeddings (:func:`paws.evaluate.snn_classify`, as PAWS-NN). The
+  *support set* of labelled embeddings (:func:`paws.method.snn.snn_classify`, as PAWS-NN). The
   support defaults to the run's own labelled images, and can be replaced by any labelled images
   (:meth:`Predictor.set_support`), including classes the model never saw labelled during
   pre-training: nothing is retrained, new classes only need a few labelled examples;
 - a fine-tuned model (``paws finetune``) classifies with its linear classifier.
 
-:func:`paws.opening.load` (``paws.load``) opens a training checkpoint or an export folder as a
+:func:`paws.apply.load.load` (``paws.load``) opens a training checkpoint or an export folder as a
 :class:`Predictor`, so an exported model works without the training code's config files or
 data.
 """
@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
+from paws.apply.export import Export, write_export
 from paws.data.images import (
     MAX_IMAGE_PIXELS,
     Images,
@@ -41,11 +42,10 @@ from paws.data.images import (
 )
 from paws.data.transforms import eval_transform
 from paws.errors import UserError
-from paws.evaluate import snn_classify
-from paws.export import Export, write_export
+from paws.method.known_score import KnownScore
+from paws.method.snn import snn_classify
 from paws.models import Architecture, Classifier
 from paws.progress import Progress
-from paws.unknown import KnownScore
 
 __all__ = [
     "Preprocessing",
@@ -89,7 +89,7 @@ class Support:
         labels: (M,) int64 positions in ``classes``.
         classes: class names.
         features: which embedding (``"head"`` or ``"trunk"``).
-        known: (M, F) embeddings the known score compares with (see :mod:`paws.unknown`),
+        known: (M, F) embeddings the known score compares with (see :mod:`paws.method.known_score`),
             or None when they are ``embeddings`` (the same features).
     """
 
@@ -106,8 +106,8 @@ class Prediction:
 
     Attributes:
         top: the most probable classes with their probabilities, most probable first.
-        score: the known score (:mod:`paws.unknown`: similarity to the nearest supports), or
-            None for a fine-tuned classifier.
+        score: the known score (:mod:`paws.method.known_score`: similarity to the nearest
+            supports), or None for a fine-tuned classifier.
         unknown: the score is below the threshold calibrated on the labelled images: the image
             is likely of none of the support classes.
     """
@@ -145,7 +145,7 @@ class Predictor:
         tau: soft nearest-neighbour temperature.
         batch_size: images per forward pass.
         chunk_size: supports per similarity chunk.
-        known_score: how images are judged unknown (:class:`paws.unknown.KnownScore`).
+        known_score: how images are judged unknown (:class:`paws.method.known_score.KnownScore`).
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"`` or a device.
         support: the support set, or None to build it on first use with ``support_source``.
         support_source: ``fn(predictor, progress) -> Support``, the default support.
@@ -396,7 +396,7 @@ class Predictor:
     @property
     def unknown_threshold(self) -> float:
         """The known score below which an image is unknown, calibrated on the support itself
-        (leave one out, :meth:`paws.unknown.KnownScore.threshold`)."""
+        (leave one out, :meth:`paws.method.known_score.KnownScore.threshold`)."""
         support = self.support
         if self._threshold is None or self._threshold[0] != id(support):
             t = self.known_score.threshold(self._known_support(), self.chunk_size)
@@ -404,7 +404,7 @@ class Predictor:
         return self._threshold[1]
 
     def known_scores(self, images: Images, progress: bool = False) -> torch.Tensor:
-        """(N,) known scores of pre-trained models (:mod:`paws.unknown`)."""
+        """(N,) known scores of pre-trained models (:mod:`paws.method.known_score`)."""
         queries = self.embed(images, self.known_score.features, progress)
         return self.known_score.scores(queries, self._known_support(), self.chunk_size)
 
@@ -438,7 +438,7 @@ class Predictor:
         ]
 
     def export(self, out_dir: str | Path, progress: bool = False) -> Path:
-        """Write this model as a self-contained export folder (see :mod:`paws.export`); a
+        """Write this model as a self-contained export folder (see :mod:`paws.apply.export`); a
         pre-trained model's support is embedded now if it was not yet."""
         prep = self.preprocessing
         parts = Export(

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from paws.config import Config
-from paws.losses import nt_xent, sharpen, snn, supervised_nce
+from paws.method.losses import nt_xent, sharpen, snn, supervised_nce
 
 __all__ = ["monitor_metrics"]
 
@@ -19,7 +18,8 @@ def monitor_metrics(
     labels: torch.Tensor,
     n_sup: int,
     n_img: int,
-    cfg: Config,
+    tau: float,
+    T: float,
 ) -> dict[str, torch.Tensor]:
     """Fig. 4 metrics on a step's own batch, without gradient: target confidence (4c),
     instance-discrimination and support-classification losses (4b), entropy of the mean
@@ -33,21 +33,22 @@ def monitor_metrics(
         labels: (S', K) their smoothed labels.
         n_sup: S, this rank's support rows.
         n_img: B, this rank's unlabelled images.
-        cfg: the config (``loss.tau``, ``loss.sharpen``).
+        tau: the soft nearest-neighbour temperature (``loss.tau``).
+        T: the sharpening temperature (``loss.sharpen``).
 
     Returns:
         Scalar tensors named as the metrics.csv columns (:data:`paws.rundir.MONITOR_COLUMNS`).
     """
     h, z = h.float(), z.float()
     large = h[n_sup : n_sup + 2 * n_img]
-    targets = sharpen(snn(large, target_supports.float(), labels, cfg.loss.tau), cfg.loss.sharpen)
-    probs = snn(z[n_sup:], anchor_supports.float(), labels, cfg.loss.tau)
-    pbar = sharpen(probs, cfg.loss.sharpen).mean(0)
+    targets = sharpen(snn(large, target_supports.float(), labels, tau), T)
+    probs = snn(z[n_sup:], anchor_supports.float(), labels, tau)
+    pbar = sharpen(probs, T).mean(0)
     # SuNCEt is scored against hard labels: with smoothed ones its floor would not be 0.
     hard = torch.nn.functional.one_hot(labels.argmax(dim=1), labels.shape[1]).float()
     return {
         "target_confidence": targets.max(dim=1).values.mean(),
-        "instance_loss": nt_xent(large[:n_img], large[n_img:], cfg.loss.tau),
-        "support_loss": supervised_nce(anchor_supports.float(), hard, cfg.loss.tau),
+        "instance_loss": nt_xent(large[:n_img], large[n_img:], tau),
+        "support_loss": supervised_nce(anchor_supports.float(), hard, tau),
         "mean_entropy": -(pbar * pbar.clamp_min(1e-12).log()).sum(),
     }

@@ -1,0 +1,210 @@
+"""A run directory's files: their names, the metric columns, what a resume may change, and
+which checkpoint a run means.
+
+A run directory holds ``config.yaml`` (the resolved config), ``metrics.csv`` (a row every
+``run.log_every`` steps, columns :data:`METRIC_COLUMNS`), ``evals.csv`` (PAWS-NN during
+training), ``last.pt`` (the latest checkpoint), ``final.pt``, ``eval.json`` and
+``predictions.json`` (the final evaluation), and, when the run ended by tightening,
+``tighten.pt`` and ``tighten.json``; when it started from another run's weights (``paws train
+--init``), ``init.json`` (that run and checkpoint); with experiment trackers,
+``trackers.json`` (their runs, see :mod:`paws.tracking`) and their local stores. Later commands
+add ``baseline.json``, ``finetune.pt`` and ``finetune.json``. Only rank 0 writes.
+
+Which model a run directory means is decided here alone (:func:`model_file`).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+from paws import distributed
+from paws.errors import UserError
+from paws.files import write_atomic
+
+__all__ = [
+    "CONFIG",
+    "METRICS",
+    "EVALS",
+    "TRACKERS",
+    "INIT",
+    "LAST",
+    "FINAL",
+    "TIGHTENED",
+    "FINETUNED",
+    "METRIC_COLUMNS",
+    "MONITOR_COLUMNS",
+    "EVAL_COLUMNS",
+    "RESUME_SAFE_KEYS",
+    "metrics_row",
+    "MetricsLog",
+    "shape_diff",
+    "truncate_rows",
+    "write_json",
+    "read_json",
+    "write_results",
+    "output_dir",
+    "model_file",
+]
+
+CONFIG, METRICS, EVALS = "config.yaml", "metrics.csv", "evals.csv"
+TRACKERS = "trackers.json"
+INIT = "init.json"  # where a run started with paws train --init took its weights from
+LAST, FINAL, TIGHTENED, FINETUNED = "last.pt", "final.pt", "tighten.pt", "finetune.pt"
+
+
+# The monitor-only metrics of the paper's Fig. 4 (every run.monitor_every steps).
+MONITOR_COLUMNS = ("target_confidence", "instance_loss", "support_loss", "mean_entropy")
+
+
+# metrics.csv, in this order.
+METRIC_COLUMNS = (
+    "step",
+    "epoch",
+    "loss",
+    "cross_entropy",
+    "me_max",
+    "lr",
+    "images_per_s",
+    "data_wait",
+    *MONITOR_COLUMNS,
+)
+EVAL_COLUMNS = ("step", "top1", "top5")
+
+
+# Keys that may differ when resuming: they change neither the model nor the batches.
+RESUME_SAFE_KEYS = (
+    "run.log_every",
+    "run.checkpoint_every",
+    "run.eval_every",
+    "run.monitor_every",
+    "run.tensorboard",
+    "run.trackers",
+    "run.experiment",
+    "run.threads",
+    "data.root",
+    "data.workers",
+    "data.memory_limit_gb",
+    "data.max_image_pixels",
+    "data.labeled",
+    "data.unlabeled",
+    "data.test",
+    "eval.",
+    "baseline.",
+    "finetune.",
+    "tighten.",
+)
+
+
+def metrics_row(values: dict[str, Any]) -> dict[str, Any]:
+    """A metrics.csv row: every column of :data:`METRIC_COLUMNS`, empty where not measured.
+
+    Raises:
+        ValueError: for a value that has no column (a metric spelt differently from here).
+    """
+    unknown = sorted(set(values) - set(METRIC_COLUMNS))
+    if unknown:
+        raise ValueError(f"no metrics.csv column for {unknown}")
+    return {k: values.get(k, "") for k in METRIC_COLUMNS}
+
+
+class MetricsLog:
+    """Appends rows to a CSV file, rank 0 only, and hands each row's numbers to ``tracker``
+    (anything with ``log_metrics(values, step, prefix)``, e.g. a
+    :class:`paws.tracking.Tracking`), named ``prefix + column``."""
+
+    def __init__(self, path: Path, tracker: Any = None, prefix: str = ""):
+        self.path, self.tracker, self.prefix = path, tracker, prefix
+        self.fields: list[str] | None = None
+        if path.is_file() and distributed.is_main():
+            with open(path, newline="") as f:
+                self.fields = next(csv.reader(f), None)
+
+    def log(self, row: dict[str, Any]) -> None:
+        """Append ``row`` (the first row written fixes the columns)."""
+        if not distributed.is_main():
+            return
+        if self.fields is None:
+            self.fields = list(row)
+            with open(self.path, "w", newline="") as f:
+                csv.writer(f).writerow(self.fields)
+        with open(self.path, "a", newline="") as f:
+            csv.writer(f).writerow([_fmt(row.get(k, "")) for k in self.fields])
+        if self.tracker is not None:
+            values = {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))}
+            self.tracker.log_metrics(values, int(row["step"]), self.prefix)
+
+
+def _fmt(v: Any) -> Any:
+    return f"{v:.6g}" if isinstance(v, float) else v
+
+
+def shape_diff(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """Keys (with old and new values) where ``current`` changes the run ``saved`` describes;
+    keys in :data:`RESUME_SAFE_KEYS` may differ."""
+    keys = []
+    for k in sorted(set(saved) | set(current)):
+        a, b = saved.get(k), current.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += shape_diff(a, b, f"{prefix}{k}.")
+        elif a != b and not any((prefix + k).startswith(s) for s in RESUME_SAFE_KEYS):
+            keys.append(f"{prefix}{k} ({a!r} -> {b!r})")
+    return keys
+
+
+def truncate_rows(path: Path, last_step: int) -> None:
+    """Drop CSV rows logged after ``last_step`` (steps a crashed run did after its checkpoint)."""
+    if not path.is_file():
+        return
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    keep = rows[:1] + [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) <= last_step]
+    if len(keep) != len(rows):
+        text = io.StringIO(newline="")
+        csv.writer(text).writerows(keep)
+        write_atomic(path, text.getvalue())
+
+
+def write_json(path: Path, obj: Any, indent: int | None = 2) -> None:
+    """Write ``obj`` as a JSON file (one line per value with ``indent``), atomically."""
+    write_atomic(path, json.dumps(obj, indent=indent) + "\n")
+
+
+def write_results(out: Path, summary: dict[str, Any], ev: dict[str, Any], classes: list) -> None:
+    """The final evaluation's files: ``eval.json`` (``summary``) and ``predictions.json`` (the
+    test set's labels, predictions and confusion matrix from ``ev``, a
+    :func:`paws.after.evaluate.paws_nn` result)."""
+    write_json(out / "eval.json", summary)
+    predictions = {k: ev[k] for k in ("labels", "predictions", "confusion")}
+    write_json(out / "predictions.json", {"classes": list(classes), **predictions}, indent=None)
+
+
+def output_dir(path: str | Path) -> Path:
+    """Where results about a checkpoint go by default: its run directory."""
+    p = Path(path)
+    return p if p.is_dir() else p.parent
+
+
+def model_file(path: str | Path, pretrained: bool = False) -> Path:
+    """The checkpoint file that ``path`` names: a file as it is; for a run directory, its final
+    model, ``tighten.pt`` when the run ended by tightening (``tighten.after_training``), else
+    ``last.pt``; with ``pretrained``, always ``last.pt`` (what fine-tuning starts from)."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    if not pretrained and (path / TIGHTENED).is_file():
+        return path / TIGHTENED
+    return path / LAST
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file of the run directory, or None when it does not exist."""
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON ({e.msg}, line {e.lineno})") from e
