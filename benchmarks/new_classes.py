@@ -27,7 +27,8 @@ import torch
 def main(argv: list[str] | None = None) -> int:
     from paws import runtime
     from paws.apply.load import from_checkpoint
-    from paws.apply.predictor import Predictor, Preprocessing
+    from paws.apply.predictor import Predictor, SoftNearestNeighbourPredictor
+    from paws.apply.reading import ImageReader, Preprocessing
     from paws.config import load_config
     from paws.data import load_datasets
     from paws.models import Architecture, build_network
@@ -87,14 +88,14 @@ def main(argv: list[str] | None = None) -> int:
     prep = Preprocessing(
         cfg.views.large_size, cfg.views.eval_crop, data.mean, data.std, data.channels
     )
-    untrained = Predictor(
+    untrained = SoftNearestNeighbourPredictor(
         build_network(arch, seed=0),
         "pretrain",
-        prep,
         arch,
+        ImageReader(prep),
+        device="cpu",
         features=cfg.eval.features,
         tau=cfg.eval.tau,
-        device="cpu",
     )
     names = ", ".join(data.classes[c] for c in args.new)
     print(

@@ -78,7 +78,7 @@ def _disk_fills_after(monkeypatch: pytest.MonkeyPatch, room: int) -> None:
     names = [k for k in dir(os) if not k.startswith("__")]
     fake_os = types.SimpleNamespace(**{k: getattr(os, k) for k in names})
     fake_os.fdopen = lambda fd, mode="r", *a, **kw: _FillingFile(os.fdopen(fd, mode), room)
-    monkeypatch.setattr(checkpoint, "os", fake_os)
+    monkeypatch.setattr(paws.files, "os", fake_os)
 
 
 def test_save_then_load_round_trip_and_replace(tmp_path):

@@ -158,7 +158,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         WORLD_SIZE=str(WORLD),
     )
     torch.set_num_threads(1)
-    distributed.init("cpu")
+    distributed.init(torch.device("cpu"))
     try:
         result = {
             "steps": {(u, t): _steps(u, t) for u in (False, True) for t in STEPS},

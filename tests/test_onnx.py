@@ -87,7 +87,7 @@ def _compare(folder: Path, x: np.ndarray, expected: dict[str, np.ndarray]) -> di
 
 
 def _expected(model, files: list[Path]) -> dict[str, np.ndarray]:
-    features = "head" if model.is_classifier else model.support.features
+    features = model.classify_features
     return {
         "probabilities": model.predict_proba(files).numpy(),
         "embeddings": model.embed(files, features).numpy(),
@@ -110,7 +110,8 @@ def test_onnx_runtime_classifies_new_images_as_pytorch(shared_run, tmp_path, cap
     files = expand_images([paths["test"]])[::12] + expand_images([paths["support"]])[:4]
     model = from_checkpoint(run_dir, device="cpu")
     x = _preprocess(files, prep)
-    assert np.abs(x - torch.cat(list(model.batches(files))).numpy()).max() < 1e-6
+    read = torch.cat([b.x for b in model.reader.batches(files, model.device)])
+    assert np.abs(x - read.numpy()).max() < 1e-6
     expected = _expected(model, files)
     assert expected["probabilities"].shape == (8, 4) and expected["embeddings"].shape == (8, 16)
     worst = _compare(out, x, expected)

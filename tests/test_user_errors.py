@@ -27,12 +27,12 @@ from tiny import (
     write_folder,
 )
 
+import paws.files
 import paws.pretrain.step
 from paws import cli
 from paws.config import load_config
 from paws.data import load_cifar
 from paws.errors import UserError
-from paws.rundir import checkpoint
 
 DISK = ["data.in_memory=no", "data.workers=2"]
 
@@ -278,6 +278,8 @@ def test_disk_full_while_checkpointing(folder, tmp_path, capsys, monkeypatch):
 
     def full_after_first(fd, mode="r", *args, **kwargs):
         f = real_fdopen(fd, mode, *args, **kwargs)
+        if ".last.pt." not in os.readlink(f"/proc/self/fd/{fd}"):
+            return f  # only checkpoints fill the disk
         opened.append(f)
         if len(opened) == 1:
             return f
@@ -289,7 +291,7 @@ def test_disk_full_while_checkpointing(folder, tmp_path, capsys, monkeypatch):
         **{k: getattr(os, k) for k in dir(os) if not k.startswith("__")}
     )
     fake_os.fdopen = full_after_first
-    monkeypatch.setattr(checkpoint, "os", fake_os)
+    monkeypatch.setattr(paws.files, "os", fake_os)
     line = expect_error(paws_train(tmp_path, capsys, monkeypatch, tiny_config(folder)))
     run = tmp_path / "run"
     assert line == (
@@ -298,7 +300,7 @@ def test_disk_full_while_checkpointing(folder, tmp_path, capsys, monkeypatch):
     )
     assert _finite_checkpoint(run / "last.pt") == 4
     assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "last.pt", "metrics.csv"]
-    monkeypatch.setattr(checkpoint, "os", os)  # space freed: the run resumes
+    monkeypatch.setattr(paws.files, "os", os)  # space freed: the run resumes
     code, _, err = run_cli(["--quiet", "train", "--resume", str(run)], capsys, monkeypatch)
     assert code == 0, err
     assert torch.load(run / "final.pt", weights_only=True)["step"] == 16

@@ -20,6 +20,7 @@ from paws.errors import UserError
 
 __all__ = [
     "init",
+    "local_rank",
     "is_initialized",
     "get_rank",
     "get_world_size",
@@ -63,21 +64,24 @@ def is_main() -> bool:
     return get_rank() == 0
 
 
-def init(device: str = "auto") -> torch.device:
+def local_rank() -> int:
+    """This process's position on its machine (torchrun's ``LOCAL_RANK``; 0 alone)."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def init(here: torch.device) -> torch.device:
     """Join the process group described by torchrun's environment, if any.
 
     Args:
-        device: "auto", "cpu" or "cuda"; "auto" picks CUDA when available.
+        here: the device this process computes on (:func:`paws.runtime.device_for`): NCCL
+            between GPUs, gloo between CPUs.
 
     Returns:
-        The device this process computes on (``cuda:LOCAL_RANK`` under torchrun on GPUs); the
-        CPU when no GPU is available, whatever ``device`` asks (callers check).
+        ``here``.
     """
     global _HOST_GROUP
-    use_cuda = device in ("auto", "cuda") and torch.cuda.is_available()
+    use_cuda = here.type == "cuda"
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    here = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(here)
     if world_size > 1 and not dist.is_initialized():

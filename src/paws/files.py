@@ -27,10 +27,18 @@ def reason(e: OSError) -> str:
     return e.strerror or str(e) or type(e).__name__
 
 
-def write_with(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
+def write_with(path: str | Path, write: Callable[[IO[bytes]], None], noun: str = "") -> None:
     """Write ``path`` atomically with ``write(binary file)``: a temporary file beside it,
-    fsynced, then renamed over it. A path that is not a regular file (``/dev/null``, a pipe) is
-    written in place: renaming over it would replace the device.
+    fsynced, renamed over it, then the folder fsynced, so that a crash or a full disk leaves
+    the old file or the new one, never a part. This is every file paws writes. A path that is
+    not a regular file (``/dev/null``, a pipe) is written in place: renaming over it would
+    replace the device.
+
+    Args:
+        path: the file.
+        write: writes the content into the binary file it is given.
+        noun: what the file is, for the error (``"checkpoint"``): "could not write checkpoint
+            ...; the previous checkpoint is intact" (or "no earlier checkpoint exists").
 
     Raises:
         UserError: naming the path when it cannot be written (a full disk, no permission); an
@@ -42,7 +50,7 @@ def write_with(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
             with open(path, "wb") as f:
                 write(f)
         except OSError as e:
-            raise UserError(f"could not write {path}: {reason(e)}") from e
+            raise _write_error(path, e, noun) from e
         return
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -56,15 +64,53 @@ def write_with(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_folder(path.parent)
     except BaseException as e:
         try:
             os.unlink(tmp)
         except OSError:
             pass
-        if isinstance(e, OSError):
-            kept = "; the previous file is intact" if path.is_file() else ""
-            raise UserError(f"could not write {path}: {reason(e)}{kept}") from e
+        cause = os_error(e) if isinstance(e, Exception) else None
+        if cause is not None:
+            raise _write_error(path, cause, noun) from e
         raise
+
+
+def os_error(e: BaseException) -> OSError | None:
+    """The OSError behind ``e``, if any: torch.save reports a failed write (a full disk) as a
+    RuntimeError whose context is the OSError."""
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, OSError):
+            return cur
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
+def _write_error(path: Path, e: OSError, noun: str) -> UserError:
+    what = f"{noun} " if noun else ""
+    if path.is_file():
+        kept = f"; the previous {noun or 'file'} is intact"
+    else:
+        kept = f"; no earlier {noun} exists at that path" if noun else ""
+    return UserError(f"could not write {what}{path}: {reason(e)}{kept}")
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename inside ``folder`` durable (POSIX; a no-op where folders cannot be
+    opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 @functools.cache

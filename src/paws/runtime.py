@@ -32,24 +32,32 @@ __all__ = [
 T = TypeVar("T")
 
 
-def device_for(requested: str) -> torch.device:
-    """The device ``run.device`` means here, without changing any state.
+def device_for(requested: str | torch.device, key: str = "run.device") -> torch.device:
+    """The device ``requested`` means here, without changing any state: the one rule every
+    command and library function chooses its device by.
 
     Args:
-        requested: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``.
+        requested: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"`` or a device.
+        key: the setting or option that asked, named in the error.
 
     Returns:
-        ``cuda:LOCAL_RANK`` (the process's GPU under torchrun) or the CPU.
+        ``cuda:LOCAL_RANK`` (the process's GPU under torchrun) for ``auto`` and ``cuda``, the
+        CPU, or the device given.
 
     Raises:
-        UserError: ``"cuda"`` was asked for and there is no GPU.
+        UserError: a GPU was asked for and there is none.
     """
+    if isinstance(requested, torch.device) or requested not in ("auto", "cpu", "cuda"):
+        device = torch.device(requested)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UserError(f"{key} is '{requested}' but no GPU is available; use auto or cpu")
+        return device
     use_cuda = requested in ("auto", "cuda") and torch.cuda.is_available()
     if requested == "cuda" and not use_cuda:
-        raise UserError("run.device is 'cuda' but no GPU is available; use run.device=auto")
+        raise UserError(f"{key} is 'cuda' but no GPU is available; use auto or cpu")
     if not use_cuda:
         return torch.device("cpu")
-    return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
+    return torch.device(f"cuda:{distributed.local_rank()}")
 
 
 def setup(cfg: Any) -> torch.device:
@@ -60,7 +68,7 @@ def setup(cfg: Any) -> torch.device:
     matrix-product precision and seeds torch's global generator with ``run.seed``.
     """
     device = device_for(cfg.run.device)
-    distributed.init(cfg.run.device)
+    distributed.init(device)
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     # Denormal floats made small-loss CPU steps 10x slower; flushing them costs nothing.

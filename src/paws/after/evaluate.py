@@ -8,6 +8,8 @@ classifier (fine-tuned, or the supervised baseline) is scored on the same centre
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 
@@ -21,6 +23,7 @@ from paws.method.snn import snn_classify
 from paws.models import PAWSModel
 
 __all__ = [
+    "scores",
     "accuracy",
     "balanced_accuracy",
     "paws_nn",
@@ -44,6 +47,23 @@ def balanced_accuracy(confusion: np.ndarray) -> float:
     per_class = confusion.sum(axis=1)
     present = per_class > 0
     return float(100.0 * np.mean(np.diag(confusion)[present] / per_class[present]))
+
+
+def scores(probs: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
+    """How well (N, K) ``probs`` answer (N,) ``labels``: ``{"top1", "top5", "balanced_top1"}``
+    in percent, ``"predictions"`` (the arg-max, a list) and ``"confusion"`` ((K, K) counts,
+    true classes in rows, a list of lists)."""
+    k = probs.shape[1]
+    pred = probs.argmax(dim=1).cpu()
+    confusion = np.zeros((k, k), dtype=np.int64)
+    np.add.at(confusion, (labels.cpu().numpy(), pred.numpy()), 1)
+    return {
+        "top1": accuracy(probs, labels, 1),
+        "top5": accuracy(probs, labels, 5),
+        "balanced_top1": balanced_accuracy(confusion),
+        "predictions": pred.tolist(),
+        "confusion": confusion.tolist(),
+    }
 
 
 def paws_nn(
@@ -72,19 +92,15 @@ def paws_nn(
         qry, sup, torch.from_numpy(data.labeled.labels), k, cfg.eval.tau, cfg.eval.chunk_size
     )
     y = torch.from_numpy(queries.labels)
-    pred = probs.argmax(dim=1).cpu()
-    confusion = np.zeros((k, k), dtype=np.int64)
-    np.add.at(confusion, (y.numpy(), pred.numpy()), 1)
+    s = scores(probs, y)
     return {
-        "top1": accuracy(probs, y, 1),
-        "top5": accuracy(probs, y, 5),
-        "balanced_top1": balanced_accuracy(confusion),
+        **{key: s[key] for key in ("top1", "top5", "balanced_top1")},
         "num_support": len(data.labeled),
         "num_query": len(queries),
         "features": cfg.eval.features,
-        "predictions": pred.tolist(),
+        "predictions": s["predictions"],
         "labels": y.tolist(),
-        "confusion": confusion.tolist(),
+        "confusion": s["confusion"],
     }
 
 
@@ -143,12 +159,5 @@ def classifier_accuracy(
     "num_query"}``."""
     probs = classifier_probs(model, data.test, cfg, data, device)
     y = torch.from_numpy(data.test.labels)
-    k = probs.shape[1]
-    confusion = np.zeros((k, k), dtype=np.int64)
-    np.add.at(confusion, (y.numpy(), probs.argmax(dim=1).numpy()), 1)
-    return {
-        "top1": accuracy(probs, y, 1),
-        "top5": accuracy(probs, y, 5),
-        "balanced_top1": balanced_accuracy(confusion),
-        "num_query": len(y),
-    }
+    s = scores(probs, y)
+    return {**{key: s[key] for key in ("top1", "top5", "balanced_top1")}, "num_query": len(y)}

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import time
 from pathlib import Path
 from typing import Any
 
@@ -30,17 +29,16 @@ import torch.nn.functional as F
 
 from paws import rundir, runtime
 from paws.after.evaluate import accuracy, classifier_accuracy, classifier_probs, paws_nn
+from paws.after.saved import open_pretrained, save_step
 from paws.config import Config, ViewsConfig
 from paws.data.images import ImageSet
 from paws.data.loaders import Loading, view_batches
-from paws.data.sources import Datasets, load_datasets
+from paws.data.sources import Datasets
 from paws.errors import UserError
-from paws.files import check_out_dir
 from paws.method.optim import LARS, WarmupCosine, backward_step, set_lr
 from paws.method.sampling import EpochSampler, Stream
 from paws.models import Classifier, PAWSModel
 from paws.progress import Progress, info
-from paws.rundir import checkpoint
 
 __all__ = [
     "validation_split",
@@ -280,23 +278,10 @@ def finetune_checkpoint(
     Returns:
         The report, with ``seconds`` and ``checkpoint`` (the saved file) added.
     """
-    start = time.time()
-    restored = rundir.restore(path, overrides, pretrained=True).pretrained()
-    cfg, pretrained = restored.cfg, restored.net
-    out = check_out_dir(out_dir if out_dir is not None else rundir.output_dir(path))
-    device = device or runtime.device_for(cfg.run.device)
-    data = data or load_datasets(cfg)
-    pretrained.to(device)
-    report, model = finetune(cfg, pretrained, data, device)
-    out.mkdir(parents=True, exist_ok=True)
+    opened = open_pretrained(path, overrides, out_dir, data, device)
+    report, model = finetune(opened.cfg, opened.net, opened.data, opened.device)
     finetuned = {k: report[k] for k in ("lr", "epochs", "sweep", "val_top1", "steps")}
-    arch = restored.arch.with_classifier(len(data.classes))
-    step = restored.state.get("step")
-    record = checkpoint.model_record(
-        "finetune", model, arch.to_dict(), cfg, data, step, finetune=finetuned
-    )
-    checkpoint.save(record, out / rundir.FINETUNED)
-    report["seconds"] = round(time.time() - start, 1)
-    report["checkpoint"] = str(out / rundir.FINETUNED)
-    rundir.write_json(out / "finetune.json", report)
+    arch = opened.arch.with_classifier(len(opened.data.classes))
+    save_step("finetune", model, arch, opened, report, rundir.FINETUNED, finetune=finetuned)
+    rundir.write_json(opened.out / "finetune.json", report)
     return report

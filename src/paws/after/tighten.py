@@ -32,7 +32,6 @@ PAWS-NN.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -41,21 +40,20 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from paws import rundir, runtime
+from paws import rundir
 from paws.after.evaluate import paws_nn
+from paws.after.saved import open_pretrained, save_step
 from paws.config import Config
 from paws.data.loaders import Loading, eval_batches
-from paws.data.sources import Datasets, load_datasets
+from paws.data.sources import Datasets
 from paws.errors import UserError
-from paws.files import check_out_dir
 from paws.method.losses import supervised_nce
 from paws.method.optim import LARS, WarmupCosine, param_groups, set_lr
 from paws.method.sampling import SupportSampler
-from paws.models import Architecture, PAWSModel
+from paws.models import PAWSModel
 from paws.progress import Progress, info
-from paws.rundir import checkpoint
 
-__all__ = ["freeze_batchnorm", "save_tightened", "tighten", "tighten_checkpoint"]
+__all__ = ["freeze_batchnorm", "tighten", "tighten_checkpoint"]
 
 
 def freeze_batchnorm(model: nn.Module) -> list[nn.Module]:
@@ -225,33 +223,8 @@ def tighten_checkpoint(
     Returns:
         The report of :func:`tighten`, with ``seconds`` and ``checkpoint`` added.
     """
-    start = time.time()
-    restored = rundir.restore(path, overrides, pretrained=True).pretrained()
-    cfg, model = restored.cfg, restored.net
-    out = check_out_dir(out_dir if out_dir is not None else rundir.output_dir(path))
-    device = device or runtime.device_for(cfg.run.device)
-    data = data or load_datasets(cfg)
-    model.to(device)
-    report = tighten(cfg, model, data, device)
-    out.mkdir(parents=True, exist_ok=True)
-    save_tightened(report, model, restored.arch, cfg, data, restored.state.get("step"), out, start)
-    rundir.write_json(out / "tighten.json", report)
-    return report
-
-
-def save_tightened(
-    report: dict[str, Any],
-    model: PAWSModel,
-    arch: Architecture,
-    cfg: Config,
-    data: Datasets,
-    step: int | None,
-    out: Path,
-    start: float,
-) -> dict[str, Any]:
-    """Save the tightened ``model`` as ``out/tighten.pt`` and add ``seconds`` (since
-    ``start``, a ``time.time()``) and ``checkpoint`` to ``report``, which is returned."""
-    record = checkpoint.model_record("tighten", model, arch.to_dict(), cfg, data, step)
-    checkpoint.save(record, out / rundir.TIGHTENED)
-    report.update(seconds=round(time.time() - start, 1), checkpoint=str(out / rundir.TIGHTENED))
+    opened = open_pretrained(path, overrides, out_dir, data, device)
+    report = tighten(opened.cfg, opened.net, opened.data, opened.device)
+    save_step("tighten", opened.net, opened.arch, opened, report, rundir.TIGHTENED)
+    rundir.write_json(opened.out / "tighten.json", report)
     return report

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from paws.errors import UserError
+from paws.errors import UserError, first_line
 from paws.files import check_out_dir, reason, write_atomic
 
 __all__ = [
@@ -229,8 +229,7 @@ def _read_json(path: Path) -> dict[str, Any]:
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot read {path}: {first[:160]}; export the model again") from e
+        raise UserError(f"cannot read {path}: {first_line(e)}; export the model again") from e
     check_manifest(manifest, path)
     return manifest
 
@@ -243,7 +242,7 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except Exception as e:  # noqa: BLE001 - any failure means a damaged file
-        raise UserError(f"cannot read {path}: {str(e).splitlines()[0] if str(e) else e}") from e
+        raise UserError(f"cannot read {path}: {first_line(e)}") from e
 
 
 def check_support(support: dict[str, torch.Tensor], path: Path, num_classes: int) -> None:

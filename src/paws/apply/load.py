@@ -1,10 +1,11 @@
 """Opening a trained model for prediction: a checkpoint or run directory (rebuilt with
 :func:`paws.rundir.restore`, its support the run's labelled images), an export folder (the
-format of :mod:`paws.apply.export`), and :func:`load`, which tells them apart (``paws.load``)."""
+format of :mod:`paws.apply.export`), and :func:`load`, which tells them apart (``paws.load``).
+Each builds its :class:`~paws.apply.predictor.Predictor` whole, with the reading settings it is
+given."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,22 +15,30 @@ import torch
 from paws import rundir
 from paws.apply.embedding import embed_images
 from paws.apply.export import MANIFEST, is_export, read_export
-from paws.apply.predictor import Prediction, Predictor, Preprocessing, Support
+from paws.apply.predictor import (
+    ClassifierPredictor,
+    Prediction,
+    Predictor,
+    SoftNearestNeighbourPredictor,
+    Support,
+    SupportSource,
+)
+from paws.apply.reading import ImageReader, Preprocessing
 from paws.config import apply_overrides, from_dict
 from paws.data.loaders import Loading
 from paws.data.sources import load_datasets
-from paws.errors import UserError
+from paws.errors import UserError, first_line
 from paws.method.known_score import KnownScore
 from paws.models import Architecture, build_network, load_weights
 
 __all__ = ["from_checkpoint", "from_export", "load", "Prediction"]
 
 
-def _run_support(cfg: Any) -> Callable[[Predictor, bool], Support]:
+def _run_support(cfg: Any) -> SupportSource:
     """The default support of a checkpoint: the run's labelled images, embedded exactly as
     ``paws eval`` embeds them."""
 
-    def build(predictor: Predictor, progress: bool) -> Support:
+    def build(predictor: SoftNearestNeighbourPredictor, progress: bool) -> Support:
         try:
             data = load_datasets(cfg)
         except UserError as e:
@@ -60,6 +69,11 @@ def _run_support(cfg: Any) -> Callable[[Predictor, bool], Support]:
     return build
 
 
+def _reader(preprocessing: Preprocessing, batch_size: int, reading: Any) -> ImageReader:
+    """How a model reads image files: ``reading`` is a config's ``data`` section."""
+    return ImageReader(preprocessing, batch_size, reading.on_bad_image, reading.max_image_pixels)
+
+
 def from_checkpoint(
     path: str | Path, overrides: list[str] | None = None, device: str | torch.device = "auto"
 ) -> Predictor:
@@ -79,22 +93,24 @@ def from_checkpoint(
     if len(mean) != channels or len(std) != channels:
         raise UserError(f"{path} does not record its normalisation (mean and std)")
     prep = Preprocessing(cfg.views.large_size, cfg.views.eval_crop, mean, std, int(channels))
-    is_classifier = r.kind == "finetune"
-    return Predictor(
+    reader = _reader(prep, cfg.eval.batch_size, cfg.data)
+    known = KnownScore.from_config(cfg)
+    if r.kind == "finetune":
+        classes = [str(c) for c in state.get("classes") or []]
+        return ClassifierPredictor(
+            r.net, r.kind, r.arch, reader, device, known, cfg.eval.chunk_size, classes=classes
+        )
+    return SoftNearestNeighbourPredictor(
         r.net,
         r.kind,
-        prep,
         r.arch,
-        classes=[str(c) for c in state.get("classes") or []] if is_classifier else None,
+        reader,
+        device,
+        known,
+        cfg.eval.chunk_size,
         features=cfg.eval.features,
         tau=cfg.eval.tau,
-        batch_size=cfg.eval.batch_size,
-        chunk_size=cfg.eval.chunk_size,
-        device=device,
-        support_source=None if is_classifier else _run_support(cfg),
-        known_score=KnownScore.from_config(cfg),
-        on_bad_image=cfg.data.on_bad_image,
-        max_pixels=cfg.data.max_image_pixels,
+        support_source=_run_support(cfg),
     )
 
 
@@ -107,7 +123,7 @@ def _width(net: torch.nn.Module, prep: Preprocessing, features: str) -> int:
     except RuntimeError as err:  # e.g. an input too small for the network's strides
         raise UserError(
             f"the network cannot take {prep.size}-pixel images (preprocessing.size): "
-            f"{str(err).splitlines()[0][:120]}"
+            f"{first_line(err, 120)}"
         ) from err
 
 
@@ -125,9 +141,17 @@ def _check_widths(folder: Path, e: Any, net: torch.nn.Module, prep: Preprocessin
             )
 
 
-def from_export(folder: str | Path, device: str | torch.device = "auto") -> Predictor:
+def from_export(
+    folder: str | Path, device: str | torch.device = "auto", reading: Any = None
+) -> Predictor:
     """A :class:`Predictor` from an export folder (:mod:`paws.apply.export`), checked whole when
     opened: manifest, weights against the architecture, support against the network.
+
+    Args:
+        folder: the export folder.
+        device: compute device.
+        reading: how image files are read (a config's ``data`` section: ``on_bad_image``,
+            ``max_image_pixels``); default: the defaults.
 
     Raises:
         UserError: naming the file and what in it is wrong.
@@ -142,14 +166,7 @@ def from_export(folder: str | Path, device: str | torch.device = "auto") -> Pred
             f"{manifest} is damaged: its classifier has {arch.num_classes} outputs but "
             f"{len(e.classes)} classes are named; export the model again"
         )
-    p = e.preprocessing
-    prep = Preprocessing(
-        int(p["size"]),
-        float(p["crop_fraction"]),
-        tuple(float(v) for v in p["mean"]),
-        tuple(float(v) for v in p["std"]),
-        int(p["channels"]),
-    )
+    prep = Preprocessing.from_dict(e.preprocessing)
     if arch.in_channels != prep.channels:
         raise UserError(
             f"{manifest} is damaged: the network takes {arch.in_channels} channels, the "
@@ -158,11 +175,10 @@ def from_export(folder: str | Path, device: str | torch.device = "auto") -> Pred
     net = build_network(arch, seed=0)  # the saved weights replace these
     load_weights(net, e.weights, str(folder / "model.safetensors"))
     net.eval()
-    if not linear:
-        _check_widths(folder, e, net, prep)
-    common: dict[str, Any] = {"batch_size": e.batch_size, "device": device}
-    if e.classify.get("method") == "linear":
-        return Predictor(net, e.kind, prep, arch, classes=e.classes, **common)
+    reader = _reader(prep, e.batch_size, reading or from_dict({}).data)
+    if linear:
+        return ClassifierPredictor(net, e.kind, arch, reader, device, classes=e.classes)
+    _check_widths(folder, e, net, prep)
     features = str(e.classify.get("features", "head"))
     known = e.support.get("known")
     support = Support(
@@ -176,17 +192,17 @@ def from_export(folder: str | Path, device: str | torch.device = "auto") -> Pred
     settings = dict(e.classify.get("known") or {"features": features})
     if known is None:
         settings["features"] = features
-    return Predictor(
+    return SoftNearestNeighbourPredictor(
         net,
         e.kind,
-        prep,
         arch,
+        reader,
+        device,
+        KnownScore(**settings),
+        int(e.classify.get("chunk_size", 8192)),
         features=support.features,
         tau=float(e.classify.get("tau", 0.1)),
-        chunk_size=int(e.classify.get("chunk_size", 8192)),
         support=support,
-        known_score=KnownScore(**settings),
-        **common,
     )
 
 
@@ -217,12 +233,8 @@ def load(
     """
     p = Path(path).expanduser()
     if is_export(p):
-        predictor = from_export(p, device)
         reading = from_dict(apply_overrides({}, list(overrides or []))).data
-        predictor.on_bad_image, predictor.max_pixels = (
-            reading.on_bad_image,
-            reading.max_image_pixels,
-        )
+        predictor = from_export(p, device, reading)
     elif p.is_file() or (p / rundir.LAST).is_file():
         predictor = from_checkpoint(p, overrides, device)
     else:

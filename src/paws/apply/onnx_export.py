@@ -31,13 +31,13 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from paws.apply.graphs import Trunk
 from paws.apply.predictor import Predictor
 from paws.data.images import GREY
 from paws.data.transforms import eval_resize
 from paws.errors import UserError
-from paws.method.snn import snn_classify
+from paws.files import write_atomic
 
 __all__ = [
     "FORMAT",
@@ -45,10 +45,6 @@ __all__ = [
     "MODEL",
     "ENCODER",
     "DESCRIPTION",
-    "SoftNearestNeighbours",
-    "ClassifierProbabilities",
-    "Trunk",
-    "classifier_graph",
     "preprocessing_description",
     "export_onnx",
     "reference_outputs",
@@ -65,91 +61,6 @@ INPUT = "images"
 _INSTALL = "pip install 'paws-ssl[onnx]'"
 # ONNX files hold at most 2 GB; larger weights go to a side file next to the graph.
 _PROTOBUF_LIMIT = 2_000_000_000
-
-
-# --------------------------------------------------------------------------------------------
-# The graphs.
-
-
-class SoftNearestNeighbours(nn.Module):
-    """A pre-trained network with its support set: images to class probabilities.
-
-    Args:
-        net: a :class:`paws.models.PAWSModel` (``embed(x, features)``).
-        supports: (M, D) support embeddings (normalised here).
-        labels: (M,) int64 class positions.
-        num_classes: K.
-        tau: soft nearest-neighbour temperature.
-        features: ``"head"`` or ``"trunk"``, the embedding the supports are in.
-    """
-
-    def __init__(
-        self,
-        net: nn.Module,
-        supports: torch.Tensor,
-        labels: torch.Tensor,
-        num_classes: int,
-        tau: float,
-        features: str,
-    ):
-        super().__init__()
-        self.net = net
-        self.register_buffer("supports", F.normalize(supports.float(), dim=1))
-        self.register_buffer("labels", labels.long().view(1, -1))
-        self.num_classes, self.tau, self.features = int(num_classes), float(tau), features
-
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """images (N, C, S, S) to ``(probabilities (N, K), embeddings (N, D))``."""
-        emb = self.net.embed(images, self.features)
-        logits = F.normalize(emb, dim=1).div(self.tau) @ self.supports.T  # (N, M)
-        weights = logits.softmax(dim=1)
-        n = weights.shape[0]
-        # Per-class sums as a scatter, not a product with (M, K) one-hot labels: those would
-        # weigh M * K floats in the file (512 MB for ImageNet 10% with 1,000 classes).
-        probs = weights.new_zeros(n, self.num_classes)
-        return probs.scatter_add(1, self.labels.expand(n, -1), weights), emb
-
-
-class ClassifierProbabilities(nn.Module):
-    """A fine-tuned :class:`paws.models.Classifier`: images to softmax probabilities."""
-
-    def __init__(self, net: nn.Module):
-        super().__init__()
-        self.net = net
-
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """images (N, C, S, S) to ``(probabilities (N, K), embeddings (N, D))``, the
-        embeddings being the classifier's input."""
-        emb = self.net.embed(images, "head")
-        return self.net.classifier(emb).softmax(dim=1), emb
-
-
-class Trunk(nn.Module):
-    """The bare encoder of a network: images (N, C, S, S) to trunk features (N, F)."""
-
-    def __init__(self, net: nn.Module):
-        super().__init__()
-        self.net = net
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """images (N, C, S, S) to features (N, F)."""
-        return self.net.embed(images, "trunk")
-
-
-def classifier_graph(predictor: Predictor, net: nn.Module | None = None) -> nn.Module:
-    """The module ``model.onnx`` is exported from: images to (probabilities, embeddings).
-
-    Args:
-        predictor: the model (a pre-trained one's support is built now if it was not yet).
-        net: the network to wrap (default: the predictor's own).
-    """
-    net = predictor.net if net is None else net
-    if predictor.is_classifier:
-        return ClassifierProbabilities(net)
-    s = predictor.support
-    return SoftNearestNeighbours(
-        net, s.embeddings, s.labels, len(s.classes), predictor.tau, s.features
-    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -198,25 +109,7 @@ def _description(
 ) -> dict[str, Any]:
     p = predictor.preprocessing
     images = _io(INPUT, p.channels, p.size, p.size)
-    if predictor.is_classifier:
-        classify: dict[str, Any] = {
-            "method": "linear",
-            "probabilities": "softmax of the fine-tuned classifier's logits",
-            "embeddings": "the classifier's input (the first layer of the projection head)",
-        }
-    else:
-        s = predictor.support
-        classify = {
-            "method": "snn",
-            "tau": predictor.tau,
-            "features": s.features,
-            "num_support": len(s.labels),
-            "probabilities": "softmax(normalise(embeddings) @ normalise(supports).T / tau), "
-            "summed over the supports of each class",
-            "embeddings": "the projection head's output (the space PAWS-NN classifies in)"
-            if s.features == "head"
-            else "the encoder trunk's features",
-        }
+    classify = predictor.describe()
     return {
         "format": FORMAT,
         "version": VERSION,
@@ -290,11 +183,10 @@ def export_onnx(predictor: Predictor, out_dir: str | Path, progress: bool = Fals
         The folder.
     """
     _require("onnx", "onnxscript")
-    if not predictor.is_classifier:
-        predictor.load_support(progress)
+    predictor.ready(progress)
     start = time.perf_counter()
     net = copy.deepcopy(predictor.net).cpu().eval()  # exported on the CPU, predictor untouched
-    graph, trunk = classifier_graph(predictor, net).eval(), Trunk(net).eval()
+    graph, trunk = predictor.graph(net).eval(), Trunk(net).eval()
     p = predictor.preprocessing
     # Two images: a batch of one would be specialised to a fixed size by torch.export.
     example = torch.zeros(2, p.channels, p.size, p.size)
@@ -306,7 +198,7 @@ def export_onnx(predictor: Predictor, out_dir: str | Path, progress: bool = Fals
     _export(trunk, example, out / ENCODER, ["features"])
     seconds = time.perf_counter() - start
     text = json.dumps(_description(predictor, dims, opset, seconds), indent=2)
-    (out / DESCRIPTION).write_text(text + "\n")
+    write_atomic(out / DESCRIPTION, text + "\n")
     return out
 
 
@@ -323,15 +215,8 @@ def reference_outputs(predictor: Predictor, images: torch.Tensor) -> dict[str, n
     """
     net = predictor.net
     x = images.to(predictor.device)
-    if predictor.is_classifier:
-        emb = net.embed(x, "head")
-        probs = net(x).float().softmax(dim=1)
-    else:
-        s = predictor.support
-        emb = net.embed(x, s.features)
-        probs = snn_classify(
-            emb, s.embeddings.to(x.device), s.labels, len(s.classes), predictor.tau
-        )
+    emb = net.embed(x, predictor.classify_features)
+    probs = predictor.probabilities(emb)
     out = {"probabilities": probs, "embeddings": emb, "features": net.embed(x, "trunk")}
     return {k: v.float().cpu().numpy() for k, v in out.items()}
 

@@ -1,96 +1,69 @@
-"""Applying a trained model to new images: classify, embed, and :func:`load`.
+"""Applying a trained model to new images: one predictor per kind of model, one interface.
 
-A :class:`Predictor` wraps a network with its preprocessing (resize, centre crop, normalisation:
-the evaluation view of training) and its way of classifying:
+A :class:`Predictor` is a network with its preprocessing (:class:`paws.apply.reading.
+ImageReader`: the evaluation view of training, and what happens to unreadable files) and its
+way of turning embeddings into class probabilities:
 
-- a pre-trained (or tightened) PAWS model classifies by soft nearest neighbours against a
-  *support set* of labelled embeddings (:func:`paws.method.snn.snn_classify`, as PAWS-NN). The
-  support defaults to the run's own labelled images, and can be replaced by any labelled images
-  (:meth:`Predictor.set_support`), including classes the model never saw labelled during
-  pre-training: nothing is retrained, new classes only need a few labelled examples;
-- a fine-tuned model (``paws finetune``) classifies with its linear classifier.
+- :class:`SoftNearestNeighbourPredictor`, for a pre-trained or tightened PAWS model, classifies
+  by soft nearest neighbours against a *support set* of labelled embeddings, as PAWS-NN does
+  (:func:`paws.method.snn.snn_classify`). The support defaults to the run's own labelled images
+  and can be any labelled images (:meth:`~SoftNearestNeighbourPredictor.set_support`),
+  including classes the model never saw labelled: new classes need a few examples, no
+  retraining.
+- :class:`ClassifierPredictor`, for a fine-tuned model, applies its linear classifier.
 
-:func:`paws.apply.load.load` (``paws.load``) opens a training checkpoint or an export folder as a
-:class:`Predictor`, so an exported model works without the training code's config files or
-data.
+Both give the same answers through the same methods (``predict``, ``predictions``, ``embed``,
+``export``) and describe themselves to the ONNX exporter (:meth:`Predictor.graph`), so nothing
+outside this module asks which kind a model is. Where the labelled images' embeddings are known,
+a prediction also carries the known score (:mod:`paws.method.known_score`) and whether the
+image is unknown. :func:`paws.apply.load.load` (``paws.load``) builds predictors whole.
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn as nn
-from PIL import Image
 
 from paws.apply.export import Export, write_export
-from paws.data.images import (
-    MAX_IMAGE_PIXELS,
-    Images,
-    as_items,
-    expand_images,
-    read_image,
-    scan_labeled_folder,
-    tensor_channels,
-    to_mode,
-)
-from paws.data.transforms import eval_transform
+from paws.apply.graphs import ClassifierProbabilities, SoftNearestNeighbours
+from paws.apply.reading import ImageReader, Preprocessing
+from paws.data.images import Images, scan_labeled_folder
 from paws.errors import UserError
 from paws.method.known_score import KnownScore
 from paws.method.snn import snn_classify
-from paws.models import Architecture, Classifier
-from paws.progress import Progress
+from paws.models import Architecture
+from paws.runtime import device_for
 
 __all__ = [
-    "Preprocessing",
     "Support",
     "Prediction",
+    "Embedded",
     "Predictor",
-    "expand_images",
+    "SoftNearestNeighbourPredictor",
+    "ClassifierPredictor",
 ]
 
-
-@dataclass
-class Preprocessing:
-    """How images become network input: the evaluation view of training.
-
-    Attributes:
-        size: side of the square input (``views.large_size``).
-        crop_fraction: resize the shorter side to ``size / crop_fraction``, then centre-crop
-            ``size`` (``views.eval_crop``).
-        mean: per-channel normalisation mean.
-        std: per-channel normalisation std.
-        channels: 1 (grey) or 3 (colour); images are converted to this.
-    """
-
-    size: int
-    crop_fraction: float
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    channels: int
-
-    def transform(self) -> Callable[[Any], torch.Tensor]:
-        """Per-image transform: PIL image or (C, H, W) tensor to (C, size, size) float32."""
-        return eval_transform(self.size, self.crop_fraction, self.mean, self.std)
+FEATURES = ("head", "trunk")
 
 
 @dataclass
 class Support:
-    """Labelled embeddings that pre-trained models classify against.
+    """Labelled embeddings: what a soft nearest-neighbour model classifies against, and what
+    the known score of any model compares with.
 
     Attributes:
-        embeddings: (M, D) float32.
+        embeddings: (M, D) float32 in the ``features`` space.
         labels: (M,) int64 positions in ``classes``.
         classes: class names.
-        features: which embedding (``"head"`` or ``"trunk"``).
-        known: (M, F) embeddings the known score compares with (see :mod:`paws.method.known_score`),
-            or None when they are ``embeddings`` (the same features).
+        features: which embedding ``embeddings`` are (``"head"`` or ``"trunk"``).
+        known: (M, F) embeddings in the known score's space when it is another one, else None.
     """
 
     embeddings: torch.Tensor
@@ -98,6 +71,21 @@ class Support:
     classes: list[str]
     features: str
     known: torch.Tensor | None = None
+
+    def in_space(self, features: str) -> torch.Tensor:
+        """The support's embeddings in ``features``.
+
+        Raises:
+            UserError: the support was embedded in another space only.
+        """
+        if features == self.features:
+            return self.embeddings
+        if self.known is not None:
+            return self.known
+        raise UserError(
+            f"this support has no {features} embeddings for the known score; set "
+            f"eval.unknown_features: {self.features}"
+        )
 
 
 @dataclass
@@ -107,14 +95,16 @@ class Prediction:
     Attributes:
         top: the most probable classes with their probabilities, most probable first.
         score: the known score (:mod:`paws.method.known_score`: similarity to the nearest
-            supports), or None for a fine-tuned classifier.
+            labelled images), or None for a model that has no labelled embeddings.
         unknown: the score is below the threshold calibrated on the labelled images: the image
             is likely of none of the support classes.
+        source: the image's file (as a string), or its position among in-memory images.
     """
 
     top: list[tuple[str, float]]
     score: float | None = None
     unknown: bool = False
+    source: str | int | None = None
 
     @property
     def label(self) -> str:
@@ -122,187 +112,122 @@ class Prediction:
         return "unknown" if self.unknown else self.top[0][0]
 
 
-# --------------------------------------------------------------------------------------------
-# The predictor.
+@dataclass
+class Embedded:
+    """The embeddings of the readable images among some inputs.
+
+    Attributes:
+        features: embedding name (``"head"``, ``"trunk"``) -> (N, D) float32 on the CPU.
+        positions: the input position of each row.
+        sources: each row's file, or its position for an in-memory image.
+        skipped: ``(position, name)`` of the unreadable files left out
+            (``data.on_bad_image: skip``).
+    """
+
+    features: dict[str, torch.Tensor]
+    positions: list[int] = field(default_factory=list)
+    sources: list[str | int] = field(default_factory=list)
+    skipped: list[tuple[int, str]] = field(default_factory=list)
 
 
-class Predictor:
+def _check_features(features: Sequence[str]) -> None:
+    for f in features:
+        if f not in FEATURES:
+            raise UserError(f"features must be 'head' or 'trunk', got {f!r}")
+
+
+class Predictor(ABC):
     """A trained network with its preprocessing and classifier, ready for new images.
 
-    Images may be given as file paths or folders (searched recursively), PIL images, or tensors
-    (C, H, W) / (N, C, H, W), uint8 in [0, 255] or float in [0, 1]; any size: each is resized
-    and centre-cropped as in training's evaluation view, then normalised.
+    Images may be file paths or folders (searched recursively), PIL images, or tensors
+    (C, H, W) / (N, C, H, W), uint8 in [0, 255] or float in [0, 1]; any size (see
+    :class:`paws.apply.reading.ImageReader`).
 
     Args:
         net: a :class:`paws.models.PAWSModel` or :class:`paws.models.Classifier` (moved to
-            ``device``).
-        kind: ``"pretrain"``, ``"tighten"`` or ``"finetune"``.
-        preprocessing: the input pipeline.
+            ``device``, in eval mode).
+        kind: ``"pretrain"``, ``"tighten"`` or ``"finetune"``: where the weights came from.
         architecture: the network's :class:`paws.models.Architecture` (for exports).
-        classes: class names of a fine-tuned classifier (pre-trained models take theirs from the
-            support).
-        features: embedding used against the support (pre-trained models).
-        tau: soft nearest-neighbour temperature.
-        batch_size: images per forward pass.
-        chunk_size: supports per similarity chunk.
-        known_score: how images are judged unknown (:class:`paws.method.known_score.KnownScore`).
+        reader: how images are read (preprocessing, batch size, unreadable files).
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"`` or a device.
-        support: the support set, or None to build it on first use with ``support_source``.
-        support_source: ``fn(predictor, progress) -> Support``, the default support.
-        on_bad_image: ``"error"``: an unreadable image file stops with its name; ``"skip"``:
-            it is left out of the result, and its position and name are in :attr:`skipped`
-            (``data.on_bad_image``).
-        max_pixels: image files claiming more pixels are unreadable (``data.max_image_pixels``).
-
-    Attributes:
-        skipped: ``(position, name)`` of the images the last call left out.
+        known_score: how images are judged unknown (:class:`paws.method.known_score.
+            KnownScore`), where the model has labelled embeddings to compare with.
+        chunk_size: labelled embeddings per similarity chunk.
     """
 
     def __init__(
         self,
         net: nn.Module,
         kind: str,
-        preprocessing: Preprocessing,
         architecture: Architecture,
-        classes: Sequence[str] | None = None,
-        features: str = "head",
-        tau: float = 0.1,
-        batch_size: int = 256,
-        chunk_size: int = 8192,
+        reader: ImageReader,
         device: str | torch.device = "auto",
-        support: Support | None = None,
-        support_source: Callable[[Predictor, bool], Support] | None = None,
         known_score: KnownScore | None = None,
-        on_bad_image: str = "error",
-        max_pixels: int = MAX_IMAGE_PIXELS,
+        chunk_size: int = 8192,
     ):
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise UserError(f"device '{device}' asked for but no GPU is available; use auto or cpu")
+        self.device = device_for(device, "device")
         self.net = net.to(self.device).eval()
         self.kind = kind
-        self.preprocessing = preprocessing
         self.architecture = architecture
-        self._classes = list(classes) if classes is not None else None
-        self.features, self.tau = features, tau
-        self.batch_size, self.chunk_size = batch_size, chunk_size
-        self._support, self._support_source = support, support_source
-        self.known_score = known_score or KnownScore(features=features)
-        self._threshold: tuple[int, float] | None = None  # (id of its support, threshold)
-        self.on_bad_image, self.max_pixels = on_bad_image, max_pixels
-        self.skipped: list[tuple[int, str]] = []
+        self.reader = reader
+        self.known_score = known_score or KnownScore()
+        self.chunk_size = chunk_size
+        self._threshold: tuple[int, float] | None = None  # (id of its reference, threshold)
 
     @property
-    def is_classifier(self) -> bool:
-        """True for a fine-tuned model (linear classifier), False for soft nearest neighbours."""
-        return isinstance(self.net, Classifier)
+    def preprocessing(self) -> Preprocessing:
+        """The input pipeline."""
+        return self.reader.preprocessing
 
     @property
+    def batch_size(self) -> int:
+        """Images per forward pass."""
+        return self.reader.batch_size
+
+    # -- what a kind of model says -------------------------------------------------------------
+
+    @property
+    @abstractmethod
     def classes(self) -> list[str]:
         """The class names predictions refer to."""
-        if self.is_classifier:
-            return list(self._classes or [])
-        return self.support.classes
 
     @property
-    def support(self) -> Support:
-        """The support set of a pre-trained model (built on first use)."""
-        if self.is_classifier:
-            raise UserError("a fine-tuned model classifies with its classifier, not a support set")
-        if self._support is None:
-            if self._support_source is None:
-                raise UserError("this model has no support set: give one with set_support()")
-            self._support = self._support_source(self, False)
-        return self._support
+    @abstractmethod
+    def classify_features(self) -> str:
+        """The embedding the classifier reads (``"head"`` or ``"trunk"``)."""
 
-    def load_support(self, progress: bool = False) -> Support:
-        """Build the default support now (with a progress display) and return it."""
-        if self._support is None and self._support_source is not None:
-            self._support = self._support_source(self, progress)
-        return self.support
+    @abstractmethod
+    def probabilities(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """(N, K) class probabilities on the CPU from (N, D) embeddings in
+        :attr:`classify_features`."""
 
-    # -- inputs ---------------------------------------------------------------------------------
+    def known_reference(self) -> torch.Tensor | None:
+        """(M, F) labelled embeddings in the known score's space, or None when the model has
+        none (its predictions then carry no score)."""
+        return None
 
-    def batches(
-        self, images: Images, progress: bool = False, desc: str = "images"
-    ) -> Iterator[torch.Tensor]:
-        """Preprocessed batches (n, C, size, size) on the device, in input order; with
-        ``on_bad_image`` ``"skip"``, unreadable files are left out and listed in
-        :attr:`skipped`.
+    @abstractmethod
+    def export_parts(self, progress: bool = False) -> Export:
+        """The model as the parts of an export folder (:mod:`paws.apply.export`)."""
 
-        Raises:
-            UserError: an unreadable file (unless skipped), or none of the images readable.
-        """
-        items = as_items(images)
-        tf = self.preprocessing.transform()
-        channels = self.preprocessing.channels
-        self.skipped = []
+    @abstractmethod
+    def graph(self, net: nn.Module | None = None) -> nn.Module:
+        """A module from preprocessed images (N, C, S, S) to ``(probabilities (N, K),
+        embeddings (N, D))``, the embeddings being what it classifies: what ``model.onnx``
+        is exported from. ``net``: the network to wrap (default: this predictor's own)."""
 
-        def one(i: int) -> torch.Tensor | None:
-            item = items[i]
-            if isinstance(item, Path):
-                try:
-                    return tf(read_image(item, channels, max_pixels=self.max_pixels))
-                except UserError:
-                    if self.on_bad_image != "skip":
-                        raise
-                    self.skipped.append((i, str(item)))
-                    return None
-            if isinstance(item, Image.Image):
-                return tf(to_mode(item, channels))
-            return tf(tensor_channels(item, channels))
+    @abstractmethod
+    def describe(self) -> dict[str, Any]:
+        """How the model classifies, in words and values (``onnx.json``'s ``classify``)."""
 
-        n = len(items)
-        bar = Progress((n + self.batch_size - 1) // self.batch_size, desc) if progress else None
-        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-            for start in range(0, n, self.batch_size):
-                index = range(start, min(n, start + self.batch_size))
-                views = [x for x in pool.map(one, index) if x is not None]
-                if views:
-                    yield torch.stack(views).to(self.device)
-                if bar is not None:
-                    bar.update(1)
-        if bar is not None:
-            bar.close()
-        self.skipped.sort()
-        if n and len(self.skipped) == n:
-            raise UserError(f"none of the {n} images could be read")
+    @property
+    @abstractmethod
+    def summary(self) -> str:
+        """What classifies, in a few words for messages."""
 
-    # -- outputs --------------------------------------------------------------------------------
-
-    @torch.no_grad()
-    def embed(self, images: Images, features: str = "head", progress: bool = False) -> torch.Tensor:
-        """Embeddings of ``images``: ``"head"`` (pre-trained: the space PAWS-NN classifies in;
-        fine-tuned: the classifier's input) or ``"trunk"`` (encoder output).
-
-        Returns:
-            (N, D) float32 on the CPU.
-        """
-        return self._embed(images, [features], progress)[0]
-
-    @torch.no_grad()
-    def _embed(self, images: Images, features: list[str], progress: bool) -> list[torch.Tensor]:
-        """The embeddings of ``images`` in each of ``features``, from one pass: float32 on the
-        CPU."""
-        for f in features:
-            if f not in ("head", "trunk"):
-                raise UserError(f"features must be 'head' or 'trunk', got {f!r}")
-        out: list[list[torch.Tensor]] = [[] for _ in features]
-        for x in self.batches(images, progress, "embed"):
-            for store, e in zip(out, self.net.embed_features(x, features)):
-                store.append(e.float().cpu())
-        return [torch.cat(o) for o in out]
-
-    def _support_embeddings(
-        self, images: Images, progress: bool
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Support embeddings for classifying and, when another space, for the known score."""
-        if self.known_score.features == self.features:
-            return self.embed(images, self.features, progress), None
-        emb, known = self._embed(images, [self.features, self.known_score.features], progress)
-        return emb, known
+    def ready(self, progress: bool = False) -> None:
+        """Build what is built on first use (a run's support set) now, with progress shown."""
+        return None
 
     def set_support(
         self,
@@ -311,7 +236,216 @@ class Predictor:
         classes: Sequence[str] | None = None,
         progress: bool = False,
     ) -> Support:
-        """Classify against new labelled images (pre-trained models).
+        """Classify against new labelled images: pre-trained models only (see
+        :meth:`SoftNearestNeighbourPredictor.set_support`).
+
+        Raises:
+            UserError: this model predicts its own classes.
+        """
+        raise UserError(
+            f"a support set applies to pre-trained models; this {self.kind} model predicts "
+            "its own classes"
+        )
+
+    # -- reading images ------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def embedded(
+        self,
+        images: Images,
+        features: Sequence[str] = ("head",),
+        progress: bool = False,
+        desc: str = "embed",
+    ) -> Embedded:
+        """The embeddings of ``images`` in each of ``features``, from one pass, with which
+        inputs they are (unreadable files skipped under ``data.on_bad_image: skip``)."""
+        _check_features(features)
+        features = list(dict.fromkeys(features))
+        out: dict[str, list[torch.Tensor]] = {f: [] for f in features}
+        e = Embedded({})
+        for batch in self.reader.batches(images, self.device, progress, desc):
+            e.skipped += batch.skipped
+            if not batch.positions:
+                continue
+            for f, emb in zip(features, self.net.embed_features(batch.x, features)):
+                out[f].append(emb.float().cpu())
+            e.positions += batch.positions
+            e.sources += batch.sources
+        e.features = {f: torch.cat(v) for f, v in out.items()}
+        return e
+
+    def embed(self, images: Images, features: str = "head", progress: bool = False) -> torch.Tensor:
+        """Embeddings of ``images``: ``"head"`` (pre-trained: the space PAWS-NN classifies in;
+        fine-tuned: the classifier's input) or ``"trunk"`` (encoder output).
+
+        Returns:
+            (N, D) float32 on the CPU, one row per readable image.
+        """
+        return self.embedded(images, [features], progress).features[features]
+
+    # -- answers -------------------------------------------------------------------------------
+
+    def predict_proba(self, images: Images, progress: bool = False) -> torch.Tensor:
+        """Class probabilities, (N, K) float32 on the CPU, columns in :attr:`classes` order."""
+        self.ready()
+        e = self.embedded(images, [self.classify_features], progress, "predict")
+        return self.probabilities(e.features[self.classify_features])
+
+    def predict(
+        self, images: Images, top_k: int = 1, progress: bool = False
+    ) -> list[list[tuple[str, float]]]:
+        """The ``top_k`` most probable classes of each image, as ``(class, probability)`` pairs,
+        most probable first (:meth:`predictions` also says which images are unknown)."""
+        return self._top(self.predict_proba(images, progress), top_k)
+
+    def predictions(
+        self, images: Images, top_k: int = 1, progress: bool = False
+    ) -> list[Prediction]:
+        """The ``top_k`` classes of each readable image, its known score and whether it is
+        unknown (of none of the labelled classes), from one pass over the images."""
+        self.ready()
+        reference = self.known_reference()
+        spaces = [self.classify_features]
+        if reference is not None:
+            spaces.append(self.known_score.features)
+        e = self.embedded(images, spaces, progress, "predict")
+        top = self._top(self.probabilities(e.features[self.classify_features]), top_k)
+        if reference is None:
+            return [Prediction(t, source=s) for t, s in zip(top, e.sources)]
+        queries = e.features[self.known_score.features]
+        scores = self.known_score.scores(queries, reference, self.chunk_size).tolist()
+        threshold = self.unknown_threshold
+        return [
+            Prediction(t, float(sc), bool(sc < threshold), s)
+            for t, sc, s in zip(top, scores, e.sources)
+        ]
+
+    def _top(self, probs: torch.Tensor, top_k: int) -> list[list[tuple[str, float]]]:
+        k = max(1, min(top_k, probs.shape[1]))
+        values, indices = probs.topk(k, dim=1)
+        names = self.classes
+        return [
+            [(names[i], float(v)) for v, i in zip(vs.tolist(), ix.tolist())]
+            for vs, ix in zip(values, indices)
+        ]
+
+    @property
+    def unknown_threshold(self) -> float | None:
+        """The known score below which an image is unknown, calibrated on the labelled
+        embeddings themselves (leave one out, :meth:`paws.method.known_score.KnownScore.
+        threshold`), or None for a model without them."""
+        self.ready()
+        reference = self.known_reference()
+        if reference is None:
+            return None
+        if self._threshold is None or self._threshold[0] != id(reference):
+            t = self.known_score.threshold(reference, self.chunk_size)
+            self._threshold = (id(reference), t)
+        return self._threshold[1]
+
+    def known_scores(self, images: Images, progress: bool = False) -> torch.Tensor:
+        """(N,) known scores (:mod:`paws.method.known_score`).
+
+        Raises:
+            UserError: the model has no labelled embeddings to compare with.
+        """
+        self.ready()
+        reference = self.known_reference()
+        if reference is None:
+            raise UserError(f"this {self.kind} model has no labelled embeddings for a known score")
+        queries = self.embed(images, self.known_score.features, progress)
+        return self.known_score.scores(queries, reference, self.chunk_size)
+
+    def export(self, out_dir: str | Path, progress: bool = False) -> Path:
+        """Write this model as a self-contained export folder (:mod:`paws.apply.export`)."""
+        return write_export(self.export_parts(progress), out_dir)
+
+    def _export_base(self, classes: list[str], classify: dict[str, Any]) -> Export:
+        return Export(
+            kind=self.kind,
+            architecture=self.architecture.to_dict(),
+            preprocessing=self.preprocessing.to_dict(),
+            classes=list(classes),
+            classify=classify,
+            weights=self.net.state_dict(),
+            batch_size=self.batch_size,
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Soft nearest neighbours.
+
+
+SupportSource = Callable[["SoftNearestNeighbourPredictor", bool], Support]
+
+
+class SoftNearestNeighbourPredictor(Predictor):
+    """A pre-trained (or tightened) PAWS model: classifies by soft nearest neighbours against
+    its support set, as PAWS-NN.
+
+    Args (beyond :class:`Predictor`'s, which it takes too):
+        features: the embedding compared with the support (``eval.features``).
+        tau: soft nearest-neighbour temperature.
+        support: the support set, or None to build it on first use with ``support_source``.
+        support_source: ``fn(predictor, progress) -> Support``, the default support.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        features: str = "head",
+        tau: float = 0.1,
+        support: Support | None = None,
+        support_source: SupportSource | None = None,
+        **kwargs: Any,
+    ):
+        super().__init__(*args, **kwargs)
+        _check_features([features])
+        self.features, self.tau = features, tau
+        self._support, self._support_source = support, support_source
+
+    @property
+    def support(self) -> Support:
+        """The support set (built on first use)."""
+        self.ready()
+        if self._support is None:
+            raise UserError("this model has no support set: give one with set_support()")
+        return self._support
+
+    def ready(self, progress: bool = False) -> None:
+        if self._support is None and self._support_source is not None:
+            self._support = self._support_source(self, progress)
+
+    def load_support(self, progress: bool = False) -> Support:
+        """Build the default support now (with a progress display) and return it."""
+        self.ready(progress)
+        return self.support
+
+    @property
+    def classes(self) -> list[str]:
+        return self.support.classes
+
+    @property
+    def classify_features(self) -> str:
+        return self.support.features
+
+    def probabilities(self, embeddings: torch.Tensor) -> torch.Tensor:
+        s = self.support
+        return snn_classify(
+            embeddings, s.embeddings, s.labels, len(s.classes), self.tau, self.chunk_size
+        ).cpu()
+
+    def known_reference(self) -> torch.Tensor | None:
+        return self.support.in_space(self.known_score.features)
+
+    def set_support(
+        self,
+        images: Images,
+        labels: Sequence[int] | np.ndarray | torch.Tensor | None = None,
+        classes: Sequence[str] | None = None,
+        progress: bool = False,
+    ) -> Support:
+        """Classify against new labelled images.
 
         Args:
             images: a ``<class>/<image>`` folder (then ``labels`` and ``classes`` come from it),
@@ -323,11 +457,6 @@ class Predictor:
         Returns:
             The new support.
         """
-        if self.is_classifier:
-            raise UserError(
-                "a support set applies to pre-trained models; this fine-tuned model "
-                "predicts its own classes"
-            )
         if labels is None:
             if not isinstance(images, (str, Path)):
                 raise UserError("set_support needs labels, or a <class>/<image> folder")
@@ -337,138 +466,111 @@ class Predictor:
         names = list(classes) if classes is not None else [str(i) for i in range(int(y.max()) + 1)]
         if y.numel() and (y.min() < 0 or y.max() >= len(names)):
             raise UserError(f"support labels must lie in [0, {len(names)})")
-        emb, known = self._support_embeddings(images, progress)
-        if self.skipped:  # unreadable support images skipped: so are their labels
-            gone = {i for i, _ in self.skipped}
-            y = y[[i for i in range(len(y)) if i not in gone]]
-        if len(emb) != len(y):
-            raise UserError(f"{len(emb)} support images but {len(y)} labels")
-        self._support = Support(emb, y, names, self.features, known)
+        spaces = [self.features, self.known_score.features]
+        e = self.embedded(images, spaces, progress, "embed support")
+        if len(e.positions) + len(e.skipped) != len(y):
+            raise UserError(
+                f"{len(e.positions) + len(e.skipped)} support images but {len(y)} labels"
+            )
+        y = y[e.positions]  # unreadable support images skipped: so are their labels
+        known = None
+        if self.known_score.features != self.features:
+            known = e.features[self.known_score.features]
+        self._support = Support(e.features[self.features], y, names, self.features, known)
         return self._support
 
-    @torch.no_grad()
-    def predict_proba(self, images: Images, progress: bool = False) -> torch.Tensor:
-        """Class probabilities, (N, K) float32 on the CPU, columns in :attr:`classes` order."""
-        if self.is_classifier:
-            out = [
-                self.net(x).float().softmax(dim=1).cpu()
-                for x in self.batches(images, progress, "predict")
-            ]
-            return torch.cat(out)
-        support = self.support
-        queries = self.embed(images, support.features, progress)
-        return snn_classify(
-            queries,
-            support.embeddings,
-            support.labels,
-            len(support.classes),
-            self.tau,
-            self.chunk_size,
-        ).cpu()
-
-    def predict(
-        self, images: Images, top_k: int = 1, progress: bool = False
-    ) -> list[list[tuple[str, float]]]:
-        """The ``top_k`` most probable classes of each image, as ``(class, probability)`` pairs,
-        most probable first (:meth:`predictions` also says which images are unknown)."""
-        return self._top(self.predict_proba(images, progress), top_k)
-
-    def _top(self, probs: torch.Tensor, top_k: int) -> list[list[tuple[str, float]]]:
-        k = max(1, min(top_k, probs.shape[1]))
-        values, indices = probs.topk(k, dim=1)
-        names = self.classes
-        return [
-            [(names[i], float(v)) for v, i in zip(vs.tolist(), ix.tolist())]
-            for vs, ix in zip(values, indices)
-        ]
-
-    def _known_support(self) -> torch.Tensor:
-        support = self.support
-        if support.known is not None:
-            return support.known
-        if self.known_score.features != support.features:
-            raise UserError(
-                f"this support has no {self.known_score.features} embeddings for the known "
-                f"score; set eval.unknown_features: {support.features}"
-            )
-        return support.embeddings
-
-    @property
-    def unknown_threshold(self) -> float:
-        """The known score below which an image is unknown, calibrated on the support itself
-        (leave one out, :meth:`paws.method.known_score.KnownScore.threshold`)."""
-        support = self.support
-        if self._threshold is None or self._threshold[0] != id(support):
-            t = self.known_score.threshold(self._known_support(), self.chunk_size)
-            self._threshold = (id(support), t)
-        return self._threshold[1]
-
-    def known_scores(self, images: Images, progress: bool = False) -> torch.Tensor:
-        """(N,) known scores of pre-trained models (:mod:`paws.method.known_score`)."""
-        queries = self.embed(images, self.known_score.features, progress)
-        return self.known_score.scores(queries, self._known_support(), self.chunk_size)
-
-    @torch.no_grad()
-    def predictions(
-        self, images: Images, top_k: int = 1, progress: bool = False
-    ) -> list[Prediction]:
-        """The ``top_k`` classes of each image and, for pre-trained models, its known score and
-        whether it is unknown (of none of the support classes), from one pass over the
-        images."""
-        if self.is_classifier:
-            return [Prediction(t) for t in self.predict(images, top_k, progress)]
-        support = self.support
-        features = list(dict.fromkeys([support.features, self.known_score.features]))
-        embedded = dict(zip(features, self._embed(images, features, progress)))
-        probs = snn_classify(
-            embedded[support.features],
-            support.embeddings,
-            support.labels,
-            len(support.classes),
-            self.tau,
-            self.chunk_size,
-        ).cpu()
-        scores = self.known_score.scores(
-            embedded[self.known_score.features], self._known_support(), self.chunk_size
-        )
-        threshold = self.unknown_threshold
-        return [
-            Prediction(t, float(sc), bool(sc < threshold))
-            for t, sc in zip(self._top(probs, top_k), scores.tolist())
-        ]
-
-    def export(self, out_dir: str | Path, progress: bool = False) -> Path:
-        """Write this model as a self-contained export folder (see :mod:`paws.apply.export`); a
-        pre-trained model's support is embedded now if it was not yet."""
-        prep = self.preprocessing
-        parts = Export(
-            kind=self.kind,
-            architecture=self.architecture.to_dict(),
-            preprocessing={
-                "size": prep.size,
-                "crop_fraction": prep.crop_fraction,
-                "mean": list(prep.mean),
-                "std": list(prep.std),
-                "channels": prep.channels,
-            },
-            classes=[],
-            classify={"method": "linear"},
-            weights=self.net.state_dict(),
-            batch_size=self.batch_size,
-        )
-        if self.is_classifier:
-            parts.classes = self.classes
-        else:
-            support = self.load_support(progress)
-            parts.classes = support.classes
-            parts.classify = {
+    def export_parts(self, progress: bool = False) -> Export:
+        support = self.load_support(progress)
+        parts = self._export_base(
+            support.classes,
+            {
                 "method": "snn",
                 "features": support.features,
                 "tau": self.tau,
                 "chunk_size": self.chunk_size,
                 "known": self.known_score.to_dict(),
-            }
-            parts.support = {"embeddings": support.embeddings, "labels": support.labels}
-            if support.known is not None:
-                parts.support["known"] = support.known
-        return write_export(parts, out_dir)
+            },
+        )
+        parts.support = {"embeddings": support.embeddings, "labels": support.labels}
+        if support.known is not None:
+            parts.support["known"] = support.known
+        return parts
+
+    def graph(self, net: nn.Module | None = None) -> nn.Module:
+        s = self.support
+        return SoftNearestNeighbours(
+            self.net if net is None else net,
+            s.embeddings,
+            s.labels,
+            len(s.classes),
+            self.tau,
+            s.features,
+        )
+
+    @property
+    def summary(self) -> str:
+        s = self.support
+        return (
+            f"{self.kind} model against {len(s.labels)} support images of {len(s.classes)} "
+            f"classes ({s.features} features, tau {self.tau:g})"
+        )
+
+    def describe(self) -> dict[str, Any]:
+        s = self.support
+        return {
+            "method": "snn",
+            "tau": self.tau,
+            "features": s.features,
+            "num_support": len(s.labels),
+            "probabilities": "softmax(normalise(embeddings) @ normalise(supports).T / tau), "
+            "summed over the supports of each class",
+            "embeddings": "the projection head's output (the space PAWS-NN classifies in)"
+            if s.features == "head"
+            else "the encoder trunk's features",
+        }
+
+
+# --------------------------------------------------------------------------------------------
+# A classifier.
+
+
+class ClassifierPredictor(Predictor):
+    """A fine-tuned model: applies its linear classifier to the first layer of its head.
+
+    Args (beyond :class:`Predictor`'s, which it takes too):
+        classes: the classifier's class names, in the order of its outputs.
+    """
+
+    def __init__(self, *args: Any, classes: Sequence[str], **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._classes = [str(c) for c in classes]
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self._classes)
+
+    @property
+    def classify_features(self) -> str:
+        return "head"
+
+    def probabilities(self, embeddings: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            logits = self.net.classifier(embeddings.to(self.device))
+        return logits.float().softmax(dim=1).cpu()
+
+    def export_parts(self, progress: bool = False) -> Export:
+        return self._export_base(self.classes, {"method": "linear"})
+
+    def graph(self, net: nn.Module | None = None) -> nn.Module:
+        return ClassifierProbabilities(self.net if net is None else net)
+
+    @property
+    def summary(self) -> str:
+        return f"{self.kind} classifier of {len(self._classes)} classes"
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "method": "linear",
+            "probabilities": "softmax of the fine-tuned classifier's logits",
+            "embeddings": "the classifier's input (the first layer of the projection head)",
+        }

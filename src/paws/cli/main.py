@@ -12,7 +12,7 @@ import sys
 import warnings
 
 from paws.cli.base import COMMANDS
-from paws.errors import UserError
+from paws.errors import UserError, first_line
 
 __all__ = ["main", "quiet_idle_threads"]
 
@@ -41,7 +41,7 @@ def _one_line(e: BaseException) -> str:
     marker = "paws.errors.UserError: "
     if marker in text:
         text = text.rsplit(marker, 1)[1]
-    return text.strip().splitlines()[0] if text.strip() else type(e).__name__
+    return first_line(text, limit=10**6, empty=type(e).__name__)
 
 
 def quiet_idle_threads() -> None:

@@ -7,7 +7,6 @@ import argparse
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from paws.cli.base import (
     _checkpoint_overrides,
@@ -82,19 +81,26 @@ def _eval_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int
     return run
 
 
-def _readable(files: list[Path], model: Any) -> list[Path]:
-    """The files a model's last call read (``data.on_bad_image: skip`` leaves some out),
-    saying how many were skipped."""
+def _say_skipped(skipped: list[tuple[int, str]]) -> None:
+    """One line for the unreadable files a command left out (``data.on_bad_image: skip``)."""
     from paws.progress import info
 
-    if not model.skipped:
-        return files
-    gone = {i for i, _ in model.skipped}
-    info(
-        f"skipped {len(gone)} unreadable images (data.on_bad_image: skip), e.g. "
-        f"{model.skipped[0][1]}"
-    )
-    return [f for i, f in enumerate(files) if i not in gone]
+    if skipped:
+        info(
+            f"skipped {len(skipped)} unreadable images (data.on_bad_image: skip), e.g. "
+            f"{skipped[0][1]}"
+        )
+
+
+def _unread(files: list[Path], sources: list[str | int]) -> list[tuple[int, str]]:
+    """The files absent from ``sources`` (the answers' files, in input order)."""
+    out, k = [], 0
+    for i, f in enumerate(files):
+        if k < len(sources) and sources[k] == str(f):
+            k += 1
+        else:
+            out.append((i, str(f)))
+    return out
 
 
 @command("predict", "classify images: top-k classes with probabilities, as CSV or JSON")
@@ -124,24 +130,19 @@ def _predict_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], 
         model = _open_model(args)
         if args.support:
             model.set_support(args.support, progress=True)
-        if model.is_classifier:
-            info(f"classifying {len(files)} images with the fine-tuned classifier")
-        else:
-            s = model.load_support(progress=True)
-            info(
-                f"classifying {len(files)} images against {len(s.labels)} support images of "
-                f"{len(s.classes)} classes ({s.features} features, tau {model.tau:g})"
-            )
+        model.ready(progress=True)
+        info(f"classifying {len(files)} images with the {model.summary}")
         predictions = model.predictions(files, top_k=args.top_k, progress=True)
-        files = _readable(files, model)
-        if not model.is_classifier:
+        _say_skipped(_unread(files, [p.source for p in predictions]))
+        threshold = model.unknown_threshold
+        if threshold is not None:
             flagged = sum(p.unknown for p in predictions)
             info(
-                f"{flagged} of {len(files)} images are unknown: known score below "
-                f"{model.unknown_threshold:.3f} (eval.unknown_quantile "
+                f"{flagged} of {len(predictions)} images are unknown: known score below "
+                f"{threshold:.3f} (eval.unknown_quantile "
                 f"{model.known_score.quantile:g} of the labelled images' own scores)"
             )
-        text = predictions_text(files, predictions, fmt)
+        text = predictions_text([str(p.source) for p in predictions], predictions, fmt)
         if args.out:
             write_atomic(args.out, text)
             info(f"predictions written to {args.out}")
@@ -179,9 +180,10 @@ def _embed_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], in
         check_out_file(args.out)
         files = expand_images(args.images)
         model = _open_model(args)
-        emb = model.embed(files, features=args.features, progress=True)
-        files = _readable(files, model)
-        where = write_embeddings(args.out, emb, files, args.features)
+        e = model.embedded(files, [args.features], progress=True)
+        _say_skipped(e.skipped)
+        emb = e.features[args.features]
+        where = write_embeddings(args.out, emb, [files[i] for i in e.positions], args.features)
         info(f"{emb.shape[0]} embeddings of size {emb.shape[1]} ({args.features}) in {where}")
         return 0
 
@@ -240,12 +242,7 @@ def _export_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], i
             write = export_onnx(model, out, progress=True)
         else:
             write = model.export(out, progress=True)
-        what = (
-            "fine-tuned classifier"
-            if model.is_classifier
-            else (f"{model.kind} model with {len(model.support.labels)} support embeddings")
-        )
-        print(f"exported {what} ({len(model.classes)} classes) to {write}")
+        print(f"exported the {model.summary} to {write}")
         if args.format == "onnx":
             diff = check_onnx(write, model)
             print(

@@ -20,7 +20,7 @@ from typing import Any, Literal
 import yaml
 
 from paws.config.schema import Config
-from paws.errors import UserError
+from paws.errors import UserError, first_line
 from paws.files import write_atomic
 
 __all__ = [
@@ -229,7 +229,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
     try:
         data = _yaml_load(_read_text(path))
     except yaml.YAMLError as e:
-        raise UserError(f"cannot parse {path}: {str(e).splitlines()[0]}") from e
+        raise UserError(f"cannot parse {path}: {first_line(e)}") from e
     if data is None:
         return {}
     if not isinstance(data, dict):

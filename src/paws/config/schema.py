@@ -23,6 +23,7 @@ __all__ = [
     "BaselineConfig",
     "FinetuneConfig",
     "TightenConfig",
+    "TIMM_KEYS",
 ]
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from paws.data.images import ImageSet
-from paws.errors import UserError
+from paws.errors import UserError, first_line
 
 __all__ = ["FASHION_MNIST_CLASSES", "STATS", "load_fashion_mnist", "load_cifar"]
 
@@ -169,7 +169,7 @@ def _unpickle(path: Path, *keys: str) -> dict:
         with open(path, "rb") as f:
             d = _CifarUnpickler(f, encoding="latin1").load()
     except Exception as e:  # noqa: BLE001 - any failure means a corrupt or hostile file
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise UserError(f"cannot read CIFAR batch {path}: {first}") from e
     if not isinstance(d, dict) or any(k not in d for k in keys):
         raise UserError(f"{path} is not a CIFAR batch file (expected keys {', '.join(keys)})")

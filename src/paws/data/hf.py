@@ -24,7 +24,7 @@ import numpy as np
 
 from paws.config import DataConfig
 from paws.data.images import ImageSet, ImageSource, decode_images, fits_in_memory, is_grey
-from paws.errors import UserError
+from paws.errors import UserError, first_line
 
 __all__ = ["HFSplits", "load_hf"]
 
@@ -70,11 +70,6 @@ def _datasets() -> Any:
     return datasets
 
 
-def _first_line(e: Exception) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
 def _open_splits(root: Path, train_split: str) -> dict[str, Any]:
     """The splits of the dataset at ``root``, by name."""
     datasets = _datasets()
@@ -88,7 +83,7 @@ def _open_splits(root: Path, train_split: str) -> dict[str, Any]:
             ds = datasets.load_dataset("imagefolder", data_dir=str(root))
     except Exception as e:  # noqa: BLE001 - any failure means files datasets cannot read
         how = "a saved dataset" if saved else "an image folder"
-        raise UserError(f"cannot read {root} as {how}: {_first_line(e)}") from e
+        raise UserError(f"cannot read {root} as {how}: {first_line(e)}") from e
     if isinstance(ds, datasets.Dataset):
         return {train_split: ds}
     return dict(ds)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from paws.errors import UserError
+from paws.errors import UserError, first_line
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -228,7 +228,7 @@ def read_image(
         if isinstance(e, UnidentifiedImageError):
             reason = "not an image, or in a format Pillow cannot read"
         else:
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else "corrupt"
+            reason = first_line(e, empty="corrupt")
         raise _unreadable(where, reason) from e
 
 

@@ -189,6 +189,19 @@ def _labeled_subset(
     return chosen, images.labels[chosen]
 
 
+def _split(full: ImageSet, cfg: DataConfig, classes: Sequence[str]) -> tuple[ImageSet, ImageSet]:
+    """A fully labelled, named set split into ``(labelled subset, unlabelled set)``: the
+    unlabelled set is every image, or those left out of the labelled subset
+    (``data.unlabeled_includes_labeled``), without its labels."""
+    chosen, chosen_y = _labeled_subset(full, cfg, classes)
+    labeled = full.subset(chosen)
+    labeled.labels = chosen_y
+    if cfg.unlabeled_includes_labeled:
+        return labeled, labeled_as_unlabeled(full)
+    rest = np.setdiff1d(np.arange(len(full)), chosen)
+    return labeled, labeled_as_unlabeled(full.subset(rest))
+
+
 def _add_labels_file(
     labeled: ImageSet, classes: list[str], folder: ImageSet, cfg: DataConfig
 ) -> tuple[ImageSet, list[str], ImageSet]:
@@ -400,15 +413,7 @@ def _imagenet_sets(cfg: Config) -> Datasets:
     full = ImageSet(
         labels=train_y, names=relative_names(train_files, root / "train"), files=train_files
     )
-    chosen, chosen_y = _labeled_subset(full, d, classes)
-    labeled = full.subset(chosen)
-    labeled.labels = chosen_y
-    unlabeled = (
-        full
-        if d.unlabeled_includes_labeled
-        else full.subset(np.setdiff1d(np.arange(len(full)), chosen))
-    )
-    unlabeled = labeled_as_unlabeled(unlabeled)
+    labeled, unlabeled = _split(full, d, classes)
     test = None
     if (root / "val").is_dir():
         val_files, val_y, _ = scan_labeled_folder(root / "val", classes)
@@ -424,11 +429,7 @@ def _hf_sets(cfg: Config) -> Datasets:
 
     d = cfg.data
     hf = load_hf(d, memory_size(cfg))
-    chosen, chosen_y = _labeled_subset(hf.train, d, hf.classes)
-    rest = np.setdiff1d(np.arange(len(hf.train)), chosen)
-    unlabeled = labeled_as_unlabeled(
-        hf.train if d.unlabeled_includes_labeled else hf.train.subset(rest)
-    )
+    labeled, unlabeled = _split(hf.train, d, hf.classes)
     if hf.unlabeled is not None:
         unlabeled = ImageSet(
             labels=np.concatenate([unlabeled.labels, hf.unlabeled.labels]),
@@ -436,8 +437,6 @@ def _hf_sets(cfg: Config) -> Datasets:
             images=torch.cat([unlabeled.images, hf.unlabeled.images]),
         )
     mean, std = normalisation(cfg, "imagenet", hf.channels)
-    labeled = hf.train.subset(chosen)
-    labeled.labels = chosen_y
     return Datasets(unlabeled, labeled, hf.test, hf.classes, hf.channels, mean, std, hf.skipped)
 
 
@@ -474,13 +473,6 @@ def load_datasets(cfg: Config) -> Datasets:
         else:
             train.images, test.images = (to_grey(s.images) for s in (train, test))
         channels = d.channels
-    chosen, chosen_y = _labeled_subset(train, d, classes)
-    labeled = train.subset(chosen)
-    labeled.labels = chosen_y
-    unlabeled = (
-        train
-        if d.unlabeled_includes_labeled
-        else train.subset(np.setdiff1d(np.arange(len(train)), chosen))
-    )
+    labeled, unlabeled = _split(train, d, classes)
     mean, std = normalisation(cfg, d.dataset, channels)
-    return Datasets(labeled_as_unlabeled(unlabeled), labeled, test, classes, channels, mean, std)
+    return Datasets(unlabeled, labeled, test, classes, channels, mean, std)

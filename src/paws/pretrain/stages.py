@@ -22,11 +22,12 @@ import torch
 
 from paws import distributed, rundir, runtime, tracking
 from paws.after.evaluate import paws_nn
-from paws.after.tighten import save_tightened, tighten
+from paws.after.saved import Opened, save_step
+from paws.after.tighten import tighten
 from paws.config import Config, save_config, to_dict
 from paws.config.adapt import total_steps
 from paws.data.sources import Datasets
-from paws.errors import UserError
+from paws.errors import UserError, first_line
 from paws.files import check_out_dir
 from paws.method.losses import RoPAWS, smooth_labels
 from paws.method.optim import LARS, WarmupCosine, param_groups
@@ -295,9 +296,9 @@ def restore_run(run: Run, state: dict[str, Any]) -> None:
         checkpoint.set_rng_state(state["rng"])
         run.prior.load_state_dict(state.get("prior") or {})
     except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e, 120)
         raise UserError(
-            f"{last} is damaged: its training state does not fit the run ({first[:120]}); "
+            f"{last} is damaged: its training state does not fit the run ({first}); "
             "resume from a copy of the run's earlier checkpoint, or start a new run"
         ) from e
     run.start = int(state["step"])
@@ -382,7 +383,8 @@ def _tighten_after_training(run: Run, step: int) -> dict[str, Any] | None:
     except UserError as e:
         info(f"not tightening the clusters after training: {e}")
         return None
-    return save_tightened(report, run.model, run.arch, run.cfg, run.data, step, run.out, start)
+    opened = Opened(run.cfg, run.model, run.arch, step, run.out, run.device, run.data, start)
+    return save_step("tighten", run.model, run.arch, opened, report, rundir.TIGHTENED)
 
 
 def finish_run(run: Run, step: int, evals: rundir.MetricsLog) -> dict[str, Any] | None:

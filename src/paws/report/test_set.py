@@ -10,8 +10,8 @@ import json
 from typing import Any
 
 import numpy as np
-import torch
 
+from paws import runtime
 from paws.apply.embedding import embed_images
 from paws.data.images import read_image
 from paws.data.loaders import Loading
@@ -36,9 +36,7 @@ def test_view(run: RunRecord, data: Any, cache: dict[str, Any]) -> tuple[Any, An
         data = cache[key]
     if data.test is None:
         raise UserError("the run's dataset has no test set")
-    device = torch.device(
-        "cuda" if cfg.run.device != "cpu" and torch.cuda.is_available() else "cpu"
-    )
+    device = runtime.device_for(cfg.run.device if cfg.run.device != "cuda" else "auto")
     return cfg, model.to(device), data
 
 

@@ -8,9 +8,7 @@ which refuses pickled code.
 
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -19,7 +17,8 @@ import numpy as np
 import torch
 
 from paws.config import from_dict, to_dict
-from paws.errors import UserError
+from paws.errors import UserError, first_line
+from paws.files import reason, write_with
 
 __all__ = [
     "save",
@@ -38,7 +37,7 @@ FORMAT_VERSION = 1
 
 
 def save(state: dict[str, Any], path: str | Path) -> None:
-    """Write ``state`` to ``path`` atomically (temporary file, fsync, rename).
+    """Write ``state`` to ``path`` atomically (:func:`paws.files.write_with`).
 
     Raises:
         UserError: when the write fails (e.g. the disk is full); the old file is untouched.
@@ -46,29 +45,9 @@ def save(state: dict[str, Any], path: str | Path) -> None:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as e:
-        raise _write_error(path, e) from e
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except BaseException as e:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        cause = _os_error(e) if isinstance(e, Exception) else None
-        if cause is not None:
-            raise _write_error(path, cause) from e
-        raise
+        raise UserError(f"could not write checkpoint {path}: {reason(e)}") from e
+    write_with(path, lambda f: torch.save(state, f), "checkpoint")
 
 
 def remove_partial_writes(folder: str | Path) -> list[Path]:
@@ -87,28 +66,6 @@ def remove_partial_writes(folder: str | Path) -> list[Path]:
     return removed
 
 
-def _os_error(e: BaseException) -> OSError | None:
-    """The OSError behind ``e``: torch.save reports a failed write (a full disk) as a
-    RuntimeError whose context is the OSError."""
-    seen: set[int] = set()
-    cur: BaseException | None = e
-    while cur is not None and id(cur) not in seen:
-        if isinstance(cur, OSError):
-            return cur
-        seen.add(id(cur))
-        cur = cur.__cause__ or cur.__context__
-    return None
-
-
-def _write_error(path: Path, e: OSError) -> UserError:
-    kept = (
-        "the previous checkpoint is intact"
-        if path.is_file()
-        else "no earlier checkpoint exists at that path"
-    )
-    return UserError(f"could not write checkpoint {path}: {e.strerror or e}; {kept}")
-
-
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read a checkpoint file with ``weights_only=True`` (for the model a run directory means,
     see :func:`paws.rundir.model_file`).
@@ -125,7 +82,7 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
             warnings.simplefilter("ignore")
             state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure means an unusable file
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         if "weights_only" in str(e) or "Unsupported global" in str(e):
             first = "it holds objects other than tensors and plain values, refused for safety"
         raise UserError(f"cannot load checkpoint {path}: {first}") from e
