@@ -94,3 +94,50 @@ def test_each_part_imports_only_the_parts_drawn_below_it():
             if level.get(other, 0) >= level[me]:
                 upward.append(f"{rel} imports paws.{other}")
     assert not upward, upward
+
+
+def _owner(f: ast.AST) -> str:
+    """``torch`` for ``torch.save``, ``""`` for a bare name."""
+    if isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name):
+        return f.value.id
+    return ""
+
+
+def _writes(tree: ast.AST) -> list[tuple[int, str]]:
+    """Calls that write a file directly: ``open(..., "w"/"wb"/"x")``, ``Path.write_text`` /
+    ``write_bytes``, and ``torch.save`` / ``np.save`` / ``savefig`` given anything but the
+    file object ``f`` (or ``buf``) that :func:`paws.files.write_with` hands them."""
+    found = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        f = node.func
+        name = f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else ""
+        if name in ("write_text", "write_bytes"):
+            found.append((node.lineno, name))
+        elif name == "open" and len(node.args) > 1:
+            mode = node.args[1]
+            if isinstance(mode, ast.Constant) and any(c in str(mode.value) for c in "wxa"):
+                found.append((node.lineno, f"open(..., {mode.value!r})"))
+        elif name in ("save", "savefig") and _owner(f) in ("torch", "np", "fig", "plt"):
+            into = [a for a in node.args[:2] if isinstance(a, ast.Name) and a.id in ("f", "buf")]
+            if not into:
+                found.append((node.lineno, f"{_owner(f)}.{name}"))
+    return found
+
+
+def test_every_file_is_written_through_write_with():
+    """The README's promise: every file paws writes whole goes through paws.files.write_with
+    (temporary file, fsync, rename); only the metric logs append rows (rundir/layout.py), and
+    write_with itself writes a device in place."""
+    allowed = {
+        ("files.py", "open(..., 'wb')"),
+        ("layout.py", "open(..., 'w')"),
+        ("layout.py", "open(..., 'a')"),
+    }
+    direct = []
+    for path in SRC.rglob("*.py"):
+        for line, what in _writes(ast.parse(path.read_text())):
+            if (path.name, what) not in allowed:
+                direct.append(f"{path.relative_to(SRC)}:{line} {what}")
+    assert not direct, direct

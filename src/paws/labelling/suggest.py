@@ -5,12 +5,15 @@ embedded as PAWS-NN embeds them and classified by soft nearest neighbours agains
 labelled images; :mod:`paws.labelling.strategies` then chooses n of them by one of
 :data:`STRATEGIES`:
 
-- ``coverage`` (the default): the image nearest each of n k-means centres, the labelled images
-  held as fixed centres (:func:`paws.labelling.strategies.kmeans_select`), in the trunk's
-  embedding: the best of the strategies tried as round 2 of ``benchmarks/label_selection.py``;
+- ``coverage`` (the default, chosen by ``benchmarks/label_selection.py``): the image nearest
+  each of n k-means centres, the labelled images held as fixed centres
+  (:func:`paws.labelling.strategies.kmeans_select`), in the trunk's embedding, so that new
+  labels go where nothing is labelled yet;
 - ``mixed``: typical images among the uncertain, spread over the suggested classes
   (:func:`paws.labelling.strategies.mixed_select`);
 - ``uncertainty``: the smallest margins between PAWS-NN's two most probable classes;
+- ``kcenter``: farthest first from everything labelled or chosen
+  (:func:`paws.labelling.strategies.k_center_greedy`);
 - ``random``: uniformly at random.
 
 With no run yet (the cold start), the first batch covers the data by k-means on features that

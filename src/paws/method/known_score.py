@@ -14,10 +14,10 @@ The threshold is calibrated on the labelled images themselves: each is scored ag
 that share of images of the known classes is called unknown too.
 
 :func:`detection_metrics` measures a score on images known to be in and out of the support
-classes: AUROC, and the false-positive rate at 95% true positives. On Fashion-MNIST with 4 of
-10 classes never labelled (``benchmarks/uncurated.py``) the soft score on trunk features kept
-an AUROC of about 0.8 after tightening, where the nearest support in the head's space fell to
-0.6-0.7: tightening reshapes the head's space around the labelled images.
+classes: AUROC, and the false-positive rate at 95% true positives. The default scores the
+trunk's features because tightening reshapes the head's space around the labelled images,
+which hides how far an image lies from them there (``benchmarks/uncurated.py``; figures in
+``benchmarks/RESULTS.md``).
 """
 
 from __future__ import annotations
