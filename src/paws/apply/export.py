@@ -26,6 +26,7 @@ import torch
 
 from paws.errors import UserError, first_line
 from paws.files import check_out_dir, reason, write_atomic
+from paws.rundir.checkpoint import KINDS
 
 __all__ = [
     "MANIFEST",
@@ -51,7 +52,7 @@ class Export:
     """The parts of an export.
 
     Attributes:
-        kind: ``"pretrain"``, ``"tighten"`` or ``"finetune"``.
+        kind: one of :data:`paws.rundir.checkpoint.KINDS`.
         architecture: :meth:`paws.models.Architecture.to_dict` of the network.
         preprocessing: ``{"size", "crop_fraction", "mean", "std", "channels"}``.
         classes: class names, in the order of the probabilities.
@@ -199,8 +200,8 @@ def check_manifest(m: Any, path: Path) -> None:
     for key, kind in (("architecture", dict), ("preprocessing", dict), ("classify", dict)):
         if not isinstance(m.get(key), kind):
             raise _damaged(path, key, "a mapping", m.get(key))
-    if m.get("kind", "pretrain") not in ("pretrain", "tighten", "finetune"):
-        raise _damaged(path, "kind", "pretrain, tighten or finetune", m.get("kind"))
+    if m.get("kind", "pretrain") not in KINDS:
+        raise _damaged(path, "kind", ", ".join(KINDS), m.get("kind"))
     if not _is_int(m.get("batch_size", 256), 1, 65536):
         raise _damaged(path, "batch_size", "a whole number in [1, 65536]", m.get("batch_size"))
     classes = m.get("classes")

@@ -30,6 +30,7 @@ from paws.data.sources import load_datasets
 from paws.errors import UserError, first_line
 from paws.method.known_score import KnownScore
 from paws.models import Architecture, build_network, load_weights
+from paws.rundir import checkpoint
 
 __all__ = ["from_checkpoint", "from_export", "load", "Prediction"]
 
@@ -95,7 +96,7 @@ def from_checkpoint(
     prep = Preprocessing(cfg.views.large_size, cfg.views.eval_crop, mean, std, int(channels))
     reader = _reader(prep, cfg.eval.batch_size, cfg.data)
     known = KnownScore.from_config(cfg)
-    if r.kind == "finetune":
+    if r.kind in checkpoint.CLASSIFIERS:
         classes = [str(c) for c in state.get("classes") or []]
         return ClassifierPredictor(
             r.net, r.kind, r.arch, reader, device, known, cfg.eval.chunk_size, classes=classes

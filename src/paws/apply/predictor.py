@@ -146,7 +146,7 @@ class Predictor(ABC):
     Args:
         net: a :class:`paws.models.PAWSModel` or :class:`paws.models.Classifier` (moved to
             ``device``, in eval mode).
-        kind: ``"pretrain"``, ``"tighten"`` or ``"finetune"``: where the weights came from.
+        kind: where the weights came from (:data:`paws.rundir.checkpoint.KINDS`).
         architecture: the network's :class:`paws.models.Architecture` (for exports).
         reader: how images are read (preprocessing, batch size, unreadable files).
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"`` or a device.

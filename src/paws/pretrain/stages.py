@@ -334,7 +334,7 @@ def open_init(
     if not path.is_file():
         raise UserError(f"--init {init}: no checkpoint {path}; name a paws run directory or .pt")
     start = checkpoint.load(path)
-    if start.get("kind") == "finetune" or not start.get("architecture"):
+    if start.get("kind") in checkpoint.CLASSIFIERS or not start.get("architecture"):
         raise UserError(f"--init {path} is not a pre-trained model; name a paws train run")
     Architecture.from_dict(start["architecture"], f"{path}: its architecture")
     start["path"] = str(path.resolve())

@@ -9,7 +9,9 @@ from paws.rundir.checkpoint import (
     finite as finite,
 )
 from paws.rundir.layout import (
+    CHOICE as CHOICE,
     CONFIG as CONFIG,
+    DISTILLED as DISTILLED,
     EVAL_COLUMNS as EVAL_COLUMNS,
     EVALS as EVALS,
     FINAL as FINAL,
@@ -23,6 +25,7 @@ from paws.rundir.layout import (
     TIGHTENED as TIGHTENED,
     TRACKERS as TRACKERS,
     MetricsLog as MetricsLog,
+    chosen_name as chosen_name,
     metrics_row as metrics_row,
     model_file as model_file,
     output_dir as output_dir,

@@ -31,9 +31,16 @@ __all__ = [
     "finite",
     "diverged",
     "FORMAT_VERSION",
+    "KINDS",
+    "CLASSIFIERS",
 ]
 
 FORMAT_VERSION = 1
+
+# What a checkpoint's model is: a PAWS model (pre-trained, or tightened: Appendix C), or a
+# classifier (fine-tuned: Appendix A; or a student distilled from a PAWS teacher).
+KINDS = ("pretrain", "tighten", "finetune", "distill")
+CLASSIFIERS = ("finetune", "distill")
 
 
 def save(state: dict[str, Any], path: str | Path) -> None:
@@ -126,7 +133,7 @@ def _rng(v: Any) -> bool:
 # absent), with the words that say it.
 _ENTRIES: dict[str, tuple[Any, str]] = {
     "format": (_is_int, "a whole number"),
-    "kind": (lambda v: v in ("pretrain", "tighten", "finetune"), "pretrain, tighten or finetune"),
+    "kind": (lambda v: v in KINDS, ", ".join(KINDS[:-1]) + " or " + KINDS[-1]),
     "model": (_weights, "a mapping of parameter names to tensors"),
     "architecture": (lambda v: v is None or isinstance(v, dict), "a mapping"),
     "step": (lambda v: v is None or (_is_int(v) and v >= 0), "a step number"),
@@ -187,7 +194,7 @@ def model_record(
     """What every checkpoint holds: the weights and what is needed to use them.
 
     Args:
-        kind: "pretrain", "finetune" or "tighten".
+        kind: one of :data:`KINDS`.
         model: the model whose ``state_dict`` is saved (moved to the CPU).
         architecture: the network's :class:`paws.models.Architecture` as plain values.
         cfg: the run's :class:`paws.config.Config`.

@@ -35,6 +35,8 @@ __all__ = [
     "FINAL",
     "TIGHTENED",
     "FINETUNED",
+    "DISTILLED",
+    "CHOICE",
     "METRIC_COLUMNS",
     "MONITOR_COLUMNS",
     "EVAL_COLUMNS",
@@ -48,12 +50,15 @@ __all__ = [
     "write_results",
     "output_dir",
     "model_file",
+    "chosen_name",
 ]
 
 CONFIG, METRICS, EVALS = "config.yaml", "metrics.csv", "evals.csv"
 TRACKERS = "trackers.json"
 INIT = "init.json"  # where a run started with paws train --init took its weights from
 LAST, FINAL, TIGHTENED, FINETUNED = "last.pt", "final.pt", "tighten.pt", "finetune.pt"
+DISTILLED = "distill.pt"  # the student (paws distill, distill.after_training)
+CHOICE = "choice.json"  # which model the run means, chosen on the labelled images alone
 
 
 # The monitor-only metrics of the paper's Fig. 4 (every run.monitor_every steps).
@@ -189,15 +194,43 @@ def output_dir(path: str | Path) -> Path:
 
 
 def model_file(path: str | Path, pretrained: bool = False) -> Path:
-    """The checkpoint file that ``path`` names: a file as it is; for a run directory, its final
-    model, ``tighten.pt`` when the run ended by tightening (``tighten.after_training``), else
-    ``last.pt``; with ``pretrained``, always ``last.pt`` (what fine-tuning starts from)."""
+    """The checkpoint file that ``path`` names: a file as it is; for a run directory, the model
+    the run chose from its labelled images alone (``choice.json``, see
+    :mod:`paws.after.choose`), else ``tighten.pt`` when the run ended by tightening, else
+    ``last.pt``; with ``pretrained``, always ``last.pt`` (what the steps after pre-training
+    start from).
+
+    Raises:
+        UserError: a ``choice.json`` that names no checkpoint of the run directory.
+    """
     path = Path(path)
     if not path.is_dir():
         return path
-    if not pretrained and (path / TIGHTENED).is_file():
+    if pretrained:
+        return path / LAST
+    if (path / CHOICE).is_file():
+        return path / chosen_name(path)
+    if (path / TIGHTENED).is_file():
         return path / TIGHTENED
     return path / LAST
+
+
+def chosen_name(run: Path) -> str:
+    """The checkpoint ``run/choice.json`` names (a file of the run directory).
+
+    Raises:
+        UserError: the file is damaged or names a checkpoint that is not there.
+    """
+    file = run / CHOICE
+    record = read_json(file)
+    name = record.get("model") if isinstance(record, dict) else None
+    plain = isinstance(name, str) and name.endswith(".pt") and Path(name).name == name
+    if not plain or not (run / name).is_file():
+        raise UserError(
+            f"{file} is damaged or names no checkpoint of {run} (model: {name!r:.60}); name a "
+            "checkpoint file instead (e.g. tighten.pt), or train the run again"
+        )
+    return name
 
 
 def read_json(path: Path) -> Any:

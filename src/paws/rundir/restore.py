@@ -40,16 +40,17 @@ class Restored:
 
     @property
     def kind(self) -> str:
-        """``"pretrain"``, ``"tighten"`` or ``"finetune"``."""
+        """One of :data:`paws.rundir.checkpoint.KINDS`."""
         return str(self.state.get("kind") or "pretrain")
 
     def pretrained(self) -> Restored:
         """Self, or a one-line error if this is a fine-tuned classifier (which has no PAWS
         embedding to tighten, fine-tune or classify by soft nearest neighbours)."""
-        if self.kind == "finetune":
+        if self.kind in checkpoint.CLASSIFIERS:
+            what = "a fine-tuned classifier" if self.kind == "finetune" else "a student classifier"
             raise UserError(
-                f"{self.path} is a fine-tuned classifier, not a pre-trained model; apply it "
-                "with paws predict, or pass the pre-trained checkpoint"
+                f"{self.path} is {what}, not a pre-trained model; apply it with paws predict, "
+                "or pass the pre-trained checkpoint"
             )
         return self
 
@@ -111,6 +112,7 @@ def restore(
         saved = from_dict(state["config"])
         channels = int(state.get("channels") or input_channels(state["model"]))
         classes = len(state.get("classes") or []) if state.get("kind") == "finetune" else None
+        # (only fine-tuned classifiers predate architecture records)
         arch = Architecture.from_config(saved, channels, classes)
     net = build_network(arch, seed=0)  # the saved weights replace these
     load_weights(net, state["model"], str(file))
