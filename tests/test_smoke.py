@@ -22,7 +22,7 @@ def sets(folders: dict, *changes: str) -> list[str]:
 def test_train_checkpoint_resume_eval(image_folders, tmp_path):
     run = tmp_path / "run"
     first = run_paws("--quiet", "train", "--out", str(run), *sets(image_folders))
-    assert "PAWS-NN test accuracy" in first.stdout
+    assert "test accuracy of the chosen model" in first.stdout
     for name in ("config.yaml", "metrics.csv", "last.pt", "final.pt", "tighten.pt", "eval.json"):
         assert (run / name).is_file(), name
     result = json.loads((run / "eval.json").read_text())
@@ -67,7 +67,7 @@ def test_resuming_a_finished_run_only_evaluates_again(image_folders, tmp_path):
     run_paws("--quiet", "train", "--out", str(run), *sets(image_folders))
     before = load(run / "final.pt")["model"]
     again = run_paws("--quiet", "train", "--resume", str(run))
-    assert "PAWS-NN test accuracy" in again.stdout
+    assert "test accuracy of the chosen model" in again.stdout
     after = load(run / "final.pt")
     assert after["step"] == 4
     assert all(torch.equal(before[k], after["model"][k]) for k in before)

@@ -141,7 +141,7 @@ def test_interrupted_run_resumes_with_another_number_of_processes(
     assert _logged_steps(run) == list(range(1, STEPS + 1))
     assert _checkpoint_step(run / "final.pt") == STEPS
     out = r["resumed"].stdout
-    assert out.count("PAWS-NN test accuracy") == 1, out
+    assert out.count("test accuracy of the chosen model") == 1, out
     assert out.count("run saved in") == 1, out
     assert f"resuming {run} at step {stopped['step']}/{STEPS}" in r["resumed"].stderr
 

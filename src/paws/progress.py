@@ -6,12 +6,14 @@ but results and errors; data-loader workers started after it inherit the setting
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
+from collections.abc import Iterator
 
 from tqdm import tqdm
 
-__all__ = ["Progress", "quiet", "set_quiet", "info"]
+__all__ = ["Progress", "quiet", "set_quiet", "muted", "info"]
 
 _QUIET = False
 
@@ -21,6 +23,17 @@ def set_quiet(on: bool) -> bool:
     global _QUIET
     previous, _QUIET = _QUIET, bool(on)
     return previous
+
+
+@contextlib.contextmanager
+def muted() -> Iterator[None]:
+    """No progress or status lines inside the block (work repeated out of sight, such as the
+    folds the final model is chosen on); the setting before it is restored after."""
+    previous = set_quiet(True)
+    try:
+        yield
+    finally:
+        set_quiet(previous)
 
 
 def quiet() -> bool:

@@ -296,8 +296,8 @@ class Tracking:
             self._each(lambda t: t.log_artifact(Path(path)))
 
     def log_results(self, out: Path) -> None:
-        """The end of training: eval.json's numbers as ``final/...`` metrics, and eval.json and
-        tighten.json as files."""
+        """The end of training: eval.json's numbers as ``final/...`` metrics, and eval.json,
+        tighten.json and choice.json as files."""
         if not self.trackers:
             return
         summary = rundir.load_run(out).summary
@@ -308,7 +308,7 @@ class Tracking:
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"
             }
             self.log_metrics(values, int(summary.get("step", 0)), "final/")
-        for name in ("eval.json", "tighten.json"):
+        for name in ("eval.json", "tighten.json", rundir.CHOICE):
             self.log_artifact(out / name)
 
     def close(self, status: str | None) -> None:

@@ -78,18 +78,8 @@ def _train_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], in
         if not main:
             return 0
         ev = result["eval"]
-        if ev is not None and "pretrained" in ev:
-            print(
-                f"PAWS-NN test accuracy: top-1 {ev['pretrained']['top1']:.2f}% after "
-                f"pre-training (final.pt), {ev['top1']:.2f}% after tightening (tighten.pt)  "
-                f"top-5 {ev['top5']:.2f}%  ({ev['num_query']} test images, "
-                f"{ev['num_support']} labelled supports)"
-            )
-        elif ev is not None:
-            print(
-                f"PAWS-NN test accuracy: top-1 {ev['top1']:.2f}%  top-5 {ev['top5']:.2f}%  "
-                f"({ev['num_query']} test images, {ev['num_support']} labelled supports)"
-            )
+        if ev is not None:
+            print(_results_line(ev))
         if result.get("skipped"):
             print(
                 f"skipped {result['skipped']} unreadable images "
@@ -99,6 +89,26 @@ def _train_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], in
         return 0
 
     return run
+
+
+_WHAT = {"final.pt": "after pre-training", "tighten.pt": "after tightening"}
+
+
+def _results_line(ev: dict) -> str:
+    """The line ``paws train`` ends with: the test accuracy of the model the run chose, and of
+    the others beside it."""
+    chosen = ev["model"]
+    others = [
+        f"{c['top1']:.2f}% {_WHAT.get(f, f)} ({f})"
+        for f, c in (ev.get("candidates") or {}).items()
+        if f != chosen
+    ]
+    beside = f" (the others: {', '.join(others)})" if others else ""
+    return (
+        f"test accuracy of the chosen model, {chosen} ({_WHAT.get(chosen, chosen)}): top-1 "
+        f"{ev['top1']:.2f}%  top-5 {ev['top5']:.2f}%{beside}  ({ev['num_query']} test images, "
+        f"{ev['num_support']} labelled supports)"
+    )
 
 
 @command("baseline", "supervised-only baseline on the labelled images, same encoder and budget")

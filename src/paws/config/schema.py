@@ -351,6 +351,12 @@ class EvalConfig:
         "embedding of the known score: the encoder's output (trunk: kept its AUROC through "
         "tightening, see benchmarks/uncurated.py) or the head PAWS-NN classifies in",
     )
+    choice_folds: int = _f(
+        5,
+        "paws train chooses the model the run means (pre-trained, tightened) by this many "
+        "folds of cross-validation over the labelled images; 0 or 1: keep the last one",
+        (0, 1000),
+    )
     unknown_quantile: float = _f(
         0.05,
         "an image is unknown when its known score is below this quantile of the labelled "

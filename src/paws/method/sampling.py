@@ -41,6 +41,8 @@ class Stream(enum.IntEnum):
     UNLABELED = 2  # the order of the unlabelled images, epoch by epoch
     BASELINE = 3  # the supervised baseline: batch order and augmentation
     FINETUNE = 5  # fine-tuning: validation split, batch order and augmentation
+    DISTILL = 6  # the student: batch order and augmentation
+    CHOICE = 7  # the folds of the labelled images the final model is chosen on
 
 
 def _rng(seed: int, step: int, stream: int) -> np.random.Generator:

@@ -1,5 +1,4 @@
-"""A pre-training run outside its loop: everything built before the first step, and
-everything done after the last.
+"""A pre-training run outside its loop: everything built before the first step.
 
 :func:`open_run` checks the run directory and loads the checkpoint to resume from;
 :func:`start_run` refuses a resume that would change the run and writes its config;
@@ -7,13 +6,12 @@ everything done after the last.
 benchmark needs to time a step); :func:`restore_run` continues from a checkpoint;
 :func:`open_init` and :func:`start_from` start a new run from another run's pre-trained weights
 (``paws train --init``: a round of a labelling loop);
-:func:`finish_run` saves the final model, evaluates it, tightens it and writes the results.
+:func:`paws.pretrain.finish.finish_run` ends it.
 The loop itself is :func:`paws.pretrain.loop.run_steps`.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -21,9 +19,6 @@ from typing import Any
 import torch
 
 from paws import distributed, rundir, runtime, tracking
-from paws.after.evaluate import paws_nn
-from paws.after.saved import Opened, save_step
-from paws.after.tighten import tighten
 from paws.config import Config, save_config, to_dict
 from paws.config.adapt import total_steps
 from paws.data.sources import Datasets
@@ -48,7 +43,6 @@ __all__ = [
     "restore_run",
     "open_init",
     "start_from",
-    "finish_run",
 ]
 
 
@@ -363,66 +357,3 @@ def start_from(run: Run, start: dict[str, Any]) -> None:
         record = {"from": str(rundir.output_dir(path)), "checkpoint": str(path)}
         rundir.write_json(run.out / rundir.INIT, {**record, "step": start.get("step")})
     info(f"starting from the weights of {path} (step {start.get('step')}), a new schedule")
-
-
-def _tighten_after_training(run: Run, step: int) -> dict[str, Any] | None:
-    """The last step of Appendix C's protocol when ``tighten.after_training``: SuNCEt on the
-    labelled images (:func:`paws.after.tighten.tighten`, ``run.model`` changed in place), saved as
-    ``tighten.pt`` in the run directory.
-
-    Returns:
-        The tightening report (PAWS-NN not yet filled in, ``seconds`` and ``checkpoint``
-        added), or None when tightening is off or the labels do not allow it (fewer than 2
-        classes, or a class with a single image), which is said in a line.
-    """
-    if not run.cfg.tighten.after_training:
-        return None
-    start = time.time()
-    try:
-        report = tighten(run.cfg, run.model, run.data, run.device, evaluate=False)
-    except UserError as e:
-        info(f"not tightening the clusters after training: {e}")
-        return None
-    opened = Opened(run.cfg, run.model, run.arch, step, run.out, run.device, run.data, start)
-    return save_step("tighten", run.model, run.arch, opened, report, rundir.TIGHTENED)
-
-
-def finish_run(run: Run, step: int, evals: rundir.MetricsLog) -> dict[str, Any] | None:
-    """After the last step: ``last.pt`` and ``final.pt``, PAWS-NN on the test set, tightening
-    (``tighten.after_training``) and PAWS-NN again, ``eval.json`` and ``predictions.json``.
-
-    Returns:
-        The summary written to ``eval.json`` (None without a test set, and on ranks other
-        than 0).
-    """
-    if not rundir.finite(run.model, run.optimizer):
-        raise rundir.diverged(f"the weights became infinite or NaN by step {step}", run.last_good)
-    if not distributed.is_main():
-        return None
-    final = run.state(step)
-    checkpoint.save(final, run.out / rundir.LAST)
-    checkpoint.save(final, run.out / rundir.FINAL)
-    cfg, data, device = run.cfg, run.data, run.device
-    ev = None
-    if data.test is not None:
-        ev = paws_nn(run.model, data, cfg, device, progress=True)
-        rundir.truncate_rows(run.out / rundir.EVALS, step - 1)  # a finished run resumed
-        evals.log({"step": step, "top1": ev["top1"], "top5": ev["top5"]})
-    summary: dict[str, Any] = {"model": rundir.FINAL, "step": step}
-    report = _tighten_after_training(run, step)
-    if report is not None:
-        if ev is not None:
-            before = {"top1": ev["top1"], "top5": ev["top5"]}
-            ev = paws_nn(run.model, data, cfg, device, progress=True)
-            report["paws_nn_before"] = before
-            report["paws_nn_after"] = {k: ev[k] for k in ("top1", "top5", "num_query")}
-            summary["pretrained"] = dict(before, model=rundir.FINAL)
-        rundir.write_json(run.out / "tighten.json", report)
-        summary["model"] = rundir.TIGHTENED
-        summary["tighten"] = {k: report[k] for k in ("steps", "loss_first", "loss_last")}
-    if ev is None:
-        return None
-    keys = ("top1", "top5", "balanced_top1", "num_support", "num_query", "features")
-    summary.update({k: ev[k] for k in keys})
-    rundir.write_results(run.out, summary, ev, data.classes)
-    return summary

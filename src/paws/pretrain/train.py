@@ -25,10 +25,10 @@ from paws.config.adapt import fit_to_data
 from paws.data.sources import Datasets, load_datasets
 from paws.errors import UserError
 from paws.files import check_out_dir, write_atomic
+from paws.pretrain.finish import finish_run
 from paws.pretrain.loop import run_steps
 from paws.pretrain.stages import (
     build_run,
-    finish_run,
     open_init,
     open_run,
     restore_run,

@@ -65,11 +65,20 @@ def _unique_names(paths: Sequence[Path]) -> list[str]:
 
 
 def _top1_text(top1: float | None, summary: dict[str, Any] | None) -> str:
-    """``79.20%``, or ``79.20% (tightened; 78.10% before)`` for a run that tightened."""
+    """``79.20%``, or ``79.20% (tighten.pt; final.pt 78.10%)``: the model the run chose and
+    the others it had."""
     if top1 is None:
         return "–"
-    before = (summary or {}).get("pretrained")
-    return f"{top1:.2f}% (tightened; {before['top1']:.2f}% before)" if before else f"{top1:.2f}%"
+    summary = summary or {}
+    others = {
+        f: c for f, c in (summary.get("candidates") or {}).items() if f != summary.get("model")
+    }
+    if not others and summary.get("pretrained"):  # runs written before the choice
+        others = {"final.pt": summary["pretrained"]}
+    if not others:
+        return f"{top1:.2f}%"
+    beside = ", ".join(f"{f} {c['top1']:.2f}%" for f, c in others.items())
+    return f"{top1:.2f}% ({summary.get('model', 'tighten.pt')}; {beside})"
 
 
 def _summary_rows(runs: Sequence[RunRecord]) -> list[list[str]]:

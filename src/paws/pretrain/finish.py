@@ -1,0 +1,172 @@
+"""The end of a run: the final checkpoint, the steps a run ends with, and which model it means.
+
+After the last step, ``last.pt`` and ``final.pt`` hold the pre-trained model; tightening
+(``tighten.after_training``, Appendix C) writes ``tighten.pt``. Then the run chooses, from its
+labelled images alone (:mod:`paws.after.choose`), which of them it means, and writes
+``choice.json``; ``eval.json`` and ``predictions.json`` are the chosen model's test results
+(with every candidate's beside them in ``eval.json``), and ``paws eval``, ``predict``,
+``export`` and ``paws.load`` given the run directory use the chosen model.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from typing import Any
+
+import torch
+
+from paws import distributed, rundir
+from paws.after.choose import Candidate, Choice, cross_validate, decide, write_choice
+from paws.after.evaluate import paws_nn
+from paws.after.saved import Opened, save_step
+from paws.after.tighten import tighten
+from paws.data.images import ImageSet
+from paws.data.sources import Datasets
+from paws.errors import UserError
+from paws.pretrain.stages import Run
+from paws.progress import Progress, info, muted
+from paws.rundir import checkpoint
+
+__all__ = ["finish_run", "DEFAULT_ORDER"]
+
+# The model a run means when its labels cannot tell (measured best across the benchmarks,
+# benchmarks/RESULTS.md): the first of these the run has.
+DEFAULT_ORDER = (rundir.TIGHTENED, rundir.FINAL)
+
+
+def _tighten_after_training(run: Run, step: int) -> dict[str, Any] | None:
+    """The last step of Appendix C's protocol when ``tighten.after_training``: SuNCEt on the
+    labelled images (:func:`paws.after.tighten.tighten`, ``run.model`` changed in place),
+    saved as ``tighten.pt`` in the run directory.
+
+    Returns:
+        The tightening report (PAWS-NN not yet filled in, ``seconds`` and ``checkpoint``
+        added), or None when tightening is off or the labels do not allow it (fewer than 2
+        classes, or a class with a single image), which is said in a line.
+    """
+    if not run.cfg.tighten.after_training:
+        return None
+    start = time.time()
+    try:
+        report = tighten(run.cfg, run.model, run.data, run.device, evaluate=False)
+    except UserError as e:
+        info(f"not tightening the clusters after training: {e}")
+        return None
+    opened = Opened(run.cfg, run.model, run.arch, step, run.out, run.device, run.data, start)
+    return save_step("tighten", run.model, run.arch, opened, report, rundir.TIGHTENED)
+
+
+def _candidates(run: Run, pretrained: torch.nn.Module, files: list[str]) -> list[Candidate]:
+    """The models of the run, each rebuilt on part of the labels as :func:`cross_validate`
+    asks (from a copy of the pre-trained weights, never touching the run's)."""
+    cfg, device = run.cfg, run.device
+
+    def snn_top1(model: torch.nn.Module, train: Datasets, held: ImageSet) -> float:
+        return float(paws_nn(model, train, cfg, device, queries=held)["top1"])
+
+    def tightened(train: Datasets, held: ImageSet) -> float:
+        model = copy.deepcopy(pretrained)
+        tighten(cfg, model, train, device, evaluate=False)
+        return snn_top1(model, train, held)
+
+    builders = {
+        rundir.FINAL: ("after pre-training", lambda t, h: snn_top1(pretrained, t, h)),
+        rundir.TIGHTENED: ("after tightening", tightened),
+    }
+    return [Candidate(f, *builders[f]) for f in files]
+
+
+def _choose(run: Run, pretrained: torch.nn.Module, files: list[str]) -> Choice:
+    """Which of ``files`` the run means (:mod:`paws.after.choose`), with ``choice.json``
+    written and one line said."""
+    candidates = _candidates(run, pretrained, files)
+    default = next(f for f in DEFAULT_ORDER if f in files)
+    k = run.cfg.eval.choice_folds
+    if len(files) < 2 or k < 2:
+        choice = Choice(
+            default,
+            f"the run's only model ({default})"
+            if len(files) < 2
+            else (f"{default}, the default (eval.choice_folds is {k}: no choice on the labels)"),
+        )
+    else:
+        folds = len(candidates) * k
+        bar = Progress(folds, "choose the model on the labels")
+        with muted():
+            scores, n = cross_validate(candidates, run.data, k, run.cfg.run.seed, bar.update)
+        bar.close()
+        choice = decide(candidates, scores, n, default)
+    write_choice(run.out, choice, candidates)
+    info(f"the run means {choice.reason}")
+    return choice
+
+
+def finish_run(run: Run, step: int, evals: rundir.MetricsLog) -> dict[str, Any] | None:
+    """After the last step: ``last.pt`` and ``final.pt``, PAWS-NN on the test set, tightening
+    (``tighten.after_training``) and PAWS-NN again, the choice of the model the run means
+    (``choice.json``), ``eval.json`` and ``predictions.json`` of the chosen model.
+
+    Returns:
+        The summary written to ``eval.json`` (None without a test set, and on ranks other
+        than 0).
+    """
+    if not rundir.finite(run.model, run.optimizer):
+        raise rundir.diverged(f"the weights became infinite or NaN by step {step}", run.last_good)
+    if not distributed.is_main():
+        return None
+    final = run.state(step)
+    checkpoint.save(final, run.out / rundir.LAST)
+    checkpoint.save(final, run.out / rundir.FINAL)
+    cfg, data, device = run.cfg, run.data, run.device
+    tests: dict[str, dict[str, Any]] = {}
+    if data.test is not None:
+        tests[rundir.FINAL] = paws_nn(run.model, data, cfg, device, progress=True)
+        rundir.truncate_rows(run.out / rundir.EVALS, step - 1)  # a finished run resumed
+        evals.log({"step": step, **{k: tests[rundir.FINAL][k] for k in ("top1", "top5")}})
+    pretrained = copy.deepcopy(run.model).eval()
+    files = [rundir.FINAL]
+    report = _tighten_after_training(run, step)
+    if report is not None:
+        files.append(rundir.TIGHTENED)
+        if data.test is not None:
+            tests[rundir.TIGHTENED] = paws_nn(run.model, data, cfg, device, progress=True)
+            report["paws_nn_before"] = _top(tests[rundir.FINAL])
+            report["paws_nn_after"] = {
+                **_top(tests[rundir.TIGHTENED]),
+                "num_query": tests[rundir.TIGHTENED]["num_query"],
+            }
+        rundir.write_json(run.out / "tighten.json", report)
+    choice = _choose(run, pretrained, files)
+    return _results(run, step, choice, tests, report)
+
+
+def _top(ev: dict[str, Any]) -> dict[str, float]:
+    return {"top1": ev["top1"], "top5": ev["top5"]}
+
+
+def _results(
+    run: Run,
+    step: int,
+    choice: Choice,
+    tests: dict[str, dict[str, Any]],
+    report: dict[str, Any] | None,
+) -> dict[str, Any] | None:
+    """``eval.json`` (the chosen model's test results, every candidate's beside them) and
+    ``predictions.json`` (the chosen model's); None without a test set."""
+    summary: dict[str, Any] = {"model": choice.file, "step": step}
+    if rundir.FINAL in tests and rundir.TIGHTENED in tests:
+        summary["pretrained"] = dict(_top(tests[rundir.FINAL]), model=rundir.FINAL)
+    if report is not None:
+        summary["tighten"] = {k: report[k] for k in ("steps", "loss_first", "loss_last")}
+    if not tests:
+        return None
+    ev = tests[choice.file]
+    keys = ("top1", "top5", "balanced_top1", "num_support", "num_query", "features")
+    summary.update({k: ev[k] for k in keys})
+    summary["choice"] = {"reason": choice.reason, "folds": choice.folds}
+    summary["candidates"] = {
+        f: {**_top(e), "balanced_top1": e["balanced_top1"]} for f, e in tests.items()
+    }
+    rundir.write_results(run.out, summary, ev, run.data.classes)
+    return summary
