@@ -26,6 +26,7 @@ __all__ = [
     "scores",
     "accuracy",
     "balanced_accuracy",
+    "snn_probs",
     "paws_nn",
     "unknown_detection",
     "classifier_probs",
@@ -66,6 +67,24 @@ def scores(probs: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
     }
 
 
+def snn_probs(
+    model: PAWSModel,
+    data: Datasets,
+    cfg: Config,
+    device: torch.device,
+    queries: ImageSet,
+    progress: bool = False,
+) -> torch.Tensor:
+    """PAWS-NN class probabilities of ``queries`` against the labelled set (evaluation views,
+    ``eval.features``, ``eval.tau``): (N, K) float32."""
+    args = (cfg, Loading.of(cfg, data), device)
+    sup = embed_images(model, data.labeled, *args, progress=progress, desc="embed supports")
+    qry = embed_images(model, queries, *args, progress=progress, desc="embed queries")
+    labels = torch.from_numpy(data.labeled.labels)
+    k = len(data.classes)
+    return snn_classify(qry, sup, labels, k, cfg.eval.tau, cfg.eval.chunk_size).float().cpu()
+
+
 def paws_nn(
     model: PAWSModel,
     data: Datasets,
@@ -84,13 +103,7 @@ def paws_nn(
     queries = queries if queries is not None else data.test
     if queries is None:
         raise ValueError("no query images: the dataset has no test set")
-    args = (cfg, Loading.of(cfg, data), device)
-    sup = embed_images(model, data.labeled, *args, progress=progress, desc="embed supports")
-    qry = embed_images(model, queries, *args, progress=progress, desc="embed queries")
-    k = len(data.classes)
-    probs = snn_classify(
-        qry, sup, torch.from_numpy(data.labeled.labels), k, cfg.eval.tau, cfg.eval.chunk_size
-    )
+    probs = snn_probs(model, data, cfg, device, queries, progress)
     y = torch.from_numpy(queries.labels)
     s = scores(probs, y)
     return {

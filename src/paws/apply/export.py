@@ -8,8 +8,9 @@ An export folder holds::
                           neighbours with temperature and embedding)
     model.safetensors     the network's weights: encoder, projection (and prediction) head, or
                           encoder, first head layer and classifier for a fine-tuned model
-    support.safetensors   pre-trained models only: the labelled images' embeddings and labels,
-                          so that prediction needs neither the training data nor its config
+    support.safetensors   the labelled images' embeddings and labels, so that prediction needs
+                          neither the training data nor its config (for a classifier, they
+                          serve its known score only)
 
 This module reads and writes the parts (:class:`Export`) and nothing else; :func:`paws.load`
 (:mod:`paws.apply.predictor`) turns them into a model that predicts.
@@ -301,7 +302,7 @@ def read_export(folder: str | Path) -> Export:
         batch_size=int(m.get("batch_size", 256)),
     )
     export.weights = _read_tensors(folder / _WEIGHTS)
-    if classify["method"] != "linear":
+    if classify["method"] != "linear" or "support" in classify:
         file = folder / str(classify.get("support", _SUPPORT))
         export.support = _read_tensors(file)
         check_support(export.support, file, len(export.classes))

@@ -39,7 +39,7 @@ def _run_support(cfg: Any) -> SupportSource:
     """The default support of a checkpoint: the run's labelled images, embedded exactly as
     ``paws eval`` embeds them."""
 
-    def build(predictor: SoftNearestNeighbourPredictor, progress: bool) -> Support:
+    def build(predictor: Predictor, progress: bool) -> Support:
         try:
             data = load_datasets(cfg)
         except UserError as e:
@@ -61,11 +61,12 @@ def _run_support(cfg: Any) -> SupportSource:
                 desc="embed support",
             ).cpu()
 
-        emb = embed(predictor.features)
+        space = predictor.support_features
+        emb = embed(space)
         known_features = predictor.known_score.features
-        known = embed(known_features) if known_features != predictor.features else None
+        known = embed(known_features) if known_features != space else None
         labels = torch.from_numpy(np.asarray(data.labeled.labels, dtype=np.int64))
-        return Support(emb, labels, list(data.classes), predictor.features, known)
+        return Support(emb, labels, list(data.classes), space, known)
 
     return build
 
@@ -99,7 +100,15 @@ def from_checkpoint(
     if r.kind in checkpoint.CLASSIFIERS:
         classes = [str(c) for c in state.get("classes") or []]
         return ClassifierPredictor(
-            r.net, r.kind, r.arch, reader, device, known, cfg.eval.chunk_size, classes=classes
+            r.net,
+            r.kind,
+            r.arch,
+            reader,
+            device,
+            known,
+            cfg.eval.chunk_size,
+            classes=classes,
+            support_source=_run_support(cfg),
         )
     return SoftNearestNeighbourPredictor(
         r.net,
@@ -177,10 +186,10 @@ def from_export(
     load_weights(net, e.weights, str(folder / "model.safetensors"))
     net.eval()
     reader = _reader(prep, e.batch_size, reading or from_dict({}).data)
-    if linear:
+    if linear and e.support is None:
         return ClassifierPredictor(net, e.kind, arch, reader, device, classes=e.classes)
     _check_widths(folder, e, net, prep)
-    features = str(e.classify.get("features", "head"))
+    features = "head" if linear else str(e.classify.get("features", "head"))
     known = e.support.get("known")
     support = Support(
         e.support["embeddings"].float(),
@@ -193,6 +202,18 @@ def from_export(
     settings = dict(e.classify.get("known") or {"features": features})
     if known is None:
         settings["features"] = features
+    if linear:
+        return ClassifierPredictor(
+            net,
+            e.kind,
+            arch,
+            reader,
+            device,
+            KnownScore(**settings),
+            int(e.classify.get("chunk_size", 8192)),
+            classes=e.classes,
+            support=support,
+        )
     return SoftNearestNeighbourPredictor(
         net,
         e.kind,

@@ -39,6 +39,7 @@ from paws.errors import UserError
 from paws.method.known_score import KnownScore
 from paws.method.snn import snn_classify
 from paws.models import Architecture
+from paws.progress import info
 from paws.runtime import device_for
 
 __all__ = [
@@ -86,6 +87,10 @@ class Support:
             f"this support has no {features} embeddings for the known score; set "
             f"eval.unknown_features: {self.features}"
         )
+
+
+# fn(predictor, progress) -> its default support (a run's labelled images, embedded by it).
+SupportSource = Callable[["Predictor", bool], Support]
 
 
 @dataclass
@@ -153,6 +158,10 @@ class Predictor(ABC):
         known_score: how images are judged unknown (:class:`paws.method.known_score.
             KnownScore`), where the model has labelled embeddings to compare with.
         chunk_size: labelled embeddings per similarity chunk.
+        support: labelled embeddings (:class:`Support`): what a soft nearest-neighbour model
+            classifies against, and what the known score of any model compares with; or None
+            to build them on first use with ``support_source``.
+        support_source: ``fn(predictor, progress) -> Support``, the default support.
     """
 
     def __init__(
@@ -164,6 +173,8 @@ class Predictor(ABC):
         device: str | torch.device = "auto",
         known_score: KnownScore | None = None,
         chunk_size: int = 8192,
+        support: Support | None = None,
+        support_source: SupportSource | None = None,
     ):
         self.device = device_for(device, "device")
         self.net = net.to(self.device).eval()
@@ -173,6 +184,7 @@ class Predictor(ABC):
         self.known_score = known_score or KnownScore()
         self.chunk_size = chunk_size
         self._threshold: tuple[int, float] | None = None  # (id of its reference, threshold)
+        self._support, self._support_source = support, support_source
 
     @property
     def preprocessing(self) -> Preprocessing:
@@ -201,10 +213,18 @@ class Predictor(ABC):
         """(N, K) class probabilities on the CPU from (N, D) embeddings in
         :attr:`classify_features`."""
 
+    @property
+    @abstractmethod
+    def support_features(self) -> str:
+        """The embedding a support set of this model is built in (``"head"`` or ``"trunk"``)."""
+
     def known_reference(self) -> torch.Tensor | None:
         """(M, F) labelled embeddings in the known score's space, or None when the model has
         none (its predictions then carry no score)."""
-        return None
+        self.ready()
+        if self._support is None:
+            return None
+        return self._support.in_space(self.known_score.features)
 
     @abstractmethod
     def export_parts(self, progress: bool = False) -> Export:
@@ -227,7 +247,16 @@ class Predictor(ABC):
 
     def ready(self, progress: bool = False) -> None:
         """Build what is built on first use (a run's support set) now, with progress shown."""
-        return None
+        if self._support is None and self._support_source is not None:
+            self._support = self._support_source(self, progress)
+
+    def _support_parts(self, parts: Export, support: Support) -> Export:
+        """``parts`` with the support's tensors and the known score's settings."""
+        parts.support = {"embeddings": support.embeddings, "labels": support.labels}
+        if support.known is not None:
+            parts.support["known"] = support.known
+        parts.classify["known"] = self.known_score.to_dict()
+        return parts
 
     def set_support(
         self,
@@ -376,9 +405,6 @@ class Predictor(ABC):
 # Soft nearest neighbours.
 
 
-SupportSource = Callable[["SoftNearestNeighbourPredictor", bool], Support]
-
-
 class SoftNearestNeighbourPredictor(Predictor):
     """A pre-trained (or tightened) PAWS model: classifies by soft nearest neighbours against
     its support set, as PAWS-NN.
@@ -386,23 +412,12 @@ class SoftNearestNeighbourPredictor(Predictor):
     Args (beyond :class:`Predictor`'s, which it takes too):
         features: the embedding compared with the support (``eval.features``).
         tau: soft nearest-neighbour temperature.
-        support: the support set, or None to build it on first use with ``support_source``.
-        support_source: ``fn(predictor, progress) -> Support``, the default support.
     """
 
-    def __init__(
-        self,
-        *args: Any,
-        features: str = "head",
-        tau: float = 0.1,
-        support: Support | None = None,
-        support_source: SupportSource | None = None,
-        **kwargs: Any,
-    ):
+    def __init__(self, *args: Any, features: str = "head", tau: float = 0.1, **kwargs: Any):
         super().__init__(*args, **kwargs)
         _check_features([features])
         self.features, self.tau = features, tau
-        self._support, self._support_source = support, support_source
 
     @property
     def support(self) -> Support:
@@ -412,9 +427,9 @@ class SoftNearestNeighbourPredictor(Predictor):
             raise UserError("this model has no support set: give one with set_support()")
         return self._support
 
-    def ready(self, progress: bool = False) -> None:
-        if self._support is None and self._support_source is not None:
-            self._support = self._support_source(self, progress)
+    @property
+    def support_features(self) -> str:
+        return self.features
 
     def load_support(self, progress: bool = False) -> Support:
         """Build the default support now (with a progress display) and return it."""
@@ -434,9 +449,6 @@ class SoftNearestNeighbourPredictor(Predictor):
         return snn_classify(
             embeddings, s.embeddings, s.labels, len(s.classes), self.tau, self.chunk_size
         ).cpu()
-
-    def known_reference(self) -> torch.Tensor | None:
-        return self.support.in_space(self.known_score.features)
 
     def set_support(
         self,
@@ -488,13 +500,9 @@ class SoftNearestNeighbourPredictor(Predictor):
                 "features": support.features,
                 "tau": self.tau,
                 "chunk_size": self.chunk_size,
-                "known": self.known_score.to_dict(),
             },
         )
-        parts.support = {"embeddings": support.embeddings, "labels": support.labels}
-        if support.known is not None:
-            parts.support["known"] = support.known
-        return parts
+        return self._support_parts(parts, support)
 
     def graph(self, net: nn.Module | None = None) -> nn.Module:
         s = self.support
@@ -535,7 +543,10 @@ class SoftNearestNeighbourPredictor(Predictor):
 
 
 class ClassifierPredictor(Predictor):
-    """A fine-tuned model: applies its linear classifier to the first layer of its head.
+    """A fine-tuned model or a student: applies its linear classifier to the first layer of
+    its head. Its support, when it has one (the run's labelled images, embedded by this
+    network), serves the known score only; a run whose labelled images cannot be read again
+    predicts without it, which is said in a line.
 
     Args (beyond :class:`Predictor`'s, which it takes too):
         classes: the classifier's class names, in the order of its outputs.
@@ -553,13 +564,26 @@ class ClassifierPredictor(Predictor):
     def classify_features(self) -> str:
         return "head"
 
+    @property
+    def support_features(self) -> str:
+        return "head"
+
+    def ready(self, progress: bool = False) -> None:
+        try:
+            super().ready(progress)
+        except UserError as e:
+            info(f"predicting without a known score: {e}")
+            self._support_source = None
+
     def probabilities(self, embeddings: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             logits = self.net.classifier(embeddings.to(self.device))
         return logits.float().softmax(dim=1).cpu()
 
     def export_parts(self, progress: bool = False) -> Export:
-        return self._export_base(self.classes, {"method": "linear"})
+        parts = self._export_base(self.classes, {"method": "linear"})
+        self.ready(progress)
+        return parts if self._support is None else self._support_parts(parts, self._support)
 
     def graph(self, net: nn.Module | None = None) -> nn.Module:
         return ClassifierProbabilities(self.net if net is None else net)

@@ -210,3 +210,46 @@ def _tighten_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], 
         return 0
 
     return run
+
+
+@command("distill", "train a student classifier on every unlabelled image against the teacher")
+def _distill_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
+    p.add_argument(
+        "checkpoint",
+        help="run directory (its teacher: tighten.pt, else last.pt) or a pre-trained checkpoint",
+    )
+    p.add_argument(
+        "--out",
+        metavar="DIR",
+        help="where to write distill.pt and distill.json (default: the run directory)",
+    )
+    _checkpoint_overrides(p, "distill.epochs=4")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    def run(args: argparse.Namespace) -> int:
+        from paws.after.distill import distill_checkpoint
+
+        device = _setup_for(args.checkpoint, args.overrides, pretrained=True)
+        r = distill_checkpoint(args.checkpoint, args.overrides, args.out, device=device)
+        if args.json:
+            _print_json(r)
+            return 0
+        loss = (
+            f": loss {r['loss_first']:.3f} -> {r['loss_last']:.3f}"
+            if r["loss_last"] is not None
+            else ""
+        )
+        print(
+            f"student: {r['steps']} steps on {r['kept']} of {r['num_unlabeled']} unlabelled "
+            f"images against {r['teacher']}{loss}"
+        )
+        if r["test"] is not None:
+            print(
+                f"student test accuracy: top-1 {r['test']['top1']:.2f}%  top-5 "
+                f"{r['test']['top5']:.2f}%  ({r['test']['num_query']} test images); its "
+                f"teacher's PAWS-NN: top-1 {r['teacher_test']['top1']:.2f}%"
+            )
+        print(f"student saved as {r['checkpoint']}")
+        return 0
+
+    return run

@@ -22,7 +22,7 @@ from paws.errors import UserError
 from paws.files import check_out_dir, check_out_file, write_atomic
 
 
-@command("eval", "PAWS-NN accuracy of a checkpoint (labelled images as support)")
+@command("eval", "test accuracy of a model (PAWS-NN against the labelled images, or a classifier)")
 def _eval_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
     p.add_argument("checkpoint", help="checkpoint file or run directory")
     _set_option(p, "override a config key, e.g. --set data.root=/data/fmnist (repeatable)")
@@ -39,20 +39,25 @@ def _eval_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int
         import numpy as np
 
         from paws import runtime
-        from paws.after.evaluate import paws_nn, unknown_detection
+        from paws.after.evaluate import classifier_accuracy, paws_nn, unknown_detection
         from paws.data import ImageSet, load_datasets, scan_images
-        from paws.rundir import restore_model
+        from paws.rundir import checkpoint, restore
 
         overrides = list(args.overrides)
         if args.features:
             overrides.append(f"eval.features={args.features}")
-        cfg, model, _ = restore_model(args.checkpoint, overrides)
+        restored = restore(args.checkpoint, overrides)
+        cfg, model, state = restored.cfg, restored.net, restored.state
         device = runtime.setup(cfg)
         data = load_datasets(cfg)
         if data.test is None:
             raise UserError("no test set to evaluate: set data.test to a <class>/<image> folder")
         model.to(device)
-        ev = paws_nn(model, data, cfg, device, progress=True)
+        if state.get("kind") in checkpoint.CLASSIFIERS:  # its own classes, as predict does
+            ev = classifier_accuracy(model, data, cfg, device)
+            ev.update(num_support=0, features="classifier")
+        else:
+            ev = paws_nn(model, data, cfg, device, progress=True)
         keys = ("top1", "top5", "balanced_top1", "num_support", "num_query", "features")
         out = {k: ev[k] for k in keys}
         if args.unknown:
@@ -63,10 +68,14 @@ def _eval_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int
         if args.json:
             _print_json(out)
             return 0
+        how = (
+            f"{state.get('kind')} classifier"
+            if out["features"] == "classifier"
+            else f"PAWS-NN, {out['num_support']} supports, {out['features']} features"
+        )
         print(
-            f"PAWS-NN top-1 {out['top1']:.2f}%  top-5 {out['top5']:.2f}%  balanced top-1 "
-            f"{out['balanced_top1']:.2f}%  ({out['num_query']} queries, {out['num_support']} "
-            f"supports, {out['features']} features)"
+            f"top-1 {out['top1']:.2f}%  top-5 {out['top5']:.2f}%  balanced top-1 "
+            f"{out['balanced_top1']:.2f}%  ({out['num_query']} queries, {how})"
         )
         if args.unknown:
             u = out["unknown"]

@@ -18,6 +18,7 @@ from paws.config.schema import (
     BaselineConfig as BaselineConfig,
     Config as Config,
     DataConfig as DataConfig,
+    DistillConfig as DistillConfig,
     EvalConfig as EvalConfig,
     FinetuneConfig as FinetuneConfig,
     LossConfig as LossConfig,

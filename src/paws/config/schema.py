@@ -353,8 +353,8 @@ class EvalConfig:
     )
     choice_folds: int = _f(
         5,
-        "paws train chooses the model the run means (pre-trained, tightened) by this many "
-        "folds of cross-validation over the labelled images; 0 or 1: keep the last one",
+        "paws train chooses the model the run means (pre-trained, tightened, student) by this "
+        "many folds of cross-validation over the labelled images; 0 or 1: keep the default",
         (0, 1000),
     )
     unknown_quantile: float = _f(
@@ -431,6 +431,48 @@ class TightenConfig:
 
 
 @dataclass
+class DistillConfig:
+    after_training: bool = _f(
+        False,
+        "paws train ends by training a student classifier on every unlabelled image against "
+        "the teacher's PAWS-NN probabilities (distill.pt), a candidate of the run's choice",
+    )
+    epochs: float = _f(2.0, "passes over the unlabelled images", (0.01, 10_000.0))
+    batch_size: int = _f(256, "unlabelled images per step", (2, MAX_BATCH))
+    labeled_batch: int = _f(
+        64, "labelled images per step, with their labels (at most the labelled set)", (0, MAX_BATCH)
+    )
+    labeled_weight: float = _f(
+        1.0, "weight of the labelled images' cross-entropy beside the unlabelled", (0.0, None)
+    )
+    lr: float = _f(0.05, "learning rate at step 0, cosine decay to 0 (Nesterov SGD)", (0.0, None))
+    targets: Literal["soft", "hard"] = _f(
+        "soft",
+        "soft: cross-entropy to the teacher's probabilities (SimCLRv2's distillation); hard: "
+        "to their arg-max (pseudo-labels)",
+    )
+    temperature: float = _f(
+        1.0,
+        "the teacher's probabilities sharpened as p^(1/T), renormalised (1: as they are)",
+        (1e-3, 100.0),
+    )
+    threshold: float = _f(
+        0.0,
+        "unlabelled images whose teacher's top probability is below this are left out "
+        "(FixMatch's confidence mask; 0: every image)",
+        (0.0, 1.0),
+    )
+    init: Literal["teacher", "scratch"] = _f(
+        "teacher",
+        "the student starts from the teacher's trunk and first head layer, or from new weights "
+        "of the same architecture",
+    )
+    checkpoint_every: int = _f(
+        200, "steps between the student's resumable checkpoints (distill.last.pt)", (1, MAX_STEPS)
+    )
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     views: ViewsConfig = field(default_factory=ViewsConfig)
@@ -443,6 +485,7 @@ class Config:
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     tighten: TightenConfig = field(default_factory=TightenConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def validate(self) -> Config:
         """Cross-field checks; returns self."""

@@ -43,6 +43,7 @@ class Stream(enum.IntEnum):
     FINETUNE = 5  # fine-tuning: validation split, batch order and augmentation
     DISTILL = 6  # the student: batch order and augmentation
     CHOICE = 7  # the folds of the labelled images the final model is chosen on
+    DISTILL_LABELED = 8  # the student's labelled batches: order and augmentation
 
 
 def _rng(seed: int, step: int, stream: int) -> np.random.Generator:

@@ -101,6 +101,7 @@ RESUME_SAFE_KEYS = (
     "baseline.",
     "finetune.",
     "tighten.",
+    "distill.",
 )
 
 
