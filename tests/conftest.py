@@ -73,3 +73,13 @@ def shared_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Path
         "eval.batch_size=32",
     ]
     return paths, train_tiny(root / "run", tiny_overrides(paths, *settings))
+
+
+@pytest.fixture
+def pool(tmp_path: Path) -> dict[str, Path]:
+    """An unlabelled folder of classes 0-2 (8 each), a labelled one (3 each), a test one."""
+    return {
+        "unlabeled": write_folder(tmp_path / "unl", 3, 8, seed=2),
+        "labeled": write_folder(tmp_path / "lab", 3, 3, seed=1),
+        "test": write_folder(tmp_path / "test", 3, 3, seed=3),
+    }

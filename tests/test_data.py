@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import gzip
 import pickle
-import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tiny import tiny_overrides, write_folder
+from tiny import tiny_overrides, write_fashion, write_folder
 
 from paws.config import load_config
 from paws.data import (
@@ -24,21 +23,6 @@ from paws.data import (
 )
 from paws.data.loaders import Loading, multicrop_batches
 from paws.errors import UserError
-
-
-def write_idx(path: Path, array: np.ndarray) -> None:
-    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim)
-    header += b"".join(struct.pack(">I", d) for d in array.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + array.astype(np.uint8).tobytes())
-
-
-def write_fashion(root: Path, n_train: int = 60, n_test: int = 20) -> None:
-    rng = np.random.default_rng(0)
-    root.mkdir(parents=True, exist_ok=True)
-    for split, n in (("train", n_train), ("t10k", n_test)):
-        write_idx(root / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
-        write_idx(root / f"{split}-labels-idx1-ubyte.gz", np.arange(n) % 10)
 
 
 def write_cifar10(root: Path, per_batch: int = 20) -> Path:

@@ -3,31 +3,28 @@ counts, and ``paws train --init`` rounds."""
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from test_data import write_fashion
-from tiny import error_line, run_cli, set_args, tiny_overrides, train_tiny, write_folder
+from tiny import (
+    error_line,
+    read_rows,
+    run_cli,
+    set_args,
+    tiny_overrides,
+    train_tiny,
+    write_fashion,
+    write_folder,
+    write_rows,
+)
 
 from paws.config import load_config
 from paws.data import load_datasets
 from paws.labelling import suggest
 from paws.rundir import checkpoint
-
-
-def read_rows(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def write_rows(path: Path, header: list[str], rows: list[list[str]]) -> Path:
-    with open(path, "w", newline="") as f:
-        csv.writer(f).writerows([header, *rows])
-    return path
 
 
 def fill_from_folder_names(suggested: Path, out: Path) -> Path:
@@ -36,16 +33,6 @@ def fill_from_folder_names(suggested: Path, out: Path) -> Path:
     for r in rows:
         r["label"] = Path(r["path"]).parent.name
     return write_rows(out, list(rows[0]), [list(r.values()) for r in rows])
-
-
-@pytest.fixture
-def pool(tmp_path: Path) -> dict[str, Path]:
-    """An unlabelled folder of classes 0-2 (8 each), a labelled one (3 each), a test one."""
-    return {
-        "unlabeled": write_folder(tmp_path / "unl", 3, 8, seed=2),
-        "labeled": write_folder(tmp_path / "lab", 3, 3, seed=1),
-        "test": write_folder(tmp_path / "test", 3, 3, seed=3),
-    }
 
 
 def labels_config(pool: dict[str, Path], labels: Path, *changes: str):

@@ -20,8 +20,11 @@ Fixtures built from these live in ``conftest.py``.
 
 from __future__ import annotations
 
+import csv
+import gzip
 import os
 import pickle
+import struct
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
@@ -263,3 +266,33 @@ def write_evil_checkpoint(path: Path, marker: Path, fmt: str) -> Path:
     else:
         torch.save(payload, path)
     return path
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    """The rows of a CSV file with a header, as dicts."""
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def write_rows(path: Path, header: list[str], rows: list[list[str]]) -> Path:
+    """A CSV file of ``header`` and ``rows`` (a labels or suggestions file); returns ``path``."""
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows([header, *rows])
+    return path
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """``array`` as a gzipped idx file of unsigned bytes, as Fashion-MNIST ships them."""
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim)
+    header += b"".join(struct.pack(">I", d) for d in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def write_fashion(root: Path, n_train: int = 60, n_test: int = 20) -> None:
+    """A Fashion-MNIST folder of random 28x28 images, labels 0..9 in turn."""
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        write_idx(root / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+        write_idx(root / f"{split}-labels-idx1-ubyte.gz", np.arange(n) % 10)
