@@ -1,5 +1,5 @@
-"""The labelling loop: ``paws suggest``, labels as a CSV (``data.labels_file``), uneven label
-counts, and ``paws train --init`` rounds."""
+"""``paws suggest`` (labelling/suggest.py): the images to label next, from a run or from none,
+written as a CSV that trains the next round, and the candidates' embeddings in memory or on disk."""
 
 from __future__ import annotations
 
@@ -10,21 +10,23 @@ import numpy as np
 import pytest
 import torch
 from tiny import (
+    clusters,
     error_line,
     read_rows,
     run_cli,
-    set_args,
     tiny_overrides,
     train_tiny,
     write_fashion,
-    write_folder,
     write_rows,
 )
 
 from paws.config import load_config
 from paws.data import load_datasets
 from paws.labelling import suggest
-from paws.rundir import checkpoint
+from paws.labelling.strategies import (
+    MemmapSource,
+    TensorSource,
+)
 
 
 def fill_from_folder_names(suggested: Path, out: Path) -> Path:
@@ -33,15 +35,6 @@ def fill_from_folder_names(suggested: Path, out: Path) -> Path:
     for r in rows:
         r["label"] = Path(r["path"]).parent.name
     return write_rows(out, list(rows[0]), [list(r.values()) for r in rows])
-
-
-def labels_config(pool: dict[str, Path], labels: Path, *changes: str):
-    folders = {k: pool[k] for k in ("unlabeled", "test")}
-    return load_config(None, [*tiny_overrides(folders), f"data.labels_file={labels}", *changes])
-
-
-# --------------------------------------------------------------------------------------------
-# paws suggest, end to end.
 
 
 def test_suggest_writes_the_csv_and_a_contact_sheet_and_round_trips_into_training(
@@ -158,277 +151,13 @@ def test_a_filled_suggestion_file_is_never_overwritten(shared_run, tmp_path, cap
 
 
 # --------------------------------------------------------------------------------------------
-# data.labels_file.
-
-
-def test_labels_file_alongside_class_folders_with_a_new_class(pool, tmp_path):
-    unl = pool["unlabeled"]
-    labels = write_rows(
-        tmp_path / "labels.csv",
-        ["path", "label", "note"],
-        [
-            [str(unl / "class0" / "class0_5.png"), "class0", "x"],
-            ["unl/class2/class2_1.png", "zebra", ""],
-        ],
-    )
-    cfg = load_config(
-        None,
-        [*tiny_overrides(pool), f"data.labels_file={labels}"],
-    )
-    data = load_datasets(cfg)
-    assert data.classes == ["class0", "class1", "class2", "zebra"]
-    assert len(data.labeled) == 9 + 2
-    named = dict(zip(data.labeled.names, data.labeled.labels))
-    assert data.classes[named[str(unl / "class0" / "class0_5.png")]] == "class0"
-    assert data.classes[named["unl/class2/class2_1.png"]] == "zebra"
-    assert data.classes[named["class1/class1_0.png"]] == "class1"  # the folder's own
-
-
-def test_unlabelled_suggestions_are_skipped_unless_accepted(pool, tmp_path):
-    header = ["path", "label", "suggested_label", "confidence", "reason"]
-    rows = [
-        ["unl/class0/class0_0.png", "class0", "class0", "0.9", "coverage"],
-        ["unl/class1/class1_0.png", "", "class1", "0.6", "uncertain (margin 0.10)"],
-        ["unl/class2/class2_0.png", "class2", "class1", "0.5", "uncertain (margin 0.02)"],
-    ]
-    labels = write_rows(tmp_path / "next.csv", header, rows)
-    skipped = load_datasets(labels_config(pool, labels))
-    assert sorted(skipped.labeled.names) == ["unl/class0/class0_0.png", "unl/class2/class2_0.png"]
-    accepted = load_datasets(labels_config(pool, labels, "data.accept_suggested=true"))
-    assert len(accepted.labeled) == 3
-    named = dict(zip(accepted.labeled.names, accepted.labeled.labels))
-    assert accepted.classes[named["unl/class1/class1_0.png"]] == "class1"
-    assert accepted.classes[named["unl/class2/class2_0.png"]] == "class2"  # the person's label
-
-
-def test_labels_file_of_a_built_in_dataset_names_training_images(tmp_path):
-    write_fashion(tmp_path / "fm")
-    labels = write_rows(
-        tmp_path / "labels.csv", ["path", "label"], [["7", "Sneaker"], ["3", "Dress"], ["12", "8"]]
-    )
-    cfg = load_config(None, [f"data.root={tmp_path / 'fm'}", f"data.labels_file={labels}"])
-    data = load_datasets(cfg)
-    assert data.labeled.names == ["3", "7", "12"]
-    assert [data.classes[y] for y in data.labeled.labels] == ["Dress", "Sneaker", "Bag"]
-    assert len(data.unlabeled) == 60  # the labelled images stay in the unlabelled set
-    torch.testing.assert_close(data.labeled.images[1], data.unlabeled.images[7])
-
-
-def bad_file(pool: dict[str, Path], tmp_path: Path, case: str) -> tuple[Path, list[str]]:
-    """A labels file with one thing wrong, and the extra settings of its run."""
-    header = ["path", "label"]
-    good = ["unl/class0/class0_0.png", "class0"]
-    rows = {
-        "unknown path": [good, ["unl/class0/nope.png", "class0"]],
-        "empty label": [good, ["unl/class1/class1_0.png", ""]],
-        "duplicate": [
-            good,
-            ["unl/class1/class1_0.png", "class1"],
-            ["./unl/class0/class0_0.png", "class0"],
-        ],
-        "conflict": [good, ["unl/class0/class0_0.png", "class1"]],
-        "conflict with a class folder": [["lab/class1/class1_2.png", "class0"]],
-        "unknown class": [["5", "Sneakers"]],
-        "unknown image name": [["60", "Bag"]],
-    }[case]
-    labels = write_rows(tmp_path / "labels.csv", header, rows)
-    if case.startswith("unknown class") or case == "unknown image name":
-        write_fashion(tmp_path / "fm")
-        return labels, [f"data.root={tmp_path / 'fm'}", f"data.labels_file={labels}", *TINY_TRAIN]
-    folders = pool if case == "conflict with a class folder" else {"unlabeled": pool["unlabeled"]}
-    return labels, [*tiny_overrides(folders), f"data.labels_file={labels}"]
-
-
-TINY_TRAIN = ["optim.steps=1", "run.device=cpu", "data.workers=0"]
-
-
-@pytest.mark.parametrize(
-    ("case", "message"),
-    [
-        ("unknown path", "row 3 ('unl/class0/nope.png'): no such image file"),
-        ("empty label", "row 3 ('unl/class1/class1_0.png'): the label is empty; fill it in"),
-        (
-            "duplicate",
-            "row 4 ('./unl/class0/class0_0.png'): duplicate: row 2 labels the same image",
-        ),
-        (
-            "conflict",
-            "row 3 ('unl/class0/class0_0.png'): conflicting labels: 'class1' here, 'class0' on "
-            "row 2 for the same image",
-        ),
-        (
-            "conflict with a class folder",
-            "row 2 ('lab/class1/class1_2.png'): conflicting labels: 'class0' here, 'class1' by "
-            "its class folder",
-        ),
-        ("unknown class", "row 2 ('5'): 'Sneakers' is not a class of the dataset (T-shirt/top"),
-        ("unknown image name", "row 2 ('60'): no image of that name in the training set"),
-    ],
-)
-def test_a_bad_labels_file_is_one_line_naming_the_row(
-    case, message, pool, tmp_path, capsys, monkeypatch
-):
-    labels, overrides = bad_file(pool, tmp_path, case)
-    argv = ["--quiet", "train", "--out", str(tmp_path / "run"), *set_args(overrides)]
-    code, _, err = run_cli(argv, capsys, monkeypatch)
-    assert code == 2, err
-    line = error_line(err)
-    assert line.startswith(f"labels file {labels} "), line
-    assert message in line, line
-    assert not (tmp_path / "run" / "last.pt").exists()
-
-
-def test_labels_file_with_classes_of_one_two_and_twenty_labels_trains(tmp_path):
-    unl = write_folder(tmp_path / "unl", 4, 20, seed=5)
-    counts = {0: 1, 1: 2, 2: 20, 3: 20}
-    rows = [
-        [f"unl/class{c}/class{c}_{i}.png", f"class{c}"] for c, n in counts.items() for i in range(n)
-    ]
-    labels = write_rows(tmp_path / "labels.csv", ["path", "label"], rows)
-    test = write_folder(tmp_path / "test", 4, 2, seed=6)
-    overrides = [
-        *tiny_overrides({"unlabeled": unl, "test": test}),
-        f"data.labels_file={labels}",
-        "support.classes=null",
-        "support.images_per_class=5",
-    ]
-    run = train_tiny(tmp_path / "run", overrides)
-    assert json.loads((run / "eval.json").read_text())["num_support"] == 43
-    assert (run / "tighten.pt").is_file()
-    assert load_config(run / "config.yaml").support.classes == 4
-
-
-# --------------------------------------------------------------------------------------------
-# paws train --init.
-
-
-def test_init_starts_from_the_previous_run_weights(pool, tmp_path, capsys, monkeypatch):
-    first = train_tiny(tmp_path / "r1", tiny_overrides(pool))
-    # Learning rates of 0: the new run's parameters never move from where it started.
-    still = [
-        "optim.start_lr=0",
-        "optim.ref_lr=0",
-        "optim.final_lr=0",
-        "tighten.after_training=false",
-    ]
-    argv = ["--quiet", "train", "--init", str(first), "--out", str(tmp_path / "r2")]
-    code, _, err = run_cli([*argv, *set_args([*tiny_overrides(pool), *still])], capsys, monkeypatch)
-    assert code == 0, err
-    old = checkpoint.load(first / "last.pt")
-    new = checkpoint.load(tmp_path / "r2" / "final.pt")
-    params = [k for k, _ in checkpoint_params(new)]
-    assert params and all(torch.equal(old["model"][k], new["model"][k]) for k in params)
-    assert new["step"] == 4 and not torch.equal(
-        old["model"][params[0]], fresh_weights(pool, tmp_path)[params[0]]
-    )
-    record = json.loads((tmp_path / "r2" / "init.json").read_text())
-    assert Path(record["from"]) == first.resolve()
-    assert Path(record["checkpoint"]) == (first / "last.pt").resolve()
-    assert record["step"] == 4
-
-
-def checkpoint_params(state: dict) -> list[tuple[str, torch.Tensor]]:
-    """The trained parameters of a checkpoint (batch-norm statistics move without a step)."""
-    return [
-        (k, v) for k, v in state["model"].items() if v.is_floating_point() and "running_" not in k
-    ]
-
-
-def fresh_weights(pool: dict[str, Path], tmp_path: Path) -> dict[str, torch.Tensor]:
-    """The weights a run without --init starts from (its seed's initialisation)."""
-    from paws.models import Architecture
-    from paws.pretrain.stages import training_model
-
-    cfg = load_config(None, tiny_overrides(pool))
-    arch = Architecture.from_config(cfg, 1)
-    return training_model(cfg, arch, torch.device("cpu")).state_dict()
-
-
-def test_init_keeps_the_schedule_short_and_takes_new_labels(pool, tmp_path):
-    first = train_tiny(tmp_path / "r1", tiny_overrides(pool))
-    labels = write_rows(
-        tmp_path / "labels.csv", ["path", "label"], [["unl/class0/class0_1.png", "new class"]]
-    )
-    from paws.pretrain.train import train
-
-    # 2 epochs of 33 images (24 + the 9 labelled) in batches of 8 are 8 steps, not min_steps.
-    changes = [
-        "optim.steps=null",
-        "optim.epochs=2",
-        f"data.labels_file={labels}",
-        "support.classes=null",
-    ]
-    cfg = load_config(None, tiny_overrides(pool, *changes))
-    result = train(cfg, tmp_path / "r2", init=first)
-    assert result["step"] == 8
-    saved = load_config(tmp_path / "r2" / "config.yaml")
-    assert saved.optim.min_steps is None
-    assert saved.data.labels_file == str(labels)
-
-
-def test_init_of_another_architecture_is_one_line(pool, tmp_path, capsys, monkeypatch):
-    first = train_tiny(tmp_path / "r1", tiny_overrides(pool))
-    capsys.readouterr()  # the first run's progress
-    argv = ["--quiet", "train", "--init", str(first), "--out", str(tmp_path / "r2")]
-    overrides = tiny_overrides(pool, "model.proj_out=12")
-    code, _, err = run_cli([*argv, *set_args(overrides)], capsys, monkeypatch)
-    assert code == 2
-    line = error_line(err)
-    assert "its architecture differs (proj_out 8 -> 12)" in line, line
-    assert not (tmp_path / "r2" / "last.pt").exists()
-
-
-def test_unlabelled_rows_only_is_one_line(pool, tmp_path, capsys, monkeypatch):
-    labels = write_rows(
-        tmp_path / "next.csv",
-        ["path", "label", "suggested_label", "confidence", "reason"],
-        [["unl/class0/class0_0.png", "", "class0", "0.5", "coverage"]],
-    )
-    overrides = [*tiny_overrides({"unlabeled": pool["unlabeled"]}), f"data.labels_file={labels}"]
-    argv = ["--quiet", "train", "--out", str(tmp_path / "run"), *set_args(overrides)]
-    code, _, err = run_cli(argv, capsys, monkeypatch)
-    assert code == 2
-    assert "labels no image (1 suggestions are still unlabelled)" in error_line(err)
-
-
-def test_report_shows_the_rounds_of_a_labelling_loop_in_order(pool, tmp_path):
-    pytest.importorskip("matplotlib")
-    from paws.pretrain.train import train
-    from paws.report import build_report
-
-    folders = {"unlabeled": pool["unlabeled"], "test": pool["test"]}
-    rounds, labels = [], []
-    for i, per_class in enumerate((1, 2, 4)):
-        rows = [
-            [f"unl/class{c}/class{c}_{j}.png", f"class{c}"]
-            for c in range(3)
-            for j in range(per_class)
-        ]
-        labels.append(write_rows(tmp_path / f"labels{i}.csv", ["path", "label"], rows))
-        cfg = load_config(None, tiny_overrides(folders, f"data.labels_file={labels[-1]}"))
-        train(cfg, tmp_path / f"r{i + 1}", init=rounds[-1] if rounds else None)
-        rounds.append(tmp_path / f"r{i + 1}")
-    # Given out of order, the report puts them in round order.
-    paths = build_report([rounds[2], rounds[0], rounds[1]], tmp_path / "rep", 0, 0)
-    page = paths["html"].read_text()
-    assert "<h2>Labelling rounds</h2>" in page
-    table = page[page.index("<h2>Labelling rounds</h2>") :]
-    table = table[: table.index("</table>")]
-    cells = [row.split("<td>")[1:] for row in table.split("<tr>")[2:]]
-    values = [[c.split("</td>")[0] for c in row] for row in cells]
-    assert [v[:4] for v in values] == [
-        ["1", "r1", "3", "3"],
-        ["2", "r2", "6", "3"],
-        ["3", "r3", "12", "3"],
-    ]
-    assert [v[6] for v in values] == ["scratch", "r1", "r2"]
-    assert all(v[4].endswith("%") and float(v[5]) >= 0 for v in values)
+# Embedding the candidates.
 
 
 def test_many_embeddings_are_written_to_a_float16_file_chunk_by_chunk(pool, tmp_path):
     from paws.data import ImageSet
     from paws.data.loaders import Loading
-    from paws.labelling.strategies import MemmapSource, TensorSource
+    from paws.labelling.strategies import TensorSource
     from paws.labelling.suggest import PixelFeatures, embed_pool
 
     files = sorted(pool["unlabeled"].rglob("*.png"))
@@ -442,3 +171,20 @@ def test_many_embeddings_are_written_to_a_float16_file_chunk_by_chunk(pool, tmp_
     assert on_disk.path.parent == tmp_path and len(on_disk) == 24 and on_disk.dim == 144
     torch.testing.assert_close(on_disk.rows(0, 24), in_memory.x, atol=1e-3, rtol=0)
     assert torch.allclose(in_memory.x.norm(dim=1), torch.ones(24))
+
+
+@pytest.mark.parametrize("strategy", ["coverage", "mixed", "kcenter", "uncertainty", "random"])
+def test_asking_for_more_than_are_left_gives_every_one_without_a_search(strategy, monkeypatch):
+    from paws.labelling import suggest
+
+    x, which = clusters(4, 25, seed=6)
+    exclude = which == 2
+    margin = torch.rand(len(x)).numpy()
+    for slow in ("kmeans_select", "k_center_greedy", "mixed_select"):  # none may run
+        monkeypatch.setattr(suggest, slow, lambda *a, **k: pytest.fail("searched"))
+    rows, reasons = suggest.choose(
+        strategy, TensorSource(x), 10_000, None, exclude, margin, which, seed=0
+    )
+    assert sorted(rows.tolist()) == np.flatnonzero(~exclude).tolist()
+    assert (np.diff(margin[rows]) >= 0).all()  # the least sure first
+    assert set(reasons) == {"every candidate not labelled yet"}

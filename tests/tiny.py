@@ -38,6 +38,9 @@ from PIL import Image
 
 from paws import cli
 from paws.config import apply_overrides, load_config
+from paws.labelling.strategies import (
+    unit_rows,
+)
 from paws.pretrain.train import train
 
 # Class names of the colour folder that the command-line tests break in many ways.
@@ -296,3 +299,12 @@ def write_fashion(root: Path, n_train: int = 60, n_test: int = 20) -> None:
     for split, n in (("train", n_train), ("t10k", n_test)):
         write_idx(root / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
         write_idx(root / f"{split}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+
+
+def clusters(k: int, per: int, dim: int = 16, spread: float = 0.05, seed: int = 0):
+    """(k * per, dim) unit rows around k random directions, and each row's cluster."""
+    g = torch.Generator().manual_seed(seed)
+    centres = unit_rows(torch.randn(k, dim, generator=g))
+    which = torch.arange(k).repeat_interleave(per)
+    x = unit_rows(centres[which] + spread * torch.randn(k * per, dim, generator=g))
+    return x, which.numpy()
