@@ -1,27 +1,16 @@
-"""predict, embed, export and paws.load on a tiny pre-trained run."""
+"""The predictors (apply/predictor.py) on a tiny pre-trained run: predictions agree with
+``paws eval``, a new support folder adds classes, and the known score flags unknown images."""
 
 from __future__ import annotations
 
 import json
-import math
 import os
-import shutil
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
-from PIL import Image
-from tiny import error_line
 
 import paws
-from paws.after.finetune import finetune_checkpoint
-from paws.apply.load import from_checkpoint
 from paws.cli import main
-from paws.data.images import expand_images
+from paws.method.known_score import KnownScore
 
 
 def _accuracy(rows: list[dict]) -> float:
@@ -43,25 +32,6 @@ def test_predict_on_test_images_matches_paws_eval(shared_run, tmp_path, capsys):
     assert [classes.index(r["top"][0]["class"]) for r in rows] == saved["predictions"]
 
 
-def test_predict_csv_top_k_probabilities(shared_run, capsys):
-    paths, run_dir = shared_run
-    files = sorted(paths["test"].rglob("*.png"))[:3]
-    args = ["--quiet", "predict", str(run_dir), *map(str, files), "--top-k", "3"]
-    assert main(args) == 0
-    lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[0] == (
-        "file,class_1,probability_1,class_2,probability_2,class_3,probability_3,score,unknown"
-    )
-    assert len(lines) == 4
-    for line, f in zip(lines[1:], files):
-        cells = line.split(",")
-        assert cells[0] == str(f)
-        probs = [float(p) for p in cells[2:7:2]]
-        assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-6
-        assert len(set(cells[1:7:2])) == 3
-        assert math.isfinite(float(cells[7])) and cells[8] in ("true", "false")
-
-
 def test_new_classes_are_recognised_from_a_support_folder(shared_run, tmp_path):
     """Classes 4 and 5 had no labels in pre-training; a support folder with a few labelled
     images of all six classes is enough to classify them (chance: 1/6)."""
@@ -76,116 +46,20 @@ def test_new_classes_are_recognised_from_a_support_folder(shared_run, tmp_path):
     assert _accuracy(new) >= 50.0
 
 
-def test_embed_npy_and_safetensors(shared_run, tmp_path):
-    from safetensors import safe_open
-
-    paths, run_dir = shared_run
-    files = expand_images([paths["test"]])
-    expected = from_checkpoint(run_dir, device="cpu").embed(files, "trunk")
-    npy = tmp_path / "emb.npy"
-    base = ["--quiet", "embed", str(run_dir), str(paths["test"]), "--features", "trunk"]
-    assert main([*base, "--out", str(npy)]) == 0
-    assert np.allclose(np.load(npy), expected.numpy(), atol=1e-6)
-    assert (tmp_path / "emb.txt").read_text().splitlines() == [str(f) for f in files]
-    st = tmp_path / "emb.safetensors"
-    assert main([*base, "--out", str(st)]) == 0
-    with safe_open(str(st), "pt") as f:
-        assert json.loads(f.metadata()["files"]) == [str(p) for p in files]
-        assert f.metadata()["features"] == "trunk"
-        assert torch.allclose(f.get_tensor("embeddings"), expected, atol=1e-6)
-    assert expected.shape == (48, 24)
-
-
-def test_paths_pil_images_and_tensors_give_the_same_embeddings(shared_run):
+def test_predictions_say_which_images_are_unknown(shared_run):
     paths, run_dir = shared_run
     model = paws.load(run_dir, device="cpu")
-    files = sorted(paths["test"].rglob("*.png"))[:5]
-    pil = [Image.open(f) for f in files]
-    x = torch.stack([torch.from_numpy(np.array(im)).unsqueeze(0) for im in pil])
-    from_paths = model.embed(files)
-    assert torch.allclose(model.embed(pil), from_paths, atol=1e-6)
-    assert torch.allclose(model.embed(x), from_paths, atol=1e-6)  # uint8
-    assert torch.allclose(model.embed(x.float() / 255), from_paths, atol=1e-5)
-    rgb = x.expand(-1, 3, -1, -1)  # colour input is converted to the model's grey
-    assert torch.allclose(model.embed(rgb), from_paths, atol=1e-5)
-    top = model.predict(pil, top_k=2)
-    assert len(top) == 5 and all(len(t) == 2 and t[0][1] >= t[1][1] for t in top)
-
-
-_FRESH = textwrap.dedent(
-    """
-    import sys, numpy as np, paws
-    folder, images = sys.argv[1], sys.argv[2:]
-    for name in ("pre", "fine"):
-        model = paws.load(f"{folder}/{name}", device="cpu")
-        np.savez(f"{folder}/{name}.npz", probs=model.predict_proba(images).numpy(),
-                 head=model.embed(images, features="head").numpy(),
-                 trunk=model.embed(images, features="trunk").numpy(),
-                 classes=np.array(model.classes))
-    """
-)
-
-
-def test_export_reproduces_the_model_in_a_fresh_process(shared_run, tmp_path):
-    paths, run_dir = shared_run
-    # Copy the run so that it can disappear before the export is loaded.
-    copy = tmp_path / "run"
-    shutil.copytree(run_dir, copy)
-    finetune_checkpoint(copy, ["finetune.lrs=[0.05]", "finetune.epochs=[2]"], copy)
-    files = [str(f) for f in sorted(paths["test_all"].rglob("*.png"))]
-    expected = {}
-    for name, ckpt in (("pre", copy / "last.pt"), ("fine", copy / "finetune.pt")):
-        model = from_checkpoint(ckpt, device="cpu")
-        expected[name] = {
-            "probs": model.predict_proba(files).numpy(),
-            "head": model.embed(files, "head").numpy(),
-            "trunk": model.embed(files, "trunk").numpy(),
-            "classes": model.classes,
-        }
-        assert main(["--quiet", "export", str(ckpt), "--out", str(tmp_path / name)]) == 0
-    shutil.rmtree(copy)  # no checkpoint, no config.yaml: the export must stand alone
-    manifest = json.loads((tmp_path / "pre" / "model.json").read_text())
-    assert manifest["classify"]["method"] == "snn" and manifest["classify"]["num_support"] == 32
-    assert manifest["preprocessing"]["size"] == 16 and manifest["preprocessing"]["channels"] == 1
-    assert json.loads((tmp_path / "fine" / "model.json").read_text())["classify"] == {
-        "method": "linear"
-    }
-    assert not (tmp_path / "fine" / "support.safetensors").exists()
-    # The fresh process imports this same paws, from any working directory.
-    src = str(Path(paws.__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
-    subprocess.run(
-        [sys.executable, "-c", _FRESH, str(tmp_path), *files], check=True, cwd=tmp_path, env=env
-    )
-    for name in ("pre", "fine"):
-        got = np.load(tmp_path / f"{name}.npz")
-        assert list(got["classes"]) == expected[name]["classes"]
-        for key in ("probs", "head", "trunk"):
-            assert got[key].shape == expected[name][key].shape
-            assert np.abs(got[key] - expected[name][key]).max() < 1e-5, (name, key)
-
-
-def test_export_then_new_support_in_python(shared_run, tmp_path):
-    paths, run_dir = shared_run
-    assert main(["--quiet", "export", str(run_dir), "--out", str(tmp_path / "exp")]) == 0
-    model = paws.load(tmp_path / "exp", support=paths["support"], device="cpu")
-    assert model.classes == [f"class{i}" for i in range(6)] and len(model.support.labels) == 36
-    probs = model.predict_proba(paths["test_all"])
-    assert probs.shape == (72, 6) and torch.allclose(probs.sum(1), torch.ones(72), atol=1e-5)
-
-
-def test_user_errors_are_one_line(shared_run, tmp_path, capsys):
-    paths, run_dir = shared_run
-    finetune_checkpoint(run_dir, ["finetune.lrs=[0.05]", "finetune.epochs=[1]"], tmp_path)
-    capsys.readouterr()
-    cases = [
-        ["predict", str(run_dir), str(tmp_path / "missing.png")],
-        ["predict", str(tmp_path / "finetune.pt"), str(paths["test"]), "--support", "x"],
-        ["embed", str(run_dir), str(paths["test"]), "--out", str(tmp_path / "e.csv")],
-        ["predict", str(tmp_path), str(paths["test"])],
-    ]
-    (tmp_path / "bad.png").write_bytes(b"not an image")
-    cases.append(["predict", str(run_dir), str(tmp_path / "bad.png")])
-    for args in cases:
-        assert main(["--quiet", *args]) == 2, args
-        error_line(capsys.readouterr().err)
+    files = sorted(paths["test_all"].rglob("*.png"))
+    preds = model.predictions(files, top_k=2)
+    scores = model.known_scores(files)
+    assert scores.shape == (len(files),)
+    assert [p.score for p in preds] == pytest.approx(scores.tolist(), abs=1e-6)
+    assert [p.unknown for p in preds] == (scores < model.unknown_threshold).tolist()
+    assert all(p.label == ("unknown" if p.unknown else p.top[0][0]) for p in preds)
+    assert [p.top for p in preds] == model.predict(files, top_k=2)
+    assert model.known_score.features == "trunk" and model.support.known is not None
+    # A labelled image is its own nearest support: its nearest score is 1.
+    own = sorted(paths["labeled"].rglob("*.png"))[:2]
+    model.known_score = KnownScore(kind="nearest")
+    model._threshold = None
+    assert model.known_scores(own).tolist() == pytest.approx([1.0, 1.0], abs=1e-5)
