@@ -5,7 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from tiny import tiny_overrides, train_tiny, write_folder
+from tiny import (
+    ANIMALS,
+    tiny_overrides,
+    train_tiny,
+    write_folder,
+)
 
 
 @pytest.fixture
@@ -83,3 +88,9 @@ def pool(tmp_path: Path) -> dict[str, Path]:
         "labeled": write_folder(tmp_path / "lab", 3, 3, seed=1),
         "test": write_folder(tmp_path / "test", 3, 3, seed=3),
     }
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    """A labelled colour folder of cat, dog and fox (6 images a class), for a test to break."""
+    return write_folder(tmp_path / "labeled", names=ANIMALS, channels=3)

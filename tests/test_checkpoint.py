@@ -15,9 +15,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tiny import write_evil_checkpoint
+from tiny import (
+    expect_error,
+    finite_checkpoint,
+    paws_train,
+    run_cli,
+    tiny_config,
+    write_config,
+    write_evil_checkpoint,
+)
 
 import paws
+import paws.files
+import paws.pretrain.step
 from paws.errors import UserError
 from paws.rundir import checkpoint
 
@@ -218,3 +228,56 @@ def test_partial_writes_of_a_killed_process_are_removed(tmp_path):
     assert checkpoint.remove_partial_writes(tmp_path) == [stale]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "notes.tmp"]
     _assert_state(checkpoint.load(tmp_path / "last.pt"), _state(1))
+
+
+def test_disk_full_while_checkpointing(folder, tmp_path, capsys, monkeypatch):
+    real_fdopen, opened = os.fdopen, []
+
+    def full_after_first(fd, mode="r", *args, **kwargs):
+        f = real_fdopen(fd, mode, *args, **kwargs)
+        if ".last.pt." not in os.readlink(f"/proc/self/fd/{fd}"):
+            return f  # only checkpoints fill the disk
+        opened.append(f)
+        if len(opened) == 1:
+            return f
+        f.write(b"PK\x03\x04 the first bytes")
+        f.close()
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    fake_os = types.SimpleNamespace(
+        **{k: getattr(os, k) for k in dir(os) if not k.startswith("__")}
+    )
+    fake_os.fdopen = full_after_first
+    monkeypatch.setattr(paws.files, "os", fake_os)
+    line = expect_error(paws_train(tmp_path, capsys, monkeypatch, tiny_config(folder)))
+    run = tmp_path / "run"
+    assert line == (
+        f"could not write checkpoint {run / 'last.pt'}: No space left on device; the previous "
+        "checkpoint is intact"
+    )
+    assert finite_checkpoint(run / "last.pt") == 4
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "last.pt", "metrics.csv"]
+    monkeypatch.setattr(paws.files, "os", os)  # space freed: the run resumes
+    code, _, err = run_cli(["--quiet", "train", "--resume", str(run)], capsys, monkeypatch)
+    assert code == 0, err
+    assert torch.load(run / "final.pt", weights_only=True)["step"] == 16
+
+
+@pytest.mark.parametrize("fmt", ["pickle", "torch zip"])
+def test_eval_and_resume_refuse_a_checkpoint_that_runs_code(
+    fmt, folder, tmp_path, capsys, monkeypatch
+):
+    marker = tmp_path / "pwned"
+    run = tmp_path / "run"
+    run.mkdir()
+    write_config(run / "config.yaml", tiny_config(folder))
+    evil = write_evil_checkpoint(run / "last.pt", marker, fmt)
+    refused = (
+        f"cannot load checkpoint {evil}: it holds objects other than tensors and plain values, "
+        "refused for safety"
+    )
+    assert expect_error(run_cli(["eval", str(evil)], capsys, monkeypatch)) == refused
+    assert expect_error(run_cli(["eval", str(run)], capsys, monkeypatch)) == refused
+    resume = ["--quiet", "train", "--resume", str(run)]
+    assert expect_error(run_cli(resume, capsys, monkeypatch)) == refused
+    assert not marker.exists()

@@ -3,10 +3,17 @@ and ``--debug`` shows the traceback instead."""
 
 from __future__ import annotations
 
-from tiny import error_line
+import pytest
+from tiny import (
+    error_line,
+    tiny_config,
+    write_config,
+)
 
+from paws import cli
 from paws.after.finetune import finetune_checkpoint
 from paws.cli import main
+from paws.errors import UserError
 
 
 def test_user_errors_are_one_line(shared_run, tmp_path, capsys):
@@ -24,3 +31,9 @@ def test_user_errors_are_one_line(shared_run, tmp_path, capsys):
     for args in cases:
         assert main(["--quiet", *args]) == 2, args
         error_line(capsys.readouterr().err)
+
+
+def test_debug_shows_the_traceback(tmp_path, capsys, monkeypatch):
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_config(tmp_path / "nowhere"))
+    with pytest.raises(UserError, match="labelled folder not found"):
+        cli.main(["--debug", "--quiet", "train", "--config", str(cfg), "--out", str(tmp_path)])

@@ -6,6 +6,11 @@ import dataclasses
 
 import pytest
 import yaml
+from tiny import (
+    expect_error,
+    paws_train,
+    tiny_config,
+)
 
 from paws.config import (
     Config,
@@ -271,3 +276,44 @@ def test_switching_encoder_keeps_its_standard_width():
     resnet = build_encoder(load_config(None, ["model.encoder=resnet18"]), 3)
     assert resnet.num_features == 512
     assert build_encoder(load_config(None, ["model.width=8"]), 1).num_features == 32
+
+
+@pytest.mark.parametrize(
+    "section, key, value, message",
+    [
+        ("optim", "bach_size", 6, "unknown config key 'optim.bach_size'; did you mean "
+         "'optim.batch_size'?"),
+        ("optim", "steps", "ten", "optim.steps must be int or null, got 'ten'"),
+        ("optim", "momentum", 2, "optim.momentum must be in [0.0, 0.9999], got 2.0"),
+        ("data", "on_bad_image", "skipp", "data.on_bad_image must be one of error, skip; got "
+         "'skipp' (did you mean 'skip'?)"),
+        ("optim", "ref_lr", float("nan"), "optim.ref_lr must be a finite number, got nan"),
+    ],
+)  # fmt: skip
+def test_bad_config_value(section, key, value, message, folder, tmp_path, capsys, monkeypatch):
+    cfg = tiny_config(folder)
+    cfg[section][key] = value
+    assert expect_error(paws_train(tmp_path, capsys, monkeypatch, cfg)) == message
+
+
+def test_misspelt_section_and_override(folder, tmp_path, capsys, monkeypatch):
+    cfg = tiny_config(folder)
+    cfg["optm"] = cfg.pop("optim")
+    line = expect_error(paws_train(tmp_path, capsys, monkeypatch, cfg))
+    assert line == "unknown config key 'optm'; did you mean 'optim'?"
+    line = expect_error(
+        paws_train(tmp_path, capsys, monkeypatch, tiny_config(folder), "--set", "run.sed=1")
+    )
+    assert line == "unknown config key 'run.sed'; did you mean 'run.seed'?"
+
+
+def test_values_as_users_write_them_in_yaml(tmp_path):
+    # YAML 1.1 reads `no` and `off` as booleans and 1e-4 as a string.
+    path = tmp_path / "cfg.yaml"
+    path.write_text(
+        "data:\n  in_memory: no\noptim:\n  weight_decay: 1e-4\n  steps: 2e3\nrun:\n  amp: off\n"
+    )
+    cfg = load_config(path)
+    assert cfg.data.in_memory is False and cfg.run.amp == "off"
+    assert cfg.optim.weight_decay == 1e-4 and cfg.optim.steps == 2000
+    assert load_config(None, ["data.in_memory=yes", "optim.ref_lr=3e-1"]).optim.ref_lr == 0.3

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import pickle
 from pathlib import Path
 
@@ -10,7 +11,17 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tiny import tiny_overrides, write_fashion, write_folder
+from tiny import (
+    DISK,
+    expect_error,
+    paws_train,
+    text_as_jpeg,
+    tiny_config,
+    tiny_overrides,
+    truncated_jpeg,
+    write_fashion,
+    write_folder,
+)
 
 from paws.config import load_config
 from paws.data import (
@@ -252,3 +263,93 @@ def test_num_labels_draws_uniformly_from_the_whole_set_with_uneven_counts():
     assert not np.array_equal(chosen, select_labeled(images, other, 10))
     with pytest.raises(UserError, match="num_labels is 2000"):
         select_labeled(images, load_config(None, ["data.num_labels=2000"]).data, 10)
+
+
+def test_missing_data_folder(tmp_path, capsys, monkeypatch):
+    cfg = tiny_config(tmp_path / "nowhere")
+    line = expect_error(paws_train(tmp_path, capsys, monkeypatch, cfg))
+    assert line == f"labelled folder not found: {tmp_path / 'nowhere'}"
+
+
+def test_empty_data_folder(tmp_path, capsys, monkeypatch):
+    (tmp_path / "empty").mkdir()
+    line = expect_error(paws_train(tmp_path, capsys, monkeypatch, tiny_config(tmp_path / "empty")))
+    assert line == (
+        f"{tmp_path / 'empty'} has no class sub-folders: arrange labelled images as <class>/<image>"
+    )
+
+
+def test_empty_unlabelled_folder(folder, tmp_path, capsys, monkeypatch):
+    (tmp_path / "unl").mkdir()
+    cfg = tiny_config(folder, f"data.unlabeled={tmp_path / 'unl'}")
+    line = expect_error(paws_train(tmp_path, capsys, monkeypatch, cfg))
+    assert line.startswith(f"no images found in {tmp_path / 'unl'} (looked for .jpg, .jpeg,")
+
+
+def test_empty_class_folder(folder, tmp_path, capsys, monkeypatch):
+    (folder / "emu").mkdir()
+    line = expect_error(paws_train(tmp_path, capsys, monkeypatch, tiny_config(folder)))
+    assert line == f"class folder {folder / 'emu'} holds no images; add images or remove the folder"
+
+
+@pytest.mark.parametrize("storage", ["memory", "disk"])
+@pytest.mark.parametrize("bad", [truncated_jpeg, text_as_jpeg], ids=["truncated", "text"])
+def test_unreadable_image_names_the_file(bad, storage, folder, tmp_path, capsys, monkeypatch):
+    # On disk the file is read in a data-loader worker process, which wraps the error.
+    path = bad(folder)
+    cfg = tiny_config(folder, *(DISK if storage == "disk" else []))
+    line = expect_error(paws_train(tmp_path, capsys, monkeypatch, cfg))
+    assert line.startswith(f"cannot read image {path}: ")
+    assert line.endswith("; fix or remove it, or set data.on_bad_image: skip")
+
+
+def test_a_split_file_naming_missing_images_of_a_folder_is_one_line(
+    folder, tmp_path, capsys, monkeypatch
+):
+    split = tmp_path / "split.txt"
+    split.write_text("cat_0.png\ndog_1.png\nfox_9.png\n")
+    line = expect_error(
+        paws_train(tmp_path, capsys, monkeypatch, tiny_config(folder, f"data.split_file={split}"))
+    )
+    assert line == (
+        f"split file {split} names 1 image(s) not in the dataset, e.g. 'fox_9.png'; fix the "
+        "names or the data folder"
+    )
+
+
+def _cifar10_folder(root: Path, batch: bytes | None = None) -> Path:
+    """A CIFAR-10 python-batch folder with 2 images per file (as Python 3 pickles them)."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        data = {"data": rng.integers(0, 255, (2, 3072), dtype=np.uint8), "labels": [0, 1]}
+        (folder / name).write_bytes(batch or pickle.dumps(data, protocol=2))
+    meta = {"label_names": ["airplane", "automobile"]}
+    (folder / "batches.meta").write_bytes(batch or pickle.dumps(meta, protocol=2))
+    return root
+
+
+def test_cifar_batches_load_with_the_restricted_unpickler(tmp_path):
+    train, test, classes = load_cifar(str(_cifar10_folder(tmp_path)), "cifar10")
+    assert train.images.shape == (10, 3, 32, 32) and test.images.shape == (2, 3, 32, 32)
+    assert classes == ["airplane", "automobile"] and train.labels.tolist() == [0, 1] * 5
+
+
+def test_cifar_batch_that_runs_code_is_refused(tmp_path, capsys, monkeypatch):
+    marker = tmp_path / "pwned"
+    root = _cifar10_folder(tmp_path / "cifar")
+    evil = root / "cifar-10-batches-py" / "data_batch_3"
+    evil.write_bytes(pickle.dumps({"data": _Shell(f"touch {marker}"), "labels": [0]}))
+    cfg = {"data": {"dataset": "cifar10", "root": str(root)}, "run": {"device": "cpu"}}
+    line = expect_error(paws_train(tmp_path, capsys, monkeypatch, cfg))
+    assert line == f"cannot read CIFAR batch {evil}: refusing to load {os.system.__module__}.system"
+    assert not marker.exists()
+
+
+class _Shell:
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))

@@ -6,7 +6,17 @@ import csv
 import json
 
 import torch
-from tiny import run_paws, set_args, tiny_overrides, write_folder
+from tiny import (
+    DISK,
+    paws_train,
+    run_paws,
+    set_args,
+    text_as_jpeg,
+    tiny_config,
+    tiny_overrides,
+    truncated_jpeg,
+    write_folder,
+)
 
 from paws.rundir.checkpoint import load
 
@@ -93,3 +103,30 @@ def test_tightening_is_skipped_in_a_line_when_a_class_has_one_labelled_image(
     out = run_paws("train", "--out", str(tmp_path / "run"), *over)
     assert "not tightening the clusters after training: SuNCEt compares" in out.stderr
     assert json.loads((tmp_path / "run" / "eval.json").read_text())["model"] == "final.pt"
+
+
+def test_unreadable_images_skipped_in_memory_are_counted(folder, tmp_path, capfd, monkeypatch):
+    bad = [truncated_jpeg(folder), text_as_jpeg(folder)]
+    cfg = tiny_config(folder, "data.on_bad_image=skip", "optim.steps=2")
+    code, out, err = paws_train(tmp_path, capfd, monkeypatch, cfg, quiet=False)
+    assert code == 0, err
+    listing = tmp_path / "run" / "skipped_images.txt"
+    assert f"skipped 2 unreadable images (listed in {listing})" in out
+    assert sorted(listing.read_text().split()) == sorted(map(str, bad))
+    assert "data: 18 unlabelled, 18 labelled (3 classes)" in err
+    assert (tmp_path / "run" / "final.pt").is_file()
+
+
+def test_unreadable_images_skipped_on_disk_are_counted(folder, tmp_path, capfd, monkeypatch):
+    # Left out of every set before the data-loader workers start: a labelled image is never
+    # read as a blank image of its class.
+    bad = [truncated_jpeg(folder), text_as_jpeg(folder)]
+    cfg = tiny_config(folder, "data.on_bad_image=skip", "optim.steps=4", *DISK)
+    code, out, err = paws_train(tmp_path, capfd, monkeypatch, cfg, quiet=False)
+    assert code == 0, err
+    listing = tmp_path / "run" / "skipped_images.txt"
+    assert f"skipped 2 unreadable images (listed in {listing})" in out
+    assert sorted(listing.read_text().split()) == sorted(map(str, bad))
+    assert "data: 18 unlabelled, 18 labelled (3 classes)" in err
+    assert "Traceback" not in err
+    assert (tmp_path / "run" / "final.pt").is_file()

@@ -308,3 +308,47 @@ def clusters(k: int, per: int, dim: int = 16, spread: float = 0.05, seed: int = 
     which = torch.arange(k).repeat_interleave(per)
     x = unit_rows(centres[which] + spread * torch.randn(k * per, dim, generator=g))
     return x, which.numpy()
+
+
+# Images read from disk by data-loader workers, not decoded into memory first.
+DISK = ["data.in_memory=no", "data.workers=2"]
+
+
+def paws_train(tmp_path, capsys, monkeypatch, cfg: dict, *extra: str, quiet: bool = True):
+    """``paws [--quiet] train --config CFG --out RUN EXTRA``: (exit code, stdout, stderr)."""
+    path = write_config(tmp_path / "cfg.yaml", cfg)
+    argv = ["train", "--config", str(path), "--out", str(tmp_path / "run"), *extra]
+    return run_cli(["--quiet", *argv] if quiet else argv, capsys, monkeypatch)
+
+
+def expect_error(result: tuple[int, str, str]) -> str:
+    """The one line of a user error, from the (exit code, stdout, stderr) of a command that
+    must have exited with status 2."""
+    code, _, err = result
+    assert code == 2, err
+    return error_line(err)
+
+
+def truncated_jpeg(folder: Path) -> Path:
+    """A JPEG of ``folder``'s first cat cut after 300 bytes, as a failed copy leaves it."""
+    path = folder / "cat" / "cut.jpg"
+    Image.open(folder / "cat" / "cat_0.png").save(path, quality=95)
+    path.write_bytes(path.read_bytes()[:300])
+    return path
+
+
+def text_as_jpeg(folder: Path) -> Path:
+    """A text file named like a JPEG among ``folder``'s dogs."""
+    path = folder / "dog" / "notes.jpg"
+    path.write_text("shopping list: milk, eggs\n")
+    return path
+
+
+def finite_checkpoint(path: Path) -> int:
+    """The step of the checkpoint at ``path``, after checking that its weights and optimizer
+    state hold no infinity or NaN."""
+    state = torch.load(path, weights_only=True)
+    tensors = list(state["model"].values())
+    tensors += [v for s in state["optimizer"]["state"].values() for v in s.values()]
+    assert all(torch.isfinite(t).all() for t in tensors if t.is_floating_point())
+    return state["step"]
