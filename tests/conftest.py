@@ -7,10 +7,16 @@ from pathlib import Path
 import pytest
 from tiny import (
     ANIMALS,
+    RESUMABLE,
+    tiny_config,
     tiny_overrides,
+    torch_state,
     train_tiny,
+    write_config,
     write_folder,
 )
+
+from paws import cli
 
 
 @pytest.fixture
@@ -94,3 +100,26 @@ def pool(tmp_path: Path) -> dict[str, Path]:
 def folder(tmp_path: Path) -> Path:
     """A labelled colour folder of cat, dog and fox (6 images a class), for a test to break."""
     return write_folder(tmp_path / "labeled", names=ANIMALS, channels=3)
+
+
+@pytest.fixture(scope="session")
+def made(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One tiny run with a test set (4 steps), its export and a query image, made once for the
+    tests that damage copies of their files (``tiny.Cases``), never the files themselves."""
+    root = tmp_path_factory.mktemp("bad_inputs")
+    labeled = write_folder(root / "labeled", names=ANIMALS, channels=3)
+    test = write_folder(root / "test", names=ANIMALS, channels=3, per_class=2, seed=3)
+    settings = [*RESUMABLE, "optim.steps=4", "run.checkpoint_every=4"]
+    run = train_tiny(root / "run", tiny_overrides({"labeled": labeled, "test": test}, *settings))
+    with torch_state():
+        assert cli.main(["--quiet", "export", str(run), "--out", str(root / "export")]) == 0
+    config = write_config(root / "cfg.yaml", tiny_config(labeled, "optim.steps=2"))
+    return {
+        "root": root,
+        "labeled": labeled,
+        "test": test,
+        "run": run,
+        "export": root / "export",
+        "config": config,
+        "image": test / "cat" / "cat_0.png",
+    }

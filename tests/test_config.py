@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import pickle
+import zlib
+from collections.abc import Iterator
 
+import numpy as np
 import pytest
 import yaml
 from tiny import (
+    Cases,
+    copy_run,
     expect_error,
     paws_train,
     tiny_config,
@@ -317,3 +323,33 @@ def test_values_as_users_write_them_in_yaml(tmp_path):
     assert cfg.data.in_memory is False and cfg.run.amp == "off"
     assert cfg.optim.weight_decay == 1e-4 and cfg.optim.steps == 2000
     assert load_config(None, ["data.in_memory=yes", "optim.ref_lr=3e-1"]).optim.ref_lr == 0.3
+
+
+def _encodings(text: str) -> Iterator[tuple[str, bytes]]:
+    accented = "# r\u00e9sum\u00e9: the first run\n" + text
+    yield "UTF-16 with a BOM", text.encode("utf-16")
+    yield "UTF-16-LE", text.encode("utf-16-le")
+    yield "UTF-16-BE", text.encode("utf-16-be")
+    yield "UTF-32", text.encode("utf-32")
+    yield "latin-1", accented.encode("latin-1")
+    yield "cp1252", accented.encode("cp1252")
+    yield "random bytes", np.random.default_rng(0).integers(0, 256, 300, dtype=np.uint8).tobytes()
+    yield "a NUL byte", text.encode()[:40] + b"\x00" + text.encode()[40:]
+    yield "gzip", zlib.compress(text.encode())
+    yield "a pickle", pickle.dumps({"optim": {"steps": 2}})
+
+
+def test_configs_that_are_not_utf8_yaml(made, tmp_path, capsys):
+    cases = Cases(capsys)
+    text = made["config"].read_text()
+    for i, (name, data) in enumerate(_encodings(text)):
+        path = tmp_path / f"cfg{i}.yaml"
+        path.write_bytes(data)
+        out = tmp_path / f"run{i}"
+        cases.refused(f"train: {name}", ["train", "--config", str(path), "--out", str(out)], path)
+        assert not out.exists(), name
+        cases.refused(f"config: {name}", ["config", "--config", str(path)], path)
+        run = copy_run(made, tmp_path / f"resume{i}")
+        (run / "config.yaml").write_bytes(data)
+        cases.refused(f"resume: {name}", ["train", "--resume", str(run)], run)
+    cases.check()

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import csv
 import gzip
 import os
 import pickle
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -13,8 +15,12 @@ import torch
 from PIL import Image
 from tiny import (
     DISK,
+    Cases,
+    bomb_png,
+    error_line,
     expect_error,
     paws_train,
+    run_cli,
     text_as_jpeg,
     tiny_config,
     tiny_overrides,
@@ -265,6 +271,10 @@ def test_num_labels_draws_uniformly_from_the_whole_set_with_uneven_counts():
         select_labeled(images, load_config(None, ["data.num_labels=2000"]).data, 10)
 
 
+# --------------------------------------------------------------------------------------------
+# Mistakes in the data, through the paws command: one line each.
+
+
 def test_missing_data_folder(tmp_path, capsys, monkeypatch):
     cfg = tiny_config(tmp_path / "nowhere")
     line = expect_error(paws_train(tmp_path, capsys, monkeypatch, cfg))
@@ -353,3 +363,118 @@ class _Shell:
 
     def __reduce__(self):
         return (os.system, (self.command,))
+
+
+# --------------------------------------------------------------------------------------------
+# Damaged inputs, generated systematically (tiny.Cases).
+
+
+def _cifar(root: Path, data: Any, labels: Any) -> Path:
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    good = {"data": np.zeros((2, 3072), np.uint8), "labels": [0, 1]}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {"data": data, "labels": labels} if name == "data_batch_3" else good
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": ["a", "b"]}, protocol=2))
+    return root
+
+
+CIFAR_DAMAGE = {
+    "rows of 3000 values": (np.zeros((2, 3000), np.uint8), [0, 1]),
+    "a flat array": (np.zeros(6144, np.uint8), [0, 1]),
+    "float data": (np.full((2, 3072), 0.5), [0, 1]),
+    "int64 data": (np.zeros((2, 3072), np.int64), [0, 1]),
+    "a list as data": ([[0] * 3072] * 2, [0, 1]),
+    "a label out of range": (np.zeros((2, 3072), np.uint8), [0, 2]),
+    "a negative label": (np.zeros((2, 3072), np.uint8), [0, -1]),
+    "more labels than images": (np.zeros((2, 3072), np.uint8), [0, 1, 1]),
+    "fewer labels than images": (np.zeros((2, 3072), np.uint8), [0]),
+    "float labels": (np.zeros((2, 3072), np.uint8), [0.5, 1.0]),
+    "text labels": (np.zeros((2, 3072), np.uint8), ["a", "b"]),
+}
+
+
+def test_crafted_cifar_batches(tmp_path, capsys):
+    cases = Cases(capsys)
+    for i, (name, (data, labels)) in enumerate(CIFAR_DAMAGE.items()):
+        root = _cifar(tmp_path / f"c{i}", data, labels)
+        argv = [
+            "train",
+            "--config",
+            "cifar10_wrn28_2",
+            "--set",
+            f"data.root={root}",
+            "--set",
+            "run.device=cpu",
+            "--out",
+            str(tmp_path / f"run{i}"),
+        ]
+        cases.refused(name, argv, root, "data_batch_3")
+    cases.check()
+
+
+def test_a_16_bit_image_embeds_as_its_8_bit_equivalent(made, tmp_path, capsys):
+    grey = np.asarray(Image.open(made["image"]).convert("L"))
+    Image.fromarray(grey).save(tmp_path / "eight.png")
+    Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "sixteen.png")
+    assert Image.open(tmp_path / "sixteen.png").mode == "I;16"
+    for name in ("eight", "sixteen"):
+        argv = [
+            "--quiet",
+            "embed",
+            str(made["export"]),
+            str(tmp_path / f"{name}.png"),
+            "--out",
+            str(tmp_path / f"{name}.npy"),
+        ]
+        code, _, err = run_cli(argv, capsys, None)
+        assert code == 0, err
+    eight, sixteen = (np.load(tmp_path / f"{n}.npy") for n in ("eight", "sixteen"))
+    assert np.allclose(eight, sixteen, atol=1e-6)
+    # Pillow's own conversion would read it as nearly white: a different embedding.
+    Image.fromarray(np.full_like(grey, 255)).save(tmp_path / "white.png")
+    argv = [
+        "--quiet",
+        "embed",
+        str(made["export"]),
+        str(tmp_path / "white.png"),
+        "--out",
+        str(tmp_path / "white.npy"),
+    ]
+    assert run_cli(argv, capsys, None)[0] == 0
+    assert not np.allclose(eight, np.load(tmp_path / "white.npy"), atol=1e-3)
+
+
+def test_decompression_bombs_are_bad_images_in_every_command(made, tmp_path, capsys):
+    bomb = bomb_png(tmp_path / "bomb.png")
+    big = bomb_png(tmp_path / "big.png", 12_000, 12_000)  # below Pillow's own limit
+    for path in (bomb, big):
+        argv = ["--quiet", "predict", str(made["export"]), str(path)]
+        line = error_line(run_cli(argv, capsys, None)[2])
+        assert line.startswith(f"cannot read image {path}: it claims ")
+        assert "more than data.max_image_pixels (89,478,485)" in line
+    # Skipped, the other images are predicted; a lower limit makes a small image a bad one.
+    argv = [
+        "--quiet",
+        "predict",
+        str(made["export"]),
+        str(bomb),
+        str(made["image"]),
+        "--set",
+        "data.on_bad_image=skip",
+    ]
+    code, out, err = run_cli(argv, capsys, None)
+    assert code == 0, err
+    assert [r["file"] for r in csv.DictReader(out.splitlines())] == [str(made["image"])]
+    argv = [
+        "--quiet",
+        "embed",
+        str(made["run"]),
+        str(made["image"]),
+        "--out",
+        str(tmp_path / "e.npy"),
+        "--set",
+        "data.max_image_pixels=100",
+    ]
+    assert "more than data.max_image_pixels (100)" in error_line(run_cli(argv, capsys, None)[2])

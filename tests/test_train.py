@@ -7,17 +7,22 @@ import json
 
 import torch
 from tiny import (
+    ANIMALS,
     DISK,
+    bomb_png,
     paws_train,
     run_paws,
     set_args,
     text_as_jpeg,
     tiny_config,
     tiny_overrides,
+    torch_state,
     truncated_jpeg,
+    write_config,
     write_folder,
 )
 
+from paws import cli
 from paws.rundir.checkpoint import load
 
 # Checkpoints and monitoring metrics every 2 of the 4 steps.
@@ -130,3 +135,27 @@ def test_unreadable_images_skipped_on_disk_are_counted(folder, tmp_path, capfd, 
     assert "data: 18 unlabelled, 18 labelled (3 classes)" in err
     assert "Traceback" not in err
     assert (tmp_path / "run" / "final.pt").is_file()
+
+
+def test_skip_on_disk_leaves_bad_labelled_and_test_images_out_and_counts_them(tmp_path, capfd):
+    labeled = write_folder(tmp_path / "labeled", names=ANIMALS, channels=3)
+    test = write_folder(tmp_path / "test", names=ANIMALS, channels=3, per_class=2, seed=3)
+    bad = [bomb_png(labeled / "cat" / "bomb.png"), test / "dog" / "notes.png"]
+    bad[1].write_text("not an image\n")
+    settings = [
+        "data.in_memory=no",
+        "data.workers=2",
+        "data.on_bad_image=skip",
+        "optim.steps=2",
+        "tighten.after_training=false",
+    ]
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_config(labeled, f"data.test={test}", *settings))
+    run = tmp_path / "run"
+    with torch_state():
+        code = cli.main(["train", "--config", str(cfg), "--out", str(run)])
+    out, err = capfd.readouterr()
+    assert code == 0, err
+    assert "skipped 2 unreadable images" in out
+    assert sorted((run / "skipped_images.txt").read_text().split()) == sorted(map(str, bad))
+    assert "data: 18 unlabelled, 18 labelled (3 classes), 6 test; on disk" in err
+    assert json.loads((run / "eval.json").read_text())["num_query"] == 6

@@ -24,10 +24,12 @@ import csv
 import gzip
 import os
 import pickle
+import shutil
 import struct
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+import zlib
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -352,3 +354,108 @@ def finite_checkpoint(path: Path) -> int:
     tensors += [v for s in state["optimizer"]["state"].values() for v in s.values()]
     assert all(torch.isfinite(t).all() for t in tensors if t.is_floating_point())
     return state["step"]
+
+
+# Values of every kind a damaged or hand-edited file may hold instead of the right one.
+WRONG: dict[str, Any] = {
+    "text": "oops",
+    "int": 7,
+    "float": 2.5,
+    "bool": True,
+    "list": [1, 2],
+    "dict": {"x": 1},
+    "tensor": torch.zeros(3),
+    "none": None,
+}
+
+
+JSON_WRONG = {k: v for k, v in WRONG.items() if k != "tensor"}
+
+
+class Cases:
+    """Runs cases of damaged inputs and collects those that do not end as a user error should.
+
+    A family of cases damages a copy of one file in every way it lists (each entry replaced by
+    each wrong kind of value, and removed; tensors of the wrong shape or dtype; files cut at
+    several lengths; configs in other encodings; output paths that cannot be written) and runs
+    the ``paws`` command on it. Every case must exit with status 2, print exactly one non-empty
+    line on stderr (``paws: error: ...``) and no traceback, and leave the files it was given as
+    they were. :meth:`check` fails with every failing case at once, so one run shows them all.
+    """
+
+    def __init__(self, capsys: Any):
+        self.capsys, self.failures, self.count = capsys, [], 0
+
+    def refused(
+        self, name: str, argv: list[str], watched: Path | list[Path], expect: str = ""
+    ) -> None:
+        """``paws --quiet ARGV`` must exit with 2 and one line (containing ``expect``),
+        leaving every file below ``watched`` (one path or several) unchanged."""
+        self.count += 1
+        watched = watched if isinstance(watched, list) else [watched]
+        before = [snapshot(w) for w in watched]
+        with torch_state():
+            code = cli.main(["--quiet", *argv])
+        _, err = self.capsys.readouterr()
+        lines = [ln for ln in err.splitlines() if ln.strip()]
+        if code != 2 or len(lines) != 1 or "Traceback" in err:
+            self.failures.append(f"{name}: exit {code}, stderr: {err.strip()[-400:]}")
+        elif not lines[0].startswith("paws: error: ") or expect not in lines[0]:
+            self.failures.append(f"{name}: {lines[0]}")
+        elif [snapshot(w) for w in watched] != before:
+            self.failures.append(f"{name}: changed the files of {watched}")
+
+    def check(self) -> None:
+        """Fail with every case that did not end as it should."""
+        assert not self.failures, f"{len(self.failures)} of {self.count} cases:\n" + "\n".join(
+            self.failures
+        )
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    """Every file below ``root`` (or ``root`` itself) with its content."""
+    if root.is_file():
+        return {root.name: root.read_bytes()}
+    if not root.exists():
+        return {}
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
+
+
+def copy_run(made: dict[str, Path], dest: Path) -> Path:
+    """A copy of the run directory of the ``made`` fixture (conftest.py), to damage."""
+    return Path(shutil.copytree(made["run"], dest))
+
+
+def weight_damage(weights: dict[str, torch.Tensor]) -> Iterator[tuple[str, dict]]:
+    """The weights with one tensor of the wrong shape, dtype or value, or missing or extra."""
+    names = [k for k, v in weights.items() if v.is_floating_point()]
+    for key in (names[0], names[len(names) // 2], names[-1]):
+        t = weights[key]
+        yield f"{key} one longer", {**weights, key: torch.cat([t.flatten(), t.flatten()[:1]])}
+        yield f"{key} as a row", {**weights, key: t.reshape(1, -1)}
+        yield f"{key} of int64", {**weights, key: t.long()}
+        yield f"{key} NaN", {**weights, key: torch.full_like(t, float("nan"))}
+        yield f"{key} not a tensor", {**weights, key: t.tolist()}
+        yield f"without {key}", {k: v for k, v in weights.items() if k != key}
+    yield "an extra tensor", {**weights, "head.extra": torch.zeros(2)}
+
+
+def bomb_png(path: Path, width: int = 50_000, height: int = 50_000) -> Path:
+    """A valid PNG header claiming ``width`` x ``height`` grey pixels, with almost no data."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        crc = struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+        return struct.pack(">I", len(body)) + kind + body + crc
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    png = chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + png)
+    return path
+
+
+def logged_steps(path: Path) -> list[int]:
+    """The steps of the rows of a metrics or evals CSV file, in order."""
+    with open(path, newline="") as f:
+        return [int(r["step"]) for r in csv.DictReader(f)]
