@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from tiny import JSON_WRONG, Cases, weight_damage
@@ -37,6 +38,7 @@ _FRESH = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_export_reproduces_the_model_in_a_fresh_process(shared_run, tmp_path):
     paths, run_dir = shared_run
     # Copy the run so that it can disappear before the export is loaded.

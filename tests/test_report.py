@@ -113,6 +113,7 @@ def test_report_of_one_run(runs, tmp_path: Path) -> None:
     assert "No baseline.json" not in text
 
 
+@pytest.mark.slow
 def test_report_compares_two_runs_from_the_command_line(runs, tmp_path: Path) -> None:
     out = tmp_path / "compare"
     proc = run_paws(

@@ -97,6 +97,7 @@ def _assert_same_run(run: Path, ref: Path) -> None:
     assert [r["loss"] for r in rows] == [r["loss"] for r in ref_rows]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("storage", ["memory", "disk"])
 def test_sigkill_then_resume_is_bit_identical(
     storage, folder, reference, tmp_path, capsys, monkeypatch
@@ -123,6 +124,7 @@ def test_sigkill_then_resume_is_bit_identical(
     _assert_same_run(run, reference(storage))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_signal_saves_a_checkpoint_and_exits_cleanly(
     sig, folder, reference, tmp_path, capsys, monkeypatch

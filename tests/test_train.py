@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 
+import pytest
 import torch
 from tiny import (
     ANIMALS,
@@ -34,6 +35,7 @@ def sets(folders: dict, *changes: str) -> list[str]:
     return set_args(tiny_overrides(folders, *EVERY_2, *changes))
 
 
+@pytest.mark.slow
 def test_train_checkpoint_resume_eval(image_folders, tmp_path):
     run = tmp_path / "run"
     first = run_paws("--quiet", "train", "--out", str(run), *sets(image_folders))
@@ -68,6 +70,7 @@ def test_train_checkpoint_resume_eval(image_folders, tmp_path):
     assert json.loads(evaluated.stdout)["top1"] == result["pretrained"]["top1"]
 
 
+@pytest.mark.slow
 def test_tightening_after_training_can_be_switched_off(image_folders, tmp_path):
     run = tmp_path / "run"
     off = sets(image_folders, "tighten.after_training=false", "optim.steps=2")
@@ -77,6 +80,7 @@ def test_tightening_after_training_can_be_switched_off(image_folders, tmp_path):
     assert not (run / "tighten.pt").exists() and "after tightening" not in out.stdout
 
 
+@pytest.mark.slow
 def test_resuming_a_finished_run_only_evaluates_again(image_folders, tmp_path):
     run = tmp_path / "run"
     run_paws("--quiet", "train", "--out", str(run), *sets(image_folders))
@@ -90,6 +94,7 @@ def test_resuming_a_finished_run_only_evaluates_again(image_folders, tmp_path):
     assert started.returncode == 2 and "--resume" in started.stderr
 
 
+@pytest.mark.slow
 def test_folder_run_with_unlabelled_and_labelled_folders_and_baseline(image_folders, tmp_path):
     run = tmp_path / "run"
     over = sets(image_folders, "data.test=null", "optim.steps=2")
@@ -100,6 +105,7 @@ def test_folder_run_with_unlabelled_and_labelled_folders_and_baseline(image_fold
     assert result["steps"] == 3 and result["num_labeled"] == 12 and 0 <= result["top1"] <= 100
 
 
+@pytest.mark.slow
 def test_tightening_is_skipped_in_a_line_when_a_class_has_one_labelled_image(
     image_folders, tmp_path
 ):
