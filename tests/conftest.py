@@ -1,4 +1,6 @@
-"""Fixtures: tiny image folders and a tiny pre-trained run (helpers are in ``tiny.py``)."""
+"""Fixtures: tiny image folders, a colour folder to break, a pool of unlabelled images, a tiny
+pre-trained run shared by all tests, and a run with its export to damage (helpers are in
+``tiny.py``)."""
 
 from __future__ import annotations
 

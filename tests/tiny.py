@@ -13,7 +13,17 @@ The command:
     ``run_cli`` runs ``paws`` in this process (``torch_state`` undoes its global torch
     settings), ``run_paws`` and ``popen`` in a new one;
     ``error_line`` checks that a user error is one line; ``set_args`` turns settings into
-    ``--set`` arguments; ``write_evil_checkpoint`` writes a file that runs code if unpickled.
+    ``--set`` arguments; ``write_evil_checkpoint`` writes a file that runs code if unpickled;
+    ``paws_train`` runs ``paws train`` on a config and ``expect_error`` takes its one line.
+Files:
+    ``read_rows`` and ``write_rows`` (CSV), ``write_fashion`` (Fashion-MNIST idx files),
+    ``truncated_jpeg``, ``text_as_jpeg`` and ``bomb_png`` (unreadable images), ``clusters``
+    (embeddings of known clusters), ``logged_steps`` (the steps of a metrics CSV) and
+    ``finite_checkpoint``.
+Damaged inputs:
+    ``Cases`` runs the command on each damaged copy (``copy_run``, ``snapshot``) of a file and
+    collects the cases that do not end in one line; ``WRONG`` holds a value of every kind and
+    ``weight_damage`` the ways a tensor can be wrong.
 
 Fixtures built from these live in ``conftest.py``.
 """
