@@ -21,6 +21,7 @@ from tiny import JSON_WRONG, Cases, weight_damage
 
 import paws
 from paws.after.finetune import finetune_checkpoint
+from paws.apply.export import MANIFEST, is_export, read_export, write_export
 from paws.apply.load import from_checkpoint
 from paws.cli import main
 
@@ -202,3 +203,39 @@ def test_export_values_and_support_tensors_that_do_not_fit(made, tmp_path, capsy
         )
         assert not (tmp_path / f"s{i}.npy").exists()
     cases.check()
+
+
+def test_an_export_read_back_and_written_again_is_the_same_export(made, tmp_path):
+    assert is_export(made["export"]) and not is_export(made["run"])
+    first = read_export(made["export"])
+    # The model the run directory means: pre-trained or tightened, soft nearest neighbours.
+    assert first.kind in ("pretrain", "tighten") and first.classify["method"] == "snn"
+    again = write_export(first, tmp_path / "again")
+    assert json.loads((again / MANIFEST).read_text()) == json.loads(
+        (made["export"] / MANIFEST).read_text()
+    )
+    second = read_export(again)
+    assert (second.kind, second.classes, second.batch_size) == (
+        first.kind,
+        first.classes,
+        first.batch_size,
+    )
+    assert second.architecture == first.architecture
+    assert second.preprocessing == first.preprocessing
+    for parts in ("weights", "support"):
+        a, b = getattr(first, parts), getattr(second, parts)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), parts
+
+
+def test_a_support_of_other_dtypes_is_stored_as_float32_embeddings_and_int64_labels(made, tmp_path):
+    export = read_export(made["export"])
+    support = export.support
+    export.support = {
+        **support,
+        "embeddings": support["embeddings"].double(),
+        "labels": support["labels"].int(),
+    }
+    back = read_export(write_export(export, tmp_path / "cast")).support
+    assert back["embeddings"].dtype == torch.float32 and back["labels"].dtype == torch.int64
+    assert torch.equal(back["labels"], support["labels"])
+    assert torch.equal(back["embeddings"], support["embeddings"].float())
