@@ -1,5 +1,6 @@
 """Checkpoints: atomic writes that survive a full disk or an interrupt part-way, RNG states that
-round-trip, and loading that refuses anything but tensors and plain values."""
+round-trip, and loading that refuses anything but tensors and plain values; through the paws
+command, every damaged entry, tensor or truncated file refused in one line."""
 
 from __future__ import annotations
 

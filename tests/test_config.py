@@ -1,4 +1,5 @@
-"""Config: unknown keys, types, ranges, choices, overrides, round trip, docs, cross-field checks."""
+"""Config: unknown keys, types, ranges, choices, overrides, round trip, docs, cross-field checks;
+the same mistakes and files that are not UTF-8 YAML through the paws command, in one line."""
 
 from __future__ import annotations
 

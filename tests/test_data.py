@@ -1,4 +1,6 @@
-"""Datasets in their real on-disk formats (built small and synthetic), subsets and batches."""
+"""Datasets in their real on-disk formats (built small and synthetic), subsets and batches;
+mistakes in the data (missing or empty folders, unreadable, 16-bit or oversized images, crafted
+CIFAR batches) through the paws command, each in one line."""
 
 from __future__ import annotations
 

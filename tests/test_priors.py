@@ -1,4 +1,5 @@
-"""The ME-MAX prior: per-step restriction to the support classes, and its running estimate."""
+"""The ME-MAX prior: per-step restriction to the support classes, its running estimate, and a
+prior of the wrong length, negative or misspelt refused in one line."""
 
 from __future__ import annotations
 

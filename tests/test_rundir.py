@@ -1,4 +1,5 @@
-"""A run directory: which model it means, its metric columns, and rebuilding a saved model."""
+"""A run directory (rundir/): which model it means, its metric columns, rebuilding a saved model,
+an empty config.yaml refused, and its lock: one paws train at a time, a stale lock ignored."""
 
 from __future__ import annotations
 

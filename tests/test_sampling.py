@@ -1,4 +1,5 @@
-"""Support and unlabelled samplers: balance, uniqueness, determinism, replacement, rank shards."""
+"""Support and unlabelled samplers: balance, uniqueness, determinism, replacement, rank shards;
+through paws train, small classes said in a line and too many support classes refused."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""End to end through the command line on tiny image folders: train, resume, evaluate."""
+"""``paws train`` (pretrain/train.py) end to end on tiny image folders: train, resume, evaluate;
+unreadable images skipped, counted and listed."""
 
 from __future__ import annotations
 
