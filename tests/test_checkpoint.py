@@ -335,6 +335,7 @@ def damaged_checkpoints(state: dict[str, Any]) -> Iterator[tuple[str, str, dict[
             yield f"{command} without {key}", command, {k: v for k, v in state.items() if k != key}
 
 
+@pytest.mark.slow
 def test_every_checkpoint_entry_of_a_wrong_kind_or_missing(made, tmp_path, capsys):
     cases = Cases(capsys)
     state = torch.load(made["run"] / "last.pt", weights_only=True)

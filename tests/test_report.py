@@ -169,6 +169,7 @@ def test_report_of_an_unfinished_run_says_what_is_missing(runs, tmp_path: Path) 
     _check_png(paths["png"].read_bytes())
 
 
+@pytest.mark.slow
 def test_report_shows_the_rounds_of_a_labelling_loop_in_order(pool, tmp_path):
     pytest.importorskip("matplotlib")
     from paws.pretrain.train import train

@@ -129,6 +129,7 @@ def test_unreadable_images_skipped_in_memory_are_counted(folder, tmp_path, capfd
     assert (tmp_path / "run" / "final.pt").is_file()
 
 
+@pytest.mark.slow
 def test_unreadable_images_skipped_on_disk_are_counted(folder, tmp_path, capfd, monkeypatch):
     # Left out of every set before the data-loader workers start: a labelled image is never
     # read as a blank image of its class.
@@ -144,6 +145,7 @@ def test_unreadable_images_skipped_on_disk_are_counted(folder, tmp_path, capfd, 
     assert (tmp_path / "run" / "final.pt").is_file()
 
 
+@pytest.mark.slow
 def test_skip_on_disk_leaves_bad_labelled_and_test_images_out_and_counts_them(tmp_path, capfd):
     labeled = write_folder(tmp_path / "labeled", names=ANIMALS, channels=3)
     test = write_folder(tmp_path / "test", names=ANIMALS, channels=3, per_class=2, seed=3)
