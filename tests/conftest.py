@@ -1,11 +1,24 @@
-"""Fixtures: tiny image folders and a tiny pre-trained run (helpers are in ``tiny.py``)."""
+"""Fixtures: tiny image folders, a colour folder to break, a pool of unlabelled images, a tiny
+pre-trained run shared by all tests, and a run with its export to damage (helpers are in
+``tiny.py``)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
-from tiny import tiny_overrides, train_tiny, write_folder
+from tiny import (
+    ANIMALS,
+    RESUMABLE,
+    tiny_config,
+    tiny_overrides,
+    torch_state,
+    train_tiny,
+    write_config,
+    write_folder,
+)
+
+from paws import cli
 
 
 @pytest.fixture
@@ -73,3 +86,42 @@ def shared_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Path
         "eval.batch_size=32",
     ]
     return paths, train_tiny(root / "run", tiny_overrides(paths, *settings))
+
+
+@pytest.fixture
+def pool(tmp_path: Path) -> dict[str, Path]:
+    """An unlabelled folder of classes 0-2 (8 each), a labelled one (3 each), a test one."""
+    return {
+        "unlabeled": write_folder(tmp_path / "unl", 3, 8, seed=2),
+        "labeled": write_folder(tmp_path / "lab", 3, 3, seed=1),
+        "test": write_folder(tmp_path / "test", 3, 3, seed=3),
+    }
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    """A labelled colour folder of cat, dog and fox (6 images a class), for a test to break."""
+    return write_folder(tmp_path / "labeled", names=ANIMALS, channels=3)
+
+
+@pytest.fixture(scope="session")
+def made(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One tiny run with a test set (4 steps), its export and a query image, made once for the
+    tests that damage copies of their files (``tiny.Cases``), never the files themselves."""
+    root = tmp_path_factory.mktemp("bad_inputs")
+    labeled = write_folder(root / "labeled", names=ANIMALS, channels=3)
+    test = write_folder(root / "test", names=ANIMALS, channels=3, per_class=2, seed=3)
+    settings = [*RESUMABLE, "optim.steps=4", "run.checkpoint_every=4"]
+    run = train_tiny(root / "run", tiny_overrides({"labeled": labeled, "test": test}, *settings))
+    with torch_state():
+        assert cli.main(["--quiet", "export", str(run), "--out", str(root / "export")]) == 0
+    config = write_config(root / "cfg.yaml", tiny_config(labeled, "optim.steps=2"))
+    return {
+        "root": root,
+        "labeled": labeled,
+        "test": test,
+        "run": run,
+        "export": root / "export",
+        "config": config,
+        "image": test / "cat" / "cat_0.png",
+    }

@@ -1,5 +1,6 @@
 """Checkpoints: atomic writes that survive a full disk or an interrupt part-way, RNG states that
-round-trip, and loading that refuses anything but tensors and plain values."""
+round-trip, and loading that refuses anything but tensors and plain values; through the paws
+command, every damaged entry, tensor or truncated file refused in one line."""
 
 from __future__ import annotations
 
@@ -9,15 +10,32 @@ import os
 import pickle
 import random
 import re
+import shutil
 import types
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from tiny import write_evil_checkpoint
+from tiny import (
+    WRONG,
+    Cases,
+    copy_run,
+    expect_error,
+    finite_checkpoint,
+    paws_train,
+    run_cli,
+    tiny_config,
+    weight_damage,
+    write_config,
+    write_evil_checkpoint,
+)
 
 import paws
+import paws.files
+import paws.pretrain.step
 from paws.errors import UserError
 from paws.rundir import checkpoint
 
@@ -218,3 +236,160 @@ def test_partial_writes_of_a_killed_process_are_removed(tmp_path):
     assert checkpoint.remove_partial_writes(tmp_path) == [stale]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "notes.tmp"]
     _assert_state(checkpoint.load(tmp_path / "last.pt"), _state(1))
+
+
+# --------------------------------------------------------------------------------------------
+# Through the paws command: a full disk, files crafted to run code.
+
+
+def test_disk_full_while_checkpointing(folder, tmp_path, capsys, monkeypatch):
+    real_fdopen, opened = os.fdopen, []
+
+    def full_after_first(fd, mode="r", *args, **kwargs):
+        f = real_fdopen(fd, mode, *args, **kwargs)
+        if ".last.pt." not in os.readlink(f"/proc/self/fd/{fd}"):
+            return f  # only checkpoints fill the disk
+        opened.append(f)
+        if len(opened) == 1:
+            return f
+        f.write(b"PK\x03\x04 the first bytes")
+        f.close()
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    fake_os = types.SimpleNamespace(
+        **{k: getattr(os, k) for k in dir(os) if not k.startswith("__")}
+    )
+    fake_os.fdopen = full_after_first
+    monkeypatch.setattr(paws.files, "os", fake_os)
+    line = expect_error(paws_train(tmp_path, capsys, monkeypatch, tiny_config(folder)))
+    run = tmp_path / "run"
+    assert line == (
+        f"could not write checkpoint {run / 'last.pt'}: No space left on device; the previous "
+        "checkpoint is intact"
+    )
+    assert finite_checkpoint(run / "last.pt") == 4
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "last.pt", "metrics.csv"]
+    monkeypatch.setattr(paws.files, "os", os)  # space freed: the run resumes
+    code, _, err = run_cli(["--quiet", "train", "--resume", str(run)], capsys, monkeypatch)
+    assert code == 0, err
+    assert torch.load(run / "final.pt", weights_only=True)["step"] == 16
+
+
+@pytest.mark.parametrize("fmt", ["pickle", "torch zip"])
+def test_eval_and_resume_refuse_a_checkpoint_that_runs_code(
+    fmt, folder, tmp_path, capsys, monkeypatch
+):
+    marker = tmp_path / "pwned"
+    run = tmp_path / "run"
+    run.mkdir()
+    write_config(run / "config.yaml", tiny_config(folder))
+    evil = write_evil_checkpoint(run / "last.pt", marker, fmt)
+    refused = (
+        f"cannot load checkpoint {evil}: it holds objects other than tensors and plain values, "
+        "refused for safety"
+    )
+    assert expect_error(run_cli(["eval", str(evil)], capsys, monkeypatch)) == refused
+    assert expect_error(run_cli(["eval", str(run)], capsys, monkeypatch)) == refused
+    resume = ["--quiet", "train", "--resume", str(run)]
+    assert expect_error(run_cli(resume, capsys, monkeypatch)) == refused
+    assert not marker.exists()
+
+
+# --------------------------------------------------------------------------------------------
+# Damaged checkpoints, generated systematically (tiny.Cases).
+
+
+# Replacements that are valid for an entry (it may be null, or any number, ...) and so are not
+# damage; every other kind must be refused.
+CHECKPOINT_VALID = {
+    "step": {"int", "none"},
+    "epoch": {"int", "float"},
+    "channels": {"none"},
+    "architecture": {"none"},  # checkpoints before architectures were recorded
+    "scaler": {"none", "dict"},  # a CPU run has no gradient scaler to restore
+    "prior": {"none"},
+    "classes": {"list"},
+    "mean": {"list"},
+    "std": {"list"},
+}
+
+
+# The entries each command needs: removing one must be refused.
+NEEDED = {"eval": ("model", "config"), "resume": ("model", "config", "optimizer", "step", "rng")}
+
+
+TRAINING_STATE = ("optimizer", "rng", "scaler", "prior", "step", "epoch")
+
+
+def damaged_checkpoints(state: dict[str, Any]) -> Iterator[tuple[str, str, dict[str, Any]]]:
+    """``(name, command, state)``: each top-level entry replaced by each wrong kind, then each
+    needed entry removed; ``command`` is ``eval``, or ``resume`` for the training state."""
+    for key in state:
+        for kind, value in WRONG.items():
+            if kind in CHECKPOINT_VALID.get(key, ()):
+                continue
+            for command in ("eval", "resume") if key in TRAINING_STATE else ("eval",):
+                yield f"{command} {key}={kind}", command, {**state, key: value}
+    for command, keys in NEEDED.items():
+        for key in keys:
+            yield f"{command} without {key}", command, {k: v for k, v in state.items() if k != key}
+
+
+@pytest.mark.slow
+def test_every_checkpoint_entry_of_a_wrong_kind_or_missing(made, tmp_path, capsys):
+    cases = Cases(capsys)
+    state = torch.load(made["run"] / "last.pt", weights_only=True)
+    assert {"model", "config", "optimizer", "rng", "architecture"} <= set(state)
+    for i, (name, command, bad) in enumerate(damaged_checkpoints(state)):
+        if command == "eval":
+            path = tmp_path / f"bad{i}.pt"
+            torch.save(bad, path)
+            cases.refused(name, ["eval", str(path)], path)
+        else:
+            run = copy_run(made, tmp_path / f"run{i}")
+            torch.save(bad, run / "last.pt")
+            cases.refused(name, ["train", "--resume", str(run)], run)
+    cases.check()
+    assert cases.count > 100
+
+
+def test_checkpoint_tensors_of_wrong_shape_dtype_or_value(made, tmp_path, capsys):
+    cases = Cases(capsys)
+    state = torch.load(made["run"] / "last.pt", weights_only=True)
+    for i, (name, weights) in enumerate(weight_damage(state["model"])):
+        path = tmp_path / f"bad{i}.pt"
+        torch.save({**state, "model": weights}, path)
+        cases.refused(f"eval: {name}", ["eval", str(path)], path, str(path))
+        cases.refused(f"predict: {name}", ["predict", str(path), str(made["image"])], path)
+        run = copy_run(made, tmp_path / f"run{i}")
+        torch.save({**state, "model": weights}, run / "last.pt")
+        cases.refused(f"resume: {name}", ["train", "--resume", str(run)], run)
+    cases.check()
+
+
+CUTS = (0, 1, 10, 100, 1000, 0.5, -2)
+
+
+def _cuts(data: bytes) -> Iterator[tuple[float, bytes]]:
+    """The file cut at each of :data:`CUTS` (a fraction, a length, or from the end) shorter
+    than it."""
+    for at in CUTS:
+        n = int(len(data) * at) if isinstance(at, float) else at if at >= 0 else len(data) + at
+        if n < len(data):
+            yield at, data[:n]
+
+
+def test_truncated_files(made, tmp_path, capsys):
+    cases = Cases(capsys)
+    for at, cut in _cuts((made["run"] / "last.pt").read_bytes()):
+        path = tmp_path / f"cut{at}.pt"
+        path.write_bytes(cut)
+        cases.refused(f"last.pt cut at {at}", ["eval", str(path)], path)
+    for name in ("model.json", "model.safetensors", "support.safetensors"):
+        for at, cut in _cuts((made["export"] / name).read_bytes()):
+            export = Path(shutil.copytree(made["export"], tmp_path / f"{name}{at}"))
+            (export / name).write_bytes(cut)
+            cases.refused(
+                f"{name} cut at {at}", ["predict", str(export), str(made["image"])], export
+            )
+    cases.check()

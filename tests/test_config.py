@@ -1,11 +1,23 @@
-"""Config: unknown keys, types, ranges, choices, overrides, round trip, docs, cross-field checks."""
+"""Config: unknown keys, types, ranges, choices, overrides, round trip, docs, cross-field checks;
+the same mistakes and files that are not UTF-8 YAML through the paws command, in one line."""
 
 from __future__ import annotations
 
 import dataclasses
+import pickle
+import zlib
+from collections.abc import Iterator
 
+import numpy as np
 import pytest
 import yaml
+from tiny import (
+    Cases,
+    copy_run,
+    expect_error,
+    paws_train,
+    tiny_config,
+)
 
 from paws.config import (
     Config,
@@ -271,3 +283,74 @@ def test_switching_encoder_keeps_its_standard_width():
     resnet = build_encoder(load_config(None, ["model.encoder=resnet18"]), 3)
     assert resnet.num_features == 512
     assert build_encoder(load_config(None, ["model.width=8"]), 1).num_features == 32
+
+
+@pytest.mark.parametrize(
+    "section, key, value, message",
+    [
+        ("optim", "bach_size", 6, "unknown config key 'optim.bach_size'; did you mean "
+         "'optim.batch_size'?"),
+        ("optim", "steps", "ten", "optim.steps must be int or null, got 'ten'"),
+        ("optim", "momentum", 2, "optim.momentum must be in [0.0, 0.9999], got 2.0"),
+        ("data", "on_bad_image", "skipp", "data.on_bad_image must be one of error, skip; got "
+         "'skipp' (did you mean 'skip'?)"),
+        ("optim", "ref_lr", float("nan"), "optim.ref_lr must be a finite number, got nan"),
+    ],
+)  # fmt: skip
+def test_bad_config_value(section, key, value, message, folder, tmp_path, capsys, monkeypatch):
+    cfg = tiny_config(folder)
+    cfg[section][key] = value
+    assert expect_error(paws_train(tmp_path, capsys, monkeypatch, cfg)) == message
+
+
+def test_misspelt_section_and_override(folder, tmp_path, capsys, monkeypatch):
+    cfg = tiny_config(folder)
+    cfg["optm"] = cfg.pop("optim")
+    line = expect_error(paws_train(tmp_path, capsys, monkeypatch, cfg))
+    assert line == "unknown config key 'optm'; did you mean 'optim'?"
+    line = expect_error(
+        paws_train(tmp_path, capsys, monkeypatch, tiny_config(folder), "--set", "run.sed=1")
+    )
+    assert line == "unknown config key 'run.sed'; did you mean 'run.seed'?"
+
+
+def test_values_as_users_write_them_in_yaml(tmp_path):
+    # YAML 1.1 reads `no` and `off` as booleans and 1e-4 as a string.
+    path = tmp_path / "cfg.yaml"
+    path.write_text(
+        "data:\n  in_memory: no\noptim:\n  weight_decay: 1e-4\n  steps: 2e3\nrun:\n  amp: off\n"
+    )
+    cfg = load_config(path)
+    assert cfg.data.in_memory is False and cfg.run.amp == "off"
+    assert cfg.optim.weight_decay == 1e-4 and cfg.optim.steps == 2000
+    assert load_config(None, ["data.in_memory=yes", "optim.ref_lr=3e-1"]).optim.ref_lr == 0.3
+
+
+def _encodings(text: str) -> Iterator[tuple[str, bytes]]:
+    accented = "# r\u00e9sum\u00e9: the first run\n" + text
+    yield "UTF-16 with a BOM", text.encode("utf-16")
+    yield "UTF-16-LE", text.encode("utf-16-le")
+    yield "UTF-16-BE", text.encode("utf-16-be")
+    yield "UTF-32", text.encode("utf-32")
+    yield "latin-1", accented.encode("latin-1")
+    yield "cp1252", accented.encode("cp1252")
+    yield "random bytes", np.random.default_rng(0).integers(0, 256, 300, dtype=np.uint8).tobytes()
+    yield "a NUL byte", text.encode()[:40] + b"\x00" + text.encode()[40:]
+    yield "gzip", zlib.compress(text.encode())
+    yield "a pickle", pickle.dumps({"optim": {"steps": 2}})
+
+
+def test_configs_that_are_not_utf8_yaml(made, tmp_path, capsys):
+    cases = Cases(capsys)
+    text = made["config"].read_text()
+    for i, (name, data) in enumerate(_encodings(text)):
+        path = tmp_path / f"cfg{i}.yaml"
+        path.write_bytes(data)
+        out = tmp_path / f"run{i}"
+        cases.refused(f"train: {name}", ["train", "--config", str(path), "--out", str(out)], path)
+        assert not out.exists(), name
+        cases.refused(f"config: {name}", ["config", "--config", str(path)], path)
+        run = copy_run(made, tmp_path / f"resume{i}")
+        (run / "config.yaml").write_bytes(data)
+        cases.refused(f"resume: {name}", ["train", "--resume", str(run)], run)
+    cases.check()

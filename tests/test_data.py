@@ -1,17 +1,35 @@
-"""Datasets in their real on-disk formats (built small and synthetic), subsets and batches."""
+"""Datasets in their real on-disk formats (built small and synthetic), subsets and batches;
+mistakes in the data (missing or empty folders, unreadable, 16-bit or oversized images, crafted
+CIFAR batches) through the paws command, each in one line."""
 
 from __future__ import annotations
 
+import csv
 import gzip
+import os
 import pickle
-import struct
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tiny import tiny_overrides, write_folder
+from tiny import (
+    DISK,
+    Cases,
+    bomb_png,
+    error_line,
+    expect_error,
+    paws_train,
+    run_cli,
+    text_as_jpeg,
+    tiny_config,
+    tiny_overrides,
+    truncated_jpeg,
+    write_fashion,
+    write_folder,
+)
 
 from paws.config import load_config
 from paws.data import (
@@ -24,21 +42,6 @@ from paws.data import (
 )
 from paws.data.loaders import Loading, multicrop_batches
 from paws.errors import UserError
-
-
-def write_idx(path: Path, array: np.ndarray) -> None:
-    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim)
-    header += b"".join(struct.pack(">I", d) for d in array.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + array.astype(np.uint8).tobytes())
-
-
-def write_fashion(root: Path, n_train: int = 60, n_test: int = 20) -> None:
-    rng = np.random.default_rng(0)
-    root.mkdir(parents=True, exist_ok=True)
-    for split, n in (("train", n_train), ("t10k", n_test)):
-        write_idx(root / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
-        write_idx(root / f"{split}-labels-idx1-ubyte.gz", np.arange(n) % 10)
 
 
 def write_cifar10(root: Path, per_batch: int = 20) -> Path:
@@ -268,3 +271,212 @@ def test_num_labels_draws_uniformly_from_the_whole_set_with_uneven_counts():
     assert not np.array_equal(chosen, select_labeled(images, other, 10))
     with pytest.raises(UserError, match="num_labels is 2000"):
         select_labeled(images, load_config(None, ["data.num_labels=2000"]).data, 10)
+
+
+# --------------------------------------------------------------------------------------------
+# Mistakes in the data, through the paws command: one line each.
+
+
+def test_missing_data_folder(tmp_path, capsys, monkeypatch):
+    cfg = tiny_config(tmp_path / "nowhere")
+    line = expect_error(paws_train(tmp_path, capsys, monkeypatch, cfg))
+    assert line == f"labelled folder not found: {tmp_path / 'nowhere'}"
+
+
+def test_empty_data_folder(tmp_path, capsys, monkeypatch):
+    (tmp_path / "empty").mkdir()
+    line = expect_error(paws_train(tmp_path, capsys, monkeypatch, tiny_config(tmp_path / "empty")))
+    assert line == (
+        f"{tmp_path / 'empty'} has no class sub-folders: arrange labelled images as <class>/<image>"
+    )
+
+
+def test_empty_unlabelled_folder(folder, tmp_path, capsys, monkeypatch):
+    (tmp_path / "unl").mkdir()
+    cfg = tiny_config(folder, f"data.unlabeled={tmp_path / 'unl'}")
+    line = expect_error(paws_train(tmp_path, capsys, monkeypatch, cfg))
+    assert line.startswith(f"no images found in {tmp_path / 'unl'} (looked for .jpg, .jpeg,")
+
+
+def test_empty_class_folder(folder, tmp_path, capsys, monkeypatch):
+    (folder / "emu").mkdir()
+    line = expect_error(paws_train(tmp_path, capsys, monkeypatch, tiny_config(folder)))
+    assert line == f"class folder {folder / 'emu'} holds no images; add images or remove the folder"
+
+
+@pytest.mark.parametrize("storage", ["memory", "disk"])
+@pytest.mark.parametrize("bad", [truncated_jpeg, text_as_jpeg], ids=["truncated", "text"])
+def test_unreadable_image_names_the_file(bad, storage, folder, tmp_path, capsys, monkeypatch):
+    # On disk the file is read in a data-loader worker process, which wraps the error.
+    path = bad(folder)
+    cfg = tiny_config(folder, *(DISK if storage == "disk" else []))
+    line = expect_error(paws_train(tmp_path, capsys, monkeypatch, cfg))
+    assert line.startswith(f"cannot read image {path}: ")
+    assert line.endswith("; fix or remove it, or set data.on_bad_image: skip")
+
+
+def test_a_split_file_naming_missing_images_of_a_folder_is_one_line(
+    folder, tmp_path, capsys, monkeypatch
+):
+    split = tmp_path / "split.txt"
+    split.write_text("cat_0.png\ndog_1.png\nfox_9.png\n")
+    line = expect_error(
+        paws_train(tmp_path, capsys, monkeypatch, tiny_config(folder, f"data.split_file={split}"))
+    )
+    assert line == (
+        f"split file {split} names 1 image(s) not in the dataset, e.g. 'fox_9.png'; fix the "
+        "names or the data folder"
+    )
+
+
+def _cifar10_folder(root: Path, batch: bytes | None = None) -> Path:
+    """A CIFAR-10 python-batch folder with 2 images per file (as Python 3 pickles them)."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        data = {"data": rng.integers(0, 255, (2, 3072), dtype=np.uint8), "labels": [0, 1]}
+        (folder / name).write_bytes(batch or pickle.dumps(data, protocol=2))
+    meta = {"label_names": ["airplane", "automobile"]}
+    (folder / "batches.meta").write_bytes(batch or pickle.dumps(meta, protocol=2))
+    return root
+
+
+def test_cifar_batches_load_with_the_restricted_unpickler(tmp_path):
+    train, test, classes = load_cifar(str(_cifar10_folder(tmp_path)), "cifar10")
+    assert train.images.shape == (10, 3, 32, 32) and test.images.shape == (2, 3, 32, 32)
+    assert classes == ["airplane", "automobile"] and train.labels.tolist() == [0, 1] * 5
+
+
+def test_cifar_batch_that_runs_code_is_refused(tmp_path, capsys, monkeypatch):
+    marker = tmp_path / "pwned"
+    root = _cifar10_folder(tmp_path / "cifar")
+    evil = root / "cifar-10-batches-py" / "data_batch_3"
+    evil.write_bytes(pickle.dumps({"data": _Shell(f"touch {marker}"), "labels": [0]}))
+    cfg = {"data": {"dataset": "cifar10", "root": str(root)}, "run": {"device": "cpu"}}
+    line = expect_error(paws_train(tmp_path, capsys, monkeypatch, cfg))
+    assert line == f"cannot read CIFAR batch {evil}: refusing to load {os.system.__module__}.system"
+    assert not marker.exists()
+
+
+class _Shell:
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
+
+
+# --------------------------------------------------------------------------------------------
+# Damaged inputs, generated systematically (tiny.Cases).
+
+
+def _cifar(root: Path, data: Any, labels: Any) -> Path:
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    good = {"data": np.zeros((2, 3072), np.uint8), "labels": [0, 1]}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {"data": data, "labels": labels} if name == "data_batch_3" else good
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": ["a", "b"]}, protocol=2))
+    return root
+
+
+CIFAR_DAMAGE = {
+    "rows of 3000 values": (np.zeros((2, 3000), np.uint8), [0, 1]),
+    "a flat array": (np.zeros(6144, np.uint8), [0, 1]),
+    "float data": (np.full((2, 3072), 0.5), [0, 1]),
+    "int64 data": (np.zeros((2, 3072), np.int64), [0, 1]),
+    "a list as data": ([[0] * 3072] * 2, [0, 1]),
+    "a label out of range": (np.zeros((2, 3072), np.uint8), [0, 2]),
+    "a negative label": (np.zeros((2, 3072), np.uint8), [0, -1]),
+    "more labels than images": (np.zeros((2, 3072), np.uint8), [0, 1, 1]),
+    "fewer labels than images": (np.zeros((2, 3072), np.uint8), [0]),
+    "float labels": (np.zeros((2, 3072), np.uint8), [0.5, 1.0]),
+    "text labels": (np.zeros((2, 3072), np.uint8), ["a", "b"]),
+}
+
+
+def test_crafted_cifar_batches(tmp_path, capsys):
+    cases = Cases(capsys)
+    for i, (name, (data, labels)) in enumerate(CIFAR_DAMAGE.items()):
+        root = _cifar(tmp_path / f"c{i}", data, labels)
+        argv = [
+            "train",
+            "--config",
+            "cifar10_wrn28_2",
+            "--set",
+            f"data.root={root}",
+            "--set",
+            "run.device=cpu",
+            "--out",
+            str(tmp_path / f"run{i}"),
+        ]
+        cases.refused(name, argv, root, "data_batch_3")
+    cases.check()
+
+
+def test_a_16_bit_image_embeds_as_its_8_bit_equivalent(made, tmp_path, capsys):
+    grey = np.asarray(Image.open(made["image"]).convert("L"))
+    Image.fromarray(grey).save(tmp_path / "eight.png")
+    Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "sixteen.png")
+    assert Image.open(tmp_path / "sixteen.png").mode == "I;16"
+    for name in ("eight", "sixteen"):
+        argv = [
+            "--quiet",
+            "embed",
+            str(made["export"]),
+            str(tmp_path / f"{name}.png"),
+            "--out",
+            str(tmp_path / f"{name}.npy"),
+        ]
+        code, _, err = run_cli(argv, capsys, None)
+        assert code == 0, err
+    eight, sixteen = (np.load(tmp_path / f"{n}.npy") for n in ("eight", "sixteen"))
+    assert np.allclose(eight, sixteen, atol=1e-6)
+    # Pillow's own conversion would read it as nearly white: a different embedding.
+    Image.fromarray(np.full_like(grey, 255)).save(tmp_path / "white.png")
+    argv = [
+        "--quiet",
+        "embed",
+        str(made["export"]),
+        str(tmp_path / "white.png"),
+        "--out",
+        str(tmp_path / "white.npy"),
+    ]
+    assert run_cli(argv, capsys, None)[0] == 0
+    assert not np.allclose(eight, np.load(tmp_path / "white.npy"), atol=1e-3)
+
+
+def test_decompression_bombs_are_bad_images_in_every_command(made, tmp_path, capsys):
+    bomb = bomb_png(tmp_path / "bomb.png")
+    big = bomb_png(tmp_path / "big.png", 12_000, 12_000)  # below Pillow's own limit
+    for path in (bomb, big):
+        argv = ["--quiet", "predict", str(made["export"]), str(path)]
+        line = error_line(run_cli(argv, capsys, None)[2])
+        assert line.startswith(f"cannot read image {path}: it claims ")
+        assert "more than data.max_image_pixels (89,478,485)" in line
+    # Skipped, the other images are predicted; a lower limit makes a small image a bad one.
+    argv = [
+        "--quiet",
+        "predict",
+        str(made["export"]),
+        str(bomb),
+        str(made["image"]),
+        "--set",
+        "data.on_bad_image=skip",
+    ]
+    code, out, err = run_cli(argv, capsys, None)
+    assert code == 0, err
+    assert [r["file"] for r in csv.DictReader(out.splitlines())] == [str(made["image"])]
+    argv = [
+        "--quiet",
+        "embed",
+        str(made["run"]),
+        str(made["image"]),
+        "--out",
+        str(tmp_path / "e.npy"),
+        "--set",
+        "data.max_image_pixels=100",
+    ]
+    assert "more than data.max_image_pixels (100)" in error_line(run_cli(argv, capsys, None)[2])

@@ -192,6 +192,7 @@ def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", list(STEPS), ids=["float32", "float64"])
 @pytest.mark.parametrize("unique_classes", [False, True], ids=["split-images", "split-classes"])
 def test_two_processes_take_the_one_process_step(
@@ -235,6 +236,7 @@ def test_updates_are_large_enough_to_tell_apart():
     assert moved > 1e-3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("unique_classes", [False, True], ids=["split-images", "split-classes"])
 def test_gathered_support_labels_match_the_images(two_ranks: list[dict], unique_classes: bool):
     labels = np.repeat(np.arange(5), 4)
@@ -315,6 +317,7 @@ def test_views_do_not_depend_on_the_number_of_processes():
         assert not torch.equal(one[step].views[0], one[step].views[1])
 
 
+@pytest.mark.slow
 def test_two_processes_take_the_one_process_ropaws_step_with_a_prior(two_ranks: list[dict]):
     torch.set_num_threads(1)
     ref = _steps(False, torch.float64, ROPAWS_CFG)

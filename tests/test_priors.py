@@ -1,10 +1,16 @@
-"""The ME-MAX prior: per-step restriction to the support classes, and its running estimate."""
+"""The ME-MAX prior: per-step restriction to the support classes, its running estimate, and a
+prior of the wrong length, negative or misspelt refused in one line."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+from tiny import (
+    expect_error,
+    paws_train,
+    tiny_config,
+)
 
 from paws.errors import UserError
 from paws.method.priors import ClassPrior
@@ -41,3 +47,17 @@ def test_the_estimate_starts_uniform_moves_towards_the_mass_and_keeps_other_clas
     fixed = ClassPrior("labeled", np.array([0, 1]), 2)
     fixed.update(torch.tensor([0, 1]), torch.tensor([1.0, 0.0]))  # only estimates move
     torch.testing.assert_close(fixed.probs, torch.tensor([0.5, 0.5]))
+
+
+def test_a_me_max_prior_of_the_wrong_length_or_negative_is_one_line(
+    folder, tmp_path, capsys, monkeypatch
+):
+    cfg = tiny_config(folder, "loss.me_max_prior=[0.5,0.5]")  # the folder has 3 classes
+    line = expect_error(paws_train(tmp_path, capsys, monkeypatch, cfg))
+    assert line.startswith("loss.me_max_prior has 2 numbers but there are 3 classes")
+    cfg = tiny_config(folder, "loss.me_max_prior=[0.5,-0.2,0.7]")
+    line = expect_error(paws_train(tmp_path, capsys, monkeypatch, cfg))
+    assert "non-negative" in line and "-0.2" in line
+    cfg = tiny_config(folder, "loss.me_max_prior=estimatd")
+    line = expect_error(paws_train(tmp_path, capsys, monkeypatch, cfg))
+    assert "did you mean 'estimated'" in line

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import sys
 
+import pytest
 from tiny import run_paws, set_args, tiny_overrides
 
 from paws.progress import Progress, info, set_quiet
@@ -60,6 +61,7 @@ def test_quiet_silences_progress_and_info(capsys) -> None:
     assert "hello again" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_quiet_flag_keeps_results_and_errors(labeled_and_test) -> None:
     sets = set_args(tiny_overrides(labeled_and_test, "optim.steps=3"))
     ok = run_paws("--quiet", "baseline", *sets, "--json")
@@ -71,6 +73,7 @@ def test_quiet_flag_keeps_results_and_errors(labeled_and_test) -> None:
     assert bad.stderr.strip() == "paws: error: optim.steps must be in [1, 100000000], got 0"
 
 
+@pytest.mark.slow
 def test_progress_lines_of_a_command_in_a_log(labeled_and_test) -> None:
     run = run_paws("baseline", *set_args(tiny_overrides(labeled_and_test, "optim.steps=3")))
     lines = run.stderr.splitlines()

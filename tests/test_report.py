@@ -16,9 +16,18 @@ from PIL import Image
 pytest.importorskip("matplotlib")
 pytest.importorskip("sklearn")
 
-from tiny import EVALUATED, error_line, run_paws, tiny_overrides, train_tiny  # noqa: E402
+import pytest
+from tiny import (  # noqa: E402
+    EVALUATED,
+    error_line,
+    run_paws,
+    tiny_overrides,
+    train_tiny,
+    write_rows,
+)
 
 from paws.cli import main  # noqa: E402
+from paws.config import load_config
 from paws.report import build_report  # noqa: E402
 
 SECTIONS = (
@@ -104,6 +113,7 @@ def test_report_of_one_run(runs, tmp_path: Path) -> None:
     assert "No baseline.json" not in text
 
 
+@pytest.mark.slow
 def test_report_compares_two_runs_from_the_command_line(runs, tmp_path: Path) -> None:
     out = tmp_path / "compare"
     proc = run_paws(
@@ -157,3 +167,38 @@ def test_report_of_an_unfinished_run_says_what_is_missing(runs, tmp_path: Path) 
     assert "No evaluations (evals.csv)" in text
     assert "unfinished: no predictions.json" in text
     _check_png(paths["png"].read_bytes())
+
+
+@pytest.mark.slow
+def test_report_shows_the_rounds_of_a_labelling_loop_in_order(pool, tmp_path):
+    pytest.importorskip("matplotlib")
+    from paws.pretrain.train import train
+    from paws.report import build_report
+
+    folders = {"unlabeled": pool["unlabeled"], "test": pool["test"]}
+    rounds, labels = [], []
+    for i, per_class in enumerate((1, 2, 4)):
+        rows = [
+            [f"unl/class{c}/class{c}_{j}.png", f"class{c}"]
+            for c in range(3)
+            for j in range(per_class)
+        ]
+        labels.append(write_rows(tmp_path / f"labels{i}.csv", ["path", "label"], rows))
+        cfg = load_config(None, tiny_overrides(folders, f"data.labels_file={labels[-1]}"))
+        train(cfg, tmp_path / f"r{i + 1}", init=rounds[-1] if rounds else None)
+        rounds.append(tmp_path / f"r{i + 1}")
+    # Given out of order, the report puts them in round order.
+    paths = build_report([rounds[2], rounds[0], rounds[1]], tmp_path / "rep", 0, 0)
+    page = paths["html"].read_text()
+    assert "<h2>Labelling rounds</h2>" in page
+    table = page[page.index("<h2>Labelling rounds</h2>") :]
+    table = table[: table.index("</table>")]
+    cells = [row.split("<td>")[1:] for row in table.split("<tr>")[2:]]
+    values = [[c.split("</td>")[0] for c in row] for row in cells]
+    assert [v[:4] for v in values] == [
+        ["1", "r1", "3", "3"],
+        ["2", "r2", "6", "3"],
+        ["3", "r3", "12", "3"],
+    ]
+    assert [v[6] for v in values] == ["scratch", "r1", "r2"]
+    assert all(v[4].endswith("%") and float(v[5]) >= 0 for v in values)

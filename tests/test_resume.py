@@ -14,7 +14,9 @@ import pytest
 import torch
 from tiny import (
     ANIMALS,
+    copy_run,
     error_line,
+    logged_steps,
     popen,
     run_cli,
     tiny_config,
@@ -95,6 +97,7 @@ def _assert_same_run(run: Path, ref: Path) -> None:
     assert [r["loss"] for r in rows] == [r["loss"] for r in ref_rows]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("storage", ["memory", "disk"])
 def test_sigkill_then_resume_is_bit_identical(
     storage, folder, reference, tmp_path, capsys, monkeypatch
@@ -121,6 +124,7 @@ def test_sigkill_then_resume_is_bit_identical(
     _assert_same_run(run, reference(storage))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_signal_saves_a_checkpoint_and_exits_cleanly(
     sig, folder, reference, tmp_path, capsys, monkeypatch
@@ -237,3 +241,16 @@ def test_a_crash_then_resume_is_exact_with_ropaws_and_an_estimated_prior(
     _assert_same_run(run, ref)
     got = torch.load(run / "final.pt", weights_only=True)["prior"]["probs"]
     assert torch.equal(got, state)
+
+
+def test_a_resume_after_a_kill_before_the_first_checkpoint_logs_each_step_once(
+    made, tmp_path, capsys
+):
+    run = copy_run(made, tmp_path / "run")
+    for name in ("last.pt", "final.pt", "tighten.pt", "eval.json", "evals.csv"):
+        (run / name).unlink()
+    assert logged_steps(run / "metrics.csv") == [1, 2, 3, 4]  # rows no checkpoint kept
+    code, _, err = run_cli(["--quiet", "train", "--resume", str(run)], capsys, None)
+    assert code == 0, err
+    assert logged_steps(run / "metrics.csv") == [1, 2, 3, 4]
+    assert torch.load(run / "final.pt", weights_only=True)["step"] == 4

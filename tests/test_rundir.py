@@ -1,12 +1,23 @@
-"""A run directory: which model it means, its metric columns, and rebuilding a saved model."""
+"""A run directory (rundir/): which model it means, its metric columns, rebuilding a saved model,
+an empty config.yaml refused, and its lock: one paws train at a time, a stale lock ignored."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+from tiny import (
+    copy_run,
+    error_line,
+    logged_steps,
+    run_cli,
+    snapshot,
+)
 
 from paws import rundir
 from paws.rundir import checkpoint
+from paws.rundir.lock import LOCK, RunLock
 
 
 def test_a_run_directory_names_its_final_model_or_the_pretrained_one(tmp_path):
@@ -57,3 +68,46 @@ def test_library_calls_leave_the_process_settings_alone(shared_run, tmp_path):
     )
     assert (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()) == before
     assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_an_empty_config_yaml_refuses_to_resume(made, tmp_path, capsys):
+    run = copy_run(made, tmp_path / "run")
+    (run / "config.yaml").write_bytes(b"")
+    before = snapshot(run)
+    line = error_line(run_cli(["--quiet", "train", "--resume", str(run)], capsys, None)[2])
+    assert line == (
+        f"cannot resume {run}: its config.yaml is empty (a write that did not finish?); give "
+        "the run's config with --config FILE"
+    )
+    assert snapshot(run) == before
+
+
+def test_a_second_run_into_a_running_directory_is_refused(made, tmp_path, capsys):
+    run = copy_run(made, tmp_path / "run")
+    before = snapshot(run)
+    with RunLock(run):  # as a paws train still running
+        holder = (run / LOCK).read_text().strip()
+        assert holder.startswith(f"process {os.getpid()} on ")
+        for argv in (
+            ["train", "--resume", str(run)],
+            ["train", "--config", str(made["config"]), "--out", str(run)],
+        ):
+            line = error_line(run_cli(["--quiet", *argv], capsys, None)[2])
+            assert line == (
+                f"{run} is in use by {holder}, which is still training into it; wait for it "
+                "to end or stop it, or choose another --out"
+            )
+    assert snapshot(run) == before
+
+
+def test_a_stale_lock_does_not_block_and_a_finished_run_resumed_logs_no_row_twice(
+    made, tmp_path, capsys
+):
+    run = copy_run(made, tmp_path / "run")
+    (run / LOCK).write_text("process 999999999 on a machine that was switched off\n")
+    metrics, evals = logged_steps(run / "metrics.csv"), logged_steps(run / "evals.csv")
+    code, _, err = run_cli(["--quiet", "train", "--resume", str(run)], capsys, None)
+    assert code == 0, err
+    assert not (run / LOCK).exists()
+    assert logged_steps(run / "metrics.csv") == metrics == [1, 2, 3, 4]
+    assert logged_steps(run / "evals.csv") == evals == [4]

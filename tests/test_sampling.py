@@ -1,10 +1,16 @@
-"""Support and unlabelled samplers: balance, uniqueness, determinism, replacement, rank shards."""
+"""Support and unlabelled samplers: balance, uniqueness, determinism, replacement, rank shards;
+through paws train, small classes said in a line and too many support classes refused."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+from tiny import (
+    expect_error,
+    paws_train,
+    tiny_config,
+)
 
 from paws.errors import UserError
 from paws.method.sampling import SupportSampler, UnlabeledSampler
@@ -260,3 +266,24 @@ def test_unlabeled_errors():
         UnlabeledSampler(100, 10, world_size=3)
     with pytest.raises(UserError, match="fewer than"):
         UnlabeledSampler(5, 8)
+
+
+def test_class_with_fewer_than_k_labelled_images_trains_and_says_so(
+    folder, tmp_path, capsys, monkeypatch
+):
+    for p in sorted((folder / "dog").iterdir())[1:]:
+        p.unlink()  # one labelled dog
+    cfg = tiny_config(folder, "support.images_per_class=4")
+    code, out, err = paws_train(tmp_path, capsys, monkeypatch, cfg, quiet=False)
+    assert code == 0, err
+    assert "1 labelled class has fewer images than support.images_per_class (4): 'dog' (1)" in err
+    assert "run saved in" in out
+
+
+def test_more_support_classes_than_classes(folder, tmp_path, capsys, monkeypatch):
+    cfg = tiny_config(folder, "support.classes=5")
+    line = expect_error(paws_train(tmp_path, capsys, monkeypatch, cfg))
+    assert line == (
+        "support.classes is 5 but the labelled set has only 3 classes; set support.classes "
+        "to at most 3"
+    )

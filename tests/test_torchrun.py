@@ -19,6 +19,9 @@ import pytest
 import torch
 from tiny import set_args, tiny_overrides, write_folder
 
+# Every test here starts torchrun and paws processes: -m "not slow" leaves them out.
+pytestmark = pytest.mark.slow
+
 STEPS = 30
 
 

@@ -226,6 +226,7 @@ def _wandb_records(path: Path) -> list[Any]:
     return records
 
 
+@pytest.mark.slow
 def test_wandb_offline_writes_its_files_in_the_run_directory(
     labeled_and_test, tmp_path, capsys
 ) -> None:

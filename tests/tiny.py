@@ -13,18 +13,33 @@ The command:
     ``run_cli`` runs ``paws`` in this process (``torch_state`` undoes its global torch
     settings), ``run_paws`` and ``popen`` in a new one;
     ``error_line`` checks that a user error is one line; ``set_args`` turns settings into
-    ``--set`` arguments; ``write_evil_checkpoint`` writes a file that runs code if unpickled.
+    ``--set`` arguments; ``write_evil_checkpoint`` writes a file that runs code if unpickled;
+    ``paws_train`` runs ``paws train`` on a config and ``expect_error`` takes its one line.
+Files:
+    ``read_rows`` and ``write_rows`` (CSV), ``write_fashion`` (Fashion-MNIST idx files),
+    ``truncated_jpeg``, ``text_as_jpeg`` and ``bomb_png`` (unreadable images), ``clusters``
+    (embeddings of known clusters), ``logged_steps`` (the steps of a metrics CSV) and
+    ``finite_checkpoint``.
+Damaged inputs:
+    ``Cases`` runs the command on each damaged copy (``copy_run``, ``snapshot``) of a file and
+    collects the cases that do not end in one line; ``WRONG`` holds a value of every kind and
+    ``weight_damage`` the ways a tensor can be wrong.
 
 Fixtures built from these live in ``conftest.py``.
 """
 
 from __future__ import annotations
 
+import csv
+import gzip
 import os
 import pickle
+import shutil
+import struct
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+import zlib
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +50,9 @@ from PIL import Image
 
 from paws import cli
 from paws.config import apply_overrides, load_config
+from paws.labelling.strategies import (
+    unit_rows,
+)
 from paws.pretrain.train import train
 
 # Class names of the colour folder that the command-line tests break in many ways.
@@ -263,3 +281,191 @@ def write_evil_checkpoint(path: Path, marker: Path, fmt: str) -> Path:
     else:
         torch.save(payload, path)
     return path
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    """The rows of a CSV file with a header, as dicts."""
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def write_rows(path: Path, header: list[str], rows: list[list[str]]) -> Path:
+    """A CSV file of ``header`` and ``rows`` (a labels or suggestions file); returns ``path``."""
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows([header, *rows])
+    return path
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """``array`` as a gzipped idx file of unsigned bytes, as Fashion-MNIST ships them."""
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim)
+    header += b"".join(struct.pack(">I", d) for d in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def write_fashion(root: Path, n_train: int = 60, n_test: int = 20) -> None:
+    """A Fashion-MNIST folder of random 28x28 images, labels 0..9 in turn."""
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        write_idx(root / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+        write_idx(root / f"{split}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+
+
+def clusters(k: int, per: int, dim: int = 16, spread: float = 0.05, seed: int = 0):
+    """(k * per, dim) unit rows around k random directions, and each row's cluster."""
+    g = torch.Generator().manual_seed(seed)
+    centres = unit_rows(torch.randn(k, dim, generator=g))
+    which = torch.arange(k).repeat_interleave(per)
+    x = unit_rows(centres[which] + spread * torch.randn(k * per, dim, generator=g))
+    return x, which.numpy()
+
+
+# Images read from disk by data-loader workers, not decoded into memory first.
+DISK = ["data.in_memory=no", "data.workers=2"]
+
+
+def paws_train(tmp_path, capsys, monkeypatch, cfg: dict, *extra: str, quiet: bool = True):
+    """``paws [--quiet] train --config CFG --out RUN EXTRA``: (exit code, stdout, stderr)."""
+    path = write_config(tmp_path / "cfg.yaml", cfg)
+    argv = ["train", "--config", str(path), "--out", str(tmp_path / "run"), *extra]
+    return run_cli(["--quiet", *argv] if quiet else argv, capsys, monkeypatch)
+
+
+def expect_error(result: tuple[int, str, str]) -> str:
+    """The one line of a user error, from the (exit code, stdout, stderr) of a command that
+    must have exited with status 2."""
+    code, _, err = result
+    assert code == 2, err
+    return error_line(err)
+
+
+def truncated_jpeg(folder: Path) -> Path:
+    """A JPEG of ``folder``'s first cat cut after 300 bytes, as a failed copy leaves it."""
+    path = folder / "cat" / "cut.jpg"
+    Image.open(folder / "cat" / "cat_0.png").save(path, quality=95)
+    path.write_bytes(path.read_bytes()[:300])
+    return path
+
+
+def text_as_jpeg(folder: Path) -> Path:
+    """A text file named like a JPEG among ``folder``'s dogs."""
+    path = folder / "dog" / "notes.jpg"
+    path.write_text("shopping list: milk, eggs\n")
+    return path
+
+
+def finite_checkpoint(path: Path) -> int:
+    """The step of the checkpoint at ``path``, after checking that its weights and optimizer
+    state hold no infinity or NaN."""
+    state = torch.load(path, weights_only=True)
+    tensors = list(state["model"].values())
+    tensors += [v for s in state["optimizer"]["state"].values() for v in s.values()]
+    assert all(torch.isfinite(t).all() for t in tensors if t.is_floating_point())
+    return state["step"]
+
+
+# Values of every kind a damaged or hand-edited file may hold instead of the right one.
+WRONG: dict[str, Any] = {
+    "text": "oops",
+    "int": 7,
+    "float": 2.5,
+    "bool": True,
+    "list": [1, 2],
+    "dict": {"x": 1},
+    "tensor": torch.zeros(3),
+    "none": None,
+}
+
+
+JSON_WRONG = {k: v for k, v in WRONG.items() if k != "tensor"}
+
+
+class Cases:
+    """Runs cases of damaged inputs and collects those that do not end as a user error should.
+
+    A family of cases damages a copy of one file in every way it lists (each entry replaced by
+    each wrong kind of value, and removed; tensors of the wrong shape or dtype; files cut at
+    several lengths; configs in other encodings; output paths that cannot be written) and runs
+    the ``paws`` command on it. Every case must exit with status 2, print exactly one non-empty
+    line on stderr (``paws: error: ...``) and no traceback, and leave the files it was given as
+    they were. :meth:`check` fails with every failing case at once, so one run shows them all.
+    """
+
+    def __init__(self, capsys: Any):
+        self.capsys, self.failures, self.count = capsys, [], 0
+
+    def refused(
+        self, name: str, argv: list[str], watched: Path | list[Path], expect: str = ""
+    ) -> None:
+        """``paws --quiet ARGV`` must exit with 2 and one line (containing ``expect``),
+        leaving every file below ``watched`` (one path or several) unchanged."""
+        self.count += 1
+        watched = watched if isinstance(watched, list) else [watched]
+        before = [snapshot(w) for w in watched]
+        with torch_state():
+            code = cli.main(["--quiet", *argv])
+        _, err = self.capsys.readouterr()
+        lines = [ln for ln in err.splitlines() if ln.strip()]
+        if code != 2 or len(lines) != 1 or "Traceback" in err:
+            self.failures.append(f"{name}: exit {code}, stderr: {err.strip()[-400:]}")
+        elif not lines[0].startswith("paws: error: ") or expect not in lines[0]:
+            self.failures.append(f"{name}: {lines[0]}")
+        elif [snapshot(w) for w in watched] != before:
+            self.failures.append(f"{name}: changed the files of {watched}")
+
+    def check(self) -> None:
+        """Fail with every case that did not end as it should."""
+        assert not self.failures, f"{len(self.failures)} of {self.count} cases:\n" + "\n".join(
+            self.failures
+        )
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    """Every file below ``root`` (or ``root`` itself) with its content."""
+    if root.is_file():
+        return {root.name: root.read_bytes()}
+    if not root.exists():
+        return {}
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
+
+
+def copy_run(made: dict[str, Path], dest: Path) -> Path:
+    """A copy of the run directory of the ``made`` fixture (conftest.py), to damage."""
+    return Path(shutil.copytree(made["run"], dest))
+
+
+def weight_damage(weights: dict[str, torch.Tensor]) -> Iterator[tuple[str, dict]]:
+    """The weights with one tensor of the wrong shape, dtype or value, or missing or extra."""
+    names = [k for k, v in weights.items() if v.is_floating_point()]
+    for key in (names[0], names[len(names) // 2], names[-1]):
+        t = weights[key]
+        yield f"{key} one longer", {**weights, key: torch.cat([t.flatten(), t.flatten()[:1]])}
+        yield f"{key} as a row", {**weights, key: t.reshape(1, -1)}
+        yield f"{key} of int64", {**weights, key: t.long()}
+        yield f"{key} NaN", {**weights, key: torch.full_like(t, float("nan"))}
+        yield f"{key} not a tensor", {**weights, key: t.tolist()}
+        yield f"without {key}", {k: v for k, v in weights.items() if k != key}
+    yield "an extra tensor", {**weights, "head.extra": torch.zeros(2)}
+
+
+def bomb_png(path: Path, width: int = 50_000, height: int = 50_000) -> Path:
+    """A valid PNG header claiming ``width`` x ``height`` grey pixels, with almost no data."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        crc = struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+        return struct.pack(">I", len(body)) + kind + body + crc
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    png = chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + png)
+    return path
+
+
+def logged_steps(path: Path) -> list[int]:
+    """The steps of the rows of a metrics or evals CSV file, in order."""
+    with open(path, newline="") as f:
+        return [int(r["step"]) for r in csv.DictReader(f)]

@@ -95,6 +95,7 @@ def _expected(model, files: list[Path]) -> dict[str, np.ndarray]:
     }
 
 
+@pytest.mark.slow
 def test_onnx_runtime_classifies_new_images_as_pytorch(shared_run, tmp_path, capsys):
     paths, run_dir = shared_run
     out = tmp_path / "onnx"
@@ -118,6 +119,7 @@ def test_onnx_runtime_classifies_new_images_as_pytorch(shared_run, tmp_path, cap
     assert all(v < 1e-4 for v in worst.values()), worst
 
 
+@pytest.mark.slow
 def test_onnx_export_of_a_fine_tuned_classifier(shared_run, tmp_path):
     paths, run_dir = shared_run
     finetune_checkpoint(run_dir, ["finetune.lrs=[0.05]", "finetune.epochs=[2]"], tmp_path)
@@ -134,6 +136,7 @@ def test_onnx_export_of_a_fine_tuned_classifier(shared_run, tmp_path):
     assert np.allclose(expected["probabilities"].sum(axis=1), 1, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_onnx_with_a_new_support_resize_crop_and_colour(shared_run, tmp_path):
     """New classes baked in from a support folder; 21-px colour images resized to 20 and
     centre-cropped to 16 as onnx.json's torchvision recipe says."""

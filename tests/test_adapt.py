@@ -62,6 +62,7 @@ def test_a_small_set_trains_as_long_as_the_default_run_with_the_same_warmup_shar
     assert fit_to_data(explicit, 1350, np.arange(9)).optim.steps == 40
 
 
+@pytest.mark.slow
 def test_a_folder_of_six_classes_with_one_and_two_labels_trains_with_no_override(tmp_path):
     labeled = write_folder(tmp_path / "labeled", [0, 1, 2, 3], 4, seed=1)
     write_folder(labeled, [4], 1, seed=2, names=["one"])

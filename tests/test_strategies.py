@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from tiny import clusters
 
 from paws.labelling.strategies import (
     MemmapSource,
@@ -18,15 +19,6 @@ from paws.labelling.strategies import (
     unit_rows,
 )
 from paws.method.snn import snn_classify
-
-
-def clusters(k: int, per: int, dim: int = 16, spread: float = 0.05, seed: int = 0):
-    """(k * per, dim) unit rows around k random directions, and each row's cluster."""
-    g = torch.Generator().manual_seed(seed)
-    centres = unit_rows(torch.randn(k, dim, generator=g))
-    which = torch.arange(k).repeat_interleave(per)
-    x = unit_rows(centres[which] + spread * torch.randn(k * per, dim, generator=g))
-    return x, which.numpy()
 
 
 @pytest.mark.parametrize("select", [kmeans_select, k_center_greedy])
@@ -95,23 +87,6 @@ def test_excluded_images_are_never_chosen_by_any_strategy():
     ):
         assert len(picks) == n
         assert sorted(picks.tolist()) == np.flatnonzero(~exclude).tolist()
-
-
-@pytest.mark.parametrize("strategy", ["coverage", "mixed", "kcenter", "uncertainty", "random"])
-def test_asking_for_more_than_are_left_gives_every_one_without_a_search(strategy, monkeypatch):
-    from paws.labelling import suggest
-
-    x, which = clusters(4, 25, seed=6)
-    exclude = which == 2
-    margin = torch.rand(len(x)).numpy()
-    for slow in ("kmeans_select", "k_center_greedy", "mixed_select"):  # none may run
-        monkeypatch.setattr(suggest, slow, lambda *a, **k: pytest.fail("searched"))
-    rows, reasons = suggest.choose(
-        strategy, TensorSource(x), 10_000, None, exclude, margin, which, seed=0
-    )
-    assert sorted(rows.tolist()) == np.flatnonzero(~exclude).tolist()
-    assert (np.diff(margin[rows]) >= 0).all()  # the least sure first
-    assert set(reasons) == {"every candidate not labelled yet"}
 
 
 def between_two_classes():

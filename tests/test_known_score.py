@@ -1,15 +1,12 @@
-"""The unknown answer: known scores, a threshold calibrated on the labelled images, AUROC."""
+"""The known score (method/known_score.py): scores against a plain reference, a threshold
+calibrated on the labelled images, and AUROC by hand."""
 
 from __future__ import annotations
-
-import json
 
 import numpy as np
 import pytest
 import torch
 
-import paws
-from paws.cli import main
 from paws.method.known_score import KnownScore, detection_metrics
 
 
@@ -60,37 +57,3 @@ def test_the_threshold_separates_a_new_cluster_from_the_known_ones():
         # A higher quantile flags more known images.
         assert KnownScore(kind=kind, quantile=0.5).threshold(supports) > t
     assert KnownScore().threshold(supports[:1]) == float("-inf")  # one labelled image
-
-
-def test_predictions_say_which_images_are_unknown(shared_run):
-    paths, run_dir = shared_run
-    model = paws.load(run_dir, device="cpu")
-    files = sorted(paths["test_all"].rglob("*.png"))
-    preds = model.predictions(files, top_k=2)
-    scores = model.known_scores(files)
-    assert scores.shape == (len(files),)
-    assert [p.score for p in preds] == pytest.approx(scores.tolist(), abs=1e-6)
-    assert [p.unknown for p in preds] == (scores < model.unknown_threshold).tolist()
-    assert all(p.label == ("unknown" if p.unknown else p.top[0][0]) for p in preds)
-    assert [p.top for p in preds] == model.predict(files, top_k=2)
-    assert model.known_score.features == "trunk" and model.support.known is not None
-    # A labelled image is its own nearest support: its nearest score is 1.
-    own = sorted(paths["labeled"].rglob("*.png"))[:2]
-    model.known_score = KnownScore(kind="nearest")
-    model._threshold = None
-    assert model.known_scores(own).tolist() == pytest.approx([1.0, 1.0], abs=1e-5)
-
-
-def test_eval_reports_auroc_against_a_folder_of_unknown_images(shared_run, tmp_path, capsys):
-    paths, run_dir = shared_run
-    unknown = tmp_path / "unknown"
-    unknown.mkdir()
-    for name in ("class4", "class5"):  # classes without labels in the run
-        for f in (paths["test_all"] / name).glob("*.png"):
-            (unknown / f"{name}_{f.name}").write_bytes(f.read_bytes())
-    assert main(["--quiet", "eval", str(run_dir), "--unknown", str(unknown), "--json"]) == 0
-    out = json.loads(capsys.readouterr().out)
-    u = out["unknown"]
-    assert u["num_unknown"] == 24 and u["num_known"] == out["num_query"] == 48
-    assert 0.0 <= u["auroc"] <= 1.0 and 0.0 <= u["fpr_at_95_tpr"] <= 1.0
-    assert 0.0 <= out["balanced_top1"] <= 100.0

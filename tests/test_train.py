@@ -1,13 +1,30 @@
-"""End to end through the command line on tiny image folders: train, resume, evaluate."""
+"""``paws train`` (pretrain/train.py) end to end on tiny image folders: train, resume, evaluate;
+unreadable images skipped, counted and listed."""
 
 from __future__ import annotations
 
 import csv
 import json
 
+import pytest
 import torch
-from tiny import run_paws, set_args, tiny_overrides, write_folder
+from tiny import (
+    ANIMALS,
+    DISK,
+    bomb_png,
+    paws_train,
+    run_paws,
+    set_args,
+    text_as_jpeg,
+    tiny_config,
+    tiny_overrides,
+    torch_state,
+    truncated_jpeg,
+    write_config,
+    write_folder,
+)
 
+from paws import cli
 from paws.rundir.checkpoint import load
 
 # Checkpoints and monitoring metrics every 2 of the 4 steps.
@@ -19,6 +36,7 @@ def sets(folders: dict, *changes: str) -> list[str]:
     return set_args(tiny_overrides(folders, *EVERY_2, *changes))
 
 
+@pytest.mark.slow
 def test_train_checkpoint_resume_eval(image_folders, tmp_path):
     run = tmp_path / "run"
     first = run_paws("--quiet", "train", "--out", str(run), *sets(image_folders))
@@ -53,6 +71,7 @@ def test_train_checkpoint_resume_eval(image_folders, tmp_path):
     assert json.loads(evaluated.stdout)["top1"] == result["pretrained"]["top1"]
 
 
+@pytest.mark.slow
 def test_tightening_after_training_can_be_switched_off(image_folders, tmp_path):
     run = tmp_path / "run"
     off = sets(image_folders, "tighten.after_training=false", "optim.steps=2")
@@ -62,6 +81,7 @@ def test_tightening_after_training_can_be_switched_off(image_folders, tmp_path):
     assert not (run / "tighten.pt").exists() and "after tightening" not in out.stdout
 
 
+@pytest.mark.slow
 def test_resuming_a_finished_run_only_evaluates_again(image_folders, tmp_path):
     run = tmp_path / "run"
     run_paws("--quiet", "train", "--out", str(run), *sets(image_folders))
@@ -75,6 +95,7 @@ def test_resuming_a_finished_run_only_evaluates_again(image_folders, tmp_path):
     assert started.returncode == 2 and "--resume" in started.stderr
 
 
+@pytest.mark.slow
 def test_folder_run_with_unlabelled_and_labelled_folders_and_baseline(image_folders, tmp_path):
     run = tmp_path / "run"
     over = sets(image_folders, "data.test=null", "optim.steps=2")
@@ -85,6 +106,7 @@ def test_folder_run_with_unlabelled_and_labelled_folders_and_baseline(image_fold
     assert result["steps"] == 3 and result["num_labeled"] == 12 and 0 <= result["top1"] <= 100
 
 
+@pytest.mark.slow
 def test_tightening_is_skipped_in_a_line_when_a_class_has_one_labelled_image(
     image_folders, tmp_path
 ):
@@ -93,3 +115,56 @@ def test_tightening_is_skipped_in_a_line_when_a_class_has_one_labelled_image(
     out = run_paws("train", "--out", str(tmp_path / "run"), *over)
     assert "not tightening the clusters after training: SuNCEt compares" in out.stderr
     assert json.loads((tmp_path / "run" / "eval.json").read_text())["model"] == "final.pt"
+
+
+def test_unreadable_images_skipped_in_memory_are_counted(folder, tmp_path, capfd, monkeypatch):
+    bad = [truncated_jpeg(folder), text_as_jpeg(folder)]
+    cfg = tiny_config(folder, "data.on_bad_image=skip", "optim.steps=2")
+    code, out, err = paws_train(tmp_path, capfd, monkeypatch, cfg, quiet=False)
+    assert code == 0, err
+    listing = tmp_path / "run" / "skipped_images.txt"
+    assert f"skipped 2 unreadable images (listed in {listing})" in out
+    assert sorted(listing.read_text().split()) == sorted(map(str, bad))
+    assert "data: 18 unlabelled, 18 labelled (3 classes)" in err
+    assert (tmp_path / "run" / "final.pt").is_file()
+
+
+@pytest.mark.slow
+def test_unreadable_images_skipped_on_disk_are_counted(folder, tmp_path, capfd, monkeypatch):
+    # Left out of every set before the data-loader workers start: a labelled image is never
+    # read as a blank image of its class.
+    bad = [truncated_jpeg(folder), text_as_jpeg(folder)]
+    cfg = tiny_config(folder, "data.on_bad_image=skip", "optim.steps=4", *DISK)
+    code, out, err = paws_train(tmp_path, capfd, monkeypatch, cfg, quiet=False)
+    assert code == 0, err
+    listing = tmp_path / "run" / "skipped_images.txt"
+    assert f"skipped 2 unreadable images (listed in {listing})" in out
+    assert sorted(listing.read_text().split()) == sorted(map(str, bad))
+    assert "data: 18 unlabelled, 18 labelled (3 classes)" in err
+    assert "Traceback" not in err
+    assert (tmp_path / "run" / "final.pt").is_file()
+
+
+@pytest.mark.slow
+def test_skip_on_disk_leaves_bad_labelled_and_test_images_out_and_counts_them(tmp_path, capfd):
+    labeled = write_folder(tmp_path / "labeled", names=ANIMALS, channels=3)
+    test = write_folder(tmp_path / "test", names=ANIMALS, channels=3, per_class=2, seed=3)
+    bad = [bomb_png(labeled / "cat" / "bomb.png"), test / "dog" / "notes.png"]
+    bad[1].write_text("not an image\n")
+    settings = [
+        "data.in_memory=no",
+        "data.workers=2",
+        "data.on_bad_image=skip",
+        "optim.steps=2",
+        "tighten.after_training=false",
+    ]
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_config(labeled, f"data.test={test}", *settings))
+    run = tmp_path / "run"
+    with torch_state():
+        code = cli.main(["train", "--config", str(cfg), "--out", str(run)])
+    out, err = capfd.readouterr()
+    assert code == 0, err
+    assert "skipped 2 unreadable images" in out
+    assert sorted((run / "skipped_images.txt").read_text().split()) == sorted(map(str, bad))
+    assert "data: 18 unlabelled, 18 labelled (3 classes), 6 test; on disk" in err
+    assert json.loads((run / "eval.json").read_text())["num_query"] == 6

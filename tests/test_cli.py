@@ -1,0 +1,39 @@
+"""The ``paws`` command line (cli/): a mistake in a command ends in one line and exit status 2,
+and ``--debug`` shows the traceback instead."""
+
+from __future__ import annotations
+
+import pytest
+from tiny import (
+    error_line,
+    tiny_config,
+    write_config,
+)
+
+from paws import cli
+from paws.after.finetune import finetune_checkpoint
+from paws.cli import main
+from paws.errors import UserError
+
+
+def test_user_errors_are_one_line(shared_run, tmp_path, capsys):
+    paths, run_dir = shared_run
+    finetune_checkpoint(run_dir, ["finetune.lrs=[0.05]", "finetune.epochs=[1]"], tmp_path)
+    capsys.readouterr()
+    cases = [
+        ["predict", str(run_dir), str(tmp_path / "missing.png")],
+        ["predict", str(tmp_path / "finetune.pt"), str(paths["test"]), "--support", "x"],
+        ["embed", str(run_dir), str(paths["test"]), "--out", str(tmp_path / "e.csv")],
+        ["predict", str(tmp_path), str(paths["test"])],
+    ]
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    cases.append(["predict", str(run_dir), str(tmp_path / "bad.png")])
+    for args in cases:
+        assert main(["--quiet", *args]) == 2, args
+        error_line(capsys.readouterr().err)
+
+
+def test_debug_shows_the_traceback(tmp_path, capsys, monkeypatch):
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_config(tmp_path / "nowhere"))
+    with pytest.raises(UserError, match="labelled folder not found"):
+        cli.main(["--debug", "--quiet", "train", "--config", str(cfg), "--out", str(tmp_path)])
