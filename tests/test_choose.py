@@ -63,6 +63,15 @@ def test_the_default_stays_when_the_gain_is_within_the_spread():
     assert choice.file == "tighten.pt" and "within the folds' spread" in choice.reason
 
 
+def test_a_gain_between_one_and_two_standard_errors_keeps_the_default():
+    # differences +5, -1, +5, -1, +2: mean 2, sd 3, standard error 3 / sqrt(5) = 1.34
+    scores = {"final.pt": [80, 74, 80, 74, 77], "tighten.pt": [75, 75, 75, 75, 75]}
+    assert decide(CANDIDATES, scores, 5, "tighten.pt").file == "tighten.pt"
+    # the same mean with differences +4, 0, +4, 0, +2: standard error 0.89, gain beyond two
+    clear = {"final.pt": [79, 75, 79, 75, 77], "tighten.pt": [75, 75, 75, 75, 75]}
+    assert decide(CANDIDATES, clear, 5, "tighten.pt").file == "final.pt"
+
+
 def test_a_default_that_is_best_is_kept_and_ties_go_to_it():
     tie = {"final.pt": [75, 80], "tighten.pt": [80, 75]}
     assert decide(CANDIDATES, tie, 2, "tighten.pt").file == "tighten.pt"

@@ -158,6 +158,7 @@ def test_two_processes_write_from_rank_0_only(two_then_one: dict):
     assert stopped["err"].count("stopped at step") == 1
     run = two_then_one["run"]
     assert sorted(p.name for p in run.iterdir()) == [
+        "choice.json",
         "config.yaml",
         "eval.json",
         "evals.csv",

@@ -10,11 +10,15 @@ on the fold, the other labelled images being its support. Folds are paired: ever
 scored on the same held-out images, so their difference is measured more finely than either
 score.
 
-The candidate with the best mean held-out accuracy is chosen, unless it beats the default (the
-candidate that measured best across the benchmarks, ``DEFAULT_ORDER``) by less than the
-difference's standard error over the folds: then the evidence does not tell, and the default is
-kept. With fewer than two labelled images in every class nothing can be held out, and the
-default is kept too; ``choice.json`` and one line say which and why.
+The held-out images are not new to the network: pre-training used every labelled image as a
+support, so held-out accuracies run far above test accuracies (97% against 78% on the default
+run), and they favour the models closest to pre-training (the pre-trained model scored 4 points
+above the tightened one on the folds of one run, whose test set says the opposite by 0.6). So the
+candidate with the best mean held-out accuracy is chosen only when it beats the default (the
+candidate that measured best across the benchmarks, ``DEFAULT_ORDER``) by more than
+``SIGNIFICANCE`` standard errors of the per-fold difference; otherwise the evidence does not
+tell, and the default is kept. With fewer than two labelled images in every class nothing can
+be held out, and the default is kept too; ``choice.json`` and one line say which and why.
 """
 
 from __future__ import annotations
@@ -41,7 +45,12 @@ __all__ = [
     "cross_validate",
     "decide",
     "write_choice",
+    "SIGNIFICANCE",
 ]
+
+# Standard errors of the paired per-fold difference a candidate must beat the default by
+# (about a one-sided 2.5% test).
+SIGNIFICANCE = 2.0
 
 
 @dataclass
@@ -158,7 +167,8 @@ def decide(
     default: str,
 ) -> Choice:
     """The candidate to use: the best mean held-out top-1, unless it beats ``default`` by
-    less than the standard error of their per-fold difference (then ``default``).
+    no more than ``SIGNIFICANCE`` standard errors of their per-fold difference (then
+    ``default``).
 
     Args:
         candidates: the candidates, for their words.
@@ -186,7 +196,7 @@ def decide(
             folds,
         )
     gain, se = _mean_se(np.subtract(scores[best], scores[default]).tolist())
-    if gain <= se:
+    if gain <= SIGNIFICANCE * se:
         return Choice(
             default,
             f"{what[default]} ({default}), the default: {what[best]} scored "

@@ -30,6 +30,7 @@ __all__ = [
     "paws_nn",
     "unknown_detection",
     "classifier_probs",
+    "classifier_eval",
     "classifier_accuracy",
 ]
 
@@ -165,12 +166,27 @@ def classifier_probs(
     return torch.cat([model(x).float().softmax(dim=1).cpu() for x, _ in batches])
 
 
+def classifier_eval(
+    model: torch.nn.Module, data: Datasets, cfg: Config, device: torch.device
+) -> dict[str, Any]:
+    """A classifier on the test set, with the keys of :func:`paws_nn` (``features`` is
+    ``"classifier"``, ``num_support`` the labelled images it was trained with)."""
+    probs = classifier_probs(model, data.test, cfg, data, device)
+    y = torch.from_numpy(data.test.labels)
+    s = scores(probs, y)
+    return {
+        **s,
+        "num_support": len(data.labeled),
+        "num_query": len(y),
+        "features": "classifier",
+        "labels": y.tolist(),
+    }
+
+
 def classifier_accuracy(
     model: torch.nn.Module, data: Datasets, cfg: Config, device: torch.device
 ) -> dict[str, float | int]:
     """Test accuracy (percent) of a classifier: ``{"top1", "top5", "balanced_top1",
     "num_query"}``."""
-    probs = classifier_probs(model, data.test, cfg, data, device)
-    y = torch.from_numpy(data.test.labels)
-    s = scores(probs, y)
-    return {**{key: s[key] for key in ("top1", "top5", "balanced_top1")}, "num_query": len(y)}
+    ev = classifier_eval(model, data, cfg, device)
+    return {key: ev[key] for key in ("top1", "top5", "balanced_top1", "num_query")}

@@ -18,7 +18,8 @@ import torch
 
 from paws import distributed, rundir
 from paws.after.choose import Candidate, Choice, cross_validate, decide, write_choice
-from paws.after.evaluate import paws_nn
+from paws.after.distill import distill, train_student
+from paws.after.evaluate import accuracy, classifier_eval, classifier_probs, paws_nn
 from paws.after.saved import Opened, save_step
 from paws.after.tighten import tighten
 from paws.data.images import ImageSet
@@ -57,22 +58,51 @@ def _tighten_after_training(run: Run, step: int) -> dict[str, Any] | None:
     return save_step("tighten", run.model, run.arch, opened, report, rundir.TIGHTENED)
 
 
+def _distill_after_training(
+    run: Run, step: int, teacher: torch.nn.Module
+) -> tuple[dict[str, Any], torch.nn.Module] | None:
+    """The student (``distill.after_training``, :mod:`paws.after.distill`) of ``teacher``
+    (the tightened model when the run tightens), saved as ``distill.pt``: ``(its report,
+    the student)``, or None when it is off."""
+    if not run.cfg.distill.after_training:
+        return None
+    start = time.time()
+    report, student = distill(run.cfg, teacher, run.arch, run.data, run.device)
+    opened = Opened(run.cfg, student, run.arch, step, run.out, run.device, run.data, start)
+    arch = run.arch.with_classifier(len(run.data.classes))
+    save_step("distill", student, arch, opened, report, rundir.DISTILLED)
+    report["teacher"] = rundir.TIGHTENED if run.cfg.tighten.after_training else rundir.FINAL
+    rundir.write_json(run.out / "distill.json", report)
+    return report, student
+
+
 def _candidates(run: Run, pretrained: torch.nn.Module, files: list[str]) -> list[Candidate]:
     """The models of the run, each rebuilt on part of the labels as :func:`cross_validate`
-    asks (from a copy of the pre-trained weights, never touching the run's)."""
+    asks (from a copy of the pre-trained weights, never touching the run's): the student's
+    teacher on a fold is that fold's tightened model when the run has one."""
     cfg, device = run.cfg, run.device
+    fold: dict[str, Any] = {}  # the last fold's tightened model, shared by its candidates
 
     def snn_top1(model: torch.nn.Module, train: Datasets, held: ImageSet) -> float:
         return float(paws_nn(model, train, cfg, device, queries=held)["top1"])
 
-    def tightened(train: Datasets, held: ImageSet) -> float:
-        model = copy.deepcopy(pretrained)
-        tighten(cfg, model, train, device, evaluate=False)
-        return snn_top1(model, train, held)
+    def tightened_model(train: Datasets) -> torch.nn.Module:
+        if fold.get("train") is not train:
+            model = copy.deepcopy(pretrained)
+            tighten(cfg, model, train, device, evaluate=False)
+            fold.update(train=train, model=model.eval())
+        return fold["model"]
+
+    def student(train: Datasets, held: ImageSet) -> float:
+        teacher = tightened_model(train) if rundir.TIGHTENED in files else pretrained
+        model, _ = train_student(cfg, teacher, run.arch, train, device, progress=False)
+        probs = classifier_probs(model, held, cfg, train, device)
+        return accuracy(probs, torch.from_numpy(held.labels), 1)
 
     builders = {
         rundir.FINAL: ("after pre-training", lambda t, h: snn_top1(pretrained, t, h)),
-        rundir.TIGHTENED: ("after tightening", tightened),
+        rundir.TIGHTENED: ("after tightening", lambda t, h: snn_top1(tightened_model(t), t, h)),
+        rundir.DISTILLED: ("the student", student),
     }
     return [Candidate(f, *builders[f]) for f in files]
 
@@ -137,6 +167,11 @@ def finish_run(run: Run, step: int, evals: rundir.MetricsLog) -> dict[str, Any] 
                 "num_query": tests[rundir.TIGHTENED]["num_query"],
             }
         rundir.write_json(run.out / "tighten.json", report)
+    distilled = _distill_after_training(run, step, run.model)
+    if distilled is not None:
+        files.append(rundir.DISTILLED)
+        if data.test is not None:
+            tests[rundir.DISTILLED] = classifier_eval(distilled[1], data, cfg, device)
     choice = _choose(run, pretrained, files)
     return _results(run, step, choice, tests, report)
 
