@@ -60,3 +60,22 @@ def test_a_run_with_one_model_and_no_test_set_writes_no_results(image_folders, t
     assert not (run / "eval.json").exists() and not (run / "tighten.pt").exists()
     assert not (run / "predictions.json").exists()
     assert rundir.model_file(run) == run / "final.pt"
+
+
+def test_a_run_that_distils_offers_its_student_to_the_choice(image_folders, tmp_path):
+    changes = [
+        "eval.choice_folds=2",
+        "distill.after_training=true",
+        "distill.epochs=2",
+        "distill.batch_size=8",
+        "distill.labeled_batch=4",
+    ]
+    run = train_tiny(tmp_path / "run", tiny_overrides(image_folders, *changes))
+    assert checkpoint.load(run / "distill.pt")["kind"] == "distill"
+    report = _json(run / "distill.json")
+    assert report["teacher"] == "tighten.pt" and report["steps"] == 2 * (report["kept"] // 8)
+    choice, ev = _json(run / "choice.json"), _json(run / "eval.json")
+    assert set(choice["candidates"]) == {"final.pt", "tighten.pt", "distill.pt"}
+    assert len(choice["candidates"]["distill.pt"]["held_out_top1"]) == 2
+    assert ev["candidates"]["distill.pt"]["top1"] == report["test"]["top1"]
+    assert ev["top1"] == ev["candidates"][choice["model"]]["top1"]

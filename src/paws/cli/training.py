@@ -91,7 +91,11 @@ def _train_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], in
     return run
 
 
-_WHAT = {"final.pt": "after pre-training", "tighten.pt": "after tightening"}
+_WHAT = {
+    "final.pt": "after pre-training",
+    "tighten.pt": "after tightening",
+    "distill.pt": "the student",
+}
 
 
 def _results_line(ev: dict) -> str:
