@@ -149,6 +149,41 @@ def _resume(
     return int(state["step"])
 
 
+def _optimiser(student: Classifier, lr: float, steps: int) -> tuple[LARS, WarmupCosine]:
+    """Nesterov SGD without weight decay and a cosine decay from ``lr`` to 0, as
+    fine-tuning."""
+    params = [{"params": list(student.parameters()), "lars": False, "weight_decay": 0.0}]
+    optimizer = LARS(params, lr=lr, momentum=0.9, nesterov=True)
+    return optimizer, WarmupCosine(lr, lr, 0.0, 0, steps)
+
+
+def _ends(losses: list[float]) -> dict[str, float | None]:
+    """The loss averaged over the first and the last steps (a fifth of them, at most 10)."""
+    if not losses:
+        return {"loss_first": None, "loss_last": None}
+    window = max(1, min(10, len(losses) // 5))
+    return {
+        "loss_first": float(np.mean(losses[:window])),
+        "loss_last": float(np.mean(losses[-window:])),
+    }
+
+
+def _views(
+    cfg: Config,
+    data: Datasets,
+    images: Any,
+    order: EpochSampler,
+    steps: range,
+    stream: int,
+    device: torch.device,
+) -> Any:
+    """Crop + flip views of ``images[order.local_batch(step)]`` for each of ``steps``."""
+    views, loading = crop_flip_views(cfg.views), Loading.of(cfg, data)
+    return view_batches(
+        images, order.local_batch, steps, views, 1, loading, cfg.run.seed, stream, device
+    )
+
+
 def train_student(
     cfg: Config,
     teacher: PAWSModel,
@@ -187,47 +222,23 @@ def train_student(
         )
     order = EpochSampler(len(pool), batch, cfg.run.seed, Stream.DISTILL)
     steps = max(1, math.ceil(d.epochs * order.steps_per_epoch))
-    n_lab = len(data.labeled)
-    lab_batch = min(d.labeled_batch, n_lab) if d.labeled_weight > 0 else 0
-    lab_order = (
-        EpochSampler(n_lab, lab_batch, cfg.run.seed, Stream.DISTILL_LABELED)
-        if lab_batch >= 2
-        else None
-    )
+    lab_batch = min(d.labeled_batch, len(data.labeled)) if d.labeled_weight > 0 else 0
+    lab_order = None
+    if lab_batch >= 2:
+        lab_order = EpochSampler(len(data.labeled), lab_batch, cfg.run.seed, Stream.DISTILL_LABELED)
     student = _student(cfg, teacher, arch, len(data.classes)).to(device)
-    optimizer = LARS(
-        [{"params": list(student.parameters()), "lars": False, "weight_decay": 0.0}],
-        lr=d.lr,
-        momentum=0.9,
-        nesterov=True,
-    )
-    schedule = WarmupCosine(d.lr, d.lr, 0.0, 0, steps)
+    optimizer, schedule = _optimiser(student, d.lr, steps)
     dtype = runtime.amp_dtype(cfg, device)
     scaler = runtime.grad_scaler(dtype)
     key = dict(key or {}, steps=steps, kept=len(pool))
     start = _resume(partial, key, student, optimizer, scaler)
-    views, loading = crop_flip_views(cfg.views), Loading.of(cfg, data)
-    unl_images = data.unlabeled.subset(pool)
     y_unl = targets[pool].to(device)
     y_lab = torch.from_numpy(data.labeled.labels).to(device)
     todo = range(start, steps)
-    seed = cfg.run.seed
-    unl = view_batches(
-        unl_images, order.local_batch, todo, views, 1, loading, seed, Stream.DISTILL, device
-    )
+    unl = _views(cfg, data, data.unlabeled.subset(pool), order, todo, Stream.DISTILL, device)
     lab = None
     if lab_order is not None:
-        lab = view_batches(
-            data.labeled,
-            lab_order.local_batch,
-            todo,
-            views,
-            1,
-            loading,
-            seed,
-            Stream.DISTILL_LABELED,
-            device,
-        )
+        lab = _views(cfg, data, data.labeled, lab_order, todo, Stream.DISTILL_LABELED, device)
     bar = Progress(len(todo), "student") if progress else None
     losses: list[float] = []
     student.train()
@@ -248,15 +259,8 @@ def train_student(
     if bar is not None:
         bar.close()
     student.eval()
-    window = max(1, min(10, len(losses) // 5)) if losses else 1
-    return student, {
-        "steps": steps,
-        "resumed_from": start,
-        "kept": len(pool),
-        "num_unlabeled": len(data.unlabeled),
-        "loss_first": float(np.mean(losses[:window])) if losses else None,
-        "loss_last": float(np.mean(losses[-window:])) if losses else None,
-    }
+    report = {"steps": steps, "resumed_from": start, "kept": len(pool)}
+    return student, dict(report, num_unlabeled=len(data.unlabeled), **_ends(losses))
 
 
 def distill(
