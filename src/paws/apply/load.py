@@ -202,29 +202,13 @@ def from_export(
     settings = dict(e.classify.get("known") or {"features": features})
     if known is None:
         settings["features"] = features
+    args = (net, e.kind, arch, reader, device, KnownScore(**settings))
+    chunk = int(e.classify.get("chunk_size", 8192))
     if linear:
-        return ClassifierPredictor(
-            net,
-            e.kind,
-            arch,
-            reader,
-            device,
-            KnownScore(**settings),
-            int(e.classify.get("chunk_size", 8192)),
-            classes=e.classes,
-            support=support,
-        )
+        return ClassifierPredictor(*args, chunk, classes=e.classes, support=support)
+    tau = float(e.classify.get("tau", 0.1))
     return SoftNearestNeighbourPredictor(
-        net,
-        e.kind,
-        arch,
-        reader,
-        device,
-        KnownScore(**settings),
-        int(e.classify.get("chunk_size", 8192)),
-        features=support.features,
-        tau=float(e.classify.get("tau", 0.1)),
-        support=support,
+        *args, chunk, features=support.features, tau=tau, support=support
     )
 
 

@@ -181,16 +181,26 @@ def _finetune_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace],
     return run
 
 
-@command("tighten", "tighten the labelled clusters with SuNCEt, then PAWS-NN (Appendix C)")
-def _tighten_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
-    p.add_argument("checkpoint", help="pre-trained checkpoint file or run directory")
+def _step_args(
+    p: argparse.ArgumentParser,
+    name: str,
+    example: str,
+    what: str = "pre-trained checkpoint file or run directory",
+) -> None:
+    """The arguments of a step after pre-training that writes ``NAME.pt`` and ``NAME.json``."""
+    p.add_argument("checkpoint", help=what)
     p.add_argument(
         "--out",
         metavar="DIR",
-        help="where to write tighten.pt and tighten.json (default: the checkpoint's run directory)",
+        help=f"where to write {name}.pt and {name}.json (default: the checkpoint's run directory)",
     )
-    _checkpoint_overrides(p, "tighten.steps=100")
+    _checkpoint_overrides(p, example)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+@command("tighten", "tighten the labelled clusters with SuNCEt, then PAWS-NN (Appendix C)")
+def _tighten_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
+    _step_args(p, "tighten", "tighten.steps=100")
 
     def run(args: argparse.Namespace) -> int:
         from paws.after.tighten import tighten_checkpoint
@@ -218,17 +228,12 @@ def _tighten_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], 
 
 @command("distill", "train a student classifier on every unlabelled image against the teacher")
 def _distill_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
-    p.add_argument(
-        "checkpoint",
-        help="run directory (its teacher: tighten.pt, else last.pt) or a pre-trained checkpoint",
+    _step_args(
+        p,
+        "distill",
+        "distill.epochs=4",
+        "run directory (its teacher: tighten.pt, else last.pt) or a pre-trained checkpoint",
     )
-    p.add_argument(
-        "--out",
-        metavar="DIR",
-        help="where to write distill.pt and distill.json (default: the run directory)",
-    )
-    _checkpoint_overrides(p, "distill.epochs=4")
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
 
     def run(args: argparse.Namespace) -> int:
         from paws.after.distill import distill_checkpoint
