@@ -116,11 +116,16 @@ def test_sweep_without_validation_is_a_user_error(shared_run, tmp_path):
         finetune_checkpoint(run_dir, ["finetune.val_fraction=0"], tmp_path)
 
 
-def test_restore_refuses_fine_tuned_checkpoint_with_one_line(shared_run, tmp_path, capsys):
+def test_a_fine_tuned_checkpoint_is_evaluated_as_a_classifier_and_not_tightened(
+    shared_run, tmp_path, capsys
+):
     _, run_dir = shared_run
-    finetune_checkpoint(run_dir, ["finetune.lrs=[0.05]", "finetune.epochs=[1]"], tmp_path)
+    r = finetune_checkpoint(run_dir, ["finetune.lrs=[0.05]", "finetune.epochs=[1]"], tmp_path)
     capsys.readouterr()
-    assert main(["eval", str(tmp_path / "finetune.pt")]) == 2
+    assert main(["eval", str(tmp_path / "finetune.pt"), "--json"]) == 0
+    ev = json.loads(capsys.readouterr().out)
+    assert ev["features"] == "classifier" and ev["top1"] == pytest.approx(r["test"]["top1"])
+    assert main(["tighten", str(tmp_path / "finetune.pt")]) == 2
     assert "fine-tuned classifier" in error_line(capsys.readouterr().err)
 
 
