@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import re
 import types
 import typing
@@ -33,7 +34,15 @@ __all__ = [
     "describe",
     "recipe_path",
     "RECIPES_DIR",
+    "DATA_PATHS",
+    "absolute_data_paths",
+    "relative_data_paths",
+    "with_absolute_paths",
 ]
+
+# The data keys that name files or folders: a run records them absolute, so that it reads the
+# same data from whatever folder a later command runs in.
+DATA_PATHS = ("root", "unlabeled", "labeled", "labels_file", "split_file", "test")
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -237,8 +246,42 @@ def read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+def absolute_data_paths(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` (a nested config dict) with its :data:`DATA_PATHS` made absolute against the
+    working directory (``~`` expanded): a path a user gives means the folder they are in, and
+    the run records where that was."""
+    data = values.get("data") if isinstance(values, dict) else None
+    if not isinstance(data, dict):
+        return values
+    fixed = {
+        k: os.path.abspath(os.path.expanduser(v)) if k in DATA_PATHS and isinstance(v, str) else v
+        for k, v in data.items()
+    }
+    return {**values, "data": fixed}
+
+
+def with_absolute_paths(cfg: Config) -> Config:
+    """``cfg`` with its data paths absolute (:func:`absolute_data_paths`): what a run saves."""
+    data = absolute_data_paths({"data": dataclasses.asdict(cfg.data)})["data"]
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **data))
+
+
+def relative_data_paths(values: dict[str, Any]) -> list[str]:
+    """The ``data.key=value`` settings of ``values`` (a nested config dict) whose paths are
+    relative: in a saved run, relative to a folder it did not record."""
+    data = values.get("data") if isinstance(values, dict) else None
+    if not isinstance(data, dict):
+        return []
+    return [
+        f"data.{k}={v}"
+        for k, v in data.items()
+        if k in DATA_PATHS and isinstance(v, str) and v and not os.path.isabs(os.path.expanduser(v))
+    ]
+
+
 def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``section.key=value`` strings (values parsed as YAML) to a nested dict."""
+    """Apply ``section.key=value`` strings (values parsed as YAML) to a nested dict; the data
+    paths among them are made absolute (:func:`absolute_data_paths`)."""
     out = dict(values)
     for item in overrides:
         if "=" not in item:
@@ -252,7 +295,7 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
         nested: Any = value
         for part in reversed(parts):
             nested = {part: nested}
-        out = _merge(out, nested)
+        out = _merge(out, absolute_data_paths(nested))
     return out
 
 
@@ -264,10 +307,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         overrides: ``section.key=value`` strings.
 
     Returns:
-        A validated :class:`Config`.
+        A validated :class:`Config`, its data paths absolute (relative ones are taken from the
+        working directory).
     """
     values: dict[str, Any] = read_yaml(recipe_path(str(path))) if path else {}
-    return from_dict(apply_overrides(values, list(overrides or [])))
+    return from_dict(apply_overrides(absolute_data_paths(values), list(overrides or [])))
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
