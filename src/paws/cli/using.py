@@ -171,7 +171,11 @@ def _embed_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], in
     )
 
     def run(args: argparse.Namespace) -> int:
-        from paws.apply.outputs import EMBEDDING_SUFFIXES, write_embeddings
+        from paws.apply.outputs import (
+            EMBEDDING_SUFFIXES,
+            check_embedding_names,
+            write_embeddings,
+        )
         from paws.data.images import expand_images
         from paws.progress import info
 
@@ -179,6 +183,7 @@ def _embed_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], in
             raise UserError(f"--out must end in .npy or .safetensors, got {Path(args.out).name}")
         check_out_file(args.out)
         files = expand_images(args.images)
+        check_embedding_names(args.out, files)  # before the work, not after it
         model = _open_model(args)
         e = model.embedded(files, [args.features], progress=True)
         _say_skipped(e.skipped)
