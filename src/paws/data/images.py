@@ -1,8 +1,10 @@
 """Images as files and tensors: finding them, reading and decoding them, one set of them.
 
 Everything that turns a file into pixels lives here, so that training, evaluation, prediction
-and reports read an image the same way: Pillow decodes it fully, palette and transparent images
-are composited on white, and grey or colour is chosen by the run (``channels``). Colour becomes
+and reports read an image the same way: Pillow decodes it fully, it is turned upright as its
+EXIF orientation says (a phone photo looks as it does in a viewer), 16-bit and floating-point
+images are scaled to 8 bits, palette and transparent images are composited on white, and grey
+or colour is chosen by the run (``channels``). Colour becomes
 grey with the ITU-R 601 luma weights :data:`GREY` wherever it happens (files, tensors,
 augmentation).
 """
@@ -20,7 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from paws.errors import UserError, first_line
 
@@ -36,6 +38,7 @@ __all__ = [
     "relative_names",
     "read_image",
     "to_mode",
+    "upright",
     "to_grey",
     "tensor_channels",
     "is_grey",
@@ -190,11 +193,42 @@ def _eight_bit(im: Image.Image) -> Image.Image:
     return Image.fromarray(np.rint(arr).astype(np.uint8), mode="L")
 
 
+def _float_eight_bit(im: Image.Image) -> Image.Image:
+    """A floating-point grey image (mode F, e.g. a 32-bit TIFF) as 8-bit grey: values in
+    [0, 1] are scaled to 0..255, as floating-point images store them; an image with values
+    above 1 is taken to be on the 0..255 scale already. NaN reads as black, and everything is
+    clipped (Pillow's own conversion truncates, so [0, 1] becomes black)."""
+    arr = np.nan_to_num(np.asarray(im, dtype=np.float64), nan=0.0, posinf=255.0, neginf=0.0)
+    if arr.size and arr.max() <= 1.0:
+        arr = arr * 255
+    return Image.fromarray(np.rint(np.clip(arr, 0, 255)).astype(np.uint8), mode="L")
+
+
+def upright(im: Image.Image) -> Image.Image:
+    """The image turned as its EXIF orientation tag says (:func:`PIL.ImageOps.exif_transpose`),
+    or itself when it has none: cameras store a photo as the sensor saw it and record how to
+    turn it."""
+    try:
+        orientation = im.getexif().get(0x0112, 1)
+    except Exception:  # noqa: BLE001 - damaged EXIF: the pixels are still the image
+        return im
+    if orientation in (None, 1):
+        return im
+    try:
+        return ImageOps.exif_transpose(im)
+    except Exception:  # noqa: BLE001 - an orientation Pillow cannot apply: read as stored
+        return im
+
+
 def to_mode(im: Image.Image, channels: int | None = None) -> Image.Image:
-    """The image in mode L (``channels`` 1) or RGB; palette and transparent images are
-    composited on white first, 16-bit grey images scaled to 8 bits (:func:`_eight_bit`)."""
+    """The image upright (:func:`upright`), in mode L (``channels`` 1) or RGB; palette and
+    transparent images are composited on white first, 16-bit grey images scaled to 8 bits
+    (:func:`_eight_bit`), floating-point ones from [0, 1] (:func:`_float_eight_bit`)."""
+    im = upright(im)
     if im.mode.startswith("I;16") or (im.mode == "I" and im.getextrema()[1] > 255):
         im = _eight_bit(im)
+    elif im.mode == "F":
+        im = _float_eight_bit(im)
     if im.mode in ("P", "PA", "LA", "RGBA") or "transparency" in im.info:
         im = im.convert("RGBA")
         bg = Image.new("RGBA", im.size, (255, 255, 255, 255))

@@ -1,0 +1,67 @@
+"""Reading image files: what a viewer shows is what the model sees."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from paws.apply.reading import ImageReader, Preprocessing
+from paws.data.images import decode_images, read_image
+
+
+def _stored(size=(20, 12)) -> np.ndarray:
+    """A grey picture that is not the same turned: a gradient with a bright corner."""
+    w, h = size
+    arr = np.add.outer(np.arange(h) * 9, np.arange(w) * 4).astype(np.uint8)
+    arr[:3, :3] = 255
+    return arr
+
+
+def _rotated_file(tmp_path: Path, suffix: str) -> tuple[Path, np.ndarray]:
+    """An image stored as the sensor saw it with EXIF orientation 6 (turn 90 degrees clockwise
+    to view); returns the file and the pixels a viewer shows."""
+    arr = _stored()
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / f"phone{suffix}"
+    Image.fromarray(arr).save(path, exif=exif, **({"quality": 100} if suffix == ".jpg" else {}))
+    return path, np.array(Image.fromarray(arr).transpose(Image.Transpose.ROTATE_270))
+
+
+@pytest.mark.parametrize("suffix", [".png", ".jpg"])
+def test_an_exif_rotated_image_is_read_upright(tmp_path, suffix):
+    path, shown = _rotated_file(tmp_path, suffix)
+    read = np.asarray(read_image(path, channels=1), dtype=np.int16)
+    assert read.shape == shown.shape == (20, 12)
+    assert np.abs(read - shown).mean() < (0.01 if suffix == ".png" else 3.0)
+
+
+def test_training_and_prediction_read_the_rotated_image_alike(tmp_path):
+    path, shown = _rotated_file(tmp_path, ".png")
+    # Training decodes the file into memory ...
+    images, _, _ = decode_images([path], 12, 1)
+    assert torch.equal(images[0, 0], torch.from_numpy(shown[4:16]))
+    # ... prediction reads it, or the PIL image a Python user opened, through one rule.
+    prep = Preprocessing(12, 1.0, (0.0,), (1.0,), 1)
+    reader = ImageReader(prep)
+    from_file = next(reader.batches([path], torch.device("cpu"))).x
+    from_pil = next(reader.batches([Image.open(path)], torch.device("cpu"))).x
+    assert torch.equal(from_file, from_pil)
+    assert torch.allclose(from_file[0, 0], torch.from_numpy(shown[4:16]).float() / 255, atol=1e-6)
+
+
+def test_a_float_tiff_in_0_1_is_scaled_to_8_bits(tmp_path):
+    arr = np.linspace(0, 1, 16 * 16, dtype=np.float32).reshape(16, 16)
+    path = tmp_path / "float.tif"
+    Image.fromarray(arr, mode="F").save(path)
+    assert Image.open(path).mode == "F"
+    read = np.asarray(read_image(path, channels=1), dtype=np.int16)
+    assert np.abs(read - np.rint(arr * 255)).max() <= 1
+    # On the 0..255 scale already, a float image is taken as it is.
+    Image.fromarray(arr * 200 + 20, mode="F").save(tmp_path / "wide.tif")
+    wide = np.asarray(read_image(tmp_path / "wide.tif", channels=1), dtype=np.int16)
+    assert np.abs(wide - np.rint(arr * 200 + 20)).max() <= 1
