@@ -65,3 +65,57 @@ def test_a_float_tiff_in_0_1_is_scaled_to_8_bits(tmp_path):
     Image.fromarray(arr * 200 + 20, mode="F").save(tmp_path / "wide.tif")
     wide = np.asarray(read_image(tmp_path / "wide.tif", channels=1), dtype=np.int16)
     assert np.abs(wide - np.rint(arr * 200 + 20)).max() <= 1
+
+
+def _png(path: Path, value: int = 90) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((8, 8), value, np.uint8)).save(path)
+    return path
+
+
+def test_a_linked_folder_is_followed_once_and_a_loop_is_skipped(tmp_path, capsys):
+    from paws.data.images import scan_images
+
+    elsewhere = tmp_path / "elsewhere"
+    for i in range(3):
+        _png(elsewhere / f"e{i}.png")
+    unl = tmp_path / "unlabeled"
+    _png(unl / "own" / "a.png")
+    (unl / "linked").symlink_to(elsewhere, target_is_directory=True)
+    (unl / "again").symlink_to(elsewhere, target_is_directory=True)  # the same images twice
+    (unl / "own" / "up").symlink_to(unl, target_is_directory=True)  # a loop
+    _png(unl / ".ipynb_checkpoints" / "a-checkpoint.png")
+    files = scan_images(unl)
+    assert [f.relative_to(unl).as_posix() for f in files] == [
+        "again/e0.png",
+        "again/e1.png",
+        "again/e2.png",
+        "own/a.png",
+    ]
+    err = capsys.readouterr().err
+    assert "own/up" in err and "leads back" in err and "read already" in err
+
+
+def test_a_link_to_the_labelled_folder_inside_it_is_not_a_class(tmp_path, capsys):
+    from paws.data.images import scan_labeled_folder
+
+    lab = tmp_path / "labeled"
+    _png(lab / "cat" / "c.png")
+    _png(lab / "dog" / "d.png")
+    (lab / "all").symlink_to(lab, target_is_directory=True)
+    (lab / "dog" / "more").symlink_to(lab, target_is_directory=True)
+    files, labels, classes = scan_labeled_folder(lab)
+    assert classes == ["cat", "dog"]
+    assert [f.name for f in files] == ["c.png", "d.png"] and labels.tolist() == [0, 1]
+    assert capsys.readouterr().err.count("leads back") == 2
+
+
+def test_two_class_folders_that_are_one_folder_are_refused(tmp_path):
+    from paws.data.images import scan_labeled_folder
+    from paws.errors import UserError
+
+    lab = tmp_path / "labeled"
+    _png(lab / "cat" / "c.png")
+    (lab / "kitten").symlink_to(lab / "cat", target_is_directory=True)
+    with pytest.raises(UserError, match="'cat' and 'kitten'.*one folder"):
+        scan_labeled_folder(lab)

@@ -11,6 +11,7 @@ augmentation).
 
 from __future__ import annotations
 
+import collections
 import io
 import os
 import re
@@ -25,6 +26,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from paws.errors import UserError, first_line
+from paws.progress import info
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -129,23 +131,83 @@ class ImageSet:
         )
 
 
+def _image_files(folder: Path, above: tuple[Path, ...] = ()) -> list[Path]:
+    """The image files below ``folder``, sorted, following linked folders once each.
+
+    A linked folder is read like any other (a user links data in from elsewhere); one that
+    leads back to a folder it lies in (or to one of ``above``) would be read without end, and
+    one already read would count its images twice: each is skipped with a line saying so.
+    Hidden folders (``.ipynb_checkpoints``, ``.git``) are not data and are not searched.
+    """
+    root = folder.resolve()
+    seen = {root}
+    # Breadth first, in name order: of two ways to one folder, the shorter and then the first
+    # by name is the one kept, whatever order the file system lists them in.
+    queue = collections.deque([(folder, (*above, root))])
+    files: list[Path] = []
+    while queue:
+        d, chain = queue.popleft()
+        try:
+            entries = sorted(os.scandir(d), key=lambda e: e.name)
+        except OSError as e:
+            raise UserError(f"cannot read the folder {d}: {e.strerror or e}") from e
+        for e in entries:
+            path = Path(e.path)
+            if e.is_dir():  # follows links
+                if e.name.startswith("."):
+                    continue
+                real = path.resolve()
+                if real in chain:
+                    info(f"skipped the folder link {path}: it leads back to {real}, which holds it")
+                elif real in seen:
+                    info(f"skipped the folder link {path}: {real} is read already")
+                else:
+                    seen.add(real)
+                    queue.append((path, (*chain, real)))
+            elif e.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS:
+                files.append(path)
+    return sorted(files)
+
+
 def scan_images(folder: str | Path) -> list[Path]:
-    """All image files below ``folder`` (recursive, sorted), by extension."""
+    """All image files below ``folder`` (recursive, sorted, linked folders followed once:
+    :func:`_image_files`), by extension."""
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise UserError(f"image folder not found: {folder}")
-    files = sorted(
-        p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-    )
+    files = _image_files(folder)
     if not files:
         raise UserError(f"no images found in {folder} (looked for {', '.join(IMAGE_EXTENSIONS)})")
     return files
 
 
+def _class_folders(folder: Path) -> list[str]:
+    """The class sub-folders of a labelled folder, sorted: a link that leads back to the
+    folder (or above it) would make its images again a class of their own, and is skipped
+    with a line; two names for one folder are refused."""
+    root = folder.resolve()
+    names, real_of = [], {}
+    for p in sorted(folder.iterdir()):
+        if not p.is_dir() or p.name.startswith("."):
+            continue
+        real = p.resolve()
+        if real == root or real in root.parents:
+            info(f"skipped the folder link {p}: it leads back to {real}, which holds it")
+            continue
+        if real in real_of:
+            raise UserError(
+                f"class folders '{real_of[real]}' and '{p.name}' of {folder} are one folder "
+                f"({real}, through a link): remove one of them"
+            )
+        real_of[real] = p.name
+        names.append(p.name)
+    return names
+
+
 def scan_labeled_folder(
     folder: str | Path, classes: Sequence[str] | None = None
 ) -> tuple[list[Path], np.ndarray, list[str]]:
-    """Files and labels of a ``<class>/<image>`` folder.
+    """Files and labels of a ``<class>/<image>`` folder (linked folders followed once).
 
     Args:
         folder: the folder.
@@ -158,7 +220,7 @@ def scan_labeled_folder(
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise UserError(f"labelled folder not found: {folder}")
-    subdirs = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    subdirs = _class_folders(folder)
     if not subdirs:
         raise UserError(
             f"{folder} has no class sub-folders: arrange labelled images as <class>/<image>"
@@ -166,11 +228,7 @@ def scan_labeled_folder(
     order = list(classes) if classes is not None else subdirs
     files, labels = [], []
     for name in subdirs:
-        imgs = sorted(
-            p
-            for p in (folder / name).rglob("*")
-            if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-        )
+        imgs = _image_files(folder / name, (folder.resolve(),))
         if not imgs:
             raise UserError(
                 f"class folder {folder / name} holds no images; add images or remove the folder"
