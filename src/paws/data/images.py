@@ -15,6 +15,7 @@ import collections
 import io
 import os
 import re
+import unicodedata
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ __all__ = [
     "ImageSet",
     "scan_images",
     "scan_labeled_folder",
+    "class_name",
     "relative_names",
     "read_image",
     "to_mode",
@@ -204,6 +206,11 @@ def _class_folders(folder: Path) -> list[str]:
     return names
 
 
+def class_name(name: str) -> str:
+    """A class name as paws compares it: in Unicode's composed form (NFC)."""
+    return unicodedata.normalize("NFC", name)
+
+
 def scan_labeled_folder(
     folder: str | Path, classes: Sequence[str] | None = None
 ) -> tuple[list[Path], np.ndarray, list[str]]:
@@ -225,7 +232,9 @@ def scan_labeled_folder(
         raise UserError(
             f"{folder} has no class sub-folders: arrange labelled images as <class>/<image>"
         )
-    order = list(classes) if classes is not None else subdirs
+    # Class names in Unicode's composed form: a folder written on macOS (decomposed) and a
+    # labels file or test folder written elsewhere name one class alike.
+    order = list(classes) if classes is not None else [class_name(n) for n in subdirs]
     files, labels = [], []
     for name in subdirs:
         imgs = _image_files(folder / name, (folder.resolve(),))
@@ -233,13 +242,13 @@ def scan_labeled_folder(
             raise UserError(
                 f"class folder {folder / name} holds no images; add images or remove the folder"
             )
-        if name not in order:
+        if class_name(name) not in order:
             raise UserError(
                 f"class '{name}' in {folder} is not a class of the labelled set "
                 f"({', '.join(order)})"
             )
         files += imgs
-        labels += [order.index(name)] * len(imgs)
+        labels += [order.index(class_name(name))] * len(imgs)
     return files, np.asarray(labels, dtype=np.int64), order
 
 

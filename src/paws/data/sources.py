@@ -230,6 +230,7 @@ def _add_labels_file(
         return str(f.resolve())
 
     rows = labels.unique(image)
+    _same_kind_as_folder(labels, classes, cfg)
     in_folder = {str(f.resolve()): classes[y] for f, y in zip(folder.files or [], folder.labels)}
     chosen = {str(f.resolve()) for f in labeled.files or []}
     for key, r in rows.items():
@@ -240,6 +241,7 @@ def _add_labels_file(
     new = [(k, r) for k, r in rows.items() if k not in chosen]
     outside = [(k, r) for k, r in new if k not in in_folder]
     names = sorted(set(classes) | {r.label for r in rows.values()})
+    _warn_case_only(names)
     added = sorted(set(names) - set(classes))
     if classes and added:
         info(f"labels file {labels.path} adds classes to {cfg.labeled}: {', '.join(added)}")
@@ -256,6 +258,39 @@ def _add_labels_file(
         files=[labels.file(r) for _, r in outside],
     )
     return out, names, extra
+
+
+def _same_kind_as_folder(labels: LabelsFile, classes: Sequence[str], cfg: DataConfig) -> None:
+    """Refuse class numbers beside class names in a folder dataset, where every label names
+    a class: ``0`` would become a class of its own beside ``zero``. (A built-in dataset reads
+    a number as the class of that index, :func:`_class_id`.)"""
+    named = [(None, c) for c in classes if not c.isdigit()]
+    named += [(r, r.label) for r in labels.rows if not r.label.isdigit()]
+    if not named:
+        return
+    row, name = named[0]
+    where = f"row {row.row} names" if row is not None else f"{cfg.labeled} has"
+    for r in labels.rows:
+        if r.label.isdigit() and r.label not in classes:
+            raise labels.error(
+                r,
+                f"the label '{r.label}' is a number, but {where} the class '{name}': label "
+                "every image by class name",
+            )
+
+
+def _warn_case_only(names: Sequence[str]) -> None:
+    """One line when two classes differ only in case (``Zero`` and ``zero``): the user may
+    mean one class, or two."""
+    by_fold: dict[str, list[str]] = {}
+    for n in names:
+        by_fold.setdefault(n.casefold(), []).append(n)
+    clash = next((v for v in by_fold.values() if len(v) > 1), None)
+    if clash:
+        info(
+            f"warning: the classes {' and '.join(repr(c) for c in clash)} differ only in case "
+            "and are kept apart; rename one if they are one class"
+        )
 
 
 def _test_with_new_classes(
