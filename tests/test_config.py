@@ -14,6 +14,7 @@ from paws.config import (
     describe,
     from_dict,
     load_config,
+    read_yaml,
     recipe_path,
     save_config,
     to_dict,
@@ -272,3 +273,42 @@ def test_switching_encoder_keeps_its_standard_width():
     resnet = build_encoder(load_config(None, ["model.encoder=resnet18"]), 3)
     assert resnet.num_features == 512
     assert build_encoder(load_config(None, ["model.width=8"]), 1).num_features == 32
+
+
+def _laughs(levels: int = 9) -> str:
+    """YAML whose aliases of aliases expand to 9**levels values ("billion laughs")."""
+    lines = ["l0: &l0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    for i in range(1, levels):
+        lines.append(f"l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * 9) + "]")
+    return "\n".join(lines)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("optim:\n  steps: 3\n  steps: 4\n", "the key 'steps' is written twice (lines 2 and 3)"),
+        ("optim:\n  steps: 3\nrun: {}\noptim:\n  ref_lr: 1\n", "the key 'optim' is written twice"),
+        ("optim:\n  steps: " + "[" * 3000 + "]" * 3000 + "\n", "nested more than 50 deep"),
+        (_laughs() + "\noptim:\n  steps: *l8\n", "expand to more than 100,000 values"),
+        ("optim:\n  steps: &a [1, *a]\n", "an alias refers to a value that holds it"),
+    ],
+    ids=["duplicate key", "duplicate section", "deep", "billion laughs", "recursive"],
+)
+def test_yaml_a_config_cannot_hold_is_one_line(tmp_path, text, message):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(UserError) as e:
+        load_config(path)
+    assert str(e.value).startswith(f"cannot parse {path}: ") and message in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_set_values_have_the_same_bounds_and_merge_keys_still_work(tmp_path):
+    with pytest.raises(UserError, match=r"^--set finetune.lrs: .*expand to more than"):
+        apply_overrides({}, ["finetune.lrs=" + "{" + _laughs().replace("\n", ", ") + "}"])
+    with pytest.raises(UserError, match=r"^--set data.labeled: nested more than 50 deep"):
+        apply_overrides({}, ["data.labeled=" + "[" * 3000 + "]" * 3000])
+    path = tmp_path / "merge.yaml"
+    path.write_text("base: &b {steps: 3, ref_lr: 0.5}\noptim:\n  <<: *b\n  steps: 5\n")
+    values = read_yaml(path)
+    assert values["optim"] == {"steps": 5, "ref_lr": 0.5}

@@ -67,8 +67,100 @@ _Loader.add_implicit_resolver(
 )
 
 
+# A config is a few hundred values: anything far larger or deeper is a mistake or an attack
+# (aliases of aliases, "billion laughs", expand to gigabytes from a few lines).
+MAX_YAML_DEPTH = 50
+MAX_YAML_VALUES = 100_000
+
+
+class _Refused(yaml.YAMLError):
+    """YAML that parses but is refused: a duplicate key, too deep, too large once expanded."""
+
+
+def _compose_node(self: _Loader, parent: Any, index: Any) -> Any:
+    """PyYAML's composer, counting depth so that deep nesting is refused before Python's
+    recursion limit is reached (a RecursionError traceback otherwise)."""
+    self.depth = getattr(self, "depth", 0) + 1
+    try:
+        if self.depth > MAX_YAML_DEPTH:
+            mark = self.peek_event().start_mark
+            raise _Refused(f"nested more than {MAX_YAML_DEPTH} deep (line {mark.line + 1})")
+        return yaml.SafeLoader.compose_node(self, parent, index)
+    finally:
+        self.depth -= 1
+
+
+def _construct_mapping(self: _Loader, node: yaml.MappingNode, deep: bool = False) -> Any:
+    """A mapping, refusing a key written twice: YAML would keep the last one silently."""
+    first: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+            continue
+        key = self.construct_object(key_node)
+        line = key_node.start_mark.line + 1
+        if key in first:
+            raise _Refused(
+                f"the key '{key}' is written twice (lines {first[key]} and {line}); keep one"
+            )
+        first[key] = line
+    return yaml.SafeLoader.construct_mapping(self, node, deep)
+
+
+_Loader.compose_node = _compose_node  # type: ignore[method-assign]
+_Loader.construct_mapping = _construct_mapping  # type: ignore[method-assign]
+
+
+def _expanded_size(node: yaml.Node) -> int:
+    """How many values ``node`` holds with every alias expanded, counted without expanding
+    (each shared node once), stopping past :data:`MAX_YAML_VALUES`.
+
+    Raises:
+        _Refused: more values than that, or an alias inside itself (a recursive value).
+    """
+    sizes: dict[int, int] = {}
+    open_: set[int] = set()
+
+    def size(n: yaml.Node) -> int:
+        if id(n) in sizes:
+            return sizes[id(n)]
+        if id(n) in open_:
+            raise _Refused(
+                f"an alias refers to a value that holds it (line {n.start_mark.line + 1})"
+            )
+        open_.add(id(n))
+        total = 1
+        if isinstance(n, yaml.SequenceNode):
+            children = n.value
+        elif isinstance(n, yaml.MappingNode):
+            children = [c for pair in n.value for c in pair]
+        else:
+            children = []
+        for c in children:
+            total += size(c)
+            if total > MAX_YAML_VALUES:
+                raise _Refused(
+                    f"its aliases expand to more than {MAX_YAML_VALUES:,} values; write the "
+                    "values out"
+                )
+        open_.discard(id(n))
+        sizes[id(n)] = total
+        return total
+
+    return size(node)
+
+
 def _yaml_load(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)  # a SafeLoader: plain data only
+    """YAML text as plain data (a SafeLoader), refusing duplicate keys, nesting deeper than
+    :data:`MAX_YAML_DEPTH` and aliases that expand past :data:`MAX_YAML_VALUES` values."""
+    loader = _Loader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _expanded_size(node)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
 
 
 def _hints(cls: type) -> dict[str, Any]:
@@ -289,6 +381,8 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
         key, raw = item.split("=", 1)
         try:
             value = _yaml_load(raw) if raw.strip() else None
+        except _Refused as e:
+            raise UserError(f"--set {key.strip()}: {first_line(e)}") from e
         except yaml.YAMLError:
             value = raw
         parts = key.strip().split(".")
