@@ -268,3 +268,17 @@ def test_num_labels_draws_uniformly_from_the_whole_set_with_uneven_counts():
     assert not np.array_equal(chosen, select_labeled(images, other, 10))
     with pytest.raises(UserError, match="num_labels is 2000"):
         select_labeled(images, load_config(None, ["data.num_labels=2000"]).data, 10)
+
+
+def test_a_bare_name_in_a_split_file_that_several_images_share_is_refused(tmp_path):
+    lab = write_folder(tmp_path / "lab", 2, 2, seed=1, names=["cat", "dog"])
+    for cls in ("cat", "dog"):  # one file name in both class folders
+        (lab / cls / f"{cls}_0.png").rename(lab / cls / "a.png")
+    split = tmp_path / "split.txt"
+    split.write_text("cat_1.png\na.png\n")
+    cfg = load_config(None, [*tiny_overrides({"labeled": lab}), f"data.split_file={split}"])
+    with pytest.raises(UserError, match=r"split file .*split.txt: 'a.png' names 2 images"):
+        load_datasets(cfg)
+    split.write_text("cat_1.png\ndog/a.png\n")  # a path says which
+    data = load_datasets(cfg)
+    assert sorted(data.labeled.names) == ["cat/cat_1.png", "dog/a.png"]

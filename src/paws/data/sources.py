@@ -78,14 +78,39 @@ def _read_split(path: str) -> list[str]:
     return names
 
 
-def _name_lookup(images: ImageSet) -> dict[str, int]:
-    """Image positions by name and by file name (the first image of a name wins): how split
-    files and labels files name the images of a set."""
-    lookup: dict[str, int] = {}
-    for i, name in enumerate(images.names):
-        lookup.setdefault(name, i)
-        lookup.setdefault(Path(name).name, i)
-    return lookup
+class _Names(dict):
+    """Image positions by name: a bare file name that several images share (``a.png`` in two
+    class folders) is refused when used, naming two of them."""
+
+    def __init__(self, images: ImageSet):
+        super().__init__()
+        self.shared: dict[str, list[str]] = {}
+        for i, name in enumerate(images.names):
+            self.setdefault(name, i)
+        full = set(self)
+        for i, name in enumerate(images.names):
+            base = Path(name).name
+            if base in full:  # a whole name means that image
+                continue
+            if base in self and images.names[self[base]] != name:
+                self.shared.setdefault(base, [images.names[self[base]]]).append(name)
+            self.setdefault(base, i)
+
+    def position(self, name: str, where: str) -> int:
+        """The image ``name`` means, ``where`` naming the file and line for the error."""
+        if name in self.shared:
+            a, b = self.shared[name][:2]
+            raise UserError(
+                f"{where}: '{name}' names {len(self.shared[name])} images ('{a}', '{b}', ...); "
+                "give its path relative to the folder"
+            )
+        return self[name]
+
+
+def _name_lookup(images: ImageSet) -> _Names:
+    """Image positions by name and by file name: how split files and labels files name the
+    images of a set (a file name several images share is refused, :class:`_Names`)."""
+    return _Names(images)
 
 
 def select_labeled(images: ImageSet, cfg: DataConfig, num_classes: int) -> np.ndarray:
@@ -105,7 +130,7 @@ def select_labeled(images: ImageSet, cfg: DataConfig, num_classes: int) -> np.nd
                 f"split file {cfg.split_file} names {len(missing)} image(s) not in the "
                 f"dataset, e.g. '{missing[0]}'; fix the names or the data folder"
             )
-        return np.unique([lookup[w] for w in wanted])
+        return np.unique([lookup.position(w, f"split file {cfg.split_file}") for w in wanted])
     if cfg.num_labels is not None:
         if cfg.num_labels > len(images):
             raise UserError(
@@ -160,7 +185,8 @@ def labeled_from_file(
         if row.path not in lookup:
             example = f", e.g. '{images.names[0]}'" if len(images) else ""
             raise labels.error(row, f"no image of that name in the training set (names{example})")
-        return str(lookup[row.path])
+        where = f"labels file {labels.path} row {row.row}"
+        return str(lookup.position(row.path, where))
 
     rows = labels.unique(image)
     index = np.array([int(k) for k in rows], dtype=np.int64)
