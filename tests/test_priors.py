@@ -41,3 +41,16 @@ def test_the_estimate_starts_uniform_moves_towards_the_mass_and_keeps_other_clas
     fixed = ClassPrior("labeled", np.array([0, 1]), 2)
     fixed.update(torch.tensor([0, 1]), torch.tensor([1.0, 0.0]))  # only estimates move
     torch.testing.assert_close(fixed.probs, torch.tensor([0.5, 0.5]))
+
+
+def test_huge_frequencies_are_normalised_without_overflow():
+    import warnings
+
+    labels = np.zeros(3, dtype=np.int64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an overflow would warn
+        huge = ClassPrior([1e308, 5e307, 5e307], labels, 3).probs
+        small = ClassPrior([2.0, 1.0, 1.0], labels, 3).probs
+    assert huge is not None and torch.isfinite(huge).all()
+    assert torch.allclose(huge, torch.tensor([0.5, 0.25, 0.25]))
+    assert torch.equal(huge, small)
