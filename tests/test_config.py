@@ -312,3 +312,12 @@ def test_set_values_have_the_same_bounds_and_merge_keys_still_work(tmp_path):
     path.write_text("base: &b {steps: 3, ref_lr: 0.5}\noptim:\n  <<: *b\n  steps: 5\n")
     values = read_yaml(path)
     assert values["optim"] == {"steps": 5, "ref_lr": 0.5}
+
+
+def test_tightening_with_one_image_per_class_is_refused_before_a_nan_loss():
+    # With one image of each class in a batch, no image has another of its class: SuNCEt's
+    # mean over no scored rows would be NaN, and the model saved from it.
+    assert "tighten.images_per_class must be in [2, 1000000], got 1" in _error(
+        ["tighten.images_per_class=1"]
+    )
+    assert load_config(None, ["tighten.images_per_class=2"]).tighten.images_per_class == 2

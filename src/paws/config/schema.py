@@ -417,8 +417,9 @@ class TightenConfig:
     classes: int = _f(10, "classes per batch (at most the labelled classes)", (2, 1_000_000))
     images_per_class: int = _f(
         64,
-        "distinct images per class per batch (a class with fewer gives all it has)",
-        (1, 1_000_000),
+        "distinct images per class per batch, at least 2: SuNCEt pulls each image towards "
+        "another of its class, and with 1 no image has one (a class with fewer gives all it has)",
+        (2, 1_000_000),
     )
     lr: float = _f(0.1, "learning rate at step 0, cosine decay to 0", (0.0, None))
     momentum: float = _f(0.9, "classical momentum (no weight decay)", (0.0, 0.9999))
