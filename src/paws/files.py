@@ -15,7 +15,7 @@ import functools
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO
 
@@ -29,6 +29,7 @@ __all__ = [
     "check_out_file",
     "reason",
     "disk_of",
+    "check_not_input",
 ]
 
 
@@ -268,3 +269,41 @@ def write_folder_files(out: str | Path, name: str, write: Callable[[Path], None]
         return written
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def check_not_input(
+    out: str | Path,
+    inputs: Sequence[str | Path] = (),
+    folders: Sequence[str | Path | None] = (),
+    what: str = "--out",
+) -> None:
+    """Refuse an output that would overwrite what the command reads: one of its ``inputs``
+    (an image given to predict, the CSV beside the contact sheet), or a path inside one of
+    the ``folders`` of data (a run's labelled, unlabelled or test folder, where an export
+    would become images of a class).
+
+    Raises:
+        UserError: naming the output and the input it would replace.
+    """
+    target = Path(os.path.abspath(Path(out).expanduser()))
+    real = target.resolve()
+    for p in inputs:
+        q = Path(p).expanduser()
+        if Path(os.path.abspath(q)) == target or q.resolve() == real:
+            raise UserError(
+                f"{what} {out} is one of the inputs ({p}): writing it would replace it; "
+                "choose another path"
+            )
+    for d in folders:
+        if not d:
+            continue
+        q = Path(d).expanduser().resolve()
+        if real == q:
+            raise UserError(
+                f"{what} {out} is the data {d}: writing it would replace it; choose another path"
+            )
+        if q in real.parents:
+            raise UserError(
+                f"{what} {out} lies inside the data folder {d}: the output would become part "
+                "of the data; choose a path outside it"
+            )
