@@ -211,3 +211,31 @@ def test_embed_refuses_a_file_name_with_a_line_break_for_npy(shared_run, tmp_pat
         names = json.loads(f.metadata()["files"])
         assert [Path(n).name for n in names] == ["plain.png", "two\nlines.png"]
         assert f.get_tensor("embeddings").shape[0] == 2
+
+
+def test_an_export_mixed_with_another_or_stopped_part_way_is_refused(
+    shared_run, tmp_path, capsys, monkeypatch
+):
+    import paws.apply.export as export_module
+
+    paths, run_dir = shared_run
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(["--quiet", "export", str(run_dir), "--out", str(a)]) == 0
+    argv = ["--quiet", "export", str(run_dir), "--support", str(paths["support"])]
+    assert main([*argv, "--out", str(b)]) == 0
+    paws.load(a)  # whole: opens
+    shutil.copy(b / "support.safetensors", a / "support.safetensors")  # files of two exports
+    capsys.readouterr()
+    assert main(["predict", str(a), str(paths["test"])]) == 2
+    line = error_line(capsys.readouterr().err)
+    assert line.startswith(f"{a} is not a whole export: support.safetensors is not the file")
+
+    def killed(path, data):  # the process dies once the weights are written
+        if path.name == "support.safetensors":
+            raise KeyboardInterrupt
+        export_module.write_atomic(path, data)
+        return "x"
+
+    monkeypatch.setattr(export_module, "_write_summed", killed)
+    assert main(["--quiet", *argv, "--out", str(a)]) != 0  # stopped as by Ctrl-C
+    assert not (a / "model.json").exists()  # no description of a half-written export

@@ -202,6 +202,9 @@ def export_onnx(predictor: Predictor, out_dir: str | Path, progress: bool = Fals
         dims = {"embeddings": graph(example)[1].shape[1], "features": trunk(example).shape[1]}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # The description goes first and comes back last: an export stopped part-way over an
+    # earlier one leaves no onnx.json that describes models it did not write.
+    (out / DESCRIPTION).unlink(missing_ok=True)
     opset = _export(graph, example, out / MODEL, ["probabilities", "embeddings"])
     _export(trunk, example, out / ENCODER, ["features"])
     seconds = time.perf_counter() - start
