@@ -110,8 +110,8 @@ def _train(
     cfg = fit_to_data(cfg, len(data.unlabeled), data.labeled.labels, distributed.get_world_size())
     start_run(cfg, out, state)
     if data.skipped and distributed.is_main():
+        # Listed here, counted in the result: ``paws train`` says it once, with its results.
         write_atomic(out / "skipped_images.txt", "\n".join(data.skipped) + "\n")
-        info(f"skipped {len(data.skipped)} unreadable images (listed in skipped_images.txt)")
     run = build_run(cfg, out, data, device)
     if state is not None:
         restore_run(run, state)
