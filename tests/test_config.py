@@ -321,3 +321,10 @@ def test_tightening_with_one_image_per_class_is_refused_before_a_nan_loss():
         ["tighten.images_per_class=1"]
     )
     assert load_config(None, ["tighten.images_per_class=2"]).tighten.images_per_class == 2
+
+
+def test_a_std_of_zero_or_less_and_zero_epochs_are_refused():
+    assert "data.std must be > 0 for every channel" in _error(["data.std=[0.2, 0, 0.2]"])
+    assert "data.std must be > 0" in _error(["data.std=[-0.5]"])
+    assert "optim.epochs is 0: the run would take no step" in _error(["optim.epochs=0"])
+    assert load_config(None, ["optim.epochs=0", "optim.steps=3"]).optim.steps == 3

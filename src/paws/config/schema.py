@@ -472,6 +472,15 @@ class Config:
             val = getattr(d, name)
             if val is not None and len(val) not in (1, 3):
                 raise UserError(f"data.{name} needs 1 or 3 values, got {len(val)}")
+        if d.std is not None and any(v <= 0 for v in d.std):
+            raise UserError(
+                f"data.std must be > 0 for every channel (it divides the pixels), got {d.std}"
+            )
+        if self.optim.steps is None and self.optim.epochs <= 0:
+            raise UserError(
+                "optim.epochs is 0: the run would take no step; give optim.epochs > 0 or "
+                "optim.steps"
+            )
         prior = self.loss.me_max_prior
         if isinstance(prior, list) and (not prior or min(prior) < 0 or sum(prior) <= 0):
             raise UserError(
