@@ -253,6 +253,8 @@ MANIFEST_OPTIONAL = {"kind", "batch_size", "version", "classify.tau", "classify.
 MANIFEST_OPTIONAL |= {"classify.known", "classify.features", "classify.support"}
 MANIFEST_OPTIONAL |= {"classify.num_support"} | {f"classify.known.{k}" for k in ("kind", "tau")}
 MANIFEST_OPTIONAL |= {"classify.known.features", "classify.known.quantile"}
+MANIFEST_OPTIONAL |= {"sha256"}  # exports written before checksums were recorded
+MANIFEST_VALID["sha256"] = {"none"}
 
 
 def _entries(m: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, list[str]]]:

@@ -138,6 +138,13 @@ def _check_sums(folder: Path, manifest: dict[str, Any]) -> None:
         return
     if not isinstance(sums, dict):
         raise _damaged(folder / MANIFEST, "sha256", "a mapping of file names to checksums", sums)
+    classify = manifest.get("classify") or {}
+    needed = [_WEIGHTS] + (
+        [str(classify.get("support", _SUPPORT))] if classify.get("method") == "snn" else []
+    )
+    for name in needed:
+        if name not in sums:
+            raise _damaged(folder / MANIFEST, f"sha256.{name}", "the file's checksum", None)
     for name, expected in sums.items():
         path = folder / str(name)
         if Path(str(name)).name != str(name) or not path.is_file():
