@@ -3,6 +3,8 @@ and ``--debug`` shows the traceback instead."""
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 from tiny import (
     error_line,
@@ -37,3 +39,49 @@ def test_debug_shows_the_traceback(tmp_path, capsys, monkeypatch):
     cfg = write_config(tmp_path / "cfg.yaml", tiny_config(tmp_path / "nowhere"))
     with pytest.raises(UserError, match="labelled folder not found"):
         cli.main(["--debug", "--quiet", "train", "--config", str(cfg), "--out", str(tmp_path)])
+
+
+def test_no_output_may_overwrite_an_input_or_land_in_the_data(shared_run, tmp_path, capsys):
+    from tiny import error_line
+
+    from paws.cli import main
+
+    paths, run_dir = shared_run
+    photo = tmp_path / "photo.png"
+    shutil.copy(next((paths["test"] / "class0").iterdir()), photo)
+    before = photo.read_bytes()
+    cases = [
+        (["predict", str(run_dir), str(photo), "--out", str(photo)], "is one of the inputs"),
+        (
+            ["embed", str(run_dir), str(photo), "--out", str(tmp_path / "photo.npy")],
+            None,  # photo.npy and photo.txt are not inputs: allowed
+        ),
+        (
+            ["export", str(run_dir), "--out", str(paths["labeled"] / "class0")],
+            "lies inside the data folder",
+        ),
+        (
+            [
+                "suggest",
+                str(run_dir),
+                "-n",
+                "2",
+                "--out",
+                str(tmp_path / "s.csv"),
+                "--html",
+                str(tmp_path / "s.csv"),
+            ],
+            "--html",
+        ),
+    ]
+    for argv, message in cases:
+        code = main(["--quiet", *argv])
+        err = capsys.readouterr().err
+        if message is None:
+            assert code == 0, err
+            continue
+        assert code == 2, (argv, err)
+        assert message in error_line(err), err
+    assert photo.read_bytes() == before
+    assert not any(p.suffix == ".json" for p in (paths["labeled"] / "class0").iterdir())
+    assert not (tmp_path / "s.csv").exists()

@@ -7,6 +7,7 @@ import dataclasses
 import pickle
 import zlib
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,6 +26,7 @@ from paws.config import (
     describe,
     from_dict,
     load_config,
+    read_yaml,
     recipe_path,
     save_config,
     to_dict,
@@ -170,7 +172,7 @@ def test_overrides_parse_yaml_values():
     assert cfg.data.labels_per_class is None and cfg.data.label_fraction == 0.1
     assert cfg.views.flip is False and cfg.model.pred_head is True
     assert cfg.finetune.lrs == [0.1]
-    assert cfg.data.root == "some/dir"
+    assert cfg.data.root == str(Path.cwd() / "some" / "dir")  # as the run records it
     assert cfg.run.channels_last is None  # an empty value is null
 
 
@@ -247,7 +249,7 @@ def test_cross_field_validation():
     assert load_config(None, ["data.label_fraction=0.1"]).data.label_fraction == 0.1
     assert "data.labeled is not set" in _error(["data.dataset=folder"])
     ok = load_config(None, ["data.dataset=folder", "data.labeled=some/dir"])
-    assert ok.data.labeled == "some/dir"
+    assert ok.data.labeled == str(Path.cwd() / "some" / "dir")
     assert (
         _error(["views.large_scale=[0.5, 0.2]"])
         == "views.large_scale must be [low, high] with 0 < low <= high <= 1, got [0.5, 0.2]"
@@ -354,3 +356,58 @@ def test_configs_that_are_not_utf8_yaml(made, tmp_path, capsys):
         (run / "config.yaml").write_bytes(data)
         cases.refused(f"resume: {name}", ["train", "--resume", str(run)], run)
     cases.check()
+
+
+def _laughs(levels: int = 9) -> str:
+    """YAML whose aliases of aliases expand to 9**levels values ("billion laughs")."""
+    lines = ["l0: &l0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    for i in range(1, levels):
+        lines.append(f"l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * 9) + "]")
+    return "\n".join(lines)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("optim:\n  steps: 3\n  steps: 4\n", "the key 'steps' is written twice (lines 2 and 3)"),
+        ("optim:\n  steps: 3\nrun: {}\noptim:\n  ref_lr: 1\n", "the key 'optim' is written twice"),
+        ("optim:\n  steps: " + "[" * 3000 + "]" * 3000 + "\n", "nested more than 50 deep"),
+        (_laughs() + "\noptim:\n  steps: *l8\n", "expand to more than 100,000 values"),
+        ("optim:\n  steps: &a [1, *a]\n", "an alias refers to a value that holds it"),
+    ],
+    ids=["duplicate key", "duplicate section", "deep", "billion laughs", "recursive"],
+)
+def test_yaml_a_config_cannot_hold_is_one_line(tmp_path, text, message):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(UserError) as e:
+        load_config(path)
+    assert str(e.value).startswith(f"cannot parse {path}: ") and message in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_set_values_have_the_same_bounds_and_merge_keys_still_work(tmp_path):
+    with pytest.raises(UserError, match=r"^--set finetune.lrs: .*expand to more than"):
+        apply_overrides({}, ["finetune.lrs=" + "{" + _laughs().replace("\n", ", ") + "}"])
+    with pytest.raises(UserError, match=r"^--set data.labeled: nested more than 50 deep"):
+        apply_overrides({}, ["data.labeled=" + "[" * 3000 + "]" * 3000])
+    path = tmp_path / "merge.yaml"
+    path.write_text("base: &b {steps: 3, ref_lr: 0.5}\noptim:\n  <<: *b\n  steps: 5\n")
+    values = read_yaml(path)
+    assert values["optim"] == {"steps": 5, "ref_lr": 0.5}
+
+
+def test_tightening_with_one_image_per_class_is_refused_before_a_nan_loss():
+    # With one image of each class in a batch, no image has another of its class: SuNCEt's
+    # mean over no scored rows would be NaN, and the model saved from it.
+    assert "tighten.images_per_class must be in [2, 1000000], got 1" in _error(
+        ["tighten.images_per_class=1"]
+    )
+    assert load_config(None, ["tighten.images_per_class=2"]).tighten.images_per_class == 2
+
+
+def test_a_std_of_zero_or_less_and_zero_epochs_are_refused():
+    assert "data.std must be > 0 for every channel" in _error(["data.std=[0.2, 0, 0.2]"])
+    assert "data.std must be > 0" in _error(["data.std=[-0.5]"])
+    assert "optim.epochs is 0: the run would take no step" in _error(["optim.epochs=0"])
+    assert load_config(None, ["optim.epochs=0", "optim.steps=3"]).optim.steps == 3

@@ -480,3 +480,17 @@ def test_decompression_bombs_are_bad_images_in_every_command(made, tmp_path, cap
         "data.max_image_pixels=100",
     ]
     assert "more than data.max_image_pixels (100)" in error_line(run_cli(argv, capsys, None)[2])
+
+
+def test_a_bare_name_in_a_split_file_that_several_images_share_is_refused(tmp_path):
+    lab = write_folder(tmp_path / "lab", 2, 2, seed=1, names=["cat", "dog"])
+    for cls in ("cat", "dog"):  # one file name in both class folders
+        (lab / cls / f"{cls}_0.png").rename(lab / cls / "a.png")
+    split = tmp_path / "split.txt"
+    split.write_text("cat_1.png\na.png\n")
+    cfg = load_config(None, [*tiny_overrides({"labeled": lab}), f"data.split_file={split}"])
+    with pytest.raises(UserError, match=r"split file .*split.txt: 'a.png' names 2 images"):
+        load_datasets(cfg)
+    split.write_text("cat_1.png\ndog/a.png\n")  # a path says which
+    data = load_datasets(cfg)
+    assert sorted(data.labeled.names) == ["cat/cat_1.png", "dog/a.png"]

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tiny import JSON_WRONG, Cases, weight_damage
+from tiny import JSON_WRONG, Cases, error_line, weight_damage
 
 import paws
 from paws.after.finetune import finetune_checkpoint
@@ -100,6 +100,8 @@ MANIFEST_OPTIONAL |= {"classify.num_support"} | {f"classify.known.{k}" for k in 
 
 
 MANIFEST_OPTIONAL |= {"classify.known.features", "classify.known.quantile"}
+MANIFEST_OPTIONAL |= {"sha256"}  # exports written before checksums were recorded
+MANIFEST_VALID["sha256"] = {"none"}
 
 
 def _entries(m: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, list[str]]]:
@@ -239,3 +241,31 @@ def test_a_support_of_other_dtypes_is_stored_as_float32_embeddings_and_int64_lab
     assert back["embeddings"].dtype == torch.float32 and back["labels"].dtype == torch.int64
     assert torch.equal(back["labels"], support["labels"])
     assert torch.equal(back["embeddings"], support["embeddings"].float())
+
+
+def test_an_export_mixed_with_another_or_stopped_part_way_is_refused(
+    shared_run, tmp_path, capsys, monkeypatch
+):
+    import paws.apply.export as export_module
+
+    paths, run_dir = shared_run
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(["--quiet", "export", str(run_dir), "--out", str(a)]) == 0
+    argv = ["--quiet", "export", str(run_dir), "--support", str(paths["support"])]
+    assert main([*argv, "--out", str(b)]) == 0
+    paws.load(a)  # whole: opens
+    shutil.copy(b / "support.safetensors", a / "support.safetensors")  # files of two exports
+    capsys.readouterr()
+    assert main(["predict", str(a), str(paths["test"])]) == 2
+    line = error_line(capsys.readouterr().err)
+    assert line.startswith(f"{a} is not a whole export: support.safetensors is not the file")
+
+    def killed(path, data):  # the process dies once the weights are written
+        if path.name == "support.safetensors":
+            raise KeyboardInterrupt
+        export_module.write_atomic(path, data)
+        return "x"
+
+    monkeypatch.setattr(export_module, "_write_summed", killed)
+    assert main(["--quiet", *argv, "--out", str(a)]) != 0  # stopped as by Ctrl-C
+    assert not (a / "model.json").exists()  # no description of a half-written export

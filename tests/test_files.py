@@ -4,15 +4,20 @@ line before any work, for every command, and a full disk keeps the previous file
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 from tiny import (
     Cases,
     copy_run,
     error_line,
     run_cli,
 )
+
+from paws.errors import UserError
+from paws.files import write_with
 
 
 def _bad_output_paths(tmp: Path) -> Iterator[tuple[str, Path, bool]]:
@@ -77,12 +82,29 @@ def test_a_full_disk_while_writing_the_config_keeps_the_old_one(
 
     monkeypatch.setattr(paws.files.os, "fsync", full)
     line = error_line(run_cli(["--quiet", "train", "--resume", str(run)], capsys, None)[2])
-    assert line == (
-        f"could not write {run / 'config.yaml'}: No space left on device; the previous file "
-        "is intact"
-    )
+    assert re.fullmatch(
+        re.escape(f"could not write {run / 'config.yaml'}: no space left on the disk mounted at ")
+        + r"/\S*, [\d,.]+ MB free; the previous file is intact",
+        line,
+    ), line
     assert (run / "config.yaml").read_bytes() == old
     assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]
     monkeypatch.setattr(paws.files.os, "fsync", real)  # space freed: the resume finishes
     code, _, err = run_cli(["--quiet", "train", "--resume", str(run)], capsys, None)
     assert code == 0, err
+
+
+def test_numpys_short_write_on_a_full_disk_names_the_disk(tmp_path):
+    path = tmp_path / "emb.npy"
+    path.write_bytes(b"old")
+
+    def short(f):
+        f.write(b"part")
+        raise OSError("172416 requested and 131040 written")  # np.save's words, no errno
+
+    with pytest.raises(UserError) as e:
+        write_with(path, short)
+    line = str(e.value)
+    assert line.startswith(f"could not write {path}: no space left on the disk mounted at ")
+    assert line.endswith("MB free; the previous file is intact")
+    assert path.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["emb.npy"]

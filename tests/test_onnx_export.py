@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -165,3 +166,28 @@ def test_onnx_export_without_onnxscript_is_one_line(shared_run, tmp_path, capsys
     line = error_line(capsys.readouterr().err)
     assert "onnxscript" in line and "pip install 'paws-ssl[onnx]'" in line
     assert not (tmp_path / "x").exists()
+
+
+def test_a_full_disk_during_onnx_export_leaves_the_earlier_model(
+    shared_run, tmp_path, capsys, monkeypatch
+):
+    import errno
+
+    _, run_dir = shared_run
+    out = tmp_path / "onnx"
+    argv = ["--quiet", "export", str(run_dir), "--format", "onnx", "--out", str(out)]
+    assert main(argv) == 0
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    capsys.readouterr()
+
+    def full_disk(module, args, path, **kwargs):
+        with open(path, "wb") as f:  # the exporter's own write, cut short
+            f.write(b"\x08\x07partial")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch.onnx, "export", full_disk)
+    assert main(argv) == 2
+    line = error_line(capsys.readouterr().err)
+    assert line.startswith(f"could not write {out / 'model.onnx'}: no space left on the disk ")
+    assert "mounted at" in line and "MB free" in line
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before  # nothing half-written

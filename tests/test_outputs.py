@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
+from tiny import error_line
 
 from paws.apply.load import from_checkpoint
 from paws.cli import main
@@ -51,3 +54,25 @@ def test_embed_npy_and_safetensors(shared_run, tmp_path):
         assert f.metadata()["features"] == "trunk"
         assert torch.allclose(f.get_tensor("embeddings"), expected, atol=1e-6)
     assert expected.shape == (48, 24)
+
+
+def test_embed_refuses_a_file_name_with_a_line_break_for_npy(shared_run, tmp_path, capsys):
+    _, run_dir = shared_run
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for name in ("plain.png", "two\nlines.png"):
+        Image.fromarray(np.full((16, 16), 90, np.uint8)).save(folder / name)
+    npy = tmp_path / "emb.npy"
+    assert main(["embed", str(run_dir), str(folder), "--out", str(npy)]) == 2
+    line = error_line(capsys.readouterr().err)
+    assert "line break" in line and ".safetensors" in line
+    assert not npy.exists() and not npy.with_suffix(".txt").exists()
+    # .safetensors holds the names as JSON: every name comes back whole.
+    st = tmp_path / "emb.safetensors"
+    assert main(["--quiet", "embed", str(run_dir), str(folder), "--out", str(st)]) == 0
+    from safetensors import safe_open
+
+    with safe_open(str(st), "pt") as f:
+        names = json.loads(f.metadata()["files"])
+        assert [Path(n).name for n in names] == ["plain.png", "two\nlines.png"]
+        assert f.get_tensor("embeddings").shape[0] == 2

@@ -61,3 +61,16 @@ def test_a_me_max_prior_of_the_wrong_length_or_negative_is_one_line(
     cfg = tiny_config(folder, "loss.me_max_prior=estimatd")
     line = expect_error(paws_train(tmp_path, capsys, monkeypatch, cfg))
     assert "did you mean 'estimated'" in line
+
+
+def test_huge_frequencies_are_normalised_without_overflow():
+    import warnings
+
+    labels = np.zeros(3, dtype=np.int64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an overflow would warn
+        huge = ClassPrior([1e308, 5e307, 5e307], labels, 3).probs
+        small = ClassPrior([2.0, 1.0, 1.0], labels, 3).probs
+    assert huge is not None and torch.isfinite(huge).all()
+    assert torch.allclose(huge, torch.tensor([0.5, 0.25, 0.25]))
+    assert torch.equal(huge, small)

@@ -254,3 +254,25 @@ def test_a_resume_after_a_kill_before_the_first_checkpoint_logs_each_step_once(
     assert code == 0, err
     assert logged_steps(run / "metrics.csv") == [1, 2, 3, 4]
     assert torch.load(run / "final.pt", weights_only=True)["step"] == 4
+
+
+def test_a_new_run_over_one_that_died_before_its_first_checkpoint_starts_new_logs(
+    folder, tmp_path, capsys, monkeypatch
+):
+    import csv
+
+    run = tmp_path / "run"
+    run.mkdir()
+    # What a run killed after 2 steps and before its first checkpoint leaves.
+    (run / "metrics.csv").write_text("step,loss,old_column\n1,0.5,x\n2,0.4,x\n")
+    (run / "evals.csv").write_text("step,top1\n2,33.3\n")
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_config(folder))
+    argv = ["train", "--config", str(cfg), "--out", str(run)]
+    code, _, err = run_cli(argv, capsys, monkeypatch)
+    assert code == 0, err
+    assert "stopped before its first checkpoint" in err
+    with open(run / "metrics.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    assert "old_column" not in rows[0]
+    steps = [int(r[0]) for r in rows[1:]]
+    assert steps == sorted(set(steps)) and steps[0] == 1  # one run's rows, once each

@@ -124,6 +124,7 @@ def test_unreadable_images_skipped_in_memory_are_counted(folder, tmp_path, capfd
     assert code == 0, err
     listing = tmp_path / "run" / "skipped_images.txt"
     assert f"skipped 2 unreadable images (listed in {listing})" in out
+    assert (out + err).count("unreadable images") == 1  # said once
     assert sorted(listing.read_text().split()) == sorted(map(str, bad))
     assert "data: 18 unlabelled, 18 labelled (3 classes)" in err
     assert (tmp_path / "run" / "final.pt").is_file()

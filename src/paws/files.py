@@ -10,16 +10,27 @@ as it was, never a half-written or empty one.
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
+import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO
 
 from paws.errors import UserError
 
-__all__ = ["write_atomic", "write_with", "check_out_dir", "check_out_file", "reason"]
+__all__ = [
+    "write_atomic",
+    "write_with",
+    "write_folder_files",
+    "check_out_dir",
+    "check_out_file",
+    "reason",
+    "disk_of",
+    "check_not_input",
+]
 
 
 def reason(e: OSError) -> str:
@@ -89,13 +100,35 @@ def os_error(e: BaseException) -> OSError | None:
     return None
 
 
+def _full(e: OSError) -> bool:
+    """Whether ``e`` is a full disk: ENOSPC (or a quota), or numpy's short write, which says
+    "N requested and M written" with no errno."""
+    text = str(e)
+    short = "requested and" in text and "written" in text
+    return e.errno in (errno.ENOSPC, errno.EDQUOT) or short
+
+
+def disk_of(path: str | Path) -> str:
+    """The disk a path lies on, in words: its mount point and the space left there."""
+    folder = _nearest_existing(Path(path).absolute())
+    mount = folder if folder.is_dir() else folder.parent
+    while not os.path.ismount(mount) and mount.parent != mount:
+        mount = mount.parent
+    try:
+        free = shutil.disk_usage(folder if folder.is_dir() else folder.parent).free
+    except OSError:
+        return f"the disk mounted at {mount}"
+    return f"the disk mounted at {mount}, {free / 1e6:,.1f} MB free"
+
+
 def _write_error(path: Path, e: OSError, noun: str) -> UserError:
     what = f"{noun} " if noun else ""
     if path.is_file():
         kept = f"; the previous {noun or 'file'} is intact"
     else:
         kept = f"; no earlier {noun} exists at that path" if noun else ""
-    return UserError(f"could not write {what}{path}: {reason(e)}{kept}")
+    cause = f"no space left on {disk_of(path)}" if _full(e) else reason(e)
+    return UserError(f"could not write {what}{path}: {cause}{kept}")
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -196,3 +229,81 @@ def check_out_file(path: str | Path, what: str = "--out") -> Path:
         raise UserError(f"{what} {path} lies below {base}, which is a file; choose another path")
     _writable(base, what, path)
     return path
+
+
+def write_folder_files(out: str | Path, name: str, write: Callable[[Path], None]) -> list[Path]:
+    """Let ``write(path)`` write the file ``name`` as a library does it (the ONNX exporter
+    writes a path, and may put its weights beside it) into a staging folder inside ``out``,
+    then move each file it wrote into ``out`` through :func:`write_with`: a full disk or a
+    failure part-way leaves no truncated file in ``out``, only the old ones.
+
+    Args:
+        out: the folder (exists).
+        name: the file's name.
+        write: writes it to the path it is given (and maybe files beside it).
+
+    Returns:
+        The files written into ``out``.
+
+    Raises:
+        UserError: naming the file and the disk when it cannot be written.
+    """
+    out = Path(out)
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=".paws-staging.", dir=out))
+    except OSError as e:
+        raise UserError(f"could not write {out / name}: {reason(e)}; check the folder") from e
+    try:
+        try:
+            write(staging / name)
+        except Exception as e:  # noqa: BLE001 - a library's error: an OSError becomes a line
+            cause = os_error(e)
+            if cause is None:
+                raise
+            raise _write_error(out / name, cause, "") from e
+        written = []
+        for f in sorted(staging.iterdir()):
+            with open(f, "rb") as src:
+                write_with(out / f.name, lambda dst, src=src: shutil.copyfileobj(src, dst))
+            written.append(out / f.name)
+        return written
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def check_not_input(
+    out: str | Path,
+    inputs: Sequence[str | Path] = (),
+    folders: Sequence[str | Path | None] = (),
+    what: str = "--out",
+) -> None:
+    """Refuse an output that would overwrite what the command reads: one of its ``inputs``
+    (an image given to predict, the CSV beside the contact sheet), or a path inside one of
+    the ``folders`` of data (a run's labelled, unlabelled or test folder, where an export
+    would become images of a class).
+
+    Raises:
+        UserError: naming the output and the input it would replace.
+    """
+    target = Path(os.path.abspath(Path(out).expanduser()))
+    real = target.resolve()
+    for p in inputs:
+        q = Path(p).expanduser()
+        if Path(os.path.abspath(q)) == target or q.resolve() == real:
+            raise UserError(
+                f"{what} {out} is one of the inputs ({p}): writing it would replace it; "
+                "choose another path"
+            )
+    for d in folders:
+        if not d:
+            continue
+        q = Path(d).expanduser().resolve()
+        if real == q:
+            raise UserError(
+                f"{what} {out} is the data {d}: writing it would replace it; choose another path"
+            )
+        if q in real.parents:
+            raise UserError(
+                f"{what} {out} lies inside the data folder {d}: the output would become part "
+                "of the data; choose a path outside it"
+            )

@@ -18,6 +18,7 @@ This module reads and writes the parts (:class:`Export`) and nothing else; :func
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,8 +94,12 @@ def write_export(export: Export, out_dir: str | Path) -> Path:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create the export folder {out}: {reason(e)}") from e
+    # The manifest goes first and comes back last, naming each file's checksum: an export
+    # stopped part-way over an earlier one is no export, never one that mixes the two.
+    (out / MANIFEST).unlink(missing_ok=True)
+    sums: dict[str, str] = {}
     state = {k: v.detach().cpu().contiguous() for k, v in export.weights.items()}
-    write_atomic(out / _WEIGHTS, save(state, metadata={"format": FORMAT}))
+    sums[_WEIGHTS] = _write_summed(out / _WEIGHTS, save(state, metadata={"format": FORMAT}))
     classify = dict(export.classify)
     if export.support is not None:
         support = {
@@ -103,7 +108,7 @@ def write_export(export: Export, out_dir: str | Path) -> Path:
         }
         if export.support.get("known") is not None:
             support["known"] = export.support["known"].float().contiguous()
-        write_atomic(out / _SUPPORT, save(support, metadata={"format": FORMAT}))
+        sums[_SUPPORT] = _write_summed(out / _SUPPORT, save(support, metadata={"format": FORMAT}))
         classify.update(support=_SUPPORT, num_support=len(support["labels"]))
     manifest: dict[str, Any] = {
         "format": FORMAT,
@@ -114,9 +119,42 @@ def write_export(export: Export, out_dir: str | Path) -> Path:
         "batch_size": export.batch_size,
         "classes": list(export.classes),
         "classify": classify,
+        "sha256": sums,
     }
     write_atomic(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     return out
+
+
+def _write_summed(path: Path, data: bytes) -> str:
+    """Write ``data`` to ``path`` atomically; returns its SHA-256."""
+    write_atomic(path, data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def _check_sums(folder: Path, manifest: dict[str, Any]) -> None:
+    """Refuse an export folder whose files are not the ones its manifest was written with
+    (an export stopped part-way, or files copied in from another export)."""
+    sums = manifest.get("sha256")
+    if sums is None:  # exports written before checksums were recorded
+        return
+    if not isinstance(sums, dict):
+        raise _damaged(folder / MANIFEST, "sha256", "a mapping of file names to checksums", sums)
+    classify = manifest.get("classify") or {}
+    needed = [_WEIGHTS] + (
+        [str(classify.get("support", _SUPPORT))] if classify.get("method") == "snn" else []
+    )
+    for name in needed:
+        if name not in sums:
+            raise _damaged(folder / MANIFEST, f"sha256.{name}", "the file's checksum", None)
+    for name, expected in sums.items():
+        path = folder / str(name)
+        if Path(str(name)).name != str(name) or not path.is_file():
+            raise UserError(f"{folder} is not a whole export: {name} is missing; export again")
+        if hashlib.sha256(path.read_bytes()).hexdigest() != expected:
+            raise UserError(
+                f"{folder} is not a whole export: {name} is not the file {MANIFEST} was "
+                "written with (an export stopped part-way, or files of two exports); export again"
+            )
 
 
 def _damaged(path: Path, key: str, words: str, got: Any) -> UserError:
@@ -291,6 +329,7 @@ def read_export(folder: str | Path) -> Export:
     """
     folder = Path(folder)
     m = _read_json(folder / MANIFEST)
+    _check_sums(folder, m)
     classify = dict(m["classify"])
     export = Export(
         kind=str(m.get("kind", "pretrain")),

@@ -37,7 +37,7 @@ from paws.apply.predictor import Predictor
 from paws.data.images import GREY
 from paws.data.transforms import eval_resize
 from paws.errors import UserError
-from paws.files import write_atomic
+from paws.files import write_atomic, write_folder_files
 
 __all__ = [
     "FORMAT",
@@ -154,20 +154,28 @@ def _require(*modules: str) -> None:
 
 
 def _export(module: nn.Module, example: torch.Tensor, path: Path, outputs: list[str]) -> int:
-    """Write ``module`` as ONNX with a dynamic batch axis; returns the opset."""
+    """Write ``module`` as ONNX with a dynamic batch axis, whole or not at all
+    (:func:`paws.files.write_folder_files`); returns the opset."""
     size = sum(t.numel() * t.element_size() for t in module.state_dict().values())
-    program = torch.onnx.export(
-        module,
-        (example,),
-        str(path),
-        dynamo=True,
-        verbose=False,
-        external_data=size > _PROTOBUF_LIMIT,
-        input_names=[INPUT],
-        output_names=outputs,
-        dynamic_shapes={INPUT: {0: torch.export.Dim("batch")}},
-    )
-    return int(program.model.opset_imports.get("", 0)) if program is not None else 0
+    opset = [0]
+
+    def write(staged: Path) -> None:
+        program = torch.onnx.export(
+            module,
+            (example,),
+            str(staged),
+            dynamo=True,
+            verbose=False,
+            external_data=size > _PROTOBUF_LIMIT,
+            input_names=[INPUT],
+            output_names=outputs,
+            dynamic_shapes={INPUT: {0: torch.export.Dim("batch")}},
+        )
+        if program is not None:
+            opset[0] = int(program.model.opset_imports.get("", 0))
+
+    write_folder_files(path.parent, path.name, write)
+    return opset[0]
 
 
 def export_onnx(predictor: Predictor, out_dir: str | Path, progress: bool = False) -> Path:
@@ -194,6 +202,9 @@ def export_onnx(predictor: Predictor, out_dir: str | Path, progress: bool = Fals
         dims = {"embeddings": graph(example)[1].shape[1], "features": trunk(example).shape[1]}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # The description goes first and comes back last: an export stopped part-way over an
+    # earlier one leaves no onnx.json that describes models it did not write.
+    (out / DESCRIPTION).unlink(missing_ok=True)
     opset = _export(graph, example, out / MODEL, ["probabilities", "embeddings"])
     _export(trunk, example, out / ENCODER, ["features"])
     seconds = time.perf_counter() - start

@@ -22,7 +22,7 @@ from paws.files import check_out_file, write_atomic, write_with
 if TYPE_CHECKING:
     from paws.apply.predictor import Prediction
 
-__all__ = ["predictions_text", "write_embeddings", "EMBEDDING_SUFFIXES"]
+__all__ = ["predictions_text", "write_embeddings", "check_embedding_names", "EMBEDDING_SUFFIXES"]
 
 EMBEDDING_SUFFIXES = (".npy", ".safetensors")
 
@@ -67,6 +67,25 @@ def predictions_text(
     return buf.getvalue()
 
 
+def check_embedding_names(path: str | Path, files: Sequence[str | Path]) -> None:
+    """Refuse names a ``.npy``'s file list cannot hold: one name a line, a name with a line
+    break would read as two files, and the rows would no longer match the names.
+
+    Raises:
+        UserError: naming the first such file and what to do.
+    """
+    if Path(path).suffix != ".npy":
+        return
+    for f in files:
+        name = str(f)
+        if name.splitlines() != [name]:  # \n, \r and the other breaks readers split on
+            raise UserError(
+                f"the file name {name!r} holds a line break, which the one-name-a-line list "
+                f"{Path(path).with_suffix('.txt')} cannot hold; rename the file, or write "
+                ".safetensors (its file list is JSON)"
+            )
+
+
 def write_embeddings(
     path: str | Path, embeddings: torch.Tensor, files: Sequence[str | Path], features: str
 ) -> str:
@@ -82,6 +101,7 @@ def write_embeddings(
     if out.suffix not in EMBEDDING_SUFFIXES:
         raise UserError(f"--out must end in .npy or .safetensors, got {out.name}")
     names = [str(f) for f in files]
+    check_embedding_names(out, names)
     check_out_file(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".npy":

@@ -84,6 +84,19 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     _checkpoint_overrides(p, "data.root=DIR")
 
 
+def _data_folders(path: str, overrides: list[str]) -> list[str]:
+    """The data folders and files of the run a checkpoint or run directory holds (none for
+    an export folder, which keeps no config): what no output may overwrite or land in."""
+    from paws.config import DATA_PATHS
+    from paws.rundir import checkpoint_config
+
+    try:
+        data = checkpoint_config(path, overrides).data
+    except UserError:  # an export folder, or a file the model's own loading will name
+        return []
+    return [v for v in (getattr(data, k) for k in DATA_PATHS) if v]
+
+
 def _open_model(args: argparse.Namespace):
     from paws.apply.load import load
 

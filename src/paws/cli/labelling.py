@@ -7,9 +7,9 @@ import csv
 from collections.abc import Callable
 from pathlib import Path
 
-from paws.cli.base import _config_args, command
+from paws.cli.base import _config_args, _data_folders, command
 from paws.errors import UserError
-from paws.files import check_out_file
+from paws.files import check_not_input, check_out_file
 
 
 def _refuse_filled(out: Path) -> None:
@@ -85,8 +85,11 @@ def _suggest_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], 
         if args.n < 1:
             raise UserError("-n must be at least 1")
         out = check_out_file(args.out)  # before minutes of embedding
+        data = [*_run_data(args), args.unlabeled]
+        check_not_input(out, [], data)
         if args.html:
             check_out_file(args.html, "--html")
+            check_not_input(args.html, [out], data, "--html")
         _refuse_filled(out)
         s = _suggest(args)
         s.write(out)
@@ -100,6 +103,16 @@ def _suggest_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], 
         return 0
 
     return run
+
+
+def _run_data(args: argparse.Namespace) -> list[str]:
+    """The data paths of the run (or, for a cold start, of the config) suggestions read."""
+    if args.run:
+        return _data_folders(args.run, args.overrides)
+    from paws.config import DATA_PATHS, load_config
+
+    data = load_config(args.config, args.overrides).data
+    return [v for v in (getattr(data, k) for k in DATA_PATHS) if v]
 
 
 def _suggest(args: argparse.Namespace):

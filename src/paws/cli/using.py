@@ -11,6 +11,7 @@ from pathlib import Path
 from paws.cli.base import (
     _checkpoint_overrides,
     _config_args,
+    _data_folders,
     _load,
     _model_args,
     _open_model,
@@ -19,7 +20,7 @@ from paws.cli.base import (
     command,
 )
 from paws.errors import UserError
-from paws.files import check_out_dir, check_out_file, write_atomic
+from paws.files import check_not_input, check_out_dir, check_out_file, write_atomic
 
 
 @command("eval", "test accuracy of a model (PAWS-NN against the labelled images, or a classifier)")
@@ -136,6 +137,9 @@ def _predict_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], 
             check_out_file(args.out)
         fmt = args.format or ("json" if (args.out or "").endswith(".json") else "csv")
         files = expand_images(args.images)
+        if args.out:
+            data = _data_folders(args.checkpoint, args.overrides)
+            check_not_input(args.out, files, [*data, args.support])
         model = _open_model(args)
         if args.support:
             model.set_support(args.support, progress=True)
@@ -180,7 +184,11 @@ def _embed_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], in
     )
 
     def run(args: argparse.Namespace) -> int:
-        from paws.apply.outputs import EMBEDDING_SUFFIXES, write_embeddings
+        from paws.apply.outputs import (
+            EMBEDDING_SUFFIXES,
+            check_embedding_names,
+            write_embeddings,
+        )
         from paws.data.images import expand_images
         from paws.progress import info
 
@@ -188,6 +196,12 @@ def _embed_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], in
             raise UserError(f"--out must end in .npy or .safetensors, got {Path(args.out).name}")
         check_out_file(args.out)
         files = expand_images(args.images)
+        check_embedding_names(args.out, files)  # before the work, not after it
+        data = _data_folders(args.checkpoint, args.overrides)
+        for written in (Path(args.out), Path(args.out).with_suffix(".txt")):
+            check_not_input(
+                written, files, data, "--out" if written.suffix != ".txt" else "the list"
+            )
         model = _open_model(args)
         e = model.embedded(files, [args.features], progress=True)
         _say_skipped(e.skipped)
@@ -242,6 +256,7 @@ def _export_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], i
         else:
             out = src.parent / f"export-{src.stem}{suffix}"
         check_out_dir(out)
+        check_not_input(out, [src], [*_data_folders(str(src), args.overrides), args.support])
         model = from_checkpoint(src, args.overrides, args.device)
         if args.support:
             model.set_support(args.support, progress=True)

@@ -2,15 +2,19 @@
 files and ``--set`` overrides (:mod:`paws.config.loading`)."""
 
 from paws.config.loading import (
+    DATA_PATHS as DATA_PATHS,
     RECIPES_DIR as RECIPES_DIR,
+    absolute_data_paths as absolute_data_paths,
     apply_overrides as apply_overrides,
     describe as describe,
     from_dict as from_dict,
     load_config as load_config,
     read_yaml as read_yaml,
     recipe_path as recipe_path,
+    relative_data_paths as relative_data_paths,
     save_config as save_config,
     to_dict as to_dict,
+    with_absolute_paths as with_absolute_paths,
 )
 from paws.config.schema import (
     MAX_STEPS as MAX_STEPS,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import re
 import types
 import typing
@@ -33,7 +34,15 @@ __all__ = [
     "describe",
     "recipe_path",
     "RECIPES_DIR",
+    "DATA_PATHS",
+    "absolute_data_paths",
+    "relative_data_paths",
+    "with_absolute_paths",
 ]
+
+# The data keys that name files or folders: a run records them absolute, so that it reads the
+# same data from whatever folder a later command runs in.
+DATA_PATHS = ("root", "unlabeled", "labeled", "labels_file", "split_file", "test")
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -58,8 +67,100 @@ _Loader.add_implicit_resolver(
 )
 
 
+# A config is a few hundred values: anything far larger or deeper is a mistake or an attack
+# (aliases of aliases, "billion laughs", expand to gigabytes from a few lines).
+MAX_YAML_DEPTH = 50
+MAX_YAML_VALUES = 100_000
+
+
+class _Refused(yaml.YAMLError):
+    """YAML that parses but is refused: a duplicate key, too deep, too large once expanded."""
+
+
+def _compose_node(self: _Loader, parent: Any, index: Any) -> Any:
+    """PyYAML's composer, counting depth so that deep nesting is refused before Python's
+    recursion limit is reached (a RecursionError traceback otherwise)."""
+    self.depth = getattr(self, "depth", 0) + 1
+    try:
+        if self.depth > MAX_YAML_DEPTH:
+            mark = self.peek_event().start_mark
+            raise _Refused(f"nested more than {MAX_YAML_DEPTH} deep (line {mark.line + 1})")
+        return yaml.SafeLoader.compose_node(self, parent, index)
+    finally:
+        self.depth -= 1
+
+
+def _construct_mapping(self: _Loader, node: yaml.MappingNode, deep: bool = False) -> Any:
+    """A mapping, refusing a key written twice: YAML would keep the last one silently."""
+    first: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+            continue
+        key = self.construct_object(key_node)
+        line = key_node.start_mark.line + 1
+        if key in first:
+            raise _Refused(
+                f"the key '{key}' is written twice (lines {first[key]} and {line}); keep one"
+            )
+        first[key] = line
+    return yaml.SafeLoader.construct_mapping(self, node, deep)
+
+
+_Loader.compose_node = _compose_node  # type: ignore[method-assign]
+_Loader.construct_mapping = _construct_mapping  # type: ignore[method-assign]
+
+
+def _expanded_size(node: yaml.Node) -> int:
+    """How many values ``node`` holds with every alias expanded, counted without expanding
+    (each shared node once), stopping past :data:`MAX_YAML_VALUES`.
+
+    Raises:
+        _Refused: more values than that, or an alias inside itself (a recursive value).
+    """
+    sizes: dict[int, int] = {}
+    open_: set[int] = set()
+
+    def size(n: yaml.Node) -> int:
+        if id(n) in sizes:
+            return sizes[id(n)]
+        if id(n) in open_:
+            raise _Refused(
+                f"an alias refers to a value that holds it (line {n.start_mark.line + 1})"
+            )
+        open_.add(id(n))
+        total = 1
+        if isinstance(n, yaml.SequenceNode):
+            children = n.value
+        elif isinstance(n, yaml.MappingNode):
+            children = [c for pair in n.value for c in pair]
+        else:
+            children = []
+        for c in children:
+            total += size(c)
+            if total > MAX_YAML_VALUES:
+                raise _Refused(
+                    f"its aliases expand to more than {MAX_YAML_VALUES:,} values; write the "
+                    "values out"
+                )
+        open_.discard(id(n))
+        sizes[id(n)] = total
+        return total
+
+    return size(node)
+
+
 def _yaml_load(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)  # a SafeLoader: plain data only
+    """YAML text as plain data (a SafeLoader), refusing duplicate keys, nesting deeper than
+    :data:`MAX_YAML_DEPTH` and aliases that expand past :data:`MAX_YAML_VALUES` values."""
+    loader = _Loader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _expanded_size(node)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
 
 
 def _hints(cls: type) -> dict[str, Any]:
@@ -237,8 +338,42 @@ def read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+def absolute_data_paths(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` (a nested config dict) with its :data:`DATA_PATHS` made absolute against the
+    working directory (``~`` expanded): a path a user gives means the folder they are in, and
+    the run records where that was."""
+    data = values.get("data") if isinstance(values, dict) else None
+    if not isinstance(data, dict):
+        return values
+    fixed = {
+        k: os.path.abspath(os.path.expanduser(v)) if k in DATA_PATHS and isinstance(v, str) else v
+        for k, v in data.items()
+    }
+    return {**values, "data": fixed}
+
+
+def with_absolute_paths(cfg: Config) -> Config:
+    """``cfg`` with its data paths absolute (:func:`absolute_data_paths`): what a run saves."""
+    data = absolute_data_paths({"data": dataclasses.asdict(cfg.data)})["data"]
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **data))
+
+
+def relative_data_paths(values: dict[str, Any]) -> list[str]:
+    """The ``data.key=value`` settings of ``values`` (a nested config dict) whose paths are
+    relative: in a saved run, relative to a folder it did not record."""
+    data = values.get("data") if isinstance(values, dict) else None
+    if not isinstance(data, dict):
+        return []
+    return [
+        f"data.{k}={v}"
+        for k, v in data.items()
+        if k in DATA_PATHS and isinstance(v, str) and v and not os.path.isabs(os.path.expanduser(v))
+    ]
+
+
 def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``section.key=value`` strings (values parsed as YAML) to a nested dict."""
+    """Apply ``section.key=value`` strings (values parsed as YAML) to a nested dict; the data
+    paths among them are made absolute (:func:`absolute_data_paths`)."""
     out = dict(values)
     for item in overrides:
         if "=" not in item:
@@ -246,13 +381,15 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
         key, raw = item.split("=", 1)
         try:
             value = _yaml_load(raw) if raw.strip() else None
+        except _Refused as e:
+            raise UserError(f"--set {key.strip()}: {first_line(e)}") from e
         except yaml.YAMLError:
             value = raw
         parts = key.strip().split(".")
         nested: Any = value
         for part in reversed(parts):
             nested = {part: nested}
-        out = _merge(out, nested)
+        out = _merge(out, absolute_data_paths(nested))
     return out
 
 
@@ -264,10 +401,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         overrides: ``section.key=value`` strings.
 
     Returns:
-        A validated :class:`Config`.
+        A validated :class:`Config`, its data paths absolute (relative ones are taken from the
+        working directory).
     """
     values: dict[str, Any] = read_yaml(recipe_path(str(path))) if path else {}
-    return from_dict(apply_overrides(values, list(overrides or [])))
+    return from_dict(apply_overrides(absolute_data_paths(values), list(overrides or [])))
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

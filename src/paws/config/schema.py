@@ -417,8 +417,9 @@ class TightenConfig:
     classes: int = _f(10, "classes per batch (at most the labelled classes)", (2, 1_000_000))
     images_per_class: int = _f(
         64,
-        "distinct images per class per batch (a class with fewer gives all it has)",
-        (1, 1_000_000),
+        "distinct images per class per batch, at least 2: SuNCEt pulls each image towards "
+        "another of its class, and with 1 no image has one (a class with fewer gives all it has)",
+        (2, 1_000_000),
     )
     lr: float = _f(0.1, "learning rate at step 0, cosine decay to 0", (0.0, None))
     momentum: float = _f(0.9, "classical momentum (no weight decay)", (0.0, 0.9999))
@@ -514,6 +515,15 @@ class Config:
             val = getattr(d, name)
             if val is not None and len(val) not in (1, 3):
                 raise UserError(f"data.{name} needs 1 or 3 values, got {len(val)}")
+        if d.std is not None and any(v <= 0 for v in d.std):
+            raise UserError(
+                f"data.std must be > 0 for every channel (it divides the pixels), got {d.std}"
+            )
+        if self.optim.steps is None and self.optim.epochs <= 0:
+            raise UserError(
+                "optim.epochs is 0: the run would take no step; give optim.epochs > 0 or "
+                "optim.steps"
+            )
         prior = self.loss.me_max_prior
         if isinstance(prior, list) and (not prior or min(prior) < 0 or sum(prior) <= 0):
             raise UserError(

@@ -1,17 +1,21 @@
 """Images as files and tensors: finding them, reading and decoding them, one set of them.
 
 Everything that turns a file into pixels lives here, so that training, evaluation, prediction
-and reports read an image the same way: Pillow decodes it fully, palette and transparent images
-are composited on white, and grey or colour is chosen by the run (``channels``). Colour becomes
+and reports read an image the same way: Pillow decodes it fully, it is turned upright as its
+EXIF orientation says (a phone photo looks as it does in a viewer), 16-bit and floating-point
+images are scaled to 8 bits, palette and transparent images are composited on white, and grey
+or colour is chosen by the run (``channels``). Colour becomes
 grey with the ITU-R 601 luma weights :data:`GREY` wherever it happens (files, tensors,
 augmentation).
 """
 
 from __future__ import annotations
 
+import collections
 import io
 import os
 import re
+import unicodedata
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -20,9 +24,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from paws.errors import UserError, first_line
+from paws.progress import info
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -33,9 +38,11 @@ __all__ = [
     "ImageSet",
     "scan_images",
     "scan_labeled_folder",
+    "class_name",
     "relative_names",
     "read_image",
     "to_mode",
+    "upright",
     "to_grey",
     "tensor_channels",
     "is_grey",
@@ -126,23 +133,88 @@ class ImageSet:
         )
 
 
+def _image_files(folder: Path, above: tuple[Path, ...] = ()) -> list[Path]:
+    """The image files below ``folder``, sorted, following linked folders once each.
+
+    A linked folder is read like any other (a user links data in from elsewhere); one that
+    leads back to a folder it lies in (or to one of ``above``) would be read without end, and
+    one already read would count its images twice: each is skipped with a line saying so.
+    Hidden folders (``.ipynb_checkpoints``, ``.git``) are not data and are not searched.
+    """
+    root = folder.resolve()
+    seen = {root}
+    # Breadth first, in name order: of two ways to one folder, the shorter and then the first
+    # by name is the one kept, whatever order the file system lists them in.
+    queue = collections.deque([(folder, (*above, root))])
+    files: list[Path] = []
+    while queue:
+        d, chain = queue.popleft()
+        try:
+            entries = sorted(os.scandir(d), key=lambda e: e.name)
+        except OSError as e:
+            raise UserError(f"cannot read the folder {d}: {e.strerror or e}") from e
+        for e in entries:
+            path = Path(e.path)
+            if e.is_dir():  # follows links
+                if e.name.startswith("."):
+                    continue
+                real = path.resolve()
+                if real in chain:
+                    info(f"skipped the folder link {path}: it leads back to {real}, which holds it")
+                elif real in seen:
+                    info(f"skipped the folder link {path}: {real} is read already")
+                else:
+                    seen.add(real)
+                    queue.append((path, (*chain, real)))
+            elif e.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS:
+                files.append(path)
+    return sorted(files)
+
+
 def scan_images(folder: str | Path) -> list[Path]:
-    """All image files below ``folder`` (recursive, sorted), by extension."""
+    """All image files below ``folder`` (recursive, sorted, linked folders followed once:
+    :func:`_image_files`), by extension."""
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise UserError(f"image folder not found: {folder}")
-    files = sorted(
-        p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-    )
+    files = _image_files(folder)
     if not files:
         raise UserError(f"no images found in {folder} (looked for {', '.join(IMAGE_EXTENSIONS)})")
     return files
 
 
+def _class_folders(folder: Path) -> list[str]:
+    """The class sub-folders of a labelled folder, sorted: a link that leads back to the
+    folder (or above it) would make its images again a class of their own, and is skipped
+    with a line; two names for one folder are refused."""
+    root = folder.resolve()
+    names, real_of = [], {}
+    for p in sorted(folder.iterdir()):
+        if not p.is_dir() or p.name.startswith("."):
+            continue
+        real = p.resolve()
+        if real == root or real in root.parents:
+            info(f"skipped the folder link {p}: it leads back to {real}, which holds it")
+            continue
+        if real in real_of:
+            raise UserError(
+                f"class folders '{real_of[real]}' and '{p.name}' of {folder} are one folder "
+                f"({real}, through a link): remove one of them"
+            )
+        real_of[real] = p.name
+        names.append(p.name)
+    return names
+
+
+def class_name(name: str) -> str:
+    """A class name as paws compares it: in Unicode's composed form (NFC)."""
+    return unicodedata.normalize("NFC", name)
+
+
 def scan_labeled_folder(
     folder: str | Path, classes: Sequence[str] | None = None
 ) -> tuple[list[Path], np.ndarray, list[str]]:
-    """Files and labels of a ``<class>/<image>`` folder.
+    """Files and labels of a ``<class>/<image>`` folder (linked folders followed once).
 
     Args:
         folder: the folder.
@@ -155,30 +227,28 @@ def scan_labeled_folder(
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise UserError(f"labelled folder not found: {folder}")
-    subdirs = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    subdirs = _class_folders(folder)
     if not subdirs:
         raise UserError(
             f"{folder} has no class sub-folders: arrange labelled images as <class>/<image>"
         )
-    order = list(classes) if classes is not None else subdirs
+    # Class names in Unicode's composed form: a folder written on macOS (decomposed) and a
+    # labels file or test folder written elsewhere name one class alike.
+    order = list(classes) if classes is not None else [class_name(n) for n in subdirs]
     files, labels = [], []
     for name in subdirs:
-        imgs = sorted(
-            p
-            for p in (folder / name).rglob("*")
-            if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-        )
+        imgs = _image_files(folder / name, (folder.resolve(),))
         if not imgs:
             raise UserError(
                 f"class folder {folder / name} holds no images; add images or remove the folder"
             )
-        if name not in order:
+        if class_name(name) not in order:
             raise UserError(
                 f"class '{name}' in {folder} is not a class of the labelled set "
                 f"({', '.join(order)})"
             )
         files += imgs
-        labels += [order.index(name)] * len(imgs)
+        labels += [order.index(class_name(name))] * len(imgs)
     return files, np.asarray(labels, dtype=np.int64), order
 
 
@@ -190,11 +260,42 @@ def _eight_bit(im: Image.Image) -> Image.Image:
     return Image.fromarray(np.rint(arr).astype(np.uint8), mode="L")
 
 
+def _float_eight_bit(im: Image.Image) -> Image.Image:
+    """A floating-point grey image (mode F, e.g. a 32-bit TIFF) as 8-bit grey: values in
+    [0, 1] are scaled to 0..255, as floating-point images store them; an image with values
+    above 1 is taken to be on the 0..255 scale already. NaN reads as black, and everything is
+    clipped (Pillow's own conversion truncates, so [0, 1] becomes black)."""
+    arr = np.nan_to_num(np.asarray(im, dtype=np.float64), nan=0.0, posinf=255.0, neginf=0.0)
+    if arr.size and arr.max() <= 1.0:
+        arr = arr * 255
+    return Image.fromarray(np.rint(np.clip(arr, 0, 255)).astype(np.uint8), mode="L")
+
+
+def upright(im: Image.Image) -> Image.Image:
+    """The image turned as its EXIF orientation tag says (:func:`PIL.ImageOps.exif_transpose`),
+    or itself when it has none: cameras store a photo as the sensor saw it and record how to
+    turn it."""
+    try:
+        orientation = im.getexif().get(0x0112, 1)
+    except Exception:  # noqa: BLE001 - damaged EXIF: the pixels are still the image
+        return im
+    if orientation in (None, 1):
+        return im
+    try:
+        return ImageOps.exif_transpose(im)
+    except Exception:  # noqa: BLE001 - an orientation Pillow cannot apply: read as stored
+        return im
+
+
 def to_mode(im: Image.Image, channels: int | None = None) -> Image.Image:
-    """The image in mode L (``channels`` 1) or RGB; palette and transparent images are
-    composited on white first, 16-bit grey images scaled to 8 bits (:func:`_eight_bit`)."""
+    """The image upright (:func:`upright`), in mode L (``channels`` 1) or RGB; palette and
+    transparent images are composited on white first, 16-bit grey images scaled to 8 bits
+    (:func:`_eight_bit`), floating-point ones from [0, 1] (:func:`_float_eight_bit`)."""
+    im = upright(im)
     if im.mode.startswith("I;16") or (im.mode == "I" and im.getextrema()[1] > 255):
         im = _eight_bit(im)
+    elif im.mode == "F":
+        im = _float_eight_bit(im)
     if im.mode in ("P", "PA", "LA", "RGBA") or "transparency" in im.info:
         im = im.convert("RGBA")
         bg = Image.new("RGBA", im.size, (255, 255, 255, 255))

@@ -11,6 +11,12 @@ is a suggestion nobody labelled yet when the file has a ``suggested_label`` colu
 skipped, or with ``accept_suggested`` takes the suggested label. In any other file an empty label
 is an error. Unknown paths, duplicates and conflicting labels are errors too, each one line
 naming the file, the row and the path (:meth:`LabelsFile.error`).
+
+What a spreadsheet may do to a file is read or refused, never misread: UTF-8 (with or without
+a byte-order mark) and UTF-16 (Excel's "Unicode text", tab-separated) are read; other
+encodings, an unbalanced quote (which would swallow the rows after it) and a field with a line
+break or a control character (a NUL byte) are refused in a line. Labels are compared in
+Unicode's composed form (NFC), as macOS and Windows may write the same name in two forms.
 """
 
 from __future__ import annotations
@@ -18,10 +24,12 @@ from __future__ import annotations
 import csv
 import io
 import os
+import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from paws.data.images import class_name
 from paws.errors import UserError
 from paws.files import write_atomic
 
@@ -115,8 +123,7 @@ def read_labels_file(path: str | Path, accept_suggested: bool = False) -> Labels
     p = Path(path).expanduser()
     if not p.is_file():
         raise UserError(f"labels file not found: {p}")
-    with open(p, newline="", encoding="utf-8-sig") as f:
-        table = list(csv.reader(f))
+    table = _table(p)
     header = [h.strip() for h in table[0]] if table else []
     missing = [c for c in LABEL_COLUMNS if c not in header]
     if missing:
@@ -146,11 +153,65 @@ def read_labels_file(path: str | Path, accept_suggested: bool = False) -> Labels
         if not row.label:
             hint = " and no suggested label" if suggestions else "; fill it in or remove the row"
             raise out.error(row, f"the label is empty{hint}")
-        out.rows.append(row)
+        out.rows.append(_checked(out, row))
     if not out.rows:
         left = f" ({out.unlabelled} suggestions are still unlabelled)" if out.unlabelled else ""
         raise UserError(f"labels file {p} labels no image{left}; fill in the label column")
     return out
+
+
+def _text(p: Path) -> str:
+    """A labels file's text: UTF-8 (a byte-order mark allowed) or UTF-16 with its mark."""
+    try:
+        raw = p.read_bytes()
+    except OSError as e:
+        raise UserError(f"cannot read labels file {p}: {e.strerror or e}") from e
+    try:
+        if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+            return raw.decode("utf-16")
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise UserError(
+            f"labels file {p} is not UTF-8 text (byte {e.start} is 0x{raw[e.start]:02x}, as "
+            "Latin-1 or Windows-1252 write it); save it as CSV UTF-8"
+        ) from e
+
+
+def _table(p: Path) -> list[list[str]]:
+    """The rows of a labels file, comma- or (Excel's Unicode text) tab-separated.
+
+    Raises:
+        UserError: a quote left open or a field too long (the row named).
+    """
+    text = _text(p)
+    first = text.split("\n", 1)[0]
+    delimiter = "\t" if "\t" in first and "," not in first else ","
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+    table: list[list[str]] = []
+    try:
+        for values in reader:
+            table.append(values)
+    except csv.Error as e:
+        where = len(table) + 1
+        raise UserError(
+            f"labels file {p} row {where}: {e} (a quote left open swallows the rows after "
+            "it); fix the quotes of that row"
+        ) from e
+    return table
+
+
+def _checked(out: LabelsFile, row: LabelRow) -> LabelRow:
+    """``row`` with its label in NFC, refusing line breaks and control characters: they come
+    from a quote left open, or from a file that is not text, never from a class name."""
+    for what, value in (("path", row.path), ("label", row.label)):
+        if value.splitlines() != [value]:
+            raise out.error(
+                row, f"the {what} holds a line break (a quote left open?); fix the quotes"
+            )
+        bad = next((c for c in value if unicodedata.category(c) == "Cc"), None)
+        if bad is not None:
+            raise out.error(row, f"the {what} holds the control character {bad!r}; remove it")
+    return LabelRow(row.row, row.path, class_name(row.label))
 
 
 def csv_path(file: Path, folder: Path) -> str:

@@ -78,14 +78,39 @@ def _read_split(path: str) -> list[str]:
     return names
 
 
-def _name_lookup(images: ImageSet) -> dict[str, int]:
-    """Image positions by name and by file name (the first image of a name wins): how split
-    files and labels files name the images of a set."""
-    lookup: dict[str, int] = {}
-    for i, name in enumerate(images.names):
-        lookup.setdefault(name, i)
-        lookup.setdefault(Path(name).name, i)
-    return lookup
+class _Names(dict):
+    """Image positions by name: a bare file name that several images share (``a.png`` in two
+    class folders) is refused when used, naming two of them."""
+
+    def __init__(self, images: ImageSet):
+        super().__init__()
+        self.shared: dict[str, list[str]] = {}
+        for i, name in enumerate(images.names):
+            self.setdefault(name, i)
+        full = set(self)
+        for i, name in enumerate(images.names):
+            base = Path(name).name
+            if base in full:  # a whole name means that image
+                continue
+            if base in self and images.names[self[base]] != name:
+                self.shared.setdefault(base, [images.names[self[base]]]).append(name)
+            self.setdefault(base, i)
+
+    def position(self, name: str, where: str) -> int:
+        """The image ``name`` means, ``where`` naming the file and line for the error."""
+        if name in self.shared:
+            a, b = self.shared[name][:2]
+            raise UserError(
+                f"{where}: '{name}' names {len(self.shared[name])} images ('{a}', '{b}', ...); "
+                "give its path relative to the folder"
+            )
+        return self[name]
+
+
+def _name_lookup(images: ImageSet) -> _Names:
+    """Image positions by name and by file name: how split files and labels files name the
+    images of a set (a file name several images share is refused, :class:`_Names`)."""
+    return _Names(images)
 
 
 def select_labeled(images: ImageSet, cfg: DataConfig, num_classes: int) -> np.ndarray:
@@ -105,7 +130,7 @@ def select_labeled(images: ImageSet, cfg: DataConfig, num_classes: int) -> np.nd
                 f"split file {cfg.split_file} names {len(missing)} image(s) not in the "
                 f"dataset, e.g. '{missing[0]}'; fix the names or the data folder"
             )
-        return np.unique([lookup[w] for w in wanted])
+        return np.unique([lookup.position(w, f"split file {cfg.split_file}") for w in wanted])
     if cfg.num_labels is not None:
         if cfg.num_labels > len(images):
             raise UserError(
@@ -160,7 +185,8 @@ def labeled_from_file(
         if row.path not in lookup:
             example = f", e.g. '{images.names[0]}'" if len(images) else ""
             raise labels.error(row, f"no image of that name in the training set (names{example})")
-        return str(lookup[row.path])
+        where = f"labels file {labels.path} row {row.row}"
+        return str(lookup.position(row.path, where))
 
     rows = labels.unique(image)
     index = np.array([int(k) for k in rows], dtype=np.int64)
@@ -230,6 +256,7 @@ def _add_labels_file(
         return str(f.resolve())
 
     rows = labels.unique(image)
+    _same_kind_as_folder(labels, classes, cfg)
     in_folder = {str(f.resolve()): classes[y] for f, y in zip(folder.files or [], folder.labels)}
     chosen = {str(f.resolve()) for f in labeled.files or []}
     for key, r in rows.items():
@@ -240,6 +267,7 @@ def _add_labels_file(
     new = [(k, r) for k, r in rows.items() if k not in chosen]
     outside = [(k, r) for k, r in new if k not in in_folder]
     names = sorted(set(classes) | {r.label for r in rows.values()})
+    _warn_case_only(names)
     added = sorted(set(names) - set(classes))
     if classes and added:
         info(f"labels file {labels.path} adds classes to {cfg.labeled}: {', '.join(added)}")
@@ -256,6 +284,39 @@ def _add_labels_file(
         files=[labels.file(r) for _, r in outside],
     )
     return out, names, extra
+
+
+def _same_kind_as_folder(labels: LabelsFile, classes: Sequence[str], cfg: DataConfig) -> None:
+    """Refuse class numbers beside class names in a folder dataset, where every label names
+    a class: ``0`` would become a class of its own beside ``zero``. (A built-in dataset reads
+    a number as the class of that index, :func:`_class_id`.)"""
+    named = [(None, c) for c in classes if not c.isdigit()]
+    named += [(r, r.label) for r in labels.rows if not r.label.isdigit()]
+    if not named:
+        return
+    row, name = named[0]
+    where = f"row {row.row} names" if row is not None else f"{cfg.labeled} has"
+    for r in labels.rows:
+        if r.label.isdigit() and r.label not in classes:
+            raise labels.error(
+                r,
+                f"the label '{r.label}' is a number, but {where} the class '{name}': label "
+                "every image by class name",
+            )
+
+
+def _warn_case_only(names: Sequence[str]) -> None:
+    """One line when two classes differ only in case (``Zero`` and ``zero``): the user may
+    mean one class, or two."""
+    by_fold: dict[str, list[str]] = {}
+    for n in names:
+        by_fold.setdefault(n.casefold(), []).append(n)
+    clash = next((v for v in by_fold.values() if len(v) > 1), None)
+    if clash:
+        info(
+            f"warning: the classes {' and '.join(repr(c) for c in clash)} differ only in case "
+            "and are kept apart; rename one if they are one class"
+        )
 
 
 def _test_with_new_classes(

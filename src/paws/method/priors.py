@@ -65,11 +65,7 @@ class ClassPrior:
                     f"loss.me_max_prior has {probs.size} numbers but there are {num_classes} "
                     "classes; give one frequency per class, in the order of the class names"
                 )
-        self.probs = (
-            None
-            if probs is None
-            else torch.tensor(probs / probs.sum(), dtype=torch.float32, device=device)
-        )
+        self.probs = None if probs is None else _normalised(probs, device)
 
     def for_step(self, classes: torch.Tensor) -> torch.Tensor | None:
         """(C,) prior of a step's support classes (dataset ids, in position order), or None
@@ -99,3 +95,11 @@ class ClassPrior:
         """Restore what :meth:`state_dict` saved."""
         if state.get("probs") is not None and self.probs is not None:
             self.probs.copy_(state["probs"].to(self.probs))
+
+
+def _normalised(freqs: np.ndarray, device: torch.device | str) -> torch.Tensor:
+    """(C,) frequencies as float32 probabilities: scaled by their largest first, so that huge
+    frequencies (1e308 each) do not overflow their sum to infinity and every class to 0."""
+    freqs = np.asarray(freqs, dtype=np.float64)
+    freqs = freqs / freqs.max()
+    return torch.tensor(freqs / freqs.sum(), dtype=torch.float32, device=device)

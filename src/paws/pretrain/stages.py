@@ -198,7 +198,22 @@ def open_run(cfg: Config, out: Path, resume: bool) -> dict[str, Any] | None:
         raise UserError(
             f"{out} already holds a run; resume it with --resume {out} or choose another --out"
         )
+    elif distributed.is_main():
+        _drop_dead_logs(out)
     return state
+
+
+def _drop_dead_logs(out: Path) -> None:
+    """Remove the logs of an earlier run in ``out`` that stopped before its first checkpoint:
+    a new run appending to them would mix two runs' rows under one header."""
+    old = [out / name for name in (rundir.METRICS, rundir.EVALS) if (out / name).is_file()]
+    for path in old:
+        path.unlink()
+    if old:
+        info(
+            f"{out}: an earlier run stopped before its first checkpoint; its "
+            f"{' and '.join(p.name for p in old)} are replaced by this run's"
+        )
 
 
 def start_run(cfg: Config, out: Path, state: dict[str, Any] | None) -> None:

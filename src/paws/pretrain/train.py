@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from paws import distributed, rundir, runtime, tracking
-from paws.config import Config
+from paws.config import Config, with_absolute_paths
 from paws.config.adapt import fit_to_data
 from paws.data.sources import Datasets, load_datasets
 from paws.errors import UserError
@@ -56,7 +56,8 @@ def train(
     first (threads, determinism, denormals, the process group under torchrun).
 
     Args:
-        cfg: the run's config.
+        cfg: the run's config; relative data paths are taken from the working directory and
+            saved absolute.
         out_dir: run directory (config.yaml, metrics.csv, last.pt, final.pt, eval.json).
         resume: continue from ``out_dir/last.pt``; refuses a config that changes the run.
         data: preloaded datasets (tests, benchmarks), else loaded from the config.
@@ -70,6 +71,7 @@ def train(
         interrupted}``.
     """
     out = Path(out_dir)
+    cfg = with_absolute_paths(cfg)  # the run reads the same data from any folder later
     device = device or runtime.device_for(cfg.run.device)
     with _locked(cfg, out):
         return _train(cfg, out, resume, data, device, init)
@@ -108,8 +110,8 @@ def _train(
     cfg = fit_to_data(cfg, len(data.unlabeled), data.labeled.labels, distributed.get_world_size())
     start_run(cfg, out, state)
     if data.skipped and distributed.is_main():
+        # Listed here, counted in the result: ``paws train`` says it once, with its results.
         write_atomic(out / "skipped_images.txt", "\n".join(data.skipped) + "\n")
-        info(f"skipped {len(data.skipped)} unreadable images (listed in skipped_images.txt)")
     run = build_run(cfg, out, data, device)
     if state is not None:
         restore_run(run, state)

@@ -9,14 +9,28 @@ from typing import Any
 
 import torch
 
-from paws.config import Config, apply_overrides, from_dict, load_config, read_yaml
+from paws.config import (
+    Config,
+    apply_overrides,
+    from_dict,
+    load_config,
+    read_yaml,
+    relative_data_paths,
+)
 from paws.errors import UserError
 from paws.models import Architecture, build_network, load_weights
 from paws.models.networks import input_channels
 from paws.rundir import checkpoint
 from paws.rundir.layout import CONFIG, model_file
 
-__all__ = ["Restored", "resume_config", "checkpoint_config", "restore", "restore_model"]
+__all__ = [
+    "Restored",
+    "run_config",
+    "resume_config",
+    "checkpoint_config",
+    "restore",
+    "restore_model",
+]
 
 
 @dataclass
@@ -55,6 +69,25 @@ class Restored:
         return self
 
 
+def run_config(values: dict[str, Any], overrides: list[str] | None, where: Path) -> Config:
+    """A saved run's config (``values``, from ``where``) with ``overrides`` applied, refusing
+    data paths that are still relative: they were relative to the folder the run was trained
+    in, which it did not record, and read from another folder they would name other data.
+
+    Raises:
+        UserError: naming the first relative path and how to give it.
+    """
+    merged = apply_overrides(values, list(overrides or []))
+    relative = relative_data_paths(merged)
+    if relative:
+        key = relative[0].split("=", 1)[0]
+        raise UserError(
+            f"{where} names {relative[0]}, relative to the folder it was trained in, which was "
+            f"not recorded; give the absolute path with --set {key}=PATH"
+        )
+    return from_dict(merged)
+
+
 def resume_config(
     run_dir: str | Path, config: str | Path | None = None, overrides: list[str] | None = None
 ) -> Config:
@@ -79,7 +112,7 @@ def resume_config(
                 f"cannot resume {run}: its {CONFIG} is empty (a write that did not finish?); "
                 "give the run's config with --config FILE"
             )
-        return from_dict(apply_overrides(values, list(overrides or [])))
+        return run_config(values, overrides, file)
     return load_config(config, overrides)
 
 
@@ -88,8 +121,8 @@ def checkpoint_config(
 ) -> Config:
     """The config saved in the checkpoint ``path`` names (:func:`model_file`), with
     ``overrides`` applied."""
-    state = checkpoint.load(model_file(path, pretrained))
-    return from_dict(apply_overrides(state["config"], list(overrides or [])))
+    file = model_file(path, pretrained)
+    return run_config(checkpoint.load(file)["config"], overrides, file)
 
 
 def restore(
@@ -105,7 +138,7 @@ def restore(
     """
     file = model_file(path, pretrained)
     state = checkpoint.load(file)
-    cfg = from_dict(apply_overrides(state["config"], list(overrides or [])))
+    cfg = run_config(state["config"], overrides, file)
     if state.get("architecture"):
         arch = Architecture.from_dict(state["architecture"], f"{file}: its architecture")
     else:  # checkpoints written before architectures were recorded
