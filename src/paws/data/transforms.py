@@ -9,9 +9,12 @@
   process's rows, so an image's views do not depend on the number of processes. The batch
   functions never wait for the device (no data-dependent branches), so on a GPU the next step's
   augmentation is queued while the current step computes.
-- :func:`multicrop_transform` / :func:`support_transform` / :func:`eval_transform` build
-  ``torchvision.transforms.v2`` pipelines applied per image in data-loader workers, for datasets
-  read from disk (ImageNet and large folders).
+- :func:`multicrop_transform` / :func:`support_transform` build ``torchvision.transforms.v2``
+  pipelines applied per image in data-loader workers, for datasets read from disk (ImageNet
+  and large folders).
+
+The evaluation view's resize and crop, :func:`eval_batch`, is the arithmetic of the one rule of
+:mod:`paws.data.eval_view`.
 
 Both follow SimCLR / PAWS: RandomResizedCrop (scale and size from the config), horizontal flip,
 colour jitter of strength s (brightness, contrast, saturation 0.8s, hue 0.2s, applied with
@@ -41,7 +44,6 @@ __all__ = [
     "eval_batch",
     "multicrop_transform",
     "support_transform",
-    "eval_transform",
 ]
 
 
@@ -283,10 +285,6 @@ class BatchViews:
         c = self.cfg
         return self.view(x.repeat(num_views, 1, 1, 1), c.large_size, c.large_scale, gen)
 
-    def eval(self, x: torch.Tensor) -> torch.Tensor:
-        """Deterministic evaluation view: resize + centre crop, normalised."""
-        return self._normalise(eval_batch(x, self.cfg.large_size, self.cfg.eval_crop))
-
 
 def eval_resize(size: int, crop_fraction: float) -> int:
     """The shorter side an evaluation view is resized to before its centre ``size`` crop."""
@@ -372,18 +370,3 @@ def support_transform(
     """Per-image transform returning ``num_views`` large views of a support image."""
     large = _per_image(cfg, cfg.large_size, cfg.large_scale, channels, mean, std)
     return lambda img: [large(img) for _ in range(num_views)]
-
-
-def eval_transform(
-    size: int, crop_fraction: float, mean: Sequence[float], std: Sequence[float]
-) -> v2.Compose:
-    """Per-image evaluation transform: resize shorter side to size / crop_fraction, centre crop."""
-    return v2.Compose(
-        [
-            v2.ToImage(),
-            v2.Resize(eval_resize(size, crop_fraction), antialias=True),
-            v2.CenterCrop(size),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(list(mean), list(std)),
-        ]
-    )
