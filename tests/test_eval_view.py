@@ -110,3 +110,20 @@ def test_read_batches_keeps_order_skips_bad_files_and_stays_bounded(tmp_path):
     next(it)
     assert len(started) <= 4
     it.close()
+
+
+def test_predict_with_a_batch_size_and_jpeg_draft(shared_run, tmp_path, capsys):
+    paths, run_dir = shared_run
+    files, _, _ = scan_labeled_folder(paths["test"])
+    for f in files[:6]:  # JPEGs large enough for a 1/2 draft of the 16-px model
+        with Image.open(f) as im:
+            im.convert("L").resize((40, 40)).save(tmp_path / f"{f.stem}.jpg", quality=90)
+    args = ["--quiet", "predict", str(run_dir), str(tmp_path), "--format", "json"]
+    outputs = []
+    for extra in ([], ["--batch-size", "4", "--jpeg-draft"]):
+        assert main([*args, *extra]) == 0
+        outputs.append(json.loads(capsys.readouterr().out))
+    assert len(outputs[0]) == len(outputs[1]) == 6
+    full = [r["probabilities"] if "probabilities" in r else r for r in outputs[0]]
+    draft = [r["probabilities"] if "probabilities" in r else r for r in outputs[1]]
+    assert full != draft  # the draft's pixels are not the full decode's

@@ -13,6 +13,7 @@ import io
 import math
 import os
 import re
+import stat
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -399,9 +400,13 @@ def expand_images(paths: Sequence[str | Path]) -> list[Path]:
     files: list[Path] = []
     for p in paths:
         path = Path(p).expanduser()
-        if path.is_dir():
+        try:
+            mode = path.stat().st_mode  # one system call a file: lists of many files are common
+        except OSError:
+            mode = 0
+        if stat.S_ISDIR(mode):
             files += scan_images(path)
-        elif path.is_file():
+        elif stat.S_ISREG(mode):
             files.append(path)
         else:
             raise UserError(f"no such image file or folder: {path}")
