@@ -26,14 +26,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
-import kornia
 import torch
 import torch.nn.functional as F
-from torchvision.transforms import v2
 
 from paws.config import ViewsConfig
 from paws.data.images import to_grey
+
+if TYPE_CHECKING:
+    from torchvision.transforms import v2
 
 __all__ = [
     "BatchViews",
@@ -183,7 +185,7 @@ def color_distort(
             op = ops[i]
             if op == "hue":
                 shift = (factors["hue"] * apply * 2 * math.pi).to(dev, x.dtype)
-                x = _on_rows(x, shift != 0, shift, kornia.enhance.adjust_hue)
+                x = _on_rows(x, shift != 0, shift, _adjust_hue)
                 continue
             f = (1 + (factors[op] - 1) * apply).to(dev, x.dtype).view(n, 1, 1, 1)
             if op == "brightness":
@@ -226,6 +228,18 @@ def _on_rows(
     return torch.where(chosen.view(-1, *[1] * (x.dim() - 1)), fn(x, params), x)
 
 
+def _kornia():
+    """kornia, imported on first use: it takes a second to import, and applying a model never
+    augments."""
+    import kornia
+
+    return kornia
+
+
+def _adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    return _kornia().enhance.adjust_hue(x, shift)
+
+
 def _blur(x: torch.Tensor, prob: float, gen: Random) -> torch.Tensor:
     n = x.shape[0]
     chosen = (_rand(n, gen) < prob).to(x.device)
@@ -235,7 +249,7 @@ def _blur(x: torch.Tensor, prob: float, gen: Random) -> torch.Tensor:
         x,
         chosen,
         sigma,
-        lambda rows, s: kornia.filters.gaussian_blur2d(
+        lambda rows, s: _kornia().filters.gaussian_blur2d(
             rows, (k, k), torch.stack([s, s], dim=1), border_type="reflect"
         ),
     )
@@ -327,6 +341,8 @@ def _per_image(
     mean: Sequence[float],
     std: Sequence[float],
 ) -> v2.Compose:
+    from torchvision.transforms import v2  # seconds to import: only for images on disk
+
     s = cfg.color_strength
     steps: list[Callable] = [
         v2.ToImage(),
