@@ -21,6 +21,7 @@ Usage::
     python benchmarks/apply_speed.py --n 2000 --repeats 3
     python benchmarks/apply_speed.py --run runs/default --draft
     python benchmarks/apply_speed.py --draft-check photo1.jpg photo2.jpg
+    python benchmarks/apply_speed.py --run runs/default --load-time
 """
 
 # ruff: noqa: E402 - the environment is set before torch is imported
@@ -141,6 +142,45 @@ def draft_difference(files: list[Path]) -> None:
             )
 
 
+_LOAD_TIMING = """
+import sys, time
+t0 = time.perf_counter()
+import torch
+t1 = time.perf_counter()
+import paws
+from paws.apply.load import load
+t2 = time.perf_counter()
+model = load(sys.argv[1], device="cpu")
+t3 = time.perf_counter()
+model.ready()
+t4 = time.perf_counter()
+model.predict([sys.argv[2]])
+t5 = time.perf_counter()
+print(f"{t1 - t0:.2f} {t2 - t1:.2f} {t3 - t2:.2f} {t4 - t3:.2f} {t5 - t4:.2f}")
+"""
+
+
+def load_time(run: str, image: Path) -> None:
+    """Seconds from a fresh process to the first prediction of ``paws.load(run)``, by part."""
+    import subprocess
+
+    out = subprocess.run(
+        [sys.executable, "-c", _LOAD_TIMING, run, str(image)],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split()
+    torch_s, paws_s, load_s, support_s, first_s = (float(x) for x in out)
+    total = sum(float(x) for x in out)
+    print(
+        f"paws.load({run}) to the first prediction: {total:.2f} s = import torch {torch_s:.2f} "
+        f"+ import paws {paws_s:.2f} + load {load_s:.2f} + support (the run's labelled images) "
+        f"{support_s:.2f} + first prediction {first_s:.2f}; after the import: "
+        f"{load_s + support_s + first_s:.2f} s",
+        flush=True,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=10000, help="images in each folder")
@@ -157,8 +197,15 @@ def main(argv: list[str] | None = None) -> int:
         metavar="JPEG",
         help="only print how much draft decoding changes these JPEGs' evaluation views",
     )
+    parser.add_argument(
+        "--load-time", action="store_true", help="with --run: only time paws.load's first answer"
+    )
     args = parser.parse_args(argv)
     progress.set_quiet(True)
+    if args.load_time:
+        with tempfile.TemporaryDirectory() as tmp:
+            load_time(args.run, write_folders(Path(args.dir or tmp), 1)["png"][0])
+        return 0
     if args.draft_check:
         draft_difference([Path(f) for f in args.draft_check])
         return 0
