@@ -22,6 +22,13 @@ Usage::
     python benchmarks/step_overhead.py --steps 40 --no-eval
 
 Without the dataset on disk, ``--synthetic`` uses random images of the config's shape.
+
+``--disk`` also measures the step when the images are read from disk: the Fashion-MNIST
+training images written once as JPEG files (``--disk-n``, default all 60,000) in a
+``<class>/<image>`` folder, trained with ``data.in_memory: false`` (decoding and per-image
+augmentation in data-loader workers, ``data.workers``), printed beside the in-memory figure::
+
+    python benchmarks/step_overhead.py --disk --no-eval --disk-dir /tmp/fmnist_jpeg
 """
 
 # ruff: noqa: E402 - the environment is set before torch is imported
@@ -52,6 +59,7 @@ import torch
 
 from paws import progress, runtime
 from paws.config import Config, load_config
+from paws.config.adapt import fit_to_data
 from paws.data import Datasets, ImageSet, load_datasets, step_batches
 from paws.method.optim import set_lr
 from paws.models import Architecture, build_network
@@ -81,6 +89,45 @@ def synthetic_datasets(cfg: Config) -> Datasets:
     names = [str(c) for c in range(classes)]
     unlabelled, test = images(n_train, False), images(n_test, True)
     return Datasets(unlabelled, labelled, test, names, channels, mean, std)
+
+
+def jpeg_folder(root: Path, n: int, per_class: int = 10) -> Path:
+    """The first ``n`` Fashion-MNIST training images as ``root/.../all/<class>/<i>.jpg``
+    (quality 90) and the first ``per_class`` of each class again under ``labeled/``, written
+    once; returns the folder holding ``all`` and ``labeled``."""
+    from PIL import Image
+
+    from paws.data.builtin import FASHION_MNIST_CLASSES, load_fashion_mnist
+
+    folder = root / f"fashion_mnist_jpeg_{n}"
+    done = folder / ".complete"
+    if not done.exists():
+        train, _ = load_fashion_mnist(None)
+        counts: dict[int, int] = {}
+        for i in range(n):
+            label = int(train.labels[i])
+            name = FASHION_MNIST_CLASSES[label].replace("/", "-")
+            im = Image.fromarray(train.images[i, 0].numpy(), mode="L")
+            parts = ["all"] + (["labeled"] if counts.get(label, 0) < per_class else [])
+            counts[label] = counts.get(label, 0) + 1
+            for part in parts:
+                (folder / part / name).mkdir(parents=True, exist_ok=True)
+                im.save(folder / part / name / f"{i:05d}.jpg", quality=90)
+        done.write_text("")
+    return folder
+
+
+def disk_config(args: argparse.Namespace, folder: Path) -> Config:
+    """The config of ``args`` training from ``folder`` on disk (:func:`jpeg_folder`)."""
+    overrides = [
+        *args.overrides,
+        "data.dataset=folder",
+        f"data.labeled={folder / 'labeled'}",
+        f"data.unlabeled={folder / 'all'}",
+        "data.in_memory=false",
+        *args.disk_set,
+    ]
+    return load_config(args.config, overrides)
 
 
 def _median(xs: list[float]) -> float:
@@ -290,6 +337,28 @@ def measure_eval(
     return result
 
 
+def disk_step(args: argparse.Namespace, in_memory: dict[str, float]) -> dict[str, float]:
+    """The step trained from JPEGs on disk, printed beside the in-memory one."""
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = jpeg_folder(Path(args.disk_dir or tmp), args.disk_n)
+        cfg = disk_config(args, folder)
+        data = load_datasets(cfg)
+        cfg = fit_to_data(cfg, len(data.unlabeled), data.labeled.labels)  # as paws train does
+        from paws.data.loaders import default_workers
+
+        workers = default_workers(cfg.data.workers)
+        print(f"from disk: {data.summary()}, {workers} data-loader workers", flush=True)
+        step = summarise_step(cfg, measure_step(cfg, data, args.steps))
+    print(
+        f"from disk        {step['step_images_per_s']:8.1f} images/s, ratio "
+        f"{step['ratio']:.3f} (quartiles {step['ratio_q1']:.3f}..{step['ratio_q3']:.3f}), "
+        f"data wait {100 * step['data_wait_fraction']:.1f} % | in memory: ratio "
+        f"{in_memory['ratio']:.3f}, data wait {100 * in_memory['data_wait_fraction']:.1f} %",
+        flush=True,
+    )
+    return step
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", help="YAML config or recipe (default: Fashion-MNIST)")
@@ -303,6 +372,12 @@ def main(argv: list[str] | None = None) -> int:
         help="also run paws.pretrain.train.train for N steps and print its images/s",
     )
     parser.add_argument("--synthetic", action="store_true", help="random images, no dataset")
+    parser.add_argument("--disk", action="store_true", help="also train from JPEGs on disk")
+    parser.add_argument("--disk-n", type=int, default=60000, help="JPEGs written for --disk")
+    parser.add_argument("--disk-dir", help="where --disk writes them (default: a temp folder)")
+    parser.add_argument(
+        "--disk-set", action="append", default=[], metavar="K=V", help="--disk's run only"
+    )
     parser.add_argument("--no-eval", action="store_true", help="skip PAWS-NN evaluation")
     parser.add_argument("--no-eval-full", action="store_true", help="skip the full PAWS-NN path")
     parser.add_argument("--no-step", action="store_true", help="skip the training step")
@@ -324,6 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, object] = {"device": str(device), "threads": torch.get_num_threads()}
     if not args.no_step:
         data = synthetic_datasets(cfg) if args.synthetic else load_datasets(cfg)
+        cfg = fit_to_data(cfg, len(data.unlabeled), data.labeled.labels)  # as paws train does
         print(f"training step: global batch {cfg.optim.batch_size}, {data.summary()}", flush=True)
         step = summarise_step(cfg, measure_step(cfg, data, args.steps))
         results["step"] = step
@@ -337,6 +413,8 @@ def main(argv: list[str] | None = None) -> int:
             f"data wait        {100 * step['data_wait_fraction']:7.1f} % of step time",
             flush=True,
         )
+        if args.disk:
+            results["disk"] = disk_step(args, step)
         if args.train_check:
             ips = train_images_per_s(cfg, data, args.train_check)
             results["train_images_per_s"] = ips

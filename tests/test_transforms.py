@@ -14,7 +14,6 @@ from paws.data.transforms import (
     _per_image,
     color_distort,
     eval_batch,
-    eval_transform,
     multicrop_transform,
     resized_crop,
     support_transform,
@@ -247,25 +246,6 @@ def test_eval_batch_resizes_shorter_side():
     wide = eval_batch(torch.rand(2, 3, 12, 30), 6)
     assert wide.shape == (2, 3, 6, 6)
     assert wide.min() >= 0 and wide.max() <= 1
-
-
-def test_batch_eval_view_matches_per_image_eval_transform():
-    x = _images(1, 3, 16)
-    mean, std = [0.5, 0.4, 0.3], [0.2, 0.2, 0.2]
-    views = BatchViews(ViewsConfig(large_size=8, eval_crop=0.5), mean, std)
-    batch = views.eval(x)[0]
-    pil = Image.fromarray(x[0].permute(1, 2, 0).numpy())
-    single = eval_transform(8, 0.5, mean, std)(pil)
-    assert single.shape == (3, 8, 8)
-    assert torch.allclose(batch, single, atol=1e-5)
-
-
-def test_eval_transform_output_size_on_any_image():
-    t = eval_transform(12, 0.875, [0.5], [0.5])
-    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (30, 50), dtype=np.uint8))
-    out = t(img)
-    assert out.shape == (1, 12, 12) and out.dtype == torch.float32
-    assert out.min() >= -1 and out.max() <= 1
 
 
 # --------------------------------------------------------------------------------------------

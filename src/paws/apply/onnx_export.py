@@ -85,17 +85,20 @@ def preprocessing_description(predictor: Predictor) -> dict[str, Any]:
         "steps": [
             "palette and transparent images: composite on white",
             f"convert to {mode}",
-            f"resize so that the shorter side is {resize} pixels, keeping the aspect ratio "
-            "(bilinear, antialiased)",
-            f"crop the centre {p.size} x {p.size} pixels",
             "to float32 in [0, 1] (divide by 255), channels first: (C, H, W)",
+            f"resize so that the shorter side is {resize} pixels, keeping the aspect ratio "
+            "(bilinear, antialiased, on the float values: nothing rounded back to 8 bits)",
+            f"crop the centre {p.size} x {p.size} pixels",
             "subtract mean and divide by std, per channel",
             f"stack the images into a batch (N, {p.channels}, {p.size}, {p.size})",
         ],
-        "torchvision": (
-            f"v2.Compose([v2.ToImage(), v2.Resize({resize}, antialias=True), "
-            f"v2.CenterCrop({p.size}), v2.ToDtype(torch.float32, scale=True), "
-            f"v2.Normalize(mean, std)])"
+        "torch": (
+            "x = pixels as a float32 (C, H, W) tensor / 255; if min(H, W) != "
+            f"{resize}: x = F.interpolate(x[None], size=(round(H * {resize} / min(H, W)), "
+            f"round(W * {resize} / min(H, W))), mode='bilinear', antialias=True, "
+            f"align_corners=False)[0]; x = x[:, top:top + {p.size}, left:left + {p.size}] "
+            f"with top = (h - {p.size}) // 2, left = (w - {p.size}) // 2; "
+            "x = (x.clamp(0, 1) - mean) / std"
         ),
     }
 

@@ -2,76 +2,33 @@
 to an image that cannot be read.
 
 Every predictor reads its images here, so a file, a PIL image, a tensor and an array go through
-the same rule (the evaluation view of training, :class:`Preprocessing`) and the same policy for
+the same rule (the evaluation view of training, :class:`paws.data.eval_view.Preprocessing`,
+which ``paws eval`` follows too) and the same policy for
 unreadable files (``data.on_bad_image``). A batch says which inputs it holds, so a caller that
 skips unreadable files knows which answer belongs to which input without asking afterwards.
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 
-from paws.data.images import (
-    MAX_IMAGE_PIXELS,
-    Images,
-    as_items,
-    read_image,
-    tensor_channels,
-    to_mode,
+from paws.data.eval_view import (
+    Preprocessing,
+    batch_count,
+    batches_of,
+    decode_workers,
+    read_batches,
 )
-from paws.data.transforms import eval_transform
+from paws.data.images import MAX_IMAGE_PIXELS, Images, as_items
 from paws.errors import UserError
 from paws.progress import Progress
 
 __all__ = ["Preprocessing", "InputBatch", "ImageReader"]
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """How images become network input: the evaluation view of training.
-
-    Attributes:
-        size: side of the square input (``views.large_size``).
-        crop_fraction: resize the shorter side to ``size / crop_fraction``, then centre-crop
-            ``size`` (``views.eval_crop``).
-        mean: per-channel normalisation mean.
-        std: per-channel normalisation std.
-        channels: 1 (grey) or 3 (colour); images are converted to this.
-    """
-
-    size: int
-    crop_fraction: float
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    channels: int
-
-    def transform(self) -> Callable[[Any], torch.Tensor]:
-        """Per-image transform: PIL image or (C, H, W) tensor to (C, size, size) float32."""
-        return eval_transform(self.size, self.crop_fraction, self.mean, self.std)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain values (lists for the statistics), as exports store them."""
-        d = asdict(self)
-        return {**d, "mean": list(self.mean), "std": list(self.std)}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Preprocessing:
-        """The inverse of :meth:`to_dict` (values already checked by the export's reader)."""
-        return cls(
-            int(d["size"]),
-            float(d["crop_fraction"]),
-            tuple(float(v) for v in d["mean"]),
-            tuple(float(v) for v in d["std"]),
-            int(d["channels"]),
-        )
 
 
 @dataclass
@@ -101,12 +58,18 @@ class ImageReader:
         on_bad_image: ``"error"``: an unreadable file stops with its name; ``"skip"``: it is
             left out, and named in the batch's ``skipped`` (``data.on_bad_image``).
         max_pixels: files claiming more pixels are unreadable (``data.max_image_pixels``).
+        draft: decode large JPEGs at a reduced scale (faster; pixels not those the evaluation
+            sees, see :func:`paws.data.eval_view.read_batches`).
+        workers: decoding threads (default: the cores the network leaves,
+            :func:`paws.data.eval_view.decode_workers`).
     """
 
     preprocessing: Preprocessing
     batch_size: int = 256
     on_bad_image: str = "error"
     max_pixels: int = MAX_IMAGE_PIXELS
+    draft: bool = False
+    workers: int | None = None
 
     def batches(
         self,
@@ -115,57 +78,43 @@ class ImageReader:
         progress: bool = False,
         desc: str = "images",
     ) -> Iterator[InputBatch]:
-        """Preprocessed batches in input order. Images may be file paths or folders (searched
-        recursively), PIL images, or tensors (C, H, W) / (N, C, H, W), uint8 in [0, 255] or
-        float in [0, 1]; any size.
+        """Preprocessed batches in input order, decoded a few batches ahead while the caller
+        computes (:func:`paws.data.eval_view.read_batches`). Images may be file paths or
+        folders (searched recursively), PIL images, or tensors (C, H, W) / (N, C, H, W), uint8
+        in [0, 255] or float in [0, 1]; any size.
 
         Raises:
             UserError: an unreadable file (unless skipped), or none of the images readable.
         """
         items = as_items(images)
-        tf = self.preprocessing.transform()
-        channels = self.preprocessing.channels
-
-        def one(i: int) -> torch.Tensor | tuple[int, str]:
-            item = items[i]
-            if isinstance(item, Path):
-                try:
-                    return tf(read_image(item, channels, max_pixels=self.max_pixels))
-                except UserError:
-                    if self.on_bad_image != "skip":
-                        raise
-                    return (i, str(item))
-            if isinstance(item, Image.Image):
-                return tf(to_mode(item, channels))
-            return tf(tensor_channels(item, channels))
-
-        n, skipped = len(items), 0
-        bar = Progress((n + self.batch_size - 1) // self.batch_size, desc) if progress else None
-        pending: list[tuple[int, str]] = []
-        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-            for start in range(0, n, self.batch_size):
-                index = range(start, min(n, start + self.batch_size))
-                views, kept = [], []
-                for i, v in zip(index, pool.map(one, index)):
-                    if isinstance(v, tuple):
-                        pending.append(v)
-                    else:
-                        views.append(v)
-                        kept.append(i)
-                if views:
-                    x = torch.stack(views).to(device)
-                    sources = [_source(items[i], i) for i in kept]
-                    yield InputBatch(x, kept, sources, pending)
-                    skipped += len(pending)
-                    pending = []
-                if bar is not None:
-                    bar.update(1)
+        n, bs = len(items), self.batch_size
+        bar = Progress(batch_count(n, bs), desc) if progress else None
+        reads = read_batches(
+            items,
+            batches_of(n, bs),
+            self.preprocessing,
+            self.on_bad_image,
+            self.max_pixels,
+            draft=self.draft,
+            workers=self.workers or decode_workers(device),
+            pin=device.type == "cuda",
+        )
+        kept, pending = 0, []
+        for r in reads:
+            pending += r.skipped
+            if r.positions:
+                x = r.x.to(device, non_blocking=True)
+                sources = [_source(items[i], i) for i in r.positions]
+                yield InputBatch(x, r.positions, sources, pending)
+                kept, pending = kept + len(r.positions), []
+            if bar is not None:
+                bar.update(1)
         if bar is not None:
             bar.close()
-        if n and skipped + len(pending) == n:
+        if n and not kept:
             raise UserError(f"none of the {n} images could be read")
         if pending:  # unreadable files after the last readable one
-            size = self.preprocessing.size
+            size, channels = self.preprocessing.size, self.preprocessing.channels
             empty = torch.zeros(0, channels, size, size, device=device)
             yield InputBatch(empty, [], [], pending)
 

@@ -236,7 +236,10 @@ def _decode(
         )
         skipped += bad
         sets[role] = ImageSet(
-            labels=p.labels[kept], names=[p.names[k] for k in kept], images=images
+            labels=p.labels[kept],
+            names=[p.names[k] for k in kept],
+            images=images,
+            sources=[p.sources[k] for k in kept],
         )
     train = sets.pop("train")
     assert train is not None

@@ -20,15 +20,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
 from paws.config import Config, ViewsConfig
+from paws.data.eval_view import Preprocessing, batches_of, decode_workers, read_batches
 from paws.data.images import MAX_IMAGE_PIXELS, ImageSet, read_image
 from paws.data.sources import Datasets
 from paws.data.transforms import (
     BatchViews,
     ShardGenerator,
-    eval_transform,
     multicrop_transform,
     support_transform,
 )
@@ -138,6 +137,10 @@ class _BadFiles:
     def handle(self, error: UserError, path: Path) -> None:
         if not self.skip:
             raise error
+        self.report(path)
+
+    def report(self, path: Path | str) -> None:
+        """Say once that ``path`` is skipped."""
         if path not in self.reported:
             self.reported.add(path)
             if not self.quiet:
@@ -350,24 +353,6 @@ def step_batches(
         yield Batch(step, v, s, wait_v + wait_s, classes)
 
 
-class _EvalFiles(torch.utils.data.Dataset):
-    def __init__(self, images: ImageSet, transform: Callable, loading: Loading):
-        self.images, self.transform, self.channels = images, transform, loading.channels
-        self.max_pixels = loading.max_pixels
-        self.bad = _BadFiles(loading.skip_bad)
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        try:
-            img = read_image(self.images.files[i], self.channels, max_pixels=self.max_pixels)
-        except UserError as e:
-            self.bad.handle(e, self.images.files[i])
-            img = Image.new("L" if self.channels == 1 else "RGB", (8, 8))
-        return self.transform(img), i
-
-
 def eval_batches(
     images: ImageSet,
     views: ViewsConfig,
@@ -376,31 +361,38 @@ def eval_batches(
     batch_size: int = 512,
     batches: Sequence[np.ndarray] | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield ``(x, index)`` batches of evaluation views (resize + centre crop, normalised).
+    """Yield ``(x, index)`` batches of evaluation views (:mod:`paws.data.eval_view`: the rule
+    predictions follow too), decoded a few batches ahead while the network computes.
 
     x: (n, C, S, S) float32 on ``device``, S = ``views.large_size``; index: (n,) positions in
     ``images``. ``batches`` gives the positions of each batch in turn (default: every image in
-    order, ``batch_size`` at a time). An unreadable file on disk stops with its name, or with
+    order, ``batch_size`` at a time). An unreadable file stops with its name, or with
     ``loading.skip_bad`` is reported and read as a blank image.
     """
     if batches is None:
-        bs = batch_size
-        batches = [np.arange(s, min(s + bs, len(images))) for s in range(0, len(images), bs)]
-    if images.in_memory:
-        aug = BatchViews(views, loading.mean, loading.std)
-        for b in batches:
-            index = torch.from_numpy(np.asarray(b, dtype=np.int64))
-            yield aug.eval(images.images[index].to(device)), index
-        return
-    tf = eval_transform(views.large_size, views.eval_crop, loading.mean, loading.std)
-    dataset = _EvalFiles(images, tf, loading)
-    workers = default_workers(loading.workers)
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_sampler=[np.asarray(b).tolist() for b in batches],
-        num_workers=workers,
-        pin_memory=device.type == "cuda",
-        worker_init_fn=_worker_init,
+        batches = [np.asarray(b) for b in batches_of(len(images), batch_size)]
+    batches = [np.asarray(b, dtype=np.int64) for b in batches]
+    prep = Preprocessing(
+        views.large_size, views.eval_crop, loading.mean, loading.std, loading.channels
     )
-    for x, idx in loader:
-        yield x.to(device, non_blocking=True), idx
+    names = images.names if images.files is None else None  # encoded bytes: by their names
+    reads = read_batches(
+        images.eval_items(),
+        [b.tolist() for b in batches],
+        prep,
+        "skip" if loading.skip_bad else "error",
+        loading.max_pixels,
+        names,
+        workers=decode_workers(device),
+        pin=device.type == "cuda",
+    )
+    bad = _BadFiles(loading.skip_bad)
+    for index, r in zip(batches, reads):
+        x = r.x
+        if r.skipped:
+            blank = prep.views([torch.zeros(loading.channels, 1, 1, dtype=torch.uint8)])
+            x = blank.expand(len(index), -1, prep.size, prep.size).clone()
+            x[torch.as_tensor(np.isin(index, r.positions))] = r.x
+            for _, name in r.skipped:
+                bad.report(name)
+        yield x.to(device, non_blocking=True), torch.from_numpy(index)

@@ -401,7 +401,7 @@ def _folder_sets(cfg: Config) -> Datasets:
                 raise UserError("every image of a set was unreadable and skipped")
             out = s.subset(keep)
             out.images = images[torch.tensor([row[f] for f in out.files or []])]
-            out.files = None
+            out.sources, out.files = list(out.files or []), None
             return out
 
         unlabeled, labeled = load(unlabeled), load(labeled)
@@ -496,6 +496,7 @@ def _hf_sets(cfg: Config) -> Datasets:
             labels=np.concatenate([unlabeled.labels, hf.unlabeled.labels]),
             names=unlabeled.names + hf.unlabeled.names,
             images=torch.cat([unlabeled.images, hf.unlabeled.images]),
+            sources=[*(unlabeled.sources or []), *(hf.unlabeled.sources or [])],
         )
     mean, std = normalisation(cfg, "imagenet", hf.channels)
     return Datasets(unlabeled, labeled, hf.test, hf.classes, hf.channels, mean, std, hf.skipped)

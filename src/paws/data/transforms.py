@@ -9,9 +9,12 @@
   process's rows, so an image's views do not depend on the number of processes. The batch
   functions never wait for the device (no data-dependent branches), so on a GPU the next step's
   augmentation is queued while the current step computes.
-- :func:`multicrop_transform` / :func:`support_transform` / :func:`eval_transform` build
-  ``torchvision.transforms.v2`` pipelines applied per image in data-loader workers, for datasets
-  read from disk (ImageNet and large folders).
+- :func:`multicrop_transform` / :func:`support_transform` build ``torchvision.transforms.v2``
+  pipelines applied per image in data-loader workers, for datasets read from disk (ImageNet
+  and large folders).
+
+The evaluation view's resize and crop, :func:`eval_batch`, is the arithmetic of the one rule of
+:mod:`paws.data.eval_view`.
 
 Both follow SimCLR / PAWS: RandomResizedCrop (scale and size from the config), horizontal flip,
 colour jitter of strength s (brightness, contrast, saturation 0.8s, hue 0.2s, applied with
@@ -23,14 +26,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
-import kornia
 import torch
 import torch.nn.functional as F
-from torchvision.transforms import v2
 
 from paws.config import ViewsConfig
 from paws.data.images import to_grey
+
+if TYPE_CHECKING:
+    from torchvision.transforms import v2
 
 __all__ = [
     "BatchViews",
@@ -41,7 +46,6 @@ __all__ = [
     "eval_batch",
     "multicrop_transform",
     "support_transform",
-    "eval_transform",
 ]
 
 
@@ -181,7 +185,7 @@ def color_distort(
             op = ops[i]
             if op == "hue":
                 shift = (factors["hue"] * apply * 2 * math.pi).to(dev, x.dtype)
-                x = _on_rows(x, shift != 0, shift, kornia.enhance.adjust_hue)
+                x = _on_rows(x, shift != 0, shift, _adjust_hue)
                 continue
             f = (1 + (factors[op] - 1) * apply).to(dev, x.dtype).view(n, 1, 1, 1)
             if op == "brightness":
@@ -224,6 +228,18 @@ def _on_rows(
     return torch.where(chosen.view(-1, *[1] * (x.dim() - 1)), fn(x, params), x)
 
 
+def _kornia():
+    """kornia, imported on first use: it takes a second to import, and applying a model never
+    augments."""
+    import kornia
+
+    return kornia
+
+
+def _adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    return _kornia().enhance.adjust_hue(x, shift)
+
+
 def _blur(x: torch.Tensor, prob: float, gen: Random) -> torch.Tensor:
     n = x.shape[0]
     chosen = (_rand(n, gen) < prob).to(x.device)
@@ -233,7 +249,7 @@ def _blur(x: torch.Tensor, prob: float, gen: Random) -> torch.Tensor:
         x,
         chosen,
         sigma,
-        lambda rows, s: kornia.filters.gaussian_blur2d(
+        lambda rows, s: _kornia().filters.gaussian_blur2d(
             rows, (k, k), torch.stack([s, s], dim=1), border_type="reflect"
         ),
     )
@@ -283,10 +299,6 @@ class BatchViews:
         c = self.cfg
         return self.view(x.repeat(num_views, 1, 1, 1), c.large_size, c.large_scale, gen)
 
-    def eval(self, x: torch.Tensor) -> torch.Tensor:
-        """Deterministic evaluation view: resize + centre crop, normalised."""
-        return self._normalise(eval_batch(x, self.cfg.large_size, self.cfg.eval_crop))
-
 
 def eval_resize(size: int, crop_fraction: float) -> int:
     """The shorter side an evaluation view is resized to before its centre ``size`` crop."""
@@ -329,6 +341,8 @@ def _per_image(
     mean: Sequence[float],
     std: Sequence[float],
 ) -> v2.Compose:
+    from torchvision.transforms import v2  # seconds to import: only for images on disk
+
     s = cfg.color_strength
     steps: list[Callable] = [
         v2.ToImage(),
@@ -372,18 +386,3 @@ def support_transform(
     """Per-image transform returning ``num_views`` large views of a support image."""
     large = _per_image(cfg, cfg.large_size, cfg.large_scale, channels, mean, std)
     return lambda img: [large(img) for _ in range(num_views)]
-
-
-def eval_transform(
-    size: int, crop_fraction: float, mean: Sequence[float], std: Sequence[float]
-) -> v2.Compose:
-    """Per-image evaluation transform: resize shorter side to size / crop_fraction, centre crop."""
-    return v2.Compose(
-        [
-            v2.ToImage(),
-            v2.Resize(eval_resize(size, crop_fraction), antialias=True),
-            v2.CenterCrop(size),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(list(mean), list(std)),
-        ]
-    )

@@ -19,14 +19,17 @@ from __future__ import annotations
 import difflib
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
 
 from paws.errors import UserError
 from paws.models import timm_encoders
+
+if TYPE_CHECKING:
+    import torchvision
 
 __all__ = [
     "ENCODERS",
@@ -117,8 +120,13 @@ class _TorchvisionResNet(nn.Module):
         return self.net(x)
 
 
-def _widen_resnet(block: type, layers: Sequence[int], width: int) -> torchvision.models.ResNet:
-    """torchvision ResNet with every stage ``width`` times wider (SimCLR's ResNet-50 (2x))."""
+def _widen_resnet(block_name: str, layers: Sequence[int], width: int) -> torchvision.models.ResNet:
+    """torchvision ResNet with every stage ``width`` times wider (SimCLR's ResNet-50 (2x)).
+    torchvision is imported here, not with the module: it takes seconds to import, and
+    loading a model of another encoder should not pay for it."""
+    import torchvision
+
+    block = getattr(torchvision.models.resnet, block_name)
     net = torchvision.models.ResNet(block, list(layers))
     if width == 1:
         return net
@@ -139,21 +147,21 @@ def _widen_resnet(block: type, layers: Sequence[int], width: int) -> torchvision
 @register_encoder("resnet18")
 def resnet18(in_channels: int = 3, small_images: bool = False, width: int = 1) -> nn.Module:
     """ResNet-18 trunk (512 features times ``width``)."""
-    net = _widen_resnet(torchvision.models.resnet.BasicBlock, (2, 2, 2, 2), width)
+    net = _widen_resnet("BasicBlock", (2, 2, 2, 2), width)
     return _TorchvisionResNet(net, in_channels, small_images)
 
 
 @register_encoder("resnet34")
 def resnet34(in_channels: int = 3, small_images: bool = False, width: int = 1) -> nn.Module:
     """ResNet-34 trunk (512 features times ``width``)."""
-    net = _widen_resnet(torchvision.models.resnet.BasicBlock, (3, 4, 6, 3), width)
+    net = _widen_resnet("BasicBlock", (3, 4, 6, 3), width)
     return _TorchvisionResNet(net, in_channels, small_images)
 
 
 @register_encoder("resnet50")
 def resnet50(in_channels: int = 3, small_images: bool = False, width: int = 1) -> nn.Module:
     """ResNet-50 trunk (2048 features times ``width``; width 2 and 4 as in Table 2)."""
-    net = _widen_resnet(torchvision.models.resnet.Bottleneck, (3, 4, 6, 3), width)
+    net = _widen_resnet("Bottleneck", (3, 4, 6, 3), width)
     return _TorchvisionResNet(net, in_channels, small_images)
 
 
