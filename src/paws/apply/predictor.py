@@ -36,6 +36,7 @@ from paws.apply.graphs import ClassifierProbabilities, SoftNearestNeighbours
 from paws.apply.reading import ImageReader, Preprocessing
 from paws.data.images import Images, scan_labeled_folder
 from paws.errors import UserError
+from paws.method.diffusion import KnownGraph
 from paws.method.known_score import KnownScore
 from paws.method.snn import snn_classify
 from paws.models import Architecture
@@ -64,6 +65,8 @@ class Support:
         classes: class names.
         features: which embedding ``embeddings`` are (``"head"`` or ``"trunk"``).
         known: (M, F) embeddings in the known score's space when it is another one, else None.
+        graph: the diffusion known score's graph of these and the unlabelled images, or None
+            (the score then compares with the labelled embeddings alone).
     """
 
     embeddings: torch.Tensor
@@ -71,6 +74,7 @@ class Support:
     classes: list[str]
     features: str
     known: torch.Tensor | None = None
+    graph: KnownGraph | None = None
 
     def in_space(self, features: str) -> torch.Tensor:
         """The support's embeddings in ``features``.
@@ -206,6 +210,17 @@ class Predictor(ABC):
         none (its predictions then carry no score)."""
         return None
 
+    def known_graph(self) -> KnownGraph | None:
+        """The diffusion known score's graph (:mod:`paws.method.diffusion`), or None when the
+        score compares with the labelled embeddings alone."""
+        return None
+
+    def _known(self, queries: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+        graph = self.known_graph()
+        if graph is not None:
+            return graph.query(queries)
+        return self.known_score.scores(queries, reference, self.chunk_size)
+
     @abstractmethod
     def export_parts(self, progress: bool = False) -> Export:
         """The model as the parts of an export folder (:mod:`paws.apply.export`)."""
@@ -313,7 +328,7 @@ class Predictor(ABC):
         if reference is None:
             return [Prediction(t, source=s) for t, s in zip(top, e.sources)]
         queries = e.features[self.known_score.features]
-        scores = self.known_score.scores(queries, reference, self.chunk_size).tolist()
+        scores = self._known(queries, reference).tolist()
         threshold = self.unknown_threshold
         return [
             Prediction(t, float(sc), bool(sc < threshold), s)
@@ -338,6 +353,9 @@ class Predictor(ABC):
         reference = self.known_reference()
         if reference is None:
             return None
+        graph = self.known_graph()
+        if graph is not None:
+            return graph.threshold
         if self._threshold is None or self._threshold[0] != id(reference):
             t = self.known_score.threshold(reference, self.chunk_size)
             self._threshold = (id(reference), t)
@@ -354,7 +372,7 @@ class Predictor(ABC):
         if reference is None:
             raise UserError(f"this {self.kind} model has no labelled embeddings for a known score")
         queries = self.embed(images, self.known_score.features, progress)
-        return self.known_score.scores(queries, reference, self.chunk_size)
+        return self._known(queries, reference)
 
     def export(self, out_dir: str | Path, progress: bool = False) -> Path:
         """Write this model as a self-contained export folder (:mod:`paws.apply.export`)."""
@@ -377,6 +395,7 @@ class Predictor(ABC):
 
 
 SupportSource = Callable[["SoftNearestNeighbourPredictor", bool], Support]
+UnlabeledSource = Callable[["SoftNearestNeighbourPredictor", bool], torch.Tensor]
 
 
 class SoftNearestNeighbourPredictor(Predictor):
@@ -388,6 +407,10 @@ class SoftNearestNeighbourPredictor(Predictor):
         tau: soft nearest-neighbour temperature.
         support: the support set, or None to build it on first use with ``support_source``.
         support_source: ``fn(predictor, progress) -> Support``, the default support.
+        unlabeled_source: ``fn(predictor, progress) -> (U, F)`` unlabelled embeddings in the
+            known score's space, from which the diffusion score's graph is built for a support
+            (the run's unlabelled images; an export's graph); None: the known score compares
+            with the support alone.
     """
 
     def __init__(
@@ -397,12 +420,15 @@ class SoftNearestNeighbourPredictor(Predictor):
         tau: float = 0.1,
         support: Support | None = None,
         support_source: SupportSource | None = None,
+        unlabeled_source: UnlabeledSource | None = None,
         **kwargs: Any,
     ):
         super().__init__(*args, **kwargs)
         _check_features([features])
         self.features, self.tau = features, tau
         self._support, self._support_source = support, support_source
+        self._unlabeled_source = unlabeled_source
+        self._unlabeled: torch.Tensor | None = None
 
     @property
     def support(self) -> Support:
@@ -414,7 +440,23 @@ class SoftNearestNeighbourPredictor(Predictor):
 
     def ready(self, progress: bool = False) -> None:
         if self._support is None and self._support_source is not None:
-            self._support = self._support_source(self, progress)
+            self._support = self._with_graph(self._support_source(self, progress), progress)
+
+    def _with_graph(self, support: Support, progress: bool) -> Support:
+        """``support`` with the diffusion score's graph, where the score uses one and there are
+        unlabelled embeddings to build it from."""
+        if not self.known_score.uses_graph or self._unlabeled_source is None:
+            return support
+        if self._unlabeled is None:
+            self._unlabeled = self._unlabeled_source(self, progress)
+        if not len(self._unlabeled) or not len(support.labels):
+            return support
+        known = support.in_space(self.known_score.features)
+        support.graph = self.known_score.graph(known, support.labels, self._unlabeled)
+        return support
+
+    def known_graph(self) -> KnownGraph | None:
+        return self.support.graph if self.known_score.uses_graph else None
 
     def load_support(self, progress: bool = False) -> Support:
         """Build the default support now (with a progress display) and return it."""
@@ -476,7 +518,8 @@ class SoftNearestNeighbourPredictor(Predictor):
         known = None
         if self.known_score.features != self.features:
             known = e.features[self.known_score.features]
-        self._support = Support(e.features[self.features], y, names, self.features, known)
+        support = Support(e.features[self.features], y, names, self.features, known)
+        self._support = self._with_graph(support, progress)
         return self._support
 
     def export_parts(self, progress: bool = False) -> Export:
@@ -494,6 +537,10 @@ class SoftNearestNeighbourPredictor(Predictor):
         parts.support = {"embeddings": support.embeddings, "labels": support.labels}
         if support.known is not None:
             parts.support["known"] = support.known
+        if support.graph is not None:  # the graph's scores travel whole: the same decisions
+            g = support.graph
+            parts.support.update(graph_nodes=g.nodes, graph_scores=g.scores)
+            parts.classify["known"].update(threshold=g.threshold, graph_labeled=g.num_labeled)
         return parts
 
     def graph(self, net: nn.Module | None = None) -> nn.Module:
