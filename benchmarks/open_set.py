@@ -27,7 +27,6 @@ from paws.cli import quiet_idle_threads
 quiet_idle_threads()
 
 import argparse
-import dataclasses
 import json
 import statistics
 import sys
@@ -170,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
             for key in ("auroc", "fpr_at_95_tpr", "known_flagged", "unknown_flagged"):
                 v = [r[kind][key] for r in rows]
                 sd = statistics.stdev(v) if len(v) > 1 else 0.0
-                cells.append(f"{key} " + " ".join(f"{x:.3f}" for x in v) + f" ({np.mean(v):.3f} ± {sd:.3f})")
+                each = " ".join(f"{x:.3f}" for x in v)
+                cells.append(f"{key} {each} ({np.mean(v):.3f} ± {sd:.3f})")
             print(f"{setting:8s} {kind:10s} " + " | ".join(cells), flush=True)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     return 0
