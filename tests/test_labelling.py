@@ -69,9 +69,14 @@ def test_suggest_writes_the_csv_and_a_contact_sheet_and_round_trips_into_trainin
     assert list(rows[0]) == ["path", "label", "suggested_label", "confidence", "reason"]
     assert len(rows) == 7 and all(r["label"] == "" for r in rows)
     classes = {f"class{c}" for c in range(4)}  # the run's labelled classes
-    assert all(r["suggested_label"] in classes for r in rows)
-    assert all(0 < float(r["confidence"]) <= 1 for r in rows)
-    assert all(r["reason"] == "coverage" for r in rows)  # the default strategy
+    # A labelled class with PAWS-NN's confidence, or a group of images of no labelled class
+    # (classes 4 and 5 of the unlabelled folder are nobody's).
+    known = [r for r in rows if r["suggested_label"] in classes]
+    new = [r for r in rows if r["suggested_label"].startswith("new:")]
+    assert len(known) + len(new) == 7
+    assert all(0 < float(r["confidence"]) <= 1 for r in known)
+    assert all(r["reason"] == "coverage" for r in known)  # the default strategy
+    assert all(r["confidence"] == "" and r["reason"].endswith("; coverage") for r in new)
     files = [(tmp_path / r["path"]).resolve() for r in rows]
     labelled = {f.resolve() for f in paths["labeled"].rglob("*.png")}
     assert all(f.is_file() and f not in labelled for f in files)
@@ -455,3 +460,28 @@ def test_many_embeddings_are_written_to_a_float16_file_chunk_by_chunk(pool, tmp_
     assert on_disk.path.parent == tmp_path and len(on_disk) == 24 and on_disk.dim == 144
     torch.testing.assert_close(on_disk.rows(0, 24), in_memory.x, atol=1e-3, rtol=0)
     assert torch.allclose(in_memory.x.norm(dim=1), torch.ones(24))
+
+
+def test_candidates_of_no_labelled_class_are_grouped_as_new_classes():
+    from paws.labelling.new_classes import new_class_groups
+    from paws.labelling.strategies import TensorSource
+    from paws.method.known_score import KnownScore
+
+    g = torch.Generator().manual_seed(0)
+    centres = torch.eye(16)[:4] * 10  # classes 0 and 1 labelled; 2 and 3 nobody's
+    labelled = torch.cat([centres[c] + torch.randn(5, 16, generator=g) for c in (0, 1)])
+    labels = torch.tensor([0] * 5 + [1] * 5)
+    sizes = (60, 60, 40, 20)  # the larger unlabelled class is new:1
+    truth = torch.cat([torch.full((n,), c) for c, n in enumerate(sizes)])
+    pool = torch.cat([centres[c] + torch.randn(n, 16, generator=g) for c, n in enumerate(sizes)])
+    exclude = np.zeros(len(pool), dtype=bool)
+    exclude[-1] = True  # labelled already: never new
+    for kind in ("diffusion", "soft"):
+        known = KnownScore(kind=kind, neighbours=5)
+        new = new_class_groups(TensorSource(pool), labelled, labels, known, 2, exclude)
+        group = torch.from_numpy(new.group)
+        assert (group[truth < 2] == 0).float().mean() > 0.9  # known classes stay known
+        assert (group[truth == 2] == 1).all() and (group[:-1][truth[:-1] == 3] == 2).all()
+        assert group[-1] == 0 and set(new.sizes) == {1, 2}
+        assert all(new.sizes[k] == int((group == k).sum()) for k in (1, 2))
+        assert (new.scores[new.group > 0] < new.threshold).all()
