@@ -246,12 +246,17 @@ MANIFEST_VALID = {
     "classify.chunk_size": {"int"},
     "classify.known": {"none"},
     "classify.known.tau": {"int", "float"},
+    "classify.known.alpha": {"int", "float"},
+    "classify.known.threshold": {"int", "float"},
+    "classify.known.neighbours": {"int"},
+    "classify.known.nodes": {"int"},
 }
 # Entries an old export may lack (they take defaults); any other removed must be refused.
 MANIFEST_OPTIONAL = {"kind", "batch_size", "version", "classify.tau", "classify.chunk_size"}
 MANIFEST_OPTIONAL |= {"classify.known", "classify.features", "classify.support"}
 MANIFEST_OPTIONAL |= {"classify.num_support"} | {f"classify.known.{k}" for k in ("kind", "tau")}
 MANIFEST_OPTIONAL |= {"classify.known.features", "classify.known.quantile"}
+MANIFEST_OPTIONAL |= {f"classify.known.{k}" for k in ("neighbours", "nodes", "alpha")}
 
 
 def _entries(m: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, list[str]]]:

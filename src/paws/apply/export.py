@@ -284,8 +284,9 @@ def check_support(support: dict[str, torch.Tensor], path: Path, num_classes: int
     nodes, scores = support.get("graph_nodes"), support.get("graph_scores")
     if (nodes is None) != (scores is None):
         raise UserError(f"{path} holds half of the known score's graph; export the model again")
-    if nodes is not None and (nodes.dim() != 2 or len(nodes) < len(emb)):
-        raise _damaged(path, "graph_nodes", f"a (G >= {len(emb)}, F) tensor", _shape(nodes))
+    width = (known if known is not None else emb).shape[1]
+    if nodes is not None and (nodes.dim() != 2 or len(nodes) < len(emb) or nodes.shape[1] != width):
+        raise _damaged(path, "graph_nodes", f"a (G >= {len(emb)}, {width}) tensor", _shape(nodes))
     if nodes is not None and (scores.dim() != 1 or len(scores) != len(nodes)):
         raise _damaged(path, "graph_scores", f"({len(nodes)},) scores", _shape(scores))
     checked = (("embeddings", emb), ("known", known), ("graph_nodes", nodes))
@@ -327,4 +328,16 @@ def read_export(folder: str | Path) -> Export:
             raise _damaged(
                 folder / MANIFEST, "classify.num_support", f"{len(export.support['labels'])}", n
             )
+        _check_graph(folder / MANIFEST, classify.get("known") or {}, export.support)
     return export
+
+
+def _check_graph(path: Path, known: dict[str, Any], support: dict[str, torch.Tensor]) -> None:
+    """The known score's graph and its entries in the manifest come together."""
+    if "graph_nodes" not in support:
+        return
+    if "threshold" not in known:
+        raise _damaged(path, "classify.known.threshold", "the graph's threshold", None)
+    m = len(support["labels"])
+    if known.get("graph_labeled") != m:
+        raise _damaged(path, "classify.known.graph_labeled", f"{m}", known.get("graph_labeled"))
