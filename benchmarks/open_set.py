@@ -39,6 +39,8 @@ from paws import progress, runtime
 from paws.apply.embedding import embed_images
 from paws.config import load_config
 from paws.data import Datasets, ImageSet, Loading
+from paws.labelling.new_classes import new_class_groups
+from paws.labelling.strategies import TensorSource, kmeans_select, unit_rows
 from paws.method.diffusion import build_known_graph
 from paws.method.known_score import KnownScore, detection_metrics
 from paws.pretrain.train import train
@@ -98,8 +100,16 @@ def fashion(cfg, seed: int) -> tuple[Datasets, ImageSet]:
     return data, unknown
 
 
-def measure(run_dir: Path, data: Datasets, unknown: ImageSet, max_nodes: int, seed: int) -> dict:
-    """Every known score of one run on the same trunk embeddings."""
+def measure(
+    run_dir: Path,
+    data: Datasets,
+    unknown: ImageSet,
+    max_nodes: int,
+    seed: int,
+    truth: np.ndarray | None = None,
+) -> dict:
+    """Every known score of one run on the same trunk embeddings; with the unlabelled images'
+    ``truth``, also what ``paws suggest`` tags as new (:func:`tagging`)."""
     cfg, model, _ = restore_model(run_dir)
     device = torch.device("cpu")
     loading = Loading.of(cfg, data)
@@ -108,9 +118,10 @@ def measure(run_dir: Path, data: Datasets, unknown: ImageSet, max_nodes: int, se
         return embed_images(model, images, cfg, loading, device, "trunk").cpu()
 
     rng = np.random.default_rng([seed, 5])
-    pool = data.unlabeled
-    if len(pool) > max_nodes:
-        pool = pool.subset(np.sort(rng.choice(len(pool), max_nodes, replace=False)))
+    pool_index = np.arange(len(data.unlabeled))
+    if len(pool_index) > max_nodes:
+        pool_index = np.sort(rng.choice(len(pool_index), max_nodes, replace=False))
+    pool = data.unlabeled.subset(pool_index)
     lab, unl = embed(data.labeled), embed(pool)
     known, other = embed(data.test), embed(unknown)
     labels = torch.from_numpy(np.asarray(data.labeled.labels, np.int64))
@@ -121,7 +132,24 @@ def measure(run_dir: Path, data: Datasets, unknown: ImageSet, max_nodes: int, se
         out[kind] = _figures(sk, so, ks.threshold(lab))
     g = build_known_graph(lab, labels, unl)
     out["diffusion"] = _figures(g.query(known).numpy(), g.query(other).numpy(), g.threshold)
+    if truth is not None:
+        out["suggest"] = tagging(unl, lab, labels, truth[pool_index])
     return out
+
+
+def tagging(pool: torch.Tensor, lab: torch.Tensor, labels: torch.Tensor, truth: np.ndarray) -> dict:
+    """What ``paws suggest -n 20`` (coverage in the trunk's embedding) proposes as ``new:<k>``:
+    the picks of classes nobody labelled (``truth`` >= 6) and of labelled ones tagged new."""
+    source = TensorSource(unit_rows(pool))
+    picks = kmeans_select(source, 20, unit_rows(lab), seed=0)
+    new = new_class_groups(source, lab, labels, KnownScore(), len(KNOWN))
+    unseen, tagged = truth[picks] >= len(KNOWN), new.group[picks] > 0
+    return {
+        "unknown_picks": int(unseen.sum()),
+        "unknown_classes": len(set(truth[picks][unseen].tolist())),
+        "unknown_tagged": int((unseen & tagged).sum()),
+        "known_tagged": int((~unseen & tagged).sum()),
+    }
 
 
 def _figures(known: np.ndarray, other: np.ndarray, threshold: float) -> dict:
@@ -145,7 +173,17 @@ def run_seed(setting: str, seed: int, args: argparse.Namespace) -> dict:
         data, unknown = digits(seed)
         if not (run_dir / "choice.json").is_file():
             train(cfg, run_dir, data=data, device=torch.device("cpu"))
+        truth = _digit_truth(data.unlabeled)
+        return measure(run_dir, data, unknown, args.max_nodes, seed, truth)
     return measure(run_dir, data, unknown, args.max_nodes, seed)
+
+
+def _digit_truth(images: ImageSet) -> np.ndarray:
+    """The digit of each of the digits setting's images (named ``digit<index>``)."""
+    from sklearn.datasets import load_digits
+
+    target = load_digits().target
+    return np.array([target[int(name[len("digit") :])] for name in images.names])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -172,6 +210,9 @@ def main(argv: list[str] | None = None) -> int:
                 each = " ".join(f"{x:.3f}" for x in v)
                 cells.append(f"{key} {each} ({np.mean(v):.3f} ± {sd:.3f})")
             print(f"{setting:8s} {kind:10s} " + " | ".join(cells), flush=True)
+        for r in rows:
+            if "suggest" in r:
+                print(f"{setting:8s} paws suggest -n 20: {r['suggest']}", flush=True)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     return 0
 
