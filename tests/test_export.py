@@ -86,6 +86,10 @@ MANIFEST_VALID = {
     "classify.chunk_size": {"int"},
     "classify.known": {"none"},
     "classify.known.tau": {"int", "float"},
+    "classify.known.alpha": {"int", "float"},
+    "classify.known.threshold": {"int", "float"},
+    "classify.known.neighbours": {"int"},
+    "classify.known.nodes": {"int"},
 }
 
 
@@ -100,6 +104,7 @@ MANIFEST_OPTIONAL |= {"classify.num_support"} | {f"classify.known.{k}" for k in 
 
 
 MANIFEST_OPTIONAL |= {"classify.known.features", "classify.known.quantile"}
+MANIFEST_OPTIONAL |= {f"classify.known.{k}" for k in ("neighbours", "nodes", "alpha")}
 MANIFEST_OPTIONAL |= {"sha256"}  # exports written before checksums were recorded
 MANIFEST_VALID["sha256"] = {"none"}
 

@@ -49,9 +49,14 @@ def test_suggest_writes_the_csv_and_a_contact_sheet_and_round_trips_into_trainin
     assert list(rows[0]) == ["path", "label", "suggested_label", "confidence", "reason"]
     assert len(rows) == 7 and all(r["label"] == "" for r in rows)
     classes = {f"class{c}" for c in range(4)}  # the run's labelled classes
-    assert all(r["suggested_label"] in classes for r in rows)
-    assert all(0 < float(r["confidence"]) <= 1 for r in rows)
-    assert all(r["reason"] == "coverage" for r in rows)  # the default strategy
+    # A labelled class with PAWS-NN's confidence, or a group of images of no labelled class
+    # (classes 4 and 5 of the unlabelled folder are nobody's).
+    known = [r for r in rows if r["suggested_label"] in classes]
+    new = [r for r in rows if r["suggested_label"].startswith("new:")]
+    assert len(known) + len(new) == 7
+    assert all(0 < float(r["confidence"]) <= 1 for r in known)
+    assert all(r["reason"] == "coverage" for r in known)  # the default strategy
+    assert all(r["confidence"] == "" and r["reason"].endswith("; coverage") for r in new)
     files = [(tmp_path / r["path"]).resolve() for r in rows]
     labelled = {f.resolve() for f in paths["labeled"].rglob("*.png")}
     assert all(f.is_file() and f not in labelled for f in files)
@@ -188,3 +193,28 @@ def test_asking_for_more_than_are_left_gives_every_one_without_a_search(strategy
     assert sorted(rows.tolist()) == np.flatnonzero(~exclude).tolist()
     assert (np.diff(margin[rows]) >= 0).all()  # the least sure first
     assert set(reasons) == {"every candidate not labelled yet"}
+
+
+def test_candidates_of_no_labelled_class_are_grouped_as_new_classes():
+    from paws.labelling.new_classes import new_class_groups
+    from paws.labelling.strategies import TensorSource
+    from paws.method.known_score import KnownScore
+
+    g = torch.Generator().manual_seed(0)
+    centres = torch.eye(16)[:4] * 10  # classes 0 and 1 labelled; 2 and 3 nobody's
+    labelled = torch.cat([centres[c] + torch.randn(5, 16, generator=g) for c in (0, 1)])
+    labels = torch.tensor([0] * 5 + [1] * 5)
+    sizes = (60, 60, 40, 20)  # the larger unlabelled class is new:1
+    truth = torch.cat([torch.full((n,), c) for c, n in enumerate(sizes)])
+    pool = torch.cat([centres[c] + torch.randn(n, 16, generator=g) for c, n in enumerate(sizes)])
+    exclude = np.zeros(len(pool), dtype=bool)
+    exclude[-1] = True  # labelled already: never new
+    for kind in ("diffusion", "soft"):
+        known = KnownScore(kind=kind, neighbours=5)
+        new = new_class_groups(TensorSource(pool), labelled, labels, known, 2, exclude)
+        group = torch.from_numpy(new.group)
+        assert (group[truth < 2] == 0).float().mean() > 0.9  # known classes stay known
+        assert (group[truth == 2] == 1).all() and (group[:-1][truth[:-1] == 3] == 2).all()
+        assert group[-1] == 0 and set(new.sizes) == {1, 2}
+        assert all(new.sizes[k] == int((group == k).sum()) for k in (1, 2))
+        assert (new.scores[new.group > 0] < new.threshold).all()

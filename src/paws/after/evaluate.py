@@ -142,9 +142,17 @@ def unknown_detection(
     known = embed_images(model, data.test, *args, progress=progress, desc="embed test images")
     other = embed_images(model, unknown, *args, progress=progress, desc="embed unknown images")
     chunk = cfg.eval.chunk_size
-    s_known = known_score.scores(known, sup, chunk).numpy()
-    s_other = known_score.scores(other, sup, chunk).numpy()
-    threshold = known_score.threshold(sup, chunk)
+    if known_score.uses_graph and len(data.unlabeled):
+        pool = data.unlabeled.subset(known_score.graph_pool(len(data.unlabeled)))
+        unl = embed_images(model, pool, *args, progress=progress, desc="embed unlabelled images")
+        labels = torch.from_numpy(np.asarray(data.labeled.labels, dtype=np.int64))
+        graph = known_score.graph(sup.cpu(), labels, unl.cpu())
+        s_known, s_other = graph.query(known).numpy(), graph.query(other).numpy()
+        threshold = graph.threshold
+    else:
+        s_known = known_score.scores(known, sup, chunk).numpy()
+        s_other = known_score.scores(other, sup, chunk).numpy()
+        threshold = known_score.threshold(sup, chunk)
     return {
         **detection_metrics(s_known, s_other),
         "threshold": threshold,

@@ -61,8 +61,10 @@ class Export:
         classify: ``{"method": "linear"}``, or ``{"method": "snn", "features", "tau",
             "chunk_size"}`` for soft nearest neighbours against ``support``.
         weights: the network's state dict.
-        support: ``{"embeddings": (M, D) float32, "labels": (M,) int64}`` for ``"snn"``, and
-            ``"known"`` (M, F): the embeddings of the known score when in another space.
+        support: ``{"embeddings": (M, D) float32, "labels": (M,) int64}`` for ``"snn"``,
+            ``"known"`` (M, F): the embeddings of the known score when in another space, and
+            the diffusion known score's graph: ``"graph_nodes"`` (G, F) and
+            ``"graph_scores"`` (G,) (its threshold is ``classify["known"]["threshold"]``).
         batch_size: images per forward pass.
     """
 
@@ -106,8 +108,9 @@ def write_export(export: Export, out_dir: str | Path) -> Path:
             "embeddings": export.support["embeddings"].float().contiguous(),
             "labels": export.support["labels"].long().contiguous(),
         }
-        if export.support.get("known") is not None:
-            support["known"] = export.support["known"].float().contiguous()
+        for key in ("known", "graph_nodes", "graph_scores"):
+            if export.support.get(key) is not None:
+                support[key] = export.support[key].float().contiguous()
         sums[_SUPPORT] = _write_summed(out / _SUPPORT, save(support, metadata={"format": FORMAT}))
         classify.update(support=_SUPPORT, num_support=len(support["labels"]))
     manifest: dict[str, Any] = {
@@ -193,10 +196,15 @@ _CLASSIFY = (
     ("num_support", lambda v: _is_int(v, 1, 2**40), "a whole number >= 1"),
 )
 _KNOWN = (
-    ("kind", lambda v: v in ("soft", "nearest"), "'soft' or 'nearest'"),
+    ("kind", lambda v: v in ("diffusion", "soft", "nearest"), "'diffusion', 'soft' or 'nearest'"),
     ("features", lambda v: v in ("head", "trunk"), "'head' or 'trunk'"),
     ("tau", lambda v: _is_number(v, 1e-4, 10.0), "a number in [0.0001, 10]"),
     ("quantile", lambda v: _is_number(v, 0.0, 1.0), "a number in [0, 1]"),
+    ("neighbours", lambda v: _is_int(v, 1, 1000), "a whole number in [1, 1000]"),
+    ("nodes", lambda v: _is_int(v, 1, 10_000_000), "a whole number in [1, 10000000]"),
+    ("alpha", lambda v: _is_number(v, 0.0, 1.0), "a number in [0, 1]"),
+    ("threshold", lambda v: _is_number(v, float("-inf"), float("inf")), "a number"),
+    ("graph_labeled", lambda v: _is_int(v, 1, 2**40), "a whole number >= 1"),
 )
 
 
@@ -262,7 +270,8 @@ def check_manifest(m: Any, path: Path) -> None:
     _check_entries(path, known or {}, "classify.known.", _KNOWN)
     unknown = sorted(set(known or {}) - {k for k, _, _ in _KNOWN})
     if unknown:
-        raise _damaged(path, "classify.known", "kind, features, tau and quantile", unknown)
+        names = ", ".join(k for k, _, _ in _KNOWN)
+        raise _damaged(path, "classify.known", f"among {names}", unknown)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -311,8 +320,17 @@ def check_support(support: dict[str, torch.Tensor], path: Path, num_classes: int
         known.dim() != 2 or len(known) != len(emb) or not known.is_floating_point()
     ):
         raise _damaged(path, "known", f"a ({len(emb)}, F) float tensor", _shape(known))
-    for key, t in (("embeddings", emb), ("known", known)):
-        if t is not None and not bool(torch.isfinite(t).all()):
+    nodes, scores = support.get("graph_nodes"), support.get("graph_scores")
+    if (nodes is None) != (scores is None):
+        raise UserError(f"{path} holds half of the known score's graph; export the model again")
+    width = (known if known is not None else emb).shape[1]
+    if nodes is not None and (nodes.dim() != 2 or len(nodes) < len(emb) or nodes.shape[1] != width):
+        raise _damaged(path, "graph_nodes", f"a (G >= {len(emb)}, {width}) tensor", _shape(nodes))
+    if nodes is not None and (scores.dim() != 1 or len(scores) != len(nodes)):
+        raise _damaged(path, "graph_scores", f"({len(nodes)},) scores", _shape(scores))
+    checked = (("embeddings", emb), ("known", known), ("graph_nodes", nodes))
+    for key, t in (*checked, ("graph_scores", scores)):
+        if t is not None and not (t.is_floating_point() and bool(torch.isfinite(t).all())):
             raise UserError(f"{path}: its '{key}' hold NaN or infinite values; export again")
 
 
@@ -350,4 +368,16 @@ def read_export(folder: str | Path) -> Export:
             raise _damaged(
                 folder / MANIFEST, "classify.num_support", f"{len(export.support['labels'])}", n
             )
+        _check_graph(folder / MANIFEST, classify.get("known") or {}, export.support)
     return export
+
+
+def _check_graph(path: Path, known: dict[str, Any], support: dict[str, torch.Tensor]) -> None:
+    """The known score's graph and its entries in the manifest come together."""
+    if "graph_nodes" not in support:
+        return
+    if "threshold" not in known:
+        raise _damaged(path, "classify.known.threshold", "the graph's threshold", None)
+    m = len(support["labels"])
+    if known.get("graph_labeled") != m:
+        raise _damaged(path, "classify.known.graph_labeled", f"{m}", known.get("graph_labeled"))

@@ -22,12 +22,14 @@ from paws.apply.predictor import (
     SoftNearestNeighbourPredictor,
     Support,
     SupportSource,
+    UnlabeledSource,
 )
 from paws.apply.reading import ImageReader, Preprocessing
 from paws.config import apply_overrides, from_dict
 from paws.data.loaders import Loading
 from paws.data.sources import load_datasets
 from paws.errors import UserError, first_line
+from paws.method.diffusion import KnownGraph
 from paws.method.known_score import KnownScore
 from paws.models import Architecture, build_network, load_weights
 from paws.rundir import checkpoint
@@ -35,40 +37,47 @@ from paws.rundir import checkpoint
 __all__ = ["from_checkpoint", "from_export", "load", "Prediction"]
 
 
-def _run_support(cfg: Any) -> SupportSource:
-    """The default support of a checkpoint: the run's labelled images, embedded exactly as
-    ``paws eval`` embeds them."""
+def _run_sources(cfg: Any) -> tuple[SupportSource, UnlabeledSource]:
+    """The default support of a checkpoint, the run's labelled images, and the unlabelled
+    images of its diffusion known score (at most ``eval.unknown_nodes`` of the run's), each
+    embedded exactly as ``paws eval`` embeds them; the run's data are read once for both."""
+    held: dict[str, Any] = {}
 
-    def build(predictor: Predictor, progress: bool) -> Support:
-        try:
-            data = load_datasets(cfg)
-        except UserError as e:
-            raise UserError(
-                f"cannot rebuild the run's labelled set ({e}); give a support folder "
-                "(--support DIR) or set data paths with --set"
-            ) from e
+    def datasets() -> Any:
+        if "data" not in held:
+            try:
+                held["data"] = load_datasets(cfg)
+            except UserError as e:
+                raise UserError(
+                    f"cannot rebuild the run's labelled set ({e}); give a support folder "
+                    "(--support DIR) or set data paths with --set"
+                ) from e
+        return held["data"]
 
-        def embed(features: str) -> torch.Tensor:
-            loading = Loading.of(cfg, data)
-            return embed_images(
-                predictor.net,
-                data.labeled,
-                cfg,
-                loading,
-                predictor.device,
-                features,
-                progress=progress,
-                desc="embed support",
-            ).cpu()
+    def embed(predictor: Predictor, images: Any, features: str, progress: bool, desc: str):
+        loading = Loading.of(cfg, datasets())
+        return embed_images(
+            predictor.net, images, cfg, loading, predictor.device, features, progress, desc
+        ).cpu()
 
+    def support(predictor: Predictor, progress: bool) -> Support:
+        data = datasets()
         space = predictor.support_features
-        emb = embed(space)
+        emb = embed(predictor, data.labeled, space, progress, "embed support")
         known_features = predictor.known_score.features
-        known = embed(known_features) if known_features != space else None
+        known = None
+        if known_features != space:
+            known = embed(predictor, data.labeled, known_features, progress, "embed support")
         labels = torch.from_numpy(np.asarray(data.labeled.labels, dtype=np.int64))
         return Support(emb, labels, list(data.classes), space, known)
 
-    return build
+    def unlabeled(predictor: Predictor, progress: bool) -> torch.Tensor:
+        pool = datasets().unlabeled
+        pool = pool.subset(predictor.known_score.graph_pool(len(pool)))
+        features = predictor.known_score.features
+        return embed(predictor, pool, features, progress, "embed unlabelled images")
+
+    return support, unlabeled
 
 
 def _reader(preprocessing: Preprocessing, batch_size: int, reading: Any) -> ImageReader:
@@ -97,6 +106,7 @@ def from_checkpoint(
     prep = Preprocessing(cfg.views.large_size, cfg.views.eval_crop, mean, std, int(channels))
     reader = _reader(prep, cfg.eval.batch_size, cfg.data)
     known = KnownScore.from_config(cfg)
+    support, unlabeled = _run_sources(cfg)
     if r.kind in checkpoint.CLASSIFIERS:
         classes = [str(c) for c in state.get("classes") or []]
         return ClassifierPredictor(
@@ -108,7 +118,8 @@ def from_checkpoint(
             known,
             cfg.eval.chunk_size,
             classes=classes,
-            support_source=_run_support(cfg),
+            support_source=support,
+            unlabeled_source=unlabeled,
         )
     return SoftNearestNeighbourPredictor(
         r.net,
@@ -120,7 +131,8 @@ def from_checkpoint(
         cfg.eval.chunk_size,
         features=cfg.eval.features,
         tau=cfg.eval.tau,
-        support_source=_run_support(cfg),
+        support_source=support,
+        unlabeled_source=unlabeled,
     )
 
 
@@ -199,17 +211,34 @@ def from_export(
         None if known is None else known.float(),
     )
     # An export without the known score's embeddings scores in its classifying space.
-    settings = dict(e.classify.get("known") or {"features": features})
+    settings = dict(e.classify.get("known") or {"features": features, "kind": "soft"})
     if known is None:
         settings["features"] = features
-    args = (net, e.kind, arch, reader, device, KnownScore(**settings))
+    threshold = settings.pop("threshold", None)
+    num_labeled = settings.pop("graph_labeled", None)
+    known_score = KnownScore(**settings)
+    unlabeled_source = None
+    if "graph_nodes" in e.support and threshold is not None and num_labeled is not None:
+        support.graph = KnownGraph(
+            e.support["graph_nodes"].float(),
+            e.support["graph_scores"].float(),
+            float(threshold),
+            int(num_labeled),
+            known_score.neighbours,
+        )
+        unlabeled_source = _graph_unlabeled(support.graph)
+    args = (net, e.kind, arch, reader, device, known_score)
     chunk = int(e.classify.get("chunk_size", 8192))
+    kwargs = dict(support=support, unlabeled_source=unlabeled_source)
     if linear:
-        return ClassifierPredictor(*args, chunk, classes=e.classes, support=support)
+        return ClassifierPredictor(*args, chunk, classes=e.classes, **kwargs)
     tau = float(e.classify.get("tau", 0.1))
-    return SoftNearestNeighbourPredictor(
-        *args, chunk, features=support.features, tau=tau, support=support
-    )
+    return SoftNearestNeighbourPredictor(*args, chunk, features=support.features, tau=tau, **kwargs)
+
+
+def _graph_unlabeled(graph: KnownGraph) -> UnlabeledSource:
+    """An export's unlabelled graph nodes, for a graph of another support."""
+    return lambda predictor, progress: graph.unlabeled
 
 
 def load(

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +33,10 @@ import torch.nn as nn
 from paws.apply.export import Export, write_export
 from paws.apply.graphs import ClassifierProbabilities, SoftNearestNeighbours
 from paws.apply.reading import ImageReader, Preprocessing
+from paws.apply.records import Embedded, Prediction, Support
 from paws.data.images import Images, scan_labeled_folder
 from paws.errors import UserError
+from paws.method.diffusion import KnownGraph
 from paws.method.known_score import KnownScore
 from paws.method.snn import snn_classify
 from paws.models import Architecture
@@ -54,85 +55,10 @@ __all__ = [
 FEATURES = ("head", "trunk")
 
 
-@dataclass
-class Support:
-    """Labelled embeddings: what a soft nearest-neighbour model classifies against, and what
-    the known score of any model compares with.
-
-    Attributes:
-        embeddings: (M, D) float32 in the ``features`` space.
-        labels: (M,) int64 positions in ``classes``.
-        classes: class names.
-        features: which embedding ``embeddings`` are (``"head"`` or ``"trunk"``).
-        known: (M, F) embeddings in the known score's space when it is another one, else None.
-    """
-
-    embeddings: torch.Tensor
-    labels: torch.Tensor
-    classes: list[str]
-    features: str
-    known: torch.Tensor | None = None
-
-    def in_space(self, features: str) -> torch.Tensor:
-        """The support's embeddings in ``features``.
-
-        Raises:
-            UserError: the support was embedded in another space only.
-        """
-        if features == self.features:
-            return self.embeddings
-        if self.known is not None:
-            return self.known
-        raise UserError(
-            f"this support has no {features} embeddings for the known score; set "
-            f"eval.unknown_features: {self.features}"
-        )
-
-
 # fn(predictor, progress) -> its default support (a run's labelled images, embedded by it).
 SupportSource = Callable[["Predictor", bool], Support]
-
-
-@dataclass
-class Prediction:
-    """What a model says of one image.
-
-    Attributes:
-        top: the most probable classes with their probabilities, most probable first.
-        score: the known score (:mod:`paws.method.known_score`: similarity to the nearest
-            labelled images), or None for a model that has no labelled embeddings.
-        unknown: the score is below the threshold calibrated on the labelled images: the image
-            is likely of none of the support classes.
-        source: the image's file (as a string), or its position among in-memory images.
-    """
-
-    top: list[tuple[str, float]]
-    score: float | None = None
-    unknown: bool = False
-    source: str | int | None = None
-
-    @property
-    def label(self) -> str:
-        """The answer: the most probable class, or ``"unknown"``."""
-        return "unknown" if self.unknown else self.top[0][0]
-
-
-@dataclass
-class Embedded:
-    """The embeddings of the readable images among some inputs.
-
-    Attributes:
-        features: embedding name (``"head"``, ``"trunk"``) -> (N, D) float32 on the CPU.
-        positions: the input position of each row.
-        sources: each row's file, or its position for an in-memory image.
-        skipped: ``(position, name)`` of the unreadable files left out
-            (``data.on_bad_image: skip``).
-    """
-
-    features: dict[str, torch.Tensor]
-    positions: list[int] = field(default_factory=list)
-    sources: list[str | int] = field(default_factory=list)
-    skipped: list[tuple[int, str]] = field(default_factory=list)
+# fn(predictor, progress) -> (U, F) unlabelled embeddings in the known score's space.
+UnlabeledSource = Callable[["Predictor", bool], torch.Tensor]
 
 
 def _check_features(features: Sequence[str]) -> None:
@@ -162,6 +88,10 @@ class Predictor(ABC):
             classifies against, and what the known score of any model compares with; or None
             to build them on first use with ``support_source``.
         support_source: ``fn(predictor, progress) -> Support``, the default support.
+        unlabeled_source: ``fn(predictor, progress) -> (U, F)`` unlabelled embeddings in the
+            known score's space, from which the diffusion score's graph is built for a support
+            (the run's unlabelled images); None: the known score compares with the support
+            alone.
     """
 
     def __init__(
@@ -175,6 +105,7 @@ class Predictor(ABC):
         chunk_size: int = 8192,
         support: Support | None = None,
         support_source: SupportSource | None = None,
+        unlabeled_source: UnlabeledSource | None = None,
     ):
         self.device = device_for(device, "device")
         self.net = net.to(self.device).eval()
@@ -185,6 +116,8 @@ class Predictor(ABC):
         self.chunk_size = chunk_size
         self._threshold: tuple[int, float] | None = None  # (id of its reference, threshold)
         self._support, self._support_source = support, support_source
+        self._unlabeled_source = unlabeled_source
+        self._unlabeled: torch.Tensor | None = None
 
     @property
     def preprocessing(self) -> Preprocessing:
@@ -226,6 +159,20 @@ class Predictor(ABC):
             return None
         return self._support.in_space(self.known_score.features)
 
+    def known_graph(self) -> KnownGraph | None:
+        """The diffusion known score's graph (:mod:`paws.method.diffusion`), or None when the
+        score compares with the labelled embeddings alone."""
+        self.ready()
+        if self._support is None or not self.known_score.uses_graph:
+            return None
+        return self._support.graph
+
+    def _known(self, queries: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+        graph = self.known_graph()
+        if graph is not None:
+            return graph.query(queries)
+        return self.known_score.scores(queries, reference, self.chunk_size)
+
     @abstractmethod
     def export_parts(self, progress: bool = False) -> Export:
         """The model as the parts of an export folder (:mod:`paws.apply.export`)."""
@@ -248,14 +195,32 @@ class Predictor(ABC):
     def ready(self, progress: bool = False) -> None:
         """Build what is built on first use (a run's support set) now, with progress shown."""
         if self._support is None and self._support_source is not None:
-            self._support = self._support_source(self, progress)
+            self._support = self._with_graph(self._support_source(self, progress), progress)
+
+    def _with_graph(self, support: Support, progress: bool) -> Support:
+        """``support`` with the diffusion score's graph, where the score uses one and there are
+        unlabelled embeddings to build it from."""
+        if not self.known_score.uses_graph or self._unlabeled_source is None:
+            return support
+        if self._unlabeled is None:
+            self._unlabeled = self._unlabeled_source(self, progress)
+        if not len(self._unlabeled) or not len(support.labels):
+            return support
+        known = support.in_space(self.known_score.features)
+        support.graph = self.known_score.graph(known, support.labels, self._unlabeled)
+        return support
 
     def _support_parts(self, parts: Export, support: Support) -> Export:
-        """``parts`` with the support's tensors and the known score's settings."""
+        """``parts`` with the support's tensors, the known score's settings and its graph (whose
+        scores travel whole, so that the export makes the same decisions)."""
         parts.support = {"embeddings": support.embeddings, "labels": support.labels}
         if support.known is not None:
             parts.support["known"] = support.known
         parts.classify["known"] = self.known_score.to_dict()
+        if support.graph is not None:
+            g = support.graph
+            parts.support.update(graph_nodes=g.nodes, graph_scores=g.scores)
+            parts.classify["known"].update(threshold=g.threshold, graph_labeled=g.num_labeled)
         return parts
 
     def set_support(
@@ -342,7 +307,7 @@ class Predictor(ABC):
         if reference is None:
             return [Prediction(t, source=s) for t, s in zip(top, e.sources)]
         queries = e.features[self.known_score.features]
-        scores = self.known_score.scores(queries, reference, self.chunk_size).tolist()
+        scores = self._known(queries, reference).tolist()
         threshold = self.unknown_threshold
         return [
             Prediction(t, float(sc), bool(sc < threshold), s)
@@ -367,6 +332,9 @@ class Predictor(ABC):
         reference = self.known_reference()
         if reference is None:
             return None
+        graph = self.known_graph()
+        if graph is not None:
+            return graph.threshold
         if self._threshold is None or self._threshold[0] != id(reference):
             t = self.known_score.threshold(reference, self.chunk_size)
             self._threshold = (id(reference), t)
@@ -383,7 +351,7 @@ class Predictor(ABC):
         if reference is None:
             raise UserError(f"this {self.kind} model has no labelled embeddings for a known score")
         queries = self.embed(images, self.known_score.features, progress)
-        return self.known_score.scores(queries, reference, self.chunk_size)
+        return self._known(queries, reference)
 
     def export(self, out_dir: str | Path, progress: bool = False) -> Path:
         """Write this model as a self-contained export folder (:mod:`paws.apply.export`)."""
@@ -488,7 +456,8 @@ class SoftNearestNeighbourPredictor(Predictor):
         known = None
         if self.known_score.features != self.features:
             known = e.features[self.known_score.features]
-        self._support = Support(e.features[self.features], y, names, self.features, known)
+        support = Support(e.features[self.features], y, names, self.features, known)
+        self._support = self._with_graph(support, progress)
         return self._support
 
     def export_parts(self, progress: bool = False) -> Export:

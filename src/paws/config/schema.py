@@ -341,10 +341,21 @@ class EvalConfig:
     tau: float = _f(0.1, "soft nearest-neighbour temperature", (1e-4, 10.0))
     batch_size: int = _f(512, "images per forward pass", (1, MAX_BATCH))
     chunk_size: int = _f(8192, "supports per similarity chunk (bounds memory)", (1, 2**31 - 1))
-    unknown_score: Literal["soft", "nearest"] = _f(
-        "soft",
-        "known score of an image: soft (tau x log of the summed exp(cosine / tau) over the "
-        "labelled images) or nearest (the largest cosine similarity to one)",
+    unknown_score: Literal["diffusion", "soft", "nearest"] = _f(
+        "diffusion",
+        "known score of an image: diffusion (label propagation from the labelled images "
+        "through a nearest-neighbour graph of the unlabelled ones), soft (tau x log of the "
+        "summed exp(cosine / tau) over the labelled images) or nearest (the largest cosine "
+        "similarity to one); see benchmarks/open_set.py",
+    )
+    unknown_neighbours: int = _f(
+        10, "diffusion known score: nearest neighbours in its graph and of a new image", (1, 1000)
+    )
+    unknown_nodes: int = _f(
+        20000,
+        "diffusion known score: at most this many unlabelled images in its graph (bounds "
+        "the time and memory of building it)",
+        (1, 10_000_000),
     )
     unknown_features: Literal["trunk", "head"] = _f(
         "trunk",

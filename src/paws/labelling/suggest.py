@@ -32,7 +32,7 @@ import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -44,11 +44,12 @@ from paws import rundir
 from paws.apply.embedding import embed_images
 from paws.config import Config
 from paws.data.images import ImageSet, expand_images, read_image
-from paws.data.labels import csv_path, write_suggestions
 from paws.data.loaders import Loading
 from paws.data.sources import Datasets, load_datasets, normalisation
 from paws.errors import UserError
 from paws.files import write_atomic
+from paws.labelling.new_classes import NewGroups, new_class_groups
+from paws.labelling.records import Pool, Suggestion, Suggestions
 from paws.labelling.strategies import (
     EmbeddingSource,
     MemmapSource,
@@ -61,6 +62,7 @@ from paws.labelling.strategies import (
     random_select,
     unit_rows,
 )
+from paws.method.known_score import KnownScore
 from paws.method.snn import snn_classify
 from paws.models import Architecture, build_network
 from paws.progress import Progress, info
@@ -84,75 +86,6 @@ GEOMETRIC = ("mixed", "coverage", "kcenter")  # strategies that use distances be
 SPACES = ("trunk", "head")
 KMEANS_ITERS = 10  # Lloyd iterations of coverage
 COLD_FEATURES = ("auto", "pixels", "encoder")
-
-
-@dataclass
-class Suggestion:
-    """One image worth labelling.
-
-    Attributes:
-        index: its position in the pool.
-        suggested: PAWS-NN's class for it, or None at a cold start.
-        confidence: that class's probability, or None.
-        reason: why it was chosen, e.g. ``"uncertain (margin 0.03)"``.
-    """
-
-    index: int
-    suggested: str | None
-    confidence: float | None
-    reason: str
-
-
-@dataclass
-class Pool:
-    """The images to choose from.
-
-    Attributes:
-        images: the candidates (files, or a built-in dataset's images in memory).
-        labelled: (N,) bool, the candidates labelled already (never suggested).
-        loading: how they become network input.
-        builtin: the images are named by a built-in dataset (the CSV's paths are their names).
-    """
-
-    images: ImageSet
-    labelled: np.ndarray
-    loading: Loading
-    builtin: bool
-
-    def path(self, i: int, folder: Path) -> str:
-        """How a labels file in ``folder`` names candidate ``i``."""
-        if self.builtin or self.images.files is None:
-            return self.images.names[i]
-        return csv_path(self.images.files[i], folder)
-
-
-@dataclass
-class Suggestions:
-    """The chosen images, best first, with the pool they come from."""
-
-    pool: Pool
-    picks: list[Suggestion]
-    strategy: str
-    features: str
-
-    def rows(self, folder: Path) -> list[list[object]]:
-        """CSV rows ``(path, label, suggested_label, confidence, reason)`` for a file in
-        ``folder`` (the label left empty, for a person to fill in)."""
-        return [
-            [
-                self.pool.path(s.index, folder),
-                "",
-                s.suggested or "",
-                "" if s.confidence is None else f"{s.confidence:.4f}",
-                s.reason,
-            ]
-            for s in self.picks
-        ]
-
-    def write(self, out: str | Path) -> Path:
-        """Write the suggestion CSV (:func:`paws.data.labels.write_suggestions`)."""
-        out = Path(out).expanduser()
-        return write_suggestions(out, self.rows(out.parent))
 
 
 # --------------------------------------------------------------------------------------------
@@ -422,16 +355,29 @@ def suggest_from_run(
         labelled, source = _embed_both(*both, features, tmp, progress)
         y = torch.from_numpy(np.asarray(data.labeled.labels, dtype=np.int64))
         top, conf, margin = _classify(source, labelled, y, len(data.classes), cfg.eval.tau)
-        if space != features and strategy in GEOMETRIC:
+        where = space if strategy in GEOMETRIC else features
+        if where != features:
             labelled, source = _embed_both(*both, space, tmp, progress)
         rows, reasons = choose(
             strategy, source, n, labelled, pool.labelled, margin, top, seed, progress
         )
+        known = KnownScore.from_config(cfg)
+        if known.features != where:
+            labelled, source = _embed_both(*both, known.features, tmp, progress)
+        new = new_class_groups(source, labelled, y, known, len(data.classes), pool.labelled, seed)
     picks = [
-        Suggestion(int(i), data.classes[top[i]], float(conf[i]), r) for i, r in zip(rows, reasons)
+        _pick(int(i), r, data.classes[top[i]], float(conf[i]), new) for i, r in zip(rows, reasons)
     ]
-    where = space if strategy in GEOMETRIC else features
     return Suggestions(pool, picks, strategy, f"the run's {where} embedding")
+
+
+def _pick(i: int, reason: str, guess: str, confidence: float, new: NewGroups) -> Suggestion:
+    """A suggestion: PAWS-NN's guess, or ``new:<k>`` for an image of no labelled class."""
+    k = int(new.group[i])
+    if not k:
+        return Suggestion(i, guess, confidence, reason)
+    why = f"matches no labelled class (known score {new.scores[i]:.2f} < {new.threshold:.2f})"
+    return Suggestion(i, f"new:{k}", None, f"{why}; {reason}", new.sizes[k])
 
 
 def _embed_both(
@@ -567,6 +513,12 @@ def _thumbnail(pool: Pool, i: int, size: int = 96) -> bytes:
     return buf.getvalue()
 
 
+def _heading(p: Suggestion) -> str:
+    if p.group_size is not None:
+        return f"{p.suggested}: {p.group_size} images like these match no labelled class"
+    return p.suggested or "no suggestion yet (cold start)"
+
+
 def write_sheet(s: Suggestions, out: str | Path, csv_name: str | None = None) -> Path:
     """Write a self-contained HTML contact sheet of the suggestions: thumbnails grouped by
     suggested class, each with its file name, confidence and reason."""
@@ -575,7 +527,7 @@ def write_sheet(s: Suggestions, out: str | Path, csv_name: str | None = None) ->
     out = Path(out).expanduser()
     items = [
         SheetItem(
-            group=p.suggested or "no suggestion yet (cold start)",
+            group=_heading(p),
             png=_thumbnail(s.pool, p.index),
             name=s.pool.path(p.index, out.parent),
             lines=[

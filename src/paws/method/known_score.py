@@ -1,23 +1,32 @@
 """Whether an image belongs to any support class: a score, its threshold, and how well it works.
 
 A PAWS model classifies an image by soft nearest neighbours against labelled supports, so it
-always answers one of their classes. The *known score* of an image measures how close it lies
-to the supports (:class:`KnownScore`): by default the soft similarity
-``tau * log(sum_s exp(cos(x, s) / tau))``, the log of soft nearest neighbours' own normaliser
-(``"soft"``), or the largest cosine similarity (``"nearest"``, RoPAWS's in-domain measure), on
-the encoder's output (``"trunk"``) or the embedding PAWS-NN classifies in (``"head"``). Images
-of classes nobody labelled, or of no class, lie far from every support.
+always answers one of their classes. The *known score* of an image measures how much it belongs
+with the labelled images (:class:`KnownScore`):
 
-The threshold is calibrated on the labelled images themselves: each is scored against the
-*other* labelled images (leave one out), and an image scoring below the
+- ``"diffusion"`` (the default): the log of the largest labelled class's mass near the image
+  after label propagation over a nearest-neighbour graph of the unlabelled and labelled images
+  (:mod:`paws.method.diffusion`). The unlabelled images hold the classes nobody labelled, which
+  form their own dense regions that little mass reaches; where there are no unlabelled
+  embeddings (a support alone), the soft score is used instead.
+- ``"soft"``: ``tau * log(sum_s exp(cos(x, s) / tau))`` over the labelled images, the log of
+  soft nearest neighbours' own normaliser;
+- ``"nearest"``: the largest cosine similarity to a labelled image (RoPAWS's in-domain measure).
+
+Each is computed on the encoder's output (``"trunk"``, the default) or the embedding PAWS-NN
+classifies in (``"head"``).
+
+The threshold is calibrated on the labelled images themselves: each is scored without its own
+label (the similarity scores leave it out; the diffusion score propagates each of 5 folds from
+the other folds' labels, skipping a class with no label left), and an image scoring below the
 ``eval.unknown_quantile`` quantile of those scores (5% by default) is called unknown, so about
 that share of images of the known classes is called unknown too.
 
 :func:`detection_metrics` measures a score on images known to be in and out of the support
-classes: AUROC, and the false-positive rate at 95% true positives. The default scores the
-trunk's features because tightening reshapes the head's space around the labelled images,
-which hides how far an image lies from them there (``benchmarks/uncurated.py``; figures in
-``benchmarks/RESULTS.md``).
+classes: AUROC, and the false-positive rate at 95% true positives. The trunk's features are the
+default because tightening reshapes the head's space around the labelled images, which hides
+how far an image lies from them there (``benchmarks/uncurated.py``, ``benchmarks/open_set.py``;
+figures in ``benchmarks/RESULTS.md``).
 """
 
 from __future__ import annotations
@@ -29,6 +38,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from paws.method.diffusion import KnownGraph, build_known_graph
+
 __all__ = ["KnownScore", "detection_metrics"]
 
 
@@ -37,27 +48,67 @@ class KnownScore:
     """How the known score of an image is computed, and the threshold's quantile.
 
     Attributes:
-        kind: ``"soft"`` (tau * logsumexp of cosine / tau over the supports) or ``"nearest"``
-            (the largest cosine similarity to a support).
+        kind: ``"diffusion"`` (label propagation through the unlabelled images, see
+            :meth:`graph`), ``"soft"`` (tau * logsumexp of cosine / tau over the supports) or
+            ``"nearest"`` (the largest cosine similarity to a support). :meth:`scores` and
+            :meth:`threshold`, which see the supports alone, score ``"diffusion"`` as
+            ``"soft"``.
         features: the embedding scored: ``"trunk"`` (encoder output) or ``"head"``.
         tau: temperature of the soft score.
         quantile: share of the labelled images the threshold calls unknown.
+        neighbours: diffusion: graph neighbours of a node, and graph nodes a new image's
+            score is the mean of.
+        nodes: diffusion: at most this many unlabelled images in the graph (drawn at random).
+        alpha: diffusion: how far the class mass travels along the graph (near 1: far).
     """
 
-    kind: Literal["soft", "nearest"] = "soft"
+    kind: Literal["diffusion", "soft", "nearest"] = "diffusion"
     features: Literal["trunk", "head"] = "trunk"
     tau: float = 0.1
     quantile: float = 0.05
+    neighbours: int = 10
+    nodes: int = 20000
+    alpha: float = 0.99
 
     @classmethod
     def from_config(cls, cfg: Any) -> KnownScore:
         """The known score of a :class:`paws.config.Config` (its ``eval`` section)."""
         e = cfg.eval
-        return cls(e.unknown_score, e.unknown_features, e.tau, e.unknown_quantile)
+        return cls(
+            e.unknown_score,
+            e.unknown_features,
+            e.tau,
+            e.unknown_quantile,
+            e.unknown_neighbours,
+            e.unknown_nodes,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values, for exports."""
         return asdict(self)
+
+    @property
+    def uses_graph(self) -> bool:
+        """Whether the score needs the unlabelled images (a :class:`KnownGraph`)."""
+        return self.kind == "diffusion"
+
+    def graph_pool(self, num_unlabeled: int) -> np.ndarray:
+        """Which of ``num_unlabeled`` unlabelled images the graph holds: all of them, or
+        :attr:`nodes` drawn at random (always the same ones), in order."""
+        if num_unlabeled <= self.nodes:
+            return np.arange(num_unlabeled)
+        rng = np.random.default_rng(0)
+        return np.sort(rng.choice(num_unlabeled, self.nodes, replace=False))
+
+    def graph(
+        self, labeled: torch.Tensor, labels: torch.Tensor, unlabeled: torch.Tensor
+    ) -> KnownGraph:
+        """The diffusion score's graph of ``labeled`` (M, F) embeddings with their ``labels``
+        (M,) and ``unlabeled`` (U, F) ones (at most :attr:`nodes`, see :meth:`graph_pool`),
+        with its threshold (:func:`paws.method.diffusion.build_known_graph`)."""
+        return build_known_graph(
+            labeled, labels, unlabeled, self.quantile, self.neighbours, self.alpha
+        )
 
     @torch.no_grad()
     def scores(
@@ -74,7 +125,8 @@ class KnownScore:
         s = F.normalize(supports.float(), dim=1)
         best = q.new_full((len(q),), float("-inf"))  # the running max (of cos / tau for soft)
         total = q.new_zeros(len(q))  # soft: sum of exp(cos / tau - best)
-        scale = 1.0 / self.tau if self.kind == "soft" else 1.0
+        soft = self.kind != "nearest"
+        scale = 1.0 / self.tau if soft else 1.0
         for start in range(0, len(s), chunk_size):
             sims = (q @ s[start : start + chunk_size].T) * scale
             if exclude_self:
@@ -82,11 +134,11 @@ class KnownScore:
                 inside = (rows >= start) & (rows < start + sims.shape[1])
                 sims[rows[inside], rows[inside] - start] = float("-inf")
             new = torch.maximum(best, sims.max(dim=1).values)
-            if self.kind == "soft":
+            if soft:
                 shift = torch.where(torch.isfinite(new), new, torch.zeros_like(new))
                 total = total * torch.exp(best - shift) + torch.exp(sims - shift[:, None]).sum(1)
             best = new
-        if self.kind == "nearest":
+        if not soft:
             return best.cpu()
         return (self.tau * (best + torch.log(total))).cpu()
 
