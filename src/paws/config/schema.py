@@ -24,6 +24,10 @@ __all__ = [
     "FinetuneConfig",
     "TightenConfig",
     "TIMM_KEYS",
+    "TIMM_RESERVED",
+    "ADAMW_DEFAULTS",
+    "timm_kwarg_problem",
+    "optimizer_defaults",
 ]
 
 
@@ -191,7 +195,7 @@ class ModelConfig:
     encoder: str = _f(
         "cnn_small",
         "encoder: cnn_small, resnet18, resnet34, resnet50, wide_resnet28_2, or timm:<name>, any "
-        "timm model (pip install 'paws-ssl[timm]'; tested: ResNet, ConvNeXt, ViT families)",
+        "timm model (pip install 'paws-ssl[timm]'; tested families: README, timm backbones)",
     )
     width: int = _f(
         0,
@@ -213,6 +217,11 @@ class ModelConfig:
     proj_layers: int = _f(3, "projection head linear layers", (1, 8))
     pred_head: bool = _f(False, "2-layer prediction head on the anchor side (Table 5)")
     pred_hidden: int = _f(512, "prediction head hidden size", (1, 65536))
+    timm_kwargs: dict[str, Any] = _f(
+        {},
+        "timm encoders: more keyword arguments of timm.create_model, plain values (e.g. "
+        "{drop_path_rate: 0.1}); --set model.timm_kwargs.drop_path_rate=0.1 sets one",
+    )
     weights: str | None = _f(
         None, "initialise the encoder from a torchvision/timm state dict (.pt/.pth/.safetensors)"
     )
@@ -226,9 +235,43 @@ class ModelConfig:
         for key in TIMM_KEYS:
             if not timm and getattr(self, key) is not None:
                 raise UserError(f"model.{key} applies to timm encoders only (timm:<name>)")
+        if self.timm_kwargs and not timm:
+            raise UserError("model.timm_kwargs applies to timm encoders only (timm:<name>)")
+        for key, value in self.timm_kwargs.items():
+            problem = timm_kwarg_problem(key, value)
+            if problem:
+                raise UserError(f"model.timm_kwargs.{key}: {problem}")
 
 
 TIMM_KEYS = ("patch_size", "img_size")  # model.* keys passed to timm.create_model as they are
+# timm.create_model arguments paws sets itself, with what to do instead of model.timm_kwargs.
+TIMM_RESERVED = {
+    "pretrained": "weights never come from the hub: set model.weights to a local file",
+    "pretrained_cfg": "weights never come from the hub: set model.weights to a local file",
+    "pretrained_cfg_overlay": "weights never come from the hub: set model.weights",
+    "checkpoint_path": "set model.weights to the file",
+    "num_classes": "paws puts its own heads on the trunk's pooled features",
+    "in_chans": "the images' channels set it (data.grayscale)",
+    "features_only": "paws needs the pooled features",
+    **{key: f"set model.{key}" for key in TIMM_KEYS},
+}
+_PLAIN = (int, float, str, bool, type(None))
+
+
+def timm_kwarg_problem(key: object, value: object) -> str | None:
+    """What is wrong with one ``model.timm_kwargs`` entry (None: nothing): a keyword paws sets
+    itself, a name that is no keyword, or a value that is not plain (a number, a word, a
+    switch, null, or a list of them), which a run's record could not hold."""
+    if not isinstance(key, str) or not key.isidentifier():
+        return f"{key!r} is not a keyword argument name"
+    if key in TIMM_RESERVED:
+        return f"paws sets it itself; {TIMM_RESERVED[key]}"
+    items = value if isinstance(value, list) else [value]
+    if not all(isinstance(v, _PLAIN) for v in items):
+        return f"must be a number, word, switch, null or a list of them, got {value!r:.60}"
+    return None
+
+
 _BUILT_IN_KEYS = {
     "width": "choose the timm model of the size you want (e.g. timm:vit_small_patch16_224)",
     "small_images": "for a timm ViT on small images set model.patch_size and model.img_size",
@@ -275,8 +318,21 @@ class LossConfig:
     )
 
 
+# optim.* values optim.name: adamw takes where the config leaves them unset: DINO's and MSN's
+# ViT recipes (Caron et al. 2021, Assran et al. 2022): base rate 5e-4 for a batch of 256,
+# warm-up from a tenth of it, cosine to 1e-6, weight decay 0.04 (their starting value).
+ADAMW_DEFAULTS = {"ref_lr": 5e-4, "start_lr": 5e-5, "final_lr": 1e-6, "weight_decay": 0.04}
+
+
 @dataclass
 class OptimConfig:
+    name: Literal["lars", "adamw"] = _f(
+        "lars",
+        "optimiser: lars (the paper's: classical momentum, LARS trust ratio) or adamw "
+        "(for vision transformers; the keys a config leaves unset take "
+        + ", ".join(f"{k} {v:g}" for k, v in ADAMW_DEFAULTS.items())
+        + "); biases and norm parameters get no weight decay with either",
+    )
     batch_size: int = _f(
         128, "unlabelled images per step, over all processes (global batch)", (1, MAX_BATCH)
     )
@@ -298,10 +354,22 @@ class OptimConfig:
         (0.0, None),
     )
     final_lr: float = _f(0.0226, "learning rate at the last step (cosine decay)", (0.0, None))
-    momentum: float = _f(0.9, "classical momentum (Appendix A, eq. 2)", (0.0, 0.9999))
+    momentum: float = _f(0.9, "classical momentum (Appendix A, eq. 2); adamw: beta1", (0.0, 0.9999))
+    beta2: float = _f(0.999, "adamw: second-moment decay beta2", (0.0, 0.99999))
     weight_decay: float = _f(1e-5, "weight decay (not on biases and norm parameters)", (0.0, 1.0))
-    lars: bool = _f(True, "LARS trust-ratio adaptation (off: plain classical-momentum SGD)")
+    lars: bool = _f(
+        True, "name lars: LARS trust-ratio adaptation (off: plain classical-momentum SGD)"
+    )
     trust_coefficient: float = _f(0.001, "LARS trust coefficient eta", (1e-6, 1.0))
+
+
+def optimizer_defaults(values: dict[str, Any]) -> dict[str, Any]:
+    """A config's nested values with :data:`ADAMW_DEFAULTS` filled in where ``optim.name`` is
+    adamw and the optim section leaves them out (LARS's defaults would diverge with AdamW)."""
+    optim = values.get("optim") if isinstance(values, dict) else None
+    if not isinstance(optim, dict) or optim.get("name") != "adamw":
+        return values
+    return {**values, "optim": {**ADAMW_DEFAULTS, **optim}}
 
 
 @dataclass
