@@ -116,8 +116,9 @@ class ImageReader:
         desc: str = "images",
     ) -> Iterator[InputBatch]:
         """Preprocessed batches in input order. Images may be file paths or folders (searched
-        recursively), PIL images, or tensors (C, H, W) / (N, C, H, W), uint8 in [0, 255] or
-        float in [0, 1]; any size.
+        recursively), PIL images, tensors (C, H, W) / (N, C, H, W), uint8 in [0, 255] or
+        float in [0, 1], or numpy arrays (H, W) / (H, W, C) / (N, H, W, C), uint8 or float in
+        [0, 1] (:func:`paws.data.images.array_image`); any size.
 
         Raises:
             UserError: an unreadable file (unless skipped), or none of the images readable.

@@ -4,7 +4,8 @@ The file has a header naming at least the columns ``path`` and ``label``; other 
 allowed and ignored, so the suggestion file ``paws suggest`` writes (:data:`SUGGESTION_COLUMNS`:
 ``path,label,suggested_label,confidence,reason``) is a labels file once its ``label`` column is
 filled in. A path is relative to the CSV's folder, or absolute; for a built-in or Hugging Face
-dataset it is an image's name (the training-set index), matched as ``data.split_file`` lines are.
+dataset it is an image's name (the training-set index; for Hugging Face, a file path or row
+number, ``<split>/<name>`` in the unlabelled split), matched as ``data.split_file`` lines are.
 
 Rows are numbered as a spreadsheet numbers them: the header is row 1. A row whose label is empty
 is a suggestion nobody labelled yet when the file has a ``suggested_label`` column: it is
