@@ -73,13 +73,19 @@ class DataConfig:
     labels_file: str | None = _f(
         None,
         "CSV of labelled images with a header path,label (what paws suggest writes, its label "
-        "column filled in; more columns allowed): folders: paths relative to the CSV's folder "
-        "or absolute, with or instead of data.labeled; built-in, imagenet, hf: image names as "
-        "in split_file (takes precedence over the other labelled-subset keys)",
+        "column filled in; more columns allowed), or a Label Studio JSON or CSV export: "
+        "folders: paths relative to the CSV's folder or absolute, with or instead of "
+        "data.labeled; built-in, imagenet, hf: image names as in split_file (takes "
+        "precedence over the other labelled-subset keys)",
     )
     accept_suggested: bool = _f(
         False,
         "labels_file: a row left without a label takes its suggested_label (default: skipped)",
+    )
+    labels_columns: list[str] | None = _f(
+        None,
+        "labels_file CSV: its [path, label] columns (default: path and label, or a Label "
+        "Studio CSV export's paws_path or image, and choice)",
     )
     test: str | None = _f(None, "folder dataset: optional test images as <class>/<image>")
     labels_per_class: int | None = _f(
@@ -520,6 +526,10 @@ class Config:
             raise UserError(
                 "data.dataset is 'folder' but data.labeled is not set: point it to "
                 "a folder of <class>/<image> files, or set data.labels_file"
+            )
+        if d.labels_columns is not None and len(d.labels_columns) != 2:
+            raise UserError(
+                f"data.labels_columns needs two column names [path, label], got {d.labels_columns}"
             )
         if d.dataset == "hf" and not d.root:
             raise UserError("data.dataset is 'hf': set data.root to a saved dataset or images")

@@ -153,7 +153,7 @@ def labeled_from_file(
     Returns:
         ``(index (M,), labels (M,))``: positions in ``images`` (sorted) and class ids.
     """
-    labels = read_labels_file(cfg.labels_file or "", cfg.accept_suggested)
+    labels = read_labels_file(cfg.labels_file or "", cfg.accept_suggested, cfg.labels_columns)
     lookup = _name_lookup(images)
 
     def image(row: LabelRow) -> str:
@@ -221,7 +221,7 @@ def _add_labels_file(
         UserError: an unknown path, a duplicate, or an image the file labels with another
             class than its class folder.
     """
-    labels = read_labels_file(cfg.labels_file or "", cfg.accept_suggested)
+    labels = read_labels_file(cfg.labels_file or "", cfg.accept_suggested, cfg.labels_columns)
 
     def image(row: LabelRow) -> str:
         f = labels.file(row)

@@ -27,12 +27,11 @@ scratch folder, embedded and read in chunks, so memory stays bounded for any num
 
 from __future__ import annotations
 
-import io
 import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +47,6 @@ from paws.data.labels import csv_path, write_suggestions
 from paws.data.loaders import Loading
 from paws.data.sources import Datasets, load_datasets, normalisation
 from paws.errors import UserError
-from paws.files import write_atomic
 from paws.labelling.strategies import (
     EmbeddingSource,
     MemmapSource,
@@ -76,7 +74,6 @@ __all__ = [
     "choose",
     "suggest_from_run",
     "suggest_cold",
-    "write_sheet",
 ]
 
 STRATEGIES = ("mixed", "coverage", "uncertainty", "random", "kcenter")
@@ -125,15 +122,25 @@ class Pool:
             return self.images.names[i]
         return csv_path(self.images.files[i], folder)
 
+    def picture(self, i: int) -> Image.Image:
+        """Candidate ``i`` as a PIL image (for the contact sheet and Label Studio)."""
+        if self.images.images is not None:
+            x = self.images.images[i].numpy()
+            return Image.fromarray(x[0] if x.shape[0] == 1 else x.transpose(1, 2, 0))
+        assert self.images.files is not None
+        return read_image(self.images.files[i])
+
 
 @dataclass
 class Suggestions:
-    """The chosen images, best first, with the pool they come from."""
+    """The chosen images, best first, with the pool they come from and the classes a run
+    knows (none at a cold start)."""
 
     pool: Pool
     picks: list[Suggestion]
     strategy: str
     features: str
+    classes: list[str] = field(default_factory=list)
 
     def rows(self, folder: Path) -> list[list[object]]:
         """CSV rows ``(path, label, suggested_label, confidence, reason)`` for a file in
@@ -431,7 +438,7 @@ def suggest_from_run(
         Suggestion(int(i), data.classes[top[i]], float(conf[i]), r) for i, r in zip(rows, reasons)
     ]
     where = space if strategy in GEOMETRIC else features
-    return Suggestions(pool, picks, strategy, f"the run's {where} embedding")
+    return Suggestions(pool, picks, strategy, f"the run's {where} embedding", list(data.classes))
 
 
 def _embed_both(
@@ -546,50 +553,6 @@ def suggest_cold(
         )
     picks = [Suggestion(int(i), None, None, r) for i, r in zip(rows, reasons)]
     return Suggestions(pool, picks, strategy, what)
-
-
-# --------------------------------------------------------------------------------------------
-# The contact sheet.
-
-
-def _thumbnail(pool: Pool, i: int, size: int = 96) -> bytes:
-    """A PNG of candidate ``i``, its longer side at most ``size`` pixels."""
-    images = pool.images
-    if images.images is not None:
-        x = images.images[i].numpy()
-        im = Image.fromarray(x[0] if x.shape[0] == 1 else x.transpose(1, 2, 0))
-    else:
-        assert images.files is not None
-        im = read_image(images.files[i])
-    im.thumbnail((size, size))
-    buf = io.BytesIO()
-    im.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def write_sheet(s: Suggestions, out: str | Path, csv_name: str | None = None) -> Path:
-    """Write a self-contained HTML contact sheet of the suggestions: thumbnails grouped by
-    suggested class, each with its file name, confidence and reason."""
-    from paws.labelling.sheet import SheetItem, contact_sheet
-
-    out = Path(out).expanduser()
-    items = [
-        SheetItem(
-            group=p.suggested or "no suggestion yet (cold start)",
-            png=_thumbnail(s.pool, p.index),
-            name=s.pool.path(p.index, out.parent),
-            lines=[
-                *([f"{p.suggested} {p.confidence:.2f}"] if p.confidence is not None else []),
-                p.reason,
-            ],
-            rank=rank + 1,
-        )
-        for rank, p in enumerate(s.picks)
-    ]
-    title = f"{len(items)} images to label next ({s.strategy}, {s.features})"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(out, contact_sheet(items, title, csv_name))
-    return out
 
 
 def describe(s: Suggestions) -> dict[str, Any]:
