@@ -162,3 +162,24 @@ def test_onnx_export_without_onnxscript_is_one_line(shared_run, tmp_path, capsys
     line = error_line(capsys.readouterr().err)
     assert "onnxscript" in line and "pip install 'paws-ssl[onnx]'" in line
     assert not (tmp_path / "x").exists()
+
+
+def test_the_onnx_files_carry_classes_and_preprocessing_in_their_metadata(shared_run, tmp_path):
+    import onnx
+
+    _, run_dir = shared_run
+    out = tmp_path / "onnx"
+    assert main(["--quiet", "export", str(run_dir), "--format", "onnx", "--out", str(out)]) == 0
+    description = json.loads((out / "onnx.json").read_text())
+    for name in ("model.onnx", "encoder.onnx"):
+        props = {p.key: p.value for p in onnx.load(str(out / name)).metadata_props}
+        assert json.loads(props["paws.classes"]) == description["classes"]
+        assert json.loads(props["paws.preprocessing"]) == description["preprocessing"]
+        assert json.loads(props["paws.classify"])["method"] == "snn"
+        assert props["paws.kind"] == description["kind"]
+        meta = ort.InferenceSession(str(out / name)).get_modelmeta().custom_metadata_map
+        assert json.loads(meta["paws.classes"]) == [f"class{i}" for i in range(4)]
+    # The rewritten graph still answers as before (paws export checked it against PyTorch).
+    x = np.zeros((2, 1, 16, 16), np.float32)
+    probs, _ = ort.InferenceSession(str(out / "model.onnx")).run(None, {"images": x})
+    assert probs.shape == (2, 4) and np.allclose(probs.sum(1), 1, atol=1e-5)
