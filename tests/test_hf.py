@@ -145,3 +145,62 @@ def test_unlabelled_rows_in_the_train_split_are_one_line(tmp_path, capsys, monke
     code, _, err = run_cli(args, capsys, monkeypatch)
     line = error_line(err)
     assert code == 2 and "1 of the 9 images of split 'train' have no label" in line, line
+
+
+def test_the_labelling_loop_reads_back_what_suggest_proposes_from_an_unlabelled_split(
+    saved, tmp_path, capsys, monkeypatch
+):
+    """README's loop on an hf dataset: train, ``paws suggest RUN``, fill in the CSV, train
+    again from it with ``--init``; the names of the unlabelled split's images resolve to
+    those very images, and what is labelled is not suggested again."""
+    import csv
+
+    import torch
+
+    first = _settings(saved, "data.unlabeled_split=extra", "data.labels_per_class=2")
+    run1 = train_tiny(tmp_path / "round1", first)
+    out = tmp_path / "round2.csv"
+    code, _, err = run_cli(
+        ["--quiet", "suggest", str(run1), "-n", "30", "--out", str(out)], capsys, monkeypatch
+    )
+    assert code == 0, err
+    rows = list(csv.DictReader(out.open()))
+    extra = [r["path"] for r in rows if r["path"].startswith("extra/")]
+    assert len(rows) == 18 + 6 and len(extra) == 6  # every candidate; the split's own names
+    for r in rows:  # a person labels them: the train split is 8 a class, extra 2 a class
+        split_row = int(r["path"].split("/")[-1])
+        r["label"] = CLASSES[split_row // (2 if r["path"] in extra else 8)]
+    with out.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    second = [*_settings(saved, "data.unlabeled_split=extra"), f"data.labels_file={out}"]
+    data1 = load_datasets(load_config(None, first))
+    data2 = load_datasets(load_config(None, second))
+    assert sorted(data2.labeled.names) == sorted(r["path"] for r in rows)
+    image = dict(zip(data1.unlabeled.names, data1.unlabeled.images))
+    for name, x, y in zip(data2.labeled.names, data2.labeled.images, data2.labeled.labels):
+        assert torch.equal(x, image[name]), name  # the image the CSV named
+        assert CLASSES[y] == next(r["label"] for r in rows if r["path"] == name)
+    assert len(data2.unlabeled) == 24 + 6  # the unlabelled images as before
+    args = ["--quiet", "train", "--init", str(run1), "--out", str(tmp_path / "round2")]
+    code, _, err = run_cli([*args, *set_args(second)], capsys, monkeypatch)
+    assert code == 0, err
+    code, _, err = run_cli(
+        [
+            "--quiet",
+            "suggest",
+            str(tmp_path / "round2"),
+            "-n",
+            "2",
+            "--out",
+            str(tmp_path / "3.csv"),
+        ],
+        capsys,
+        monkeypatch,
+    )
+    # Round 2 labelled every candidate but the 6 train images round 1 labelled and the file
+    # left out: nothing else is suggested.
+    assert code == 0, err
+    again = {r["path"] for r in csv.DictReader((tmp_path / "3.csv").open())}
+    assert again and not again & {r["path"] for r in rows}

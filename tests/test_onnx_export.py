@@ -197,3 +197,24 @@ def test_a_full_disk_during_onnx_export_leaves_the_earlier_model(
     assert line.startswith(f"could not write {out / 'model.onnx'}: no space left on the disk ")
     assert "mounted at" in line and "MB free" in line
     assert {f.name: f.read_bytes() for f in out.iterdir()} == before  # nothing half-written
+
+
+def test_the_onnx_files_carry_classes_and_preprocessing_in_their_metadata(shared_run, tmp_path):
+    import onnx
+
+    _, run_dir = shared_run
+    out = tmp_path / "onnx"
+    assert main(["--quiet", "export", str(run_dir), "--format", "onnx", "--out", str(out)]) == 0
+    description = json.loads((out / "onnx.json").read_text())
+    for name in ("model.onnx", "encoder.onnx"):
+        props = {p.key: p.value for p in onnx.load(str(out / name)).metadata_props}
+        assert json.loads(props["paws.classes"]) == description["classes"]
+        assert json.loads(props["paws.preprocessing"]) == description["preprocessing"]
+        assert json.loads(props["paws.classify"])["method"] == "snn"
+        assert props["paws.kind"] == description["kind"]
+        meta = ort.InferenceSession(str(out / name)).get_modelmeta().custom_metadata_map
+        assert json.loads(meta["paws.classes"]) == [f"class{i}" for i in range(4)]
+    # The rewritten graph still answers as before (paws export checked it against PyTorch).
+    x = np.zeros((2, 1, 16, 16), np.float32)
+    probs, _ = ort.InferenceSession(str(out / "model.onnx")).run(None, {"images": x})
+    assert probs.shape == (2, 4) and np.allclose(probs.sum(1), 1, atol=1e-5)

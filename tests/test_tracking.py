@@ -16,7 +16,16 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from tiny import EVALUATED, RESUMABLE, error_line, run_cli, tiny_overrides, train_tiny
+from tiny import (
+    EVALUATED,
+    RESUMABLE,
+    error_line,
+    run_cli,
+    run_paws,
+    set_args,
+    tiny_overrides,
+    train_tiny,
+)
 
 from paws import rundir, tracking
 from paws.config import load_config
@@ -350,3 +359,31 @@ def test_a_tracker_not_installed_is_a_one_line_error(
 def test_an_untracked_run_writes_no_tracker_files(shared_run) -> None:
     _, run = shared_run
     assert not any((run / name).exists() for name in ("trackers.json", "mlflow.db", "wandb"))
+
+
+def test_wandb_offline_as_asked_and_the_report_joins_its_one_run_folder(
+    labeled_and_test, tmp_path, capsys, monkeypatch
+) -> None:
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    out = train_tiny(
+        tmp_path / "run", tiny_overrides(labeled_and_test, "optim.steps=2", "run.trackers=[wandb]")
+    )
+    err = capsys.readouterr().err
+    assert "wandb: offline, as asked (WANDB_MODE)" in err and "no W&B key" not in err
+    record = tracking.read_records(out)["wandb"]
+    [folder] = (out / "wandb").glob("offline-run-*")
+    assert record["offline"] and Path(record["dir"]) == folder
+    report = tmp_path / "report.html"
+    report.write_text("<html></html>")
+    assert tracking.log_report(out, [report]) == ["wandb"]
+    assert [folder] == list((out / "wandb").glob("offline-run-*"))  # no second run folder
+    assert (folder / "files" / "paws" / "report.html").read_text() == "<html></html>"
+
+
+def test_mlflow_says_nothing_below_a_warning_on_the_command_line(labeled_and_test, tmp_path):
+    pytest.importorskip("mlflow")
+    settings = tiny_overrides(labeled_and_test, "optim.steps=2", "run.trackers=[mlflow]")
+    proc = run_paws("train", *set_args(settings), "--out", str(tmp_path / "run"))
+    assert "mlflow: run " in proc.stderr  # paws's own line
+    assert " INFO mlflow" not in proc.stderr and "INFO  [alembic" not in proc.stderr, proc.stderr

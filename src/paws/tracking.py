@@ -182,9 +182,12 @@ class MLflow:
 
 
 def _wandb_mode() -> str | None:
-    """``"offline"`` unless the user chose a mode (``WANDB_MODE``) or has a W&B key
-    (``WANDB_API_KEY``, or ``wandb login``'s entry in ~/.netrc); None: W&B decides."""
-    if os.environ.get("WANDB_MODE") or os.environ.get("WANDB_API_KEY"):
+    """``"offline"`` unless the user chose a mode (``WANDB_MODE``, which is then the mode) or
+    has a W&B key (``WANDB_API_KEY``, or ``wandb login``'s entry in ~/.netrc); None: W&B
+    decides."""
+    if os.environ.get("WANDB_MODE"):  # passed on: W&B reads its variables once a process
+        return os.environ["WANDB_MODE"]
+    if os.environ.get("WANDB_API_KEY"):
         return None
     host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1]
     try:
@@ -222,10 +225,28 @@ class WandB:
         self.record = {"id": self.run.id, "project": self.run.project}
         if self.run.offline:
             where = Path(self.run.dir).parent
-            info(
-                f"wandb: offline, as no W&B key is set (WANDB_API_KEY or wandb login); "
-                f"logging to {where}; upload it with: wandb sync {where}"
+            self.record.update(offline=True, dir=str(where))
+            asked = os.environ.get("WANDB_MODE", "").lower() in ("offline", "dryrun")
+            why = (
+                "as asked (WANDB_MODE)"
+                if asked
+                else "as no W&B key is set (WANDB_API_KEY or wandb login)"
             )
+            info(f"wandb: offline, {why}; logging to {where}; upload it with: wandb sync {where}")
+
+    @staticmethod
+    def add_offline(record: dict[str, Any], files: Sequence[Path]) -> bool:
+        """Add ``files`` to the offline run folder ``record`` names, without opening another
+        run (which would be a second folder); False when there is no such folder."""
+        where = Path(str(record.get("dir", "")))
+        if not record.get("offline") or not (where / "files").is_dir():
+            return False
+        folder = where / "files" / "paws"
+        folder.mkdir(exist_ok=True)
+        for f in files:
+            shutil.copy2(f, folder / Path(f).name)
+        info(f"wandb: report added to the offline run {where}; upload it with: wandb sync {where}")
+        return True
 
     def log_params(self, params: dict[str, Any]) -> None:
         self.run.config.update(params, allow_val_change=True)
@@ -411,10 +432,11 @@ def log_report(run_dir: str | Path, files: Sequence[Path]) -> list[str]:
             info(f"{name} is not installed: the report is not added to the run's {name} run")
             continue
         names.append(name)
+    added = ["wandb"] if "wandb" in names and WandB.add_offline(records["wandb"], files) else []
     # Only recorded runs are opened, so the experiment name is never used.
-    tracking = _open(names, out, "paws", records)
+    tracking = _open([n for n in names if n not in added], out, "paws", records)
     for f in files:
         tracking.log_artifact(Path(f))
     logged = tracking.names
     tracking.close(None)
-    return logged
+    return [*logged, *added]

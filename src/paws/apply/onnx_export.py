@@ -12,6 +12,10 @@
     onnx.json      classes, the preprocessing that makes ``images``, every input and output
                    with its shape, and how the model classifies (tau, features, supports).
 
+Both ONNX files also carry the class names, the preprocessing and the way of classifying in
+their own ``metadata_props`` (``paws.classes``, ``paws.preprocessing``, ``paws.classify``,
+``paws.kind``, ``paws.format``; JSON text), so that a file copied alone still says what it is.
+
 The batch axis N (named ``batch`` in the graphs) is dynamic; weights beyond ONNX's 2 GB limit
 go to a ``.data`` file beside their graph, which ONNX Runtime finds by itself. The graphs wrap
 the network of a :class:`paws.apply.predictor.Predictor` and are written by
@@ -37,7 +41,7 @@ from paws.apply.predictor import Predictor
 from paws.data.images import GREY
 from paws.data.transforms import eval_resize
 from paws.errors import UserError
-from paws.files import write_atomic, write_folder_files
+from paws.files import write_atomic, write_folder_files, write_with
 
 __all__ = [
     "FORMAT",
@@ -47,6 +51,7 @@ __all__ = [
     "DESCRIPTION",
     "preprocessing_description",
     "export_onnx",
+    "metadata_props",
     "reference_outputs",
     "run_onnx",
     "check_onnx",
@@ -211,9 +216,36 @@ def export_onnx(predictor: Predictor, out_dir: str | Path, progress: bool = Fals
     opset = _export(graph, example, out / MODEL, ["probabilities", "embeddings"])
     _export(trunk, example, out / ENCODER, ["features"])
     seconds = time.perf_counter() - start
-    text = json.dumps(_description(predictor, dims, opset, seconds), indent=2)
-    write_atomic(out / DESCRIPTION, text + "\n")
+    description = _description(predictor, dims, opset, seconds)
+    for name in (MODEL, ENCODER):
+        _add_metadata(out / name, metadata_props(description))
+    write_atomic(out / DESCRIPTION, json.dumps(description, indent=2) + "\n")
     return out
+
+
+def metadata_props(description: dict[str, Any]) -> dict[str, str]:
+    """What an ONNX file says of itself (its ``metadata_props``, which ONNX Runtime reads as
+    ``get_modelmeta().custom_metadata_map``): the class names, the preprocessing and how it
+    classifies, as JSON text, so that the file alone is enough to use it."""
+    return {
+        "paws.format": f"{description['format']} {description['version']}",
+        "paws.kind": str(description["kind"]),
+        "paws.classes": json.dumps(description["classes"]),
+        "paws.preprocessing": json.dumps(description["preprocessing"]),
+        "paws.classify": json.dumps(description["classify"]),
+    }
+
+
+def _add_metadata(path: Path, props: dict[str, str]) -> None:
+    """Rewrite the ONNX file ``path`` with ``props`` in its metadata (external weights, for a
+    model over 2 GiB, stay where they are)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    del model.metadata_props[:]
+    for key, value in props.items():
+        model.metadata_props.add(key=key, value=value)
+    write_with(path, lambda f: f.write(model.SerializeToString()))
 
 
 @torch.no_grad()

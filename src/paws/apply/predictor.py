@@ -70,9 +70,11 @@ def _check_features(features: Sequence[str]) -> None:
 class Predictor(ABC):
     """A trained network with its preprocessing and classifier, ready for new images.
 
-    Images may be file paths or folders (searched recursively), PIL images, or tensors
-    (C, H, W) / (N, C, H, W), uint8 in [0, 255] or float in [0, 1]; any size (see
-    :class:`paws.apply.reading.ImageReader`).
+    Images may be file paths or folders (searched recursively), PIL images, tensors
+    (C, H, W) / (N, C, H, W), uint8 in [0, 255] or float in [0, 1], or numpy arrays (H, W) /
+    (H, W, C) / (N, H, W, C) (uint8, or float in [0, 1]); any size (see
+    :class:`paws.apply.reading.ImageReader`). :meth:`predictions` names each answer's input
+    (its file, or its position).
 
     Args:
         net: a :class:`paws.models.PAWSModel` or :class:`paws.models.Classifier` (moved to

@@ -80,8 +80,9 @@ class ImageReader:
     ) -> Iterator[InputBatch]:
         """Preprocessed batches in input order, decoded a few batches ahead while the caller
         computes (:func:`paws.data.eval_view.read_batches`). Images may be file paths or
-        folders (searched recursively), PIL images, or tensors (C, H, W) / (N, C, H, W), uint8
-        in [0, 255] or float in [0, 1]; any size.
+        folders (searched recursively), PIL images, tensors (C, H, W) / (N, C, H, W), uint8 in
+        [0, 255] or float in [0, 1], or numpy arrays (H, W) / (H, W, C) / (N, H, W, C), uint8
+        or float in [0, 1] (:func:`paws.data.images.array_image`); any size.
 
         Raises:
             UserError: an unreadable file (unless skipped), or none of the images readable.

@@ -47,6 +47,20 @@ def _suggest_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], 
     )
     p.add_argument("--html", metavar="FILE", help="also write a contact sheet of thumbnails")
     p.add_argument(
+        "--format",
+        choices=["csv", "labelstudio"],
+        help="csv (path,label,suggested_label,confidence,reason; the default) or labelstudio: "
+        "Label Studio tasks JSON with the suggestions as pre-annotations, and a labelling "
+        "config beside it (the default for an --out ending in .json)",
+    )
+    p.add_argument(
+        "--document-root",
+        metavar="DIR",
+        help="labelstudio: Label Studio's LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT, the folder "
+        "the image URLs are relative to (default: that variable, else the folder above the "
+        "images')",
+    )
+    p.add_argument(
         "--strategy",
         choices=["mixed", "coverage", "uncertainty", "random", "kcenter"],
         help="coverage (the default): the image nearest each k-means centre, the labelled "
@@ -78,31 +92,57 @@ def _suggest_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], 
     )
     _config_args(p)
 
-    def run(args: argparse.Namespace) -> int:
-        from paws.labelling.suggest import describe, write_sheet
-        from paws.progress import info
+    return _run_suggest
 
-        if args.n < 1:
-            raise UserError("-n must be at least 1")
-        out = check_out_file(args.out)  # before minutes of embedding
-        data = [*_run_data(args), args.unlabeled]
-        check_not_input(out, [], data)
-        if args.html:
-            check_out_file(args.html, "--html")
-            check_not_input(args.html, [out], data, "--html")
+
+def _run_suggest(args: argparse.Namespace) -> int:
+    """paws suggest: the suggestions, written as the arguments ask."""
+    from paws.labelling.sheet import write_sheet
+    from paws.labelling.suggest import describe
+    from paws.progress import info
+
+    if args.n < 1:
+        raise UserError("-n must be at least 1")
+    out = check_out_file(args.out)  # before minutes of embedding
+    data = [*_run_data(args), args.unlabeled]
+    check_not_input(out, [], data)
+    if args.html:
+        check_out_file(args.html, "--html")
+        check_not_input(args.html, [out], data, "--html")
+    studio = (args.format or ("labelstudio" if out.suffix == ".json" else "csv")) != "csv"
+    if args.document_root and not studio:
+        raise UserError("--document-root applies to --format labelstudio")
+    if not studio:
         _refuse_filled(out)
-        s = _suggest(args)
+    s = _suggest(args)
+    if studio:
+        _write_labelstudio(s, out, args.document_root)
+    else:
         s.write(out)
-        d = describe(s)
-        groups = ", ".join(f"{k} {v}" for k, v in sorted(d["groups"].items(), key=lambda g: -g[1]))
-        by = f"; suggested classes: {groups}" if s.picks and s.picks[0].suggested else ""
-        info(f"{s.strategy} on {s.features}, among {d['pool']} images{by}")
-        print(f"{d['images']} images to label written to {out} (fill in its label column)")
-        if args.html:
-            print(f"contact sheet: {write_sheet(s, args.html, out.name)}")
-        return 0
+    d = describe(s)
+    groups = ", ".join(f"{k} {v}" for k, v in sorted(d["groups"].items(), key=lambda g: -g[1]))
+    by = f"; suggested classes: {groups}" if s.picks and s.picks[0].suggested else ""
+    info(f"{s.strategy} on {s.features}, among {d['pool']} images{by}")
+    fill = "import it into Label Studio" if studio else "fill in its label column"
+    print(f"{d['images']} images to label written to {out} ({fill})")
+    if args.html:
+        print(f"contact sheet: {write_sheet(s, args.html, out.name)}")
+    return 0
 
-    return run
+
+def _write_labelstudio(s, out: Path, document_root: str | None) -> None:
+    """Write Label Studio tasks and say how to serve their images."""
+    from paws.data.labelstudio import ROOT_VARIABLE, SERVING_VARIABLE
+    from paws.labelling.labelstudio import write_tasks
+    from paws.progress import info
+
+    files = write_tasks(s, out, document_root)
+    config = f"labelling config {files.config}; " if files.config else ""
+    info(
+        f"Label Studio: start it with {SERVING_VARIABLE}=true {ROOT_VARIABLE}="
+        f"{files.document_root}, add a Local files storage of {files.storage} (no sync), "
+        f"{config}then import {files.tasks}; its JSON or CSV export is a data.labels_file"
+    )
 
 
 def _run_data(args: argparse.Namespace) -> list[str]:

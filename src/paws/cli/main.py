@@ -54,9 +54,17 @@ def quiet_idle_threads() -> None:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
+def quiet_trackers() -> None:
+    """Trackers say only warnings and errors (unless the user chose a level): MLflow's INFO
+    lines (creating its database tables, ...) would mix with paws's own. Must run before
+    MLflow is imported; the command line sets it, never the library."""
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``paws`` console script."""
     quiet_idle_threads()
+    quiet_trackers()
     # paws checks every image's size against data.max_image_pixels itself and says so in one
     # line; Pillow's warning about large images would be a second.
     warnings.filterwarnings("ignore", message=r"Image size \(\d+ pixels\) exceeds limit")

@@ -17,8 +17,10 @@ from paws.config.loading import (
     with_absolute_paths as with_absolute_paths,
 )
 from paws.config.schema import (
+    ADAMW_DEFAULTS as ADAMW_DEFAULTS,
     MAX_STEPS as MAX_STEPS,
     TIMM_KEYS as TIMM_KEYS,
+    TIMM_RESERVED as TIMM_RESERVED,
     BaselineConfig as BaselineConfig,
     Config as Config,
     DataConfig as DataConfig,
@@ -32,4 +34,5 @@ from paws.config.schema import (
     SupportConfig as SupportConfig,
     TightenConfig as TightenConfig,
     ViewsConfig as ViewsConfig,
+    timm_kwarg_problem as timm_kwarg_problem,
 )

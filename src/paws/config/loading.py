@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import yaml
 
-from paws.config.schema import Config
+from paws.config.schema import Config, optimizer_defaults
 from paws.errors import UserError, first_line
 from paws.files import write_atomic
 
@@ -175,6 +175,8 @@ def _type_name(tp: Any) -> str:
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     if origin is list:
         return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "a mapping"
     return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
 
 
@@ -212,6 +214,14 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise bad
         return [_coerce(x, args[0], f"{key}[{i}]") for i, x in enumerate(value)]
+    if origin is dict:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise bad
+        return {k: _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
+    if tp is Any:  # checked by the section's own validate()
+        return list(value) if isinstance(value, tuple) else value
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -273,7 +283,7 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
 
 def from_dict(values: dict[str, Any]) -> Config:
     """Build and validate a :class:`Config` from a nested dict (missing keys take defaults)."""
-    return _build(Config, values or {}, "").validate()
+    return _build(Config, optimizer_defaults(values or {}), "").validate()
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -7,6 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from paws.config.after import BaselineConfig, DistillConfig, FinetuneConfig, TightenConfig
+from paws.config.fields import MAX_BATCH, MAX_EPOCHS, MAX_IMAGES, MAX_SEED, MAX_STEPS, knob as _f
 from paws.errors import UserError
 
 __all__ = [
@@ -23,25 +25,13 @@ __all__ = [
     "BaselineConfig",
     "FinetuneConfig",
     "TightenConfig",
+    "DistillConfig",
     "TIMM_KEYS",
+    "TIMM_RESERVED",
+    "ADAMW_DEFAULTS",
+    "timm_kwarg_problem",
+    "optimizer_defaults",
 ]
-
-
-# The largest counts a config may ask for: beyond any real run, so that a slip such as
-# optim.steps=1e30 is refused at once instead of running for ever (or allocating without end).
-MAX_STEPS = 100_000_000  # optim.steps, and any run length derived from epochs
-MAX_EPOCHS = 1e6
-MAX_BATCH = 1_048_576
-MAX_IMAGES = 1_000_000_000
-MAX_SEED = 2**63 - 1
-
-
-def _f(default: Any, doc: str, range: tuple[float | None, float | None] | None = None) -> Any:
-    """A dataclass field with a doc string and an optional inclusive (lo, hi) range."""
-    meta = {"doc": doc, "range": range}
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata=meta)
-    return field(default=default, metadata=meta)
 
 
 @dataclass
@@ -69,13 +59,19 @@ class DataConfig:
     labels_file: str | None = _f(
         None,
         "CSV of labelled images with a header path,label (what paws suggest writes, its label "
-        "column filled in; more columns allowed): folders: paths relative to the CSV's folder "
-        "or absolute, with or instead of data.labeled; built-in, imagenet, hf: image names as "
-        "in split_file (takes precedence over the other labelled-subset keys)",
+        "column filled in; more columns allowed), or a Label Studio JSON or CSV export: "
+        "folders: paths relative to the CSV's folder or absolute, with or instead of "
+        "data.labeled; built-in, imagenet, hf: image names as in split_file (takes "
+        "precedence over the other labelled-subset keys)",
     )
     accept_suggested: bool = _f(
         False,
         "labels_file: a row left without a label takes its suggested_label (default: skipped)",
+    )
+    labels_columns: list[str] | None = _f(
+        None,
+        "labels_file CSV: its [path, label] columns (default: path and label, or a Label "
+        "Studio CSV export's paws_path or image, and choice)",
     )
     test: str | None = _f(None, "folder dataset: optional test images as <class>/<image>")
     labels_per_class: int | None = _f(
@@ -191,7 +187,7 @@ class ModelConfig:
     encoder: str = _f(
         "cnn_small",
         "encoder: cnn_small, resnet18, resnet34, resnet50, wide_resnet28_2, or timm:<name>, any "
-        "timm model (pip install 'paws-ssl[timm]'; tested: ResNet, ConvNeXt, ViT families)",
+        "timm model (pip install 'paws-ssl[timm]'; tested families: README, timm backbones)",
     )
     width: int = _f(
         0,
@@ -213,6 +209,11 @@ class ModelConfig:
     proj_layers: int = _f(3, "projection head linear layers", (1, 8))
     pred_head: bool = _f(False, "2-layer prediction head on the anchor side (Table 5)")
     pred_hidden: int = _f(512, "prediction head hidden size", (1, 65536))
+    timm_kwargs: dict[str, Any] = _f(
+        {},
+        "timm encoders: more keyword arguments of timm.create_model, plain values (e.g. "
+        "{drop_path_rate: 0.1}); --set model.timm_kwargs.drop_path_rate=0.1 sets one",
+    )
     weights: str | None = _f(
         None, "initialise the encoder from a torchvision/timm state dict (.pt/.pth/.safetensors)"
     )
@@ -226,9 +227,43 @@ class ModelConfig:
         for key in TIMM_KEYS:
             if not timm and getattr(self, key) is not None:
                 raise UserError(f"model.{key} applies to timm encoders only (timm:<name>)")
+        if self.timm_kwargs and not timm:
+            raise UserError("model.timm_kwargs applies to timm encoders only (timm:<name>)")
+        for key, value in self.timm_kwargs.items():
+            problem = timm_kwarg_problem(key, value)
+            if problem:
+                raise UserError(f"model.timm_kwargs.{key}: {problem}")
 
 
 TIMM_KEYS = ("patch_size", "img_size")  # model.* keys passed to timm.create_model as they are
+# timm.create_model arguments paws sets itself, with what to do instead of model.timm_kwargs.
+TIMM_RESERVED = {
+    "pretrained": "weights never come from the hub: set model.weights to a local file",
+    "pretrained_cfg": "weights never come from the hub: set model.weights to a local file",
+    "pretrained_cfg_overlay": "weights never come from the hub: set model.weights",
+    "checkpoint_path": "set model.weights to the file",
+    "num_classes": "paws puts its own heads on the trunk's pooled features",
+    "in_chans": "the images' channels set it (data.grayscale)",
+    "features_only": "paws needs the pooled features",
+    **{key: f"set model.{key}" for key in TIMM_KEYS},
+}
+_PLAIN = (int, float, str, bool, type(None))
+
+
+def timm_kwarg_problem(key: object, value: object) -> str | None:
+    """What is wrong with one ``model.timm_kwargs`` entry (None: nothing): a keyword paws sets
+    itself, a name that is no keyword, or a value that is not plain (a number, a word, a
+    switch, null, or a list of them), which a run's record could not hold."""
+    if not isinstance(key, str) or not key.isidentifier():
+        return f"{key!r} is not a keyword argument name"
+    if key in TIMM_RESERVED:
+        return f"paws sets it itself; {TIMM_RESERVED[key]}"
+    items = value if isinstance(value, list) else [value]
+    if not all(isinstance(v, _PLAIN) for v in items):
+        return f"must be a number, word, switch, null or a list of them, got {value!r:.60}"
+    return None
+
+
 _BUILT_IN_KEYS = {
     "width": "choose the timm model of the size you want (e.g. timm:vit_small_patch16_224)",
     "small_images": "for a timm ViT on small images set model.patch_size and model.img_size",
@@ -275,8 +310,21 @@ class LossConfig:
     )
 
 
+# optim.* values optim.name: adamw takes where the config leaves them unset: DINO's and MSN's
+# ViT recipes (Caron et al. 2021, Assran et al. 2022): base rate 5e-4 for a batch of 256,
+# warm-up from a tenth of it, cosine to 1e-6, weight decay 0.04 (their starting value).
+ADAMW_DEFAULTS = {"ref_lr": 5e-4, "start_lr": 5e-5, "final_lr": 1e-6, "weight_decay": 0.04}
+
+
 @dataclass
 class OptimConfig:
+    name: Literal["lars", "adamw"] = _f(
+        "lars",
+        "optimiser: lars (the paper's: classical momentum, LARS trust ratio) or adamw "
+        "(for vision transformers; the keys a config leaves unset take "
+        + ", ".join(f"{k} {v:g}" for k, v in ADAMW_DEFAULTS.items())
+        + "); biases and norm parameters get no weight decay with either",
+    )
     batch_size: int = _f(
         128, "unlabelled images per step, over all processes (global batch)", (1, MAX_BATCH)
     )
@@ -298,10 +346,22 @@ class OptimConfig:
         (0.0, None),
     )
     final_lr: float = _f(0.0226, "learning rate at the last step (cosine decay)", (0.0, None))
-    momentum: float = _f(0.9, "classical momentum (Appendix A, eq. 2)", (0.0, 0.9999))
+    momentum: float = _f(0.9, "classical momentum (Appendix A, eq. 2); adamw: beta1", (0.0, 0.9999))
+    beta2: float = _f(0.999, "adamw: second-moment decay beta2", (0.0, 0.99999))
     weight_decay: float = _f(1e-5, "weight decay (not on biases and norm parameters)", (0.0, 1.0))
-    lars: bool = _f(True, "LARS trust-ratio adaptation (off: plain classical-momentum SGD)")
+    lars: bool = _f(
+        True, "name lars: LARS trust-ratio adaptation (off: plain classical-momentum SGD)"
+    )
     trust_coefficient: float = _f(0.001, "LARS trust coefficient eta", (1e-6, 1.0))
+
+
+def optimizer_defaults(values: dict[str, Any]) -> dict[str, Any]:
+    """A config's nested values with :data:`ADAMW_DEFAULTS` filled in where ``optim.name`` is
+    adamw and the optim section leaves them out (LARS's defaults would diverge with AdamW)."""
+    optim = values.get("optim") if isinstance(values, dict) else None
+    if not isinstance(optim, dict) or optim.get("name") != "adamw":
+        return values
+    return {**values, "optim": {**ADAMW_DEFAULTS, **optim}}
 
 
 @dataclass
@@ -377,114 +437,6 @@ class EvalConfig:
 
 
 @dataclass
-class BaselineConfig:
-    epochs: float | None = _f(
-        None,
-        "supervised-only baseline length in epochs over the labelled set (default: the same "
-        "number of steps as PAWS, and at least min_epochs)",
-        (0.0, MAX_EPOCHS),
-    )
-    min_epochs: float = _f(
-        100,
-        "by default the baseline trains at least this many epochs over the labelled images, "
-        "so that a small labelled set is fitted, not stopped early",
-        (0.0, MAX_EPOCHS),
-    )
-    batch_size: int = _f(128, "labelled images per step", (1, MAX_BATCH))
-    lr: float = _f(
-        0.1, "learning rate (SGD, classical Nesterov momentum, cosine decay)", (0.0, None)
-    )
-    weight_decay: float = _f(5e-4, "weight decay", (0.0, 1.0))
-    time_limit: float | None = _f(
-        None, "stop after this many seconds (same wall-clock budget)", (0.0, None)
-    )
-
-
-@dataclass
-class FinetuneConfig:
-    lrs: list[float] = _f(
-        [0.01, 0.02, 0.05, 0.1, 0.2], "learning rates swept (Appendix A; each > 0)"
-    )
-    epochs: list[int] = _f([30, 50], "epoch counts swept (Appendix A; each >= 1)")
-    batch_size: int = _f(
-        256, "labelled images per step (paper: 1024; at most the labelled set)", (2, MAX_BATCH)
-    )
-    val_fraction: float = _f(
-        0.2,
-        "fraction of each labelled class held out to choose the setting (never the test set); "
-        "0 only with a single setting",
-        (0.0, 0.9),
-    )
-
-
-@dataclass
-class TightenConfig:
-    after_training: bool = _f(
-        True,
-        "paws train ends by tightening (Appendix C's CIFAR-10 protocol) and reports PAWS-NN "
-        "before and after; the tightened model is tighten.pt",
-    )
-    steps: int = _f(180, "SuNCEt fine-tuning steps (Appendix C)", (1, MAX_STEPS))
-    classes: int = _f(10, "classes per batch (at most the labelled classes)", (2, 1_000_000))
-    images_per_class: int = _f(
-        64,
-        "distinct images per class per batch, at least 2: SuNCEt pulls each image towards "
-        "another of its class, and with 1 no image has one (a class with fewer gives all it has)",
-        (2, 1_000_000),
-    )
-    lr: float = _f(0.1, "learning rate at step 0, cosine decay to 0", (0.0, None))
-    momentum: float = _f(0.9, "classical momentum (no weight decay)", (0.0, 0.9999))
-    lars: bool = _f(
-        True,
-        "LARS adaptation of the weights (trust coefficient optim.trust_coefficient), as the "
-        "official code; off: plain momentum SGD, which needs a far smaller lr",
-    )
-    tau: float = _f(0.1, "SuNCEt temperature", (1e-4, 10.0))
-
-
-@dataclass
-class DistillConfig:
-    after_training: bool = _f(
-        False,
-        "paws train ends by training a student classifier on every unlabelled image against "
-        "the teacher's PAWS-NN probabilities (distill.pt), a candidate of the run's choice",
-    )
-    epochs: float = _f(2.0, "passes over the unlabelled images", (0.01, 10_000.0))
-    batch_size: int = _f(256, "unlabelled images per step", (2, MAX_BATCH))
-    labeled_batch: int = _f(
-        64, "labelled images per step, with their labels (at most the labelled set)", (0, MAX_BATCH)
-    )
-    labeled_weight: float = _f(
-        1.0, "weight of the labelled images' cross-entropy beside the unlabelled", (0.0, None)
-    )
-    lr: float = _f(0.05, "learning rate at step 0, cosine decay to 0 (Nesterov SGD)", (0.0, None))
-    targets: Literal["soft", "hard"] = _f(
-        "soft",
-        "soft: cross-entropy to the teacher's probabilities (SimCLRv2's distillation); hard: "
-        "to their arg-max (pseudo-labels)",
-    )
-    temperature: float = _f(
-        1.0,
-        "the teacher's probabilities sharpened as p^(1/T), renormalised (1: as they are)",
-        (1e-3, 100.0),
-    )
-    threshold: float = _f(
-        0.0,
-        "unlabelled images whose teacher's top probability is below this are left out "
-        "(FixMatch's confidence mask; 0: every image)",
-        (0.0, 1.0),
-    )
-    init: Literal["teacher", "scratch"] = _f(
-        "teacher",
-        "the student starts from the teacher's trunk and first head layer, or from new weights "
-        "of the same architecture",
-    )
-    checkpoint_every: int = _f(
-        200, "steps between the student's resumable checkpoints (distill.last.pt)", (1, MAX_STEPS)
-    )
-
-
-@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     views: ViewsConfig = field(default_factory=ViewsConfig)
@@ -507,6 +459,10 @@ class Config:
             raise UserError(
                 "data.dataset is 'folder' but data.labeled is not set: point it to "
                 "a folder of <class>/<image> files, or set data.labels_file"
+            )
+        if d.labels_columns is not None and len(d.labels_columns) != 2:
+            raise UserError(
+                f"data.labels_columns needs two column names [path, label], got {d.labels_columns}"
             )
         if d.dataset == "hf" and not d.root:
             raise UserError("data.dataset is 'hf': set data.root to a saved dataset or images")

@@ -10,6 +10,11 @@ labels are ignored. Images are decoded once into uint8 tensors, as small image f
 :func:`paws.data.images.decode_images`; labels from a ``ClassLabel`` column keep its class
 names, other label values (numbers, strings) are sorted into classes.
 
+An image's name (in split files, labels files, ``paws suggest``'s CSV) is its file's path
+relative to ``data.root`` without the split folder, or else its row number; the unlabelled
+split's names start with the split's name (``extra/17``), so that a labels file can name the
+images ``paws suggest`` proposes from it.
+
 This module reads the splits (:func:`load_hf`); :mod:`paws.data.sources` draws the labelled
 subset and assembles the run's sets.
 """
@@ -191,7 +196,8 @@ def load_hf(d: DataConfig, size: int) -> HFSplits:
         ds = _split(splits, name, key, root)
         _column(ds, d.image_column, "data.image_column", name)
         sources, names = _sources(ds, d.image_column, name, root)
-        if role == "unlabeled":
+        if role == "unlabeled":  # named apart from the train split's rows and files
+            names = [f"{name}/{n}" for n in names]
             y = -np.ones(len(names), dtype=np.int64)
         else:
             _column(ds, d.label_column, "data.label_column", name)
@@ -230,7 +236,8 @@ def _decode(
     sets: dict[str, ImageSet | None] = {"test": None, "unlabeled": None}
     skipped: list[str] = []
     for role, p in parts.items():
-        shown = [f"{p.split}/{n}" for n in p.names]  # in messages: the split too
+        # In messages, the split too (the unlabelled split's names hold it already).
+        shown = p.names if role == "unlabeled" else [f"{p.split}/{n}" for n in p.names]
         images, kept, bad = decode_images(
             p.sources, size, channels, d.on_bad_image, shown, d.max_image_pixels
         )

@@ -54,6 +54,7 @@ __all__ = [
     "Images",
     "expand_images",
     "as_items",
+    "array_image",
 ]
 
 IMAGE_EXTENSIONS = (
@@ -488,7 +489,7 @@ def relative_names(files: Sequence[Path], root: Path) -> list[str]:
     return [str(f.relative_to(root)) for f in files]
 
 
-ImageLike = str | Path | Image.Image | torch.Tensor
+ImageLike = str | Path | Image.Image | torch.Tensor | np.ndarray
 Images = ImageLike | Sequence[ImageLike]
 
 
@@ -521,6 +522,8 @@ def as_items(images: Images) -> list[Any] | torch.Tensor:
     (N, C, H, W) tensor."""
     if isinstance(images, torch.Tensor):
         return images.unsqueeze(0) if images.dim() == 3 else images
+    if isinstance(images, np.ndarray):
+        images = list(images) if images.ndim == 4 else [images]
     if isinstance(images, (str, Path, Image.Image)):
         images = [images]
     items: list[Any] = []
@@ -531,6 +534,39 @@ def as_items(images: Images) -> list[Any] | torch.Tensor:
             items += list(im.unsqueeze(0) if im.dim() == 3 else im)
         elif isinstance(im, Image.Image):
             items.append(im)
+        elif isinstance(im, np.ndarray):
+            items.append(array_image(im))
         else:
             raise UserError(f"cannot read an image from a {type(im).__name__}")
     return items
+
+
+def array_image(a: np.ndarray) -> Image.Image | torch.Tensor:
+    """A numpy image as paws reads it: (H, W) grey or (H, W, C) with 1, 3 or 4 (RGBA) channels,
+    as PIL, OpenCV (after its BGR to RGB) and Hugging Face datasets give them.
+
+    uint8 arrays become the PIL image they are, so that an array read from a file gives the
+    file's answer; float arrays in [0, 1] become (C, H, W) tensors (alpha dropped).
+
+    Raises:
+        UserError: another shape, dtype or value range, in one line.
+    """
+    shape = tuple(a.shape)
+    if a.ndim == 3 and shape[2] == 1:
+        a = a[..., 0]
+    if not (a.ndim == 2 or (a.ndim == 3 and a.shape[2] in (3, 4))) or 0 in a.shape:
+        raise UserError(
+            f"numpy images must be (H, W) or (H, W, C) with C 1, 3 or 4 (a batch: (N, H, W, C) "
+            f"or a list), got {shape}"
+        )
+    if a.dtype == np.uint8:
+        return Image.fromarray(np.ascontiguousarray(a))
+    if not np.issubdtype(a.dtype, np.floating):
+        raise UserError(f"numpy images must be uint8 or float in [0, 1], got {a.dtype}")
+    if not np.isfinite(a).all() or a.min() < 0 or a.max() > 1:
+        raise UserError(
+            f"a float numpy image must hold values in [0, 1], got [{a.min():g}, {a.max():g}]: "
+            "divide by 255, or pass it as uint8"
+        )
+    x = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+    return x[None] if x.ndim == 2 else x[..., :3].permute(2, 0, 1).contiguous()

@@ -4,7 +4,14 @@ The file has a header naming at least the columns ``path`` and ``label``; other 
 allowed and ignored, so the suggestion file ``paws suggest`` writes (:data:`SUGGESTION_COLUMNS`:
 ``path,label,suggested_label,confidence,reason``) is a labels file once its ``label`` column is
 filled in. A path is relative to the CSV's folder, or absolute; for a built-in or Hugging Face
-dataset it is an image's name (the training-set index), matched as ``data.split_file`` lines are.
+dataset it is an image's name (the training-set index; for Hugging Face, a file path or row
+number, ``<split>/<name>`` in the unlabelled split), matched as ``data.split_file`` lines are.
+
+Label Studio's exports are labels files as they are (:mod:`paws.data.labelstudio`): its JSON
+and JSON_MIN exports (a ``.json`` file) and its CSV export (recognised by its ``annotation_id``
+and ``lead_time`` columns; the image in ``paws_path`` or ``image``, the class in ``choice``); a
+task nobody labelled counts as a suggestion left unlabelled. Any other CSV names its path and
+label columns with ``columns`` (``data.labels_columns``).
 
 Rows are numbered as a spreadsheet numbers them: the header is row 1. A row whose label is empty
 is a suggestion nobody labelled yet when the file has a ``suggested_label`` column: it is
@@ -29,6 +36,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from paws.data import labelstudio
 from paws.data.images import class_name
 from paws.errors import UserError
 from paws.files import write_atomic
@@ -69,16 +77,20 @@ class LabelsFile:
     Attributes:
         path: the file.
         rows: the labelled rows, in file order.
-        unlabelled: rows of suggestions left without a label (skipped).
+        unlabelled: rows of suggestions (or Label Studio tasks) left without a label (skipped).
+        unit: what the file's records are called in messages: ``row``, or a JSON file's
+            ``task``.
     """
 
     path: Path
     rows: list[LabelRow]
     unlabelled: int = 0
+    unit: str = "row"
 
     def error(self, row: LabelRow, what: str) -> UserError:
-        """The one-line error about ``row``: the file, the row number, the path, then what."""
-        return UserError(f"labels file {self.path} row {row.row} ('{row.path}'): {what}")
+        """The one-line error about ``row``: the file, the row (or task) number, the path, then
+        what."""
+        return UserError(f"labels file {self.path} {self.unit} {row.row} ('{row.path}'): {what}")
 
     def file(self, row: LabelRow) -> Path:
         """The image file ``row`` names: relative to the CSV's folder, or absolute."""
@@ -109,54 +121,105 @@ class LabelsFile:
         return seen
 
 
-def read_labels_file(path: str | Path, accept_suggested: bool = False) -> LabelsFile:
-    """Read a labels CSV (see the module's doc).
+def read_labels_file(
+    path: str | Path, accept_suggested: bool = False, columns: Sequence[str] | None = None
+) -> LabelsFile:
+    """Read a labels file (see the module's doc): a CSV, or a Label Studio export.
 
     Args:
-        path: the file.
-        accept_suggested: a row with an empty label takes its ``suggested_label``.
+        path: the file: ``.json`` is read as Label Studio JSON (:mod:`paws.data.labelstudio`),
+            anything else as CSV.
+        accept_suggested: a row with an empty label takes its ``suggested_label`` (a Label
+            Studio task: its prediction).
+        columns: a CSV's path and label columns (``data.labels_columns``); default ``path``
+            and ``label``, or a Label Studio export's (:func:`paws.data.labelstudio.csv_columns`).
 
     Raises:
-        UserError: a missing file, no ``path`` or ``label`` column, an empty path, an empty
-            label that is not a suggestion left unlabelled, or no labelled row at all.
+        UserError: a missing file, no path or label column, an empty path, an empty label
+            that is not a suggestion left unlabelled, or no labelled row at all.
     """
     p = Path(path).expanduser()
     if not p.is_file():
         raise UserError(f"labels file not found: {p}")
+    if p.suffix.lower() == ".json":
+        return _checked(
+            LabelsFile(p, [], unit="task"), labelstudio.json_records(p), True, accept_suggested
+        )
     table = _table(p)
     header = [h.strip() for h in table[0]] if table else []
-    missing = [c for c in LABEL_COLUMNS if c not in header]
-    if missing:
-        raise UserError(
-            f"labels file {p} needs a header row with the columns path,label "
-            f"(missing: {', '.join(missing)})"
-        )
+    studio = labelstudio.is_export(header)
+    path_col, label_col = _columns(p, header, columns, studio)
     col = {name: header.index(name) for name in header}
-    suggestions = "suggested_label" in col
-    out = LabelsFile(p, [])
+    suggestions = "suggested_label" in col or studio
 
     def cell(values: list[str], name: str) -> str:
         i = col.get(name)
         return values[i].strip() if i is not None and i < len(values) else ""
 
-    for n, values in enumerate(table[1:], start=2):
-        if not any(v.strip() for v in values):
-            continue  # a blank line
-        row = LabelRow(n, cell(values, "path"), cell(values, "label"))
+    out = LabelsFile(p, [])
+    records = [
+        (n, cell(v, path_col), cell(v, label_col), cell(v, "suggested_label"))
+        for n, v in enumerate(table[1:], start=2)
+        if any(x.strip() for x in v)  # not a blank line
+    ]
+    if studio:
+        records = [
+            (
+                n,
+                labelstudio.image_path(path) if path_col != labelstudio.PATH_KEY else path,
+                labelstudio.choice(label, f"labels file {p} row {n}"),
+                hint,
+            )
+            for n, path, label, hint in records
+        ]
+    return _checked(out, records, suggestions, accept_suggested)
+
+
+def _columns(
+    p: Path, header: list[str], columns: Sequence[str] | None, studio: bool
+) -> tuple[str, str]:
+    """The path and label columns of a CSV labels file."""
+    if columns:
+        missing = [c for c in columns if c not in header]
+        if missing:
+            raise UserError(
+                f"labels file {p} has no column {', '.join(missing)} (data.labels_columns); "
+                f"its columns: {', '.join(header)}"
+            )
+        return columns[0], columns[1]
+    if all(c in header for c in LABEL_COLUMNS):
+        return LABEL_COLUMNS
+    if studio:
+        return labelstudio.csv_columns(header)
+    missing = [c for c in LABEL_COLUMNS if c not in header]
+    raise UserError(
+        f"labels file {p} needs a header row with the columns path,label (missing: "
+        f"{', '.join(missing)}), or name its columns with data.labels_columns=[PATH,LABEL]"
+    )
+
+
+def _checked(
+    out: LabelsFile, records: list[labelstudio.Record], suggestions: bool, accept: bool
+) -> LabelsFile:
+    """``out`` with the labelled ``(number, path, label, suggested)`` records as rows: an empty
+    path is an error; an empty label skips a suggestion (or takes its suggested label with
+    ``accept``) and is an error elsewhere."""
+    for n, path, label, suggested in records:
+        row = LabelRow(n, path, label)
         if not row.path:
             raise out.error(row, "the path is empty")
         if not row.label and suggestions:
-            if not accept_suggested:
+            if not accept:
                 out.unlabelled += 1
                 continue
-            row = LabelRow(n, row.path, cell(values, "suggested_label"))
+            row = LabelRow(n, row.path, suggested)
         if not row.label:
             hint = " and no suggested label" if suggestions else "; fill it in or remove the row"
             raise out.error(row, f"the label is empty{hint}")
         out.rows.append(_checked(out, row))
     if not out.rows:
         left = f" ({out.unlabelled} suggestions are still unlabelled)" if out.unlabelled else ""
-        raise UserError(f"labels file {p} labels no image{left}; fill in the label column")
+        raise UserError(f"labels file {out.path} labels no image{left}; fill in the label column")
     return out
 
 

@@ -178,7 +178,7 @@ def labeled_from_file(
     Returns:
         ``(index (M,), labels (M,))``: positions in ``images`` (sorted) and class ids.
     """
-    labels = read_labels_file(cfg.labels_file or "", cfg.accept_suggested)
+    labels = read_labels_file(cfg.labels_file or "", cfg.accept_suggested, cfg.labels_columns)
     lookup = _name_lookup(images)
 
     def image(row: LabelRow) -> str:
@@ -247,7 +247,7 @@ def _add_labels_file(
         UserError: an unknown path, a duplicate, or an image the file labels with another
             class than its class folder.
     """
-    labels = read_labels_file(cfg.labels_file or "", cfg.accept_suggested)
+    labels = read_labels_file(cfg.labels_file or "", cfg.accept_suggested, cfg.labels_columns)
 
     def image(row: LabelRow) -> str:
         f = labels.file(row)
@@ -485,19 +485,30 @@ def _imagenet_sets(cfg: Config) -> Datasets:
     return Datasets(unlabeled, labeled, test, classes, 3, mean, std)
 
 
+def _joined(first: ImageSet, second: ImageSet) -> ImageSet:
+    """Two sets of images in memory as one, ``first``'s images first."""
+    assert first.images is not None and second.images is not None
+    return ImageSet(
+        labels=np.concatenate([first.labels, second.labels]),
+        names=first.names + second.names,
+        images=torch.cat([first.images, second.images]),
+        sources=[*(first.sources or []), *(second.sources or [])],
+    )
+
+
 def _hf_sets(cfg: Config) -> Datasets:
     from paws.data.hf import load_hf  # imports the datasets package: only when asked for
 
     d = cfg.data
     hf = load_hf(d, memory_size(cfg))
-    labeled, unlabeled = _split(hf.train, d, hf.classes)
-    if hf.unlabeled is not None:
-        unlabeled = ImageSet(
-            labels=np.concatenate([unlabeled.labels, hf.unlabeled.labels]),
-            names=unlabeled.names + hf.unlabeled.names,
-            images=torch.cat([unlabeled.images, hf.unlabeled.images]),
-            sources=[*(unlabeled.sources or []), *(hf.unlabeled.sources or [])],
-        )
+    if hf.unlabeled is not None and d.labels_file:
+        # A labels file may name images of the unlabelled split (``<split>/<name>``, what
+        # paws suggest proposes from it) as well as of the train split.
+        labeled, unlabeled = _split(_joined(hf.train, hf.unlabeled), d, hf.classes)
+    else:
+        labeled, unlabeled = _split(hf.train, d, hf.classes)
+        if hf.unlabeled is not None:
+            unlabeled = _joined(unlabeled, hf.unlabeled)
     mean, std = normalisation(cfg, "imagenet", hf.channels)
     return Datasets(unlabeled, labeled, hf.test, hf.classes, hf.channels, mean, std, hf.skipped)
 

@@ -4,12 +4,13 @@ image worth labelling (:class:`Suggestion`) and the chosen images with their CSV
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
-from paws.data.images import ImageSet
+from paws.data.images import ImageSet, read_image
 from paws.data.labels import csv_path, write_suggestions
 from paws.data.loaders import Loading
 
@@ -58,15 +59,25 @@ class Pool:
             return self.images.names[i]
         return csv_path(self.images.files[i], folder)
 
+    def picture(self, i: int) -> Image.Image:
+        """Candidate ``i`` as a PIL image (for the contact sheet and Label Studio)."""
+        if self.images.images is not None:
+            x = self.images.images[i].numpy()
+            return Image.fromarray(x[0] if x.shape[0] == 1 else x.transpose(1, 2, 0))
+        assert self.images.files is not None
+        return read_image(self.images.files[i])
+
 
 @dataclass
 class Suggestions:
-    """The chosen images, best first, with the pool they come from."""
+    """The chosen images, best first, with the pool they come from and the classes a run
+    knows (none at a cold start)."""
 
     pool: Pool
     picks: list[Suggestion]
     strategy: str
     features: str
+    classes: list[str] = field(default_factory=list)
 
     def rows(self, folder: Path) -> list[list[object]]:
         """CSV rows ``(path, label, suggested_label, confidence, reason)`` for a file in

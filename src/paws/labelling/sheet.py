@@ -9,10 +9,15 @@ from __future__ import annotations
 
 import base64
 import html
+import io
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
-__all__ = ["SheetItem", "contact_sheet"]
+from paws.files import write_atomic
+from paws.labelling.records import Pool, Suggestion, Suggestions
+
+__all__ = ["SheetItem", "contact_sheet", "write_sheet"]
 
 
 @dataclass
@@ -80,3 +85,41 @@ def contact_sheet(items: Sequence[SheetItem], title: str, csv_name: str | None =
         parts.append("</div>")
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
+
+
+def _thumbnail(pool: Pool, i: int, size: int = 96) -> bytes:
+    """A PNG of candidate ``i``, its longer side at most ``size`` pixels."""
+    im = pool.picture(i)
+    im.thumbnail((size, size))
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _heading(p: Suggestion) -> str:
+    if p.group_size is not None:
+        return f"{p.suggested}: {p.group_size} images like these match no labelled class"
+    return p.suggested or "no suggestion yet (cold start)"
+
+
+def write_sheet(s: Suggestions, out: str | Path, csv_name: str | None = None) -> Path:
+    """Write a self-contained HTML contact sheet of the suggestions: thumbnails grouped by
+    suggested class, each with its file name, confidence and reason."""
+    out = Path(out).expanduser()
+    items = [
+        SheetItem(
+            group=_heading(p),
+            png=_thumbnail(s.pool, p.index),
+            name=s.pool.path(p.index, out.parent),
+            lines=[
+                *([f"{p.suggested} {p.confidence:.2f}"] if p.confidence is not None else []),
+                p.reason,
+            ],
+            rank=rank + 1,
+        )
+        for rank, p in enumerate(s.picks)
+    ]
+    title = f"{len(items)} images to label next ({s.strategy}, {s.features})"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(out, contact_sheet(items, title, csv_name))
+    return out

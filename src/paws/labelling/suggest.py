@@ -27,7 +27,6 @@ scratch folder, embedded and read in chunks, so memory stays bounded for any num
 
 from __future__ import annotations
 
-import io
 import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -38,16 +37,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
 from paws import rundir
 from paws.apply.embedding import embed_images
 from paws.config import Config
-from paws.data.images import ImageSet, expand_images, read_image
+from paws.data.images import ImageSet, expand_images
 from paws.data.loaders import Loading
 from paws.data.sources import Datasets, load_datasets, normalisation
 from paws.errors import UserError
-from paws.files import write_atomic
 from paws.labelling.new_classes import NewGroups, new_class_groups
 from paws.labelling.records import Pool, Suggestion, Suggestions
 from paws.labelling.strategies import (
@@ -78,7 +75,6 @@ __all__ = [
     "choose",
     "suggest_from_run",
     "suggest_cold",
-    "write_sheet",
 ]
 
 STRATEGIES = ("mixed", "coverage", "uncertainty", "random", "kcenter")
@@ -368,7 +364,8 @@ def suggest_from_run(
     picks = [
         _pick(int(i), r, data.classes[top[i]], float(conf[i]), new) for i, r in zip(rows, reasons)
     ]
-    return Suggestions(pool, picks, strategy, f"the run's {where} embedding")
+    where = space if strategy in GEOMETRIC else features
+    return Suggestions(pool, picks, strategy, f"the run's {where} embedding", list(data.classes))
 
 
 def _pick(i: int, reason: str, guess: str, confidence: float, new: NewGroups) -> Suggestion:
@@ -492,56 +489,6 @@ def suggest_cold(
         )
     picks = [Suggestion(int(i), None, None, r) for i, r in zip(rows, reasons)]
     return Suggestions(pool, picks, strategy, what)
-
-
-# --------------------------------------------------------------------------------------------
-# The contact sheet.
-
-
-def _thumbnail(pool: Pool, i: int, size: int = 96) -> bytes:
-    """A PNG of candidate ``i``, its longer side at most ``size`` pixels."""
-    images = pool.images
-    if images.images is not None:
-        x = images.images[i].numpy()
-        im = Image.fromarray(x[0] if x.shape[0] == 1 else x.transpose(1, 2, 0))
-    else:
-        assert images.files is not None
-        im = read_image(images.files[i])
-    im.thumbnail((size, size))
-    buf = io.BytesIO()
-    im.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _heading(p: Suggestion) -> str:
-    if p.group_size is not None:
-        return f"{p.suggested}: {p.group_size} images like these match no labelled class"
-    return p.suggested or "no suggestion yet (cold start)"
-
-
-def write_sheet(s: Suggestions, out: str | Path, csv_name: str | None = None) -> Path:
-    """Write a self-contained HTML contact sheet of the suggestions: thumbnails grouped by
-    suggested class, each with its file name, confidence and reason."""
-    from paws.labelling.sheet import SheetItem, contact_sheet
-
-    out = Path(out).expanduser()
-    items = [
-        SheetItem(
-            group=_heading(p),
-            png=_thumbnail(s.pool, p.index),
-            name=s.pool.path(p.index, out.parent),
-            lines=[
-                *([f"{p.suggested} {p.confidence:.2f}"] if p.confidence is not None else []),
-                p.reason,
-            ],
-            rank=rank + 1,
-        )
-        for rank, p in enumerate(s.picks)
-    ]
-    title = f"{len(items)} images to label next ({s.strategy}, {s.features})"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(out, contact_sheet(items, title, csv_name))
-    return out
 
 
 def describe(s: Suggestions) -> dict[str, Any]:

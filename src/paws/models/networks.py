@@ -19,7 +19,7 @@ from typing import Any, Literal
 import torch
 import torch.nn as nn
 
-from paws.config import TIMM_KEYS
+from paws.config import TIMM_KEYS, TIMM_RESERVED
 from paws.errors import UserError
 from paws.models.encoders import check_encoder, create_encoder, is_timm, load_encoder_weights
 from paws.progress import info
@@ -43,7 +43,8 @@ class Architecture:
     Attributes:
         encoder: a registered encoder name or ``timm:<name>`` (``model.encoder``).
         encoder_kwargs: its options, e.g. ``{"width": 48}``, or a timm ViT's
-            ``{"patch_size": 4, "img_size": 32}``.
+            ``{"patch_size": 4, "img_size": 32, "drop_path_rate": 0.1}`` (``model.patch_size``,
+            ``model.img_size`` and ``model.timm_kwargs``).
         in_channels: 1 (grey) or 3 (colour).
         small_images: the encoder's small-image stem.
         proj_hidden: projection head hidden size.
@@ -156,6 +157,8 @@ def _encoder_options(v: Any) -> str | None:
         return "plain values"
     if "width" in v and _count(1, MAX_WIDTH)(v["width"]):
         return f"options with a width in [1, {MAX_WIDTH}]"
+    if any(k in TIMM_RESERVED and k not in TIMM_KEYS for k in v):
+        return f"options without {', '.join(k for k in TIMM_RESERVED if k not in TIMM_KEYS)}"
     return None
 
 
@@ -181,9 +184,10 @@ _ARCH_CHECKS: dict[str, Callable[[Any], str | None]] = {
 def _encoder_kwargs(m: Any) -> dict[str, Any]:
     """The options a ``model`` config section gives the encoder's factory: ``width`` (when not
     0) for a built-in encoder; for a timm one, the timm arguments among :data:`TIMM_KEYS` that
-    are set."""
+    are set and ``model.timm_kwargs``."""
     if is_timm(m.encoder):
-        return {k: getattr(m, k) for k in TIMM_KEYS if getattr(m, k, None) is not None}
+        own = {k: getattr(m, k) for k in TIMM_KEYS if getattr(m, k, None) is not None}
+        return {**own, **dict(getattr(m, "timm_kwargs", None) or {})}
     return {"width": m.width} if m.width else {}
 
 

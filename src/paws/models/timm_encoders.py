@@ -7,7 +7,14 @@ input through timm's own ``in_chans``. Models that support it get ``dynamic_img_
 that one vision transformer takes the large and the small crops of multi-crop: timm interpolates
 the position embeddings to each input size. Their ``patch_size`` and ``img_size`` (the nominal
 side, which sets the position-embedding grid) are options, from ``model.patch_size`` and
-``model.img_size``.
+``model.img_size``; any other timm keyword argument (``drop_path_rate``, ``act_layer``, ...)
+comes from ``model.timm_kwargs``.
+
+The trunk's output size is what the model returns, not ``num_features``: with
+``num_classes=0`` many families (MobileNetV3, GhostNet, LCNet, EfficientViT, HGNetV2) still
+apply their head's last convolution or linear layer, so their pooled features have
+``head_hidden_size`` channels. Where a timm model lacks that attribute, one forward pass at
+build time measures it.
 
 Weights never come from the hub: :meth:`TimmEncoder.match_state_dict` fits a plain timm
 ``state_dict()`` (read from a local file, ``model.weights``) to the trunk with timm's own rules:
@@ -15,8 +22,9 @@ the family's checkpoint filter (position embeddings resampled to the trunk's gri
 embeddings to its patch size), the first convolution adapted to the input channels
 (``adapt_input_conv``: summed for grey input), and the classifier left out.
 
-Tested families: ResNet, ConvNeXt and ViT; other timm models that end in pooled features
-should work the same way.
+Tested families (tests/test_timm_families.py): ResNet, RegNet, MobileNetV3, EfficientNet, ConvNeXt,
+GhostNet, LCNet, EfficientViT, HGNetV2, ViT, DeiT, Swin; other timm models that end in pooled
+features work the same way.
 """
 
 from __future__ import annotations
@@ -28,11 +36,14 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from paws.errors import UserError
+from paws.errors import UserError, first_line
 
-__all__ = ["PREFIX", "check", "create", "TimmEncoder"]
+__all__ = ["PREFIX", "check", "create", "output_size", "TimmEncoder"]
 
 PREFIX = "timm:"
+
+# Keys with a model.* knob of their own; the others are model.timm_kwargs.<key>.
+_OWN_KEYS = ("patch_size", "img_size")
 
 # Key prefixes that wrappers put in front of a timm model's own keys in saved files.
 _WRAPPERS = ("module.", "encoder.", "backbone.", "model.", "net.")
@@ -74,7 +85,8 @@ def create(
         in_channels: 1 for grayscale, 3 for colour images (timm's ``in_chans``).
         small_images: must be False: timm models have no paws small-image stem (a ViT on small
             images takes ``patch_size`` and ``img_size`` instead).
-        **options: timm keyword arguments from the config, ``patch_size`` and ``img_size``.
+        **options: timm keyword arguments: ``patch_size``, ``img_size`` and
+            ``model.timm_kwargs``.
 
     Returns:
         A :class:`TimmEncoder`, (N, in_channels, H, W) to (N, num_features).
@@ -86,17 +98,64 @@ def create(
     kwargs = dict(pretrained=False, num_classes=0, in_chans=in_channels, **options)
     try:
         try:
-            model = timm.create_model(name, dynamic_img_size=True, **kwargs)
+            model = timm.create_model(name, **{"dynamic_img_size": True, **kwargs})
         except TypeError as e:
-            if "dynamic_img_size" not in str(e):
+            if "dynamic_img_size" not in str(e) or "dynamic_img_size" in options:
                 raise
             model = timm.create_model(name, **kwargs)  # a CNN: takes any size already
     except TypeError as e:
         key = next((k for k in options if repr(k) in str(e)), None)
         if key is None:
             raise
-        raise UserError(f"model.{key} does not apply to {PREFIX}{name} ({e})") from e
-    return TimmEncoder(model)
+        raise UserError(f"{_knob(key)} does not apply to {PREFIX}{name} ({first_line(e)})") from e
+    except (ValueError, AssertionError, KeyError, RuntimeError) as e:
+        if not options:
+            raise
+        shown = ", ".join(f"{k}={v!r}" for k, v in options.items())
+        raise UserError(
+            f"timm cannot build {PREFIX}{name} with {shown}: {first_line(e)}; check model."
+            "timm_kwargs, model.patch_size and model.img_size"
+        ) from e
+    return TimmEncoder(model, in_channels)
+
+
+def _knob(key: str) -> str:
+    """The config key a timm keyword argument comes from."""
+    return f"model.{key}" if key in _OWN_KEYS else f"model.timm_kwargs.{key}"
+
+
+def output_size(model: nn.Module, in_channels: int = 3) -> int:
+    """F, the size of the pooled features a timm model made with ``num_classes=0`` returns:
+    its ``head_hidden_size`` (the head's last layer before the classifier, which many families
+    keep), or, where timm has none, measured by one forward pass of a blank image in eval mode
+    (no running statistic or random state changes)."""
+    size = getattr(model, "head_hidden_size", None)
+    if isinstance(size, int) and size > 0:
+        return size
+    side = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    h, w = tuple(side) if side is not None else tuple(cfg.get("input_size", (3, 224, 224))[1:])
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(1, in_channels, int(h), int(w), device=device))
+    finally:
+        model.train(was_training)
+    return int(_pooled(out).shape[1])
+
+
+def _pooled(out: Any) -> torch.Tensor:
+    """``out`` when it is (N, F) pooled features, else a one-line error."""
+    if not torch.is_tensor(out) or out.ndim != 2:
+        shape = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
+        raise UserError(
+            f"the timm model returns {shape}, not pooled (N, F) features: leave out "
+            "model.timm_kwargs that change its pooling (global_pool, features_only)"
+        )
+    return out
 
 
 class TimmEncoder(nn.Module):
@@ -104,21 +163,22 @@ class TimmEncoder(nn.Module):
 
     Args:
         model: a timm model made with ``num_classes=0``, so that it returns pooled features.
+        in_channels: its input channels (for the forward pass that may measure F).
 
     Attributes:
         model: the timm model (its ``state_dict()`` keys are timm's, under ``model.``).
-        num_features: F, the feature size (timm's ``num_features``).
+        num_features: F, the size of what the model returns (:func:`output_size`).
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, in_channels: int = 3):
         super().__init__()
         self.model = model
-        self.num_features = int(model.num_features)
+        self.num_features = output_size(model, in_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C, H, W) images to (N, F) pooled features."""
         self._check_size(x.shape[-2:])
-        return self.model(x)
+        return _pooled(self.model(x))
 
     def _check_size(self, size: torch.Size) -> None:
         """A one-line error for an image size a patch embedding cannot take (timm asserts)."""

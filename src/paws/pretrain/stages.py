@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from paws import distributed, rundir, runtime, tracking
-from paws.config import Config, save_config, to_dict
+from paws.config import Config, from_dict, save_config, to_dict
 from paws.config.adapt import total_steps
 from paws.data.sources import Datasets
 from paws.errors import UserError, first_line
@@ -89,13 +89,19 @@ def training_model(cfg: Config, arch: Architecture, device: torch.device) -> PAW
     return model
 
 
-def build_optimizer(cfg: Config, model: torch.nn.Module) -> LARS:
-    """LARS over the model's parameter groups, as ``optim`` configures it."""
+def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """The optimiser ``optim.name`` names over the model's parameter groups (biases and norm
+    parameters without weight decay): LARS with classical momentum, or AdamW (``momentum``
+    and ``beta2`` its betas) for vision transformers."""
+    o = cfg.optim
+    if o.name == "adamw":
+        groups = param_groups(model, o.weight_decay, lars=False)
+        return torch.optim.AdamW(groups, lr=o.start_lr, betas=(o.momentum, o.beta2))
     return LARS(
-        param_groups(model, cfg.optim.weight_decay, lars=cfg.optim.lars),
-        lr=cfg.optim.start_lr,
-        momentum=cfg.optim.momentum,
-        trust_coefficient=cfg.optim.trust_coefficient,
+        param_groups(model, o.weight_decay, lars=o.lars),
+        lr=o.start_lr,
+        momentum=o.momentum,
+        trust_coefficient=o.trust_coefficient,
     )
 
 
@@ -110,7 +116,7 @@ class Run:
         data: the datasets.
         arch: the network's architecture.
         model: the model (the module to checkpoint and evaluate).
-        optimizer: LARS.
+        optimizer: LARS or AdamW (:func:`build_optimizer`).
         scaler: the fp16 gradient scaler, or None.
         dtype: the autocast dtype, or None for fp32.
         unl: unlabelled batches.
@@ -130,7 +136,7 @@ class Run:
     data: Datasets
     arch: Architecture
     model: PAWSModel
-    optimizer: LARS
+    optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler | None
     dtype: torch.dtype | None
     unl: UnlabeledSampler
@@ -220,7 +226,8 @@ def start_run(cfg: Config, out: Path, state: dict[str, Any] | None) -> None:
     """Refuse a resume that changes the run's shape, then write the run's config (``cfg``
     fitted to the data, :func:`paws.config.adapt.fit_to_data`) into the run directory."""
     if state is not None:
-        diff = rundir.shape_diff(state["config"], to_dict(cfg))
+        # The saved config read as a config: keys added to paws since take their defaults.
+        diff = rundir.shape_diff(to_dict(from_dict(state["config"])), to_dict(cfg))
         if diff:
             raise UserError(
                 "cannot resume: the config changes the run's shape: "
