@@ -142,7 +142,7 @@ def read_labels_file(
     if not p.is_file():
         raise UserError(f"labels file not found: {p}")
     if p.suffix.lower() == ".json":
-        return _checked(
+        return _collected(
             LabelsFile(p, [], unit="task"), labelstudio.json_records(p), True, accept_suggested
         )
     table = _table(p)
@@ -172,7 +172,7 @@ def read_labels_file(
             )
             for n, path, label, hint in records
         ]
-    return _checked(out, records, suggestions, accept_suggested)
+    return _collected(out, records, suggestions, accept_suggested)
 
 
 def _columns(
@@ -198,7 +198,7 @@ def _columns(
     )
 
 
-def _checked(
+def _collected(
     out: LabelsFile, records: list[labelstudio.Record], suggestions: bool, accept: bool
 ) -> LabelsFile:
     """``out`` with the labelled ``(number, path, label, suggested)`` records as rows: an empty
@@ -209,7 +209,7 @@ def _checked(
         if not row.path:
             raise out.error(row, "the path is empty")
         if not row.label and suggestions:
-            if not accept:
+            if not accept or not suggested:  # a group of no labelled class has no suggestion
                 out.unlabelled += 1
                 continue
             row = LabelRow(n, row.path, suggested)

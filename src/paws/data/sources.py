@@ -447,6 +447,7 @@ def labeled_as_unlabeled(labeled: ImageSet) -> ImageSet:
         names=list(labeled.names),
         images=labeled.images,
         files=labeled.files,
+        sources=labeled.sources,
     )
 
 
@@ -492,7 +493,9 @@ def _joined(first: ImageSet, second: ImageSet) -> ImageSet:
         labels=np.concatenate([first.labels, second.labels]),
         names=first.names + second.names,
         images=torch.cat([first.images, second.images]),
-        sources=[*(first.sources or []), *(second.sources or [])],
+        sources=None
+        if first.sources is None or second.sources is None
+        else [*first.sources, *second.sources],
     )
 
 

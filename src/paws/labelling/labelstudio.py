@@ -112,7 +112,9 @@ def tasks(s: Suggestions, files: list[Path], root: Path) -> list[dict[str, Any]]
                 "paws_reason": p.reason,
             }
         }
-        if p.suggested is not None:
+        if p.group_size is not None:  # of no labelled class: not one of the config's choices
+            task["data"]["paws_group"] = p.suggested
+        elif p.suggested is not None:
             result = {
                 "id": f"paws{rank}",
                 "from_name": CHOICE_KEY,
