@@ -34,7 +34,8 @@ def _suggest_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], 
         "run",
         nargs="?",
         metavar="RUN_DIR",
-        help="a trained run directory or checkpoint (none: a cold start, no labels yet)",
+        help="a trained run directory or checkpoint (none: a cold start, no labels yet; a "
+        "label-free run of paws train: a cold start in its embedding)",
     )
     p.add_argument(
         "--unlabeled",
@@ -48,9 +49,11 @@ def _suggest_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], 
     p.add_argument("--html", metavar="FILE", help="also write a contact sheet of thumbnails")
     p.add_argument(
         "--strategy",
-        choices=["mixed", "coverage", "uncertainty", "random", "kcenter"],
-        help="coverage (the default): the image nearest each k-means centre, the labelled "
-        "images fixed centres; mixed: typical images of the groups PAWS-NN is least sure of, "
+        choices=["mixed", "coverage", "typiclust", "uncertainty", "random", "kcenter"],
+        help="coverage (the default with a labelled run): the image nearest each k-means "
+        "centre, the labelled images fixed centres; typiclust (the default of a cold start "
+        "and of a label-free run): the most typical image of each k-means cluster; mixed: "
+        "typical images of the groups PAWS-NN is least sure of, "
         "spread over the suggested classes; uncertainty: smallest PAWS-NN margin; random; "
         "kcenter: k-center greedy (farthest first: outliers, worse than random for small "
         "batches)",
@@ -115,11 +118,10 @@ def _suggest(args: argparse.Namespace):
             raise UserError("--config applies to a cold start; a run has its own config")
         overrides = [*args.overrides, *device_set]
         device = runtime.setup(checkpoint_config(args.run, overrides))
-        strategy = args.strategy or "coverage"
         return suggest_from_run(
             args.run,
             args.n,
-            strategy,
+            args.strategy,
             args.unlabeled,
             overrides,
             device,
@@ -128,5 +130,6 @@ def _suggest(args: argparse.Namespace):
         )
     cfg = load_config(args.config, [*args.overrides, *device_set])
     device = runtime.setup(cfg)
-    strategy = args.strategy or "coverage"
-    return suggest_cold(cfg, args.n, args.unlabeled, strategy, args.features, device, args.seed)
+    return suggest_cold(
+        cfg, args.n, args.unlabeled, args.strategy, args.features, device, args.seed
+    )

@@ -115,7 +115,10 @@ def label_free(cfg: Config, num_labeled: int) -> Config:
         )
         cfg = dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, objective="simclr"))
     if cfg.views.small_crops:
-        info(f"loss.objective simclr uses the 2 large views: views.small_crops {cfg.views.small_crops} -> 0")
+        info(
+            "loss.objective simclr uses the 2 large views: views.small_crops "
+            f"{cfg.views.small_crops} -> 0"
+        )
         cfg = dataclasses.replace(cfg, views=dataclasses.replace(cfg.views, small_crops=0))
     return cfg
 

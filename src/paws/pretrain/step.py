@@ -76,7 +76,7 @@ def train_step(
     monitor: bool = False,
     prior: torch.Tensor | None = None,
 ) -> StepResult:
-    """One PAWS step (paper section 3, eq. 4), in place on ``model`` and ``optimizer``.
+    """One PAWS step (section 3, eq. 4) on ``model`` and ``optimizer``, or :func:`simclr_step`.
 
     Args:
         model: the :class:`PAWSModel` (possibly wrapped in DistributedDataParallel).
@@ -86,15 +86,13 @@ def train_step(
         support_labels: (S, K) smoothed labels of the supports gathered from all ranks.
         loss_cfg: the run's ``loss`` section (temperatures, ME-MAX and its prior).
         ropaws: RoPAWS's hyperparameters (:func:`ropaws_of`), built once per run, or None.
-        scaler: gradient scaler for fp16.
-        dtype: autocast dtype of the forward pass, or None for fp32.
+        scaler, dtype: the fp16 gradient scaler; the forward's autocast dtype (None: fp32).
         monitor: also compute the monitor-only metrics of Fig. 4 (no gradient).
-        prior: (K,) ME-MAX prior of the step's support classes, or None for the paper's.
+        prior: (K,) ME-MAX prior of the step's support classes (None: the paper's uniform).
 
     Returns:
-        The step's scalars as tensors, without waiting for the device; ``.read()`` gives
-        floats averaged over ranks. With ``loss.me_max_prior: estimated`` also the step's
-        class mass (the mean soft nearest-neighbour prediction of its unlabelled images).
+        The step's scalars as tensors, not waiting for the device (``.read()``: floats averaged
+        over ranks), with ``loss.me_max_prior: estimated`` the step's class mass.
     """
     if loss_cfg.objective == "simclr":
         return simclr_step(model, optimizer, batch, loss_cfg.tau, scaler, dtype)
