@@ -290,28 +290,47 @@ def kmeans_clusters(
         seed: seed of the sample and of k-means++.
         sample: rows k-means++ starts from.
         tick: called once per chunk read.
-        restarts: k-means runs, each from its own k-means++ start; the one of lowest
-            inertia is kept, so that the clusters depend less on the seed.
+        restarts: k-means++ starts, each run for ``iters`` Lloyd iterations on the sample;
+            the one of lowest inertia there starts the iterations over all rows, so that the
+            clusters depend less on the seed at little more cost.
     """
     N = len(source)
     ok = np.ones(N, dtype=bool) if exclude is None else ~np.asarray(exclude, dtype=bool)
     fixed = labelled.float() if labelled is not None else torch.zeros(0, source.dim)
-    best: Clusters | None = None
+    rng = np.random.default_rng(seed)
+    start = np.sort(rng.choice(N, min(N, max(sample, m)), replace=False))
+    free = _best_start(source.take(start), min(m, len(start)), fixed, seed, iters, restarts)
+    for _ in range(iters):
+        sums, counts, _, _, _ = _assign(source, fixed, free, ok, tick)
+        moved = counts > 0
+        free[moved] = sums[moved] / counts[moved].unsqueeze(1)
+    member = np.full(N, -1, dtype=np.int64)
+    _, counts, _, best_i, inertia = _assign(source, fixed, free, ok, tick, member)
+    return Clusters(best_i.numpy(), counts.numpy().astype(np.int64), member, inertia)
+
+
+def _best_start(
+    x: torch.Tensor, m: int, fixed: torch.Tensor, seed: int, iters: int, restarts: int
+) -> torch.Tensor:
+    """(m, D) starting centres from the sample x (S, D): greedy k-means++ seeded by ``seed``;
+    with several restarts, each its own k-means++ followed by ``iters`` Lloyd iterations on
+    the sample, the centres of lowest inertia on the sample kept (the first restart is the
+    one-restart start, so more restarts never end worse on the sample)."""
+    best, best_inertia = None, float("inf")
+    sample = TensorSource(x)
+    every = np.ones(len(x), dtype=bool)
     for r in range(max(1, restarts)):
-        # Restart 0 is seeded by ``seed`` itself, so that one restart is the k-means of old.
         s = seed if r == 0 else int(np.random.default_rng([seed, r]).integers(2**62))
-        gen = torch.Generator().manual_seed(s)
-        start = np.sort(np.random.default_rng(s).choice(N, min(N, max(sample, m)), replace=False))
-        free = _kmeans_pp(source.take(start), min(m, len(start)), fixed, gen)
+        free = _kmeans_pp(x, m, fixed, torch.Generator().manual_seed(s))
+        if restarts <= 1:
+            return free
         for _ in range(iters):
-            sums, counts, _, _, _ = _assign(source, fixed, free, ok, tick)
+            sums, counts, _, _, _ = _assign(sample, fixed, free, every, None)
             moved = counts > 0
             free[moved] = sums[moved] / counts[moved].unsqueeze(1)
-        member = np.full(N, -1, dtype=np.int64)
-        _, counts, _, best_i, inertia = _assign(source, fixed, free, ok, tick, member)
-        found = Clusters(best_i.numpy(), counts.numpy().astype(np.int64), member, inertia)
-        if best is None or found.inertia < best.inertia:
-            best = found
+        inertia = _assign(sample, fixed, free, every, None)[4]
+        if inertia < best_inertia:
+            best, best_inertia = free, inertia
     assert best is not None
     return best
 
