@@ -478,15 +478,15 @@ def test_a_label_free_run_is_a_cold_start_for_suggest_and_starts_round_2(
     # paws suggest on it: a cold start in its embedding, TypiClust by default, no guesses.
     csv_out = tmp_path / "first.csv"
     code, _, err = run_cli(
-        ["--quiet", "suggest", str(free), "-n", "3", "--out", str(csv_out)], capsys, monkeypatch
+        ["--quiet", "suggest", str(free), "-n", "4", "--out", str(csv_out)], capsys, monkeypatch
     )
     assert code == 0, err
     rows = read_rows(csv_out)
-    assert len(rows) == 3 and len({r["path"] for r in rows}) == 3
+    assert len(rows) == 4 and len({r["path"] for r in rows}) == 4
     assert all(r["suggested_label"] == "" and "typical" in r["reason"] for r in rows)
     # Round 2 from its weights, with the labels of the images it suggested.
     labels = fill_from_folder_names(csv_out, tmp_path / "labels.csv")
-    round2 = [*settings, *tiny, f"data.labels_file={labels}", "tighten.after_training=false"]
+    round2 = [*settings, *tiny, f"data.labels_file={labels}", "support.classes=null"]
     argv = ["--quiet", "train", "--init", str(free), "--out", str(tmp_path / "r2")]
     code, _, err = run_cli([*argv, *set_args(round2)], capsys, monkeypatch)
     assert code == 0, err

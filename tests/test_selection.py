@@ -218,3 +218,12 @@ def test_more_kmeans_restarts_never_end_with_a_higher_inertia():
     assert five.inertia <= one
     # The kept clustering is one of the five, whole: its sizes count every row.
     assert int(five.sizes.sum()) == len(x)
+
+
+def test_typiclust_takes_the_only_image_of_a_cluster_of_one():
+    from paws.labelling.strategies import typiclust_select
+
+    x, _ = clusters(2, 10, seed=6)
+    far = unit_rows(torch.ones(1, x.shape[1]) * torch.tensor([(-1) ** i for i in range(16)]))
+    picks = typiclust_select(TensorSource(torch.cat([x, far])), 3)
+    assert len(x) in picks.tolist() and len(set(picks.tolist())) == 3

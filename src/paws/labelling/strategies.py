@@ -377,6 +377,8 @@ def typicality(x: torch.Tensor, ref: torch.Tensor, k: int, rows: int = 1024) -> 
     """TypiClust's typicality: (n,) the inverse of the mean Euclidean distance of each row of
     x (n, D) to its k nearest rows of ref (m, D), the row itself left out (x's rows are rows
     of ref, each at distance 0 from itself), computed ``rows`` rows at a time."""
+    if len(ref) < 2:  # a cluster of one row: it is the cluster's only choice
+        return torch.ones(len(x))
     k = max(1, min(k, len(ref) - 1))
     out = torch.empty(len(x))
     for r in range(0, len(x), rows):
