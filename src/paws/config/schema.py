@@ -237,12 +237,6 @@ _BUILT_IN_KEYS = {
 
 @dataclass
 class LossConfig:
-    objective: Literal["paws", "simclr"] = _f(
-        "paws",
-        "what pre-training minimises: paws (eq. 4, with the labelled supports) or simclr "
-        "(no labels: SimCLR's NT-Xent between the two large views, a label-free embedding "
-        "for paws suggest's first labels; chosen by itself when no image is labelled)",
-    )
     tau: float = _f(
         0.1,
         "cosine-similarity temperature of soft nearest neighbours (and of NT-Xent with "
@@ -283,6 +277,12 @@ class LossConfig:
         "RoPAWS: weight of the supports, as a whole, relative to the unlabelled batch in the "
         "targets",
         (1e-3, 1e3),
+    )
+    objective: Literal["paws", "simclr"] = _f(
+        "paws",
+        "what pre-training minimises: paws (eq. 4, with the labelled supports) or simclr "
+        "(no labels: SimCLR's NT-Xent between the two large views, a label-free embedding "
+        "for paws suggest's first labels; chosen by itself when no image is labelled)",
     )
 
 
