@@ -300,13 +300,25 @@ def kmeans_clusters(
     rng = np.random.default_rng(seed)
     start = np.sort(rng.choice(N, min(N, max(sample, m)), replace=False))
     free = _best_start(source.take(start), min(m, len(start)), fixed, seed, iters, restarts)
+    _lloyd(source, fixed, free, ok, iters, tick)
+    member = np.full(N, -1, dtype=np.int64)
+    _, counts, _, best_i, inertia = _assign(source, fixed, free, ok, tick, member)
+    return Clusters(best_i.numpy(), counts.numpy().astype(np.int64), member, inertia)
+
+
+def _lloyd(
+    source: EmbeddingSource,
+    fixed: torch.Tensor,
+    free: torch.Tensor,
+    ok: np.ndarray,
+    iters: int,
+    tick: Tick,
+) -> None:
+    """``iters`` Lloyd iterations, moving the free centres (m, D) in place."""
     for _ in range(iters):
         sums, counts, _, _, _ = _assign(source, fixed, free, ok, tick)
         moved = counts > 0
         free[moved] = sums[moved] / counts[moved].unsqueeze(1)
-    member = np.full(N, -1, dtype=np.int64)
-    _, counts, _, best_i, inertia = _assign(source, fixed, free, ok, tick, member)
-    return Clusters(best_i.numpy(), counts.numpy().astype(np.int64), member, inertia)
 
 
 def _best_start(
@@ -324,10 +336,7 @@ def _best_start(
         free = _kmeans_pp(x, m, fixed, torch.Generator().manual_seed(s))
         if restarts <= 1:
             return free
-        for _ in range(iters):
-            sums, counts, _, _, _ = _assign(sample, fixed, free, every, None)
-            moved = counts > 0
-            free[moved] = sums[moved] / counts[moved].unsqueeze(1)
+        _lloyd(sample, fixed, free, every, iters, None)
         inertia = _assign(sample, fixed, free, every, None)[4]
         if inertia < best_inertia:
             best, best_inertia = free, inertia

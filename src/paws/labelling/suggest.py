@@ -9,6 +9,8 @@ labelled images; :mod:`paws.labelling.strategies` then chooses n of them by one 
   each of n k-means centres, the labelled images held as fixed centres
   (:func:`paws.labelling.strategies.kmeans_select`), in the trunk's embedding, so that new
   labels go where nothing is labelled yet;
+- ``typiclust``: the most typical image of each of n k-means clusters
+  (:func:`paws.labelling.strategies.typiclust_select`), the default of a cold start;
 - ``mixed``: typical images among the uncertain, spread over the suggested classes
   (:func:`paws.labelling.strategies.mixed_select`);
 - ``uncertainty``: the smallest margins between PAWS-NN's two most probable classes;
@@ -16,10 +18,11 @@ labelled images; :mod:`paws.labelling.strategies` then chooses n of them by one 
   (:func:`paws.labelling.strategies.k_center_greedy`);
 - ``random``: uniformly at random.
 
-With no run yet (the cold start), the first batch covers the data by k-means on features that
-need no labels (:data:`COLD_FEATURES`): the eval view's pixels, or the config's encoder (its
-``model.weights`` backbone, or random weights). Images already labelled are never suggested:
-matched by resolved path for files and by name for a built-in dataset's images.
+With no run yet (the cold start), the first batch is chosen by :data:`COLD_STRATEGY` on
+features that need no labels (:data:`COLD_FEATURES`): the eval view's pixels, or the config's
+encoder (its ``model.weights`` backbone, or random weights). A label-free run of ``paws train``
+(``loss.objective: simclr``) is a cold start in its trunk's embedding, with nothing to
+classify against. Images already labelled are never suggested (:mod:`paws.labelling.pools`).
 
 Embeddings of up to ``memory_rows`` images stay in memory; more go to a float16 file in a
 scratch folder, embedded and read in chunks, so memory stays bounded for any number of images.
