@@ -50,9 +50,9 @@ def _suggest_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], 
     p.add_argument(
         "--strategy",
         choices=["mixed", "coverage", "typiclust", "uncertainty", "random", "kcenter"],
-        help="coverage (the default with a labelled run): the image nearest each k-means "
-        "centre, the labelled images fixed centres; typiclust (the default of a cold start "
-        "and of a label-free run): the most typical image of each k-means cluster; mixed: "
+        help="coverage (the default, but in a label-free run): the image nearest each "
+        "k-means centre, the labelled images fixed centres; typiclust (the default in a "
+        "label-free run): the most typical image of each k-means cluster; mixed: "
         "typical images of the groups PAWS-NN is least sure of, "
         "spread over the suggested classes; uncertainty: smallest PAWS-NN margin; random; "
         "kcenter: k-center greedy (farthest first: outliers, worse than random for small "

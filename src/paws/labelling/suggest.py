@@ -10,7 +10,8 @@ labelled images; :mod:`paws.labelling.strategies` then chooses n of them by one 
   (:func:`paws.labelling.strategies.kmeans_select`), in the trunk's embedding, so that new
   labels go where nothing is labelled yet;
 - ``typiclust``: the most typical image of each of n k-means clusters
-  (:func:`paws.labelling.strategies.typiclust_select`), the default of a cold start;
+  (:func:`paws.labelling.strategies.typiclust_select`), the default in a label-free run's
+  embedding;
 - ``mixed``: typical images among the uncertain, spread over the suggested classes
   (:func:`paws.labelling.strategies.mixed_select`);
 - ``uncertainty``: the smallest margins between PAWS-NN's two most probable classes;
@@ -22,7 +23,8 @@ With no run yet (the cold start), the first batch is chosen by :data:`COLD_STRAT
 features that need no labels (:data:`COLD_FEATURES`): the eval view's pixels, or the config's
 encoder (its ``model.weights`` backbone, or random weights). A label-free run of ``paws train``
 (``loss.objective: simclr``) is a cold start in its trunk's embedding, with nothing to
-classify against. Images already labelled are never suggested (:mod:`paws.labelling.pools`).
+classify against, by :data:`LABEL_FREE_STRATEGY`. Images already labelled are never
+suggested (:mod:`paws.labelling.pools`).
 
 Embeddings of up to ``memory_rows`` images stay in memory; more go to a float16 file in a
 scratch folder, embedded and read in chunks, so memory stays bounded for any number of images.
@@ -74,6 +76,7 @@ __all__ = [
     "STRATEGIES",
     "COLD_FEATURES",
     "COLD_STRATEGY",
+    "LABEL_FREE_STRATEGY",
     "Suggestion",
     "Suggestions",
     "PixelFeatures",
@@ -94,7 +97,10 @@ GEOMETRIC = (
 SPACES = ("trunk", "head")
 KMEANS_ITERS = 10  # Lloyd iterations of coverage and typiclust
 TYPICLUST_RESTARTS = 5  # k-means++ restarts of typiclust, the lowest inertia kept
-COLD_STRATEGY = "typiclust"  # the first labels' strategy (benchmarks/label_selection.py)
+# The first labels' strategies, by benchmarks/cold_start_picks.py (benchmarks/RESULTS.md): on
+# pixels coverage, in a label-free run's embedding typiclust.
+COLD_STRATEGY = "coverage"
+LABEL_FREE_STRATEGY = "typiclust"
 COLD_FEATURES = ("auto", "pixels", "encoder")
 
 
@@ -327,7 +333,7 @@ def suggest_from_run(
             (``loss.objective: simclr``) is a cold start in its embedding.
         n: how many images.
         strategy: one of :data:`STRATEGIES` (default: ``coverage``; for a label-free run,
-            :data:`COLD_STRATEGY`).
+            :data:`LABEL_FREE_STRATEGY`).
         unlabeled: a folder of candidate images (default: the run's own unlabelled set).
         overrides: config overrides (e.g. ``data.root=...`` to find the labelled set).
         device: compute device (default: the CPU).
@@ -395,8 +401,9 @@ def _suggest_label_free(
     space: str,
 ) -> Suggestions:
     """The first labels, chosen in a label-free run's embedding (``loss.objective: simclr``):
-    a cold start with learnt features, by :data:`COLD_STRATEGY` unless another is asked for."""
-    strategy = strategy or COLD_STRATEGY
+    a cold start with learnt features, by :data:`LABEL_FREE_STRATEGY` unless another is asked
+    for."""
+    strategy = strategy or LABEL_FREE_STRATEGY
     with tempfile.TemporaryDirectory(dir=scratch) as tmp:
         _, source = _embed_both(net, None, pool, cfg, pool.loading, device, space, tmp, progress)
         rows, reasons = choose(
