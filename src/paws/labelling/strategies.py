@@ -423,11 +423,8 @@ def typiclust_select(
         source: (N, D) unit rows.
         n: clusters, and rows chosen.
         labelled: (L, D) unit embeddings already labelled, or None.
-        exclude: (N,) bool, rows never chosen (they still shape the clusters and count as
-            neighbours).
-        iters: Lloyd iterations.
-        seed: seed of k-means.
-        restarts: k-means runs; the one of lowest inertia is kept.
+        exclude: (N,) bool, rows never chosen (still clustered, and neighbours).
+        iters, seed, restarts: Lloyd iterations, seed and restarts of k-means.
         neighbours: k of the typicality.
         sample: most rows of a cluster its neighbours are searched among.
         tick: called once per chunk read.
