@@ -8,7 +8,16 @@ scored by PAWS-NN on the test set as ``paws train`` reports it (after tightening
 - C: a cold start, ``paws suggest -n 100`` with no run;
 - D: two rounds, a cold start of 50, train, ``paws suggest RUN -n 50``, then train again from
   round 1's weights (``paws train --init``, ``--round2-epochs`` of schedule);
-- Dscratch: D's 100 labels trained from scratch with the default recipe.
+- Dscratch: D's 100 labels trained from scratch with the default recipe;
+- Ccov, Ctyp: the cold start of C by coverage k-means and by TypiClust (``--strategy
+  coverage``/``typiclust``), on pixels;
+- E: a label-free round (``paws train --set loss.objective=simclr``, no labels: S), then
+  ``paws suggest S -n 100`` in its embedding (TypiClust, the cold-start default) and ``paws
+  train --init S`` with those labels; Ecov: the same with coverage; Escratch: E's labels
+  trained from scratch (what the embedding's picks are worth without its weights).
+
+The label-free round S is made once a seed and shared by the E arms; its minutes count in
+theirs.
 
 The labels of suggested images come from the dataset's true labels, as a person labelling them
 would give. ``--seeds`` sets ``run.seed``, ``data.split_seed`` and ``paws suggest --seed``.
@@ -19,6 +28,7 @@ tightening (PAWS-NN of ``last.pt``).
 
     python benchmarks/label_selection.py --out runs/labels [--seeds 0 1 2] [--arms A B C D]
     python benchmarks/label_selection.py --seeds 0 --arms C D --set optim.steps=100   # a check
+    python benchmarks/label_selection.py --arms A Ccov Ctyp E Ecov Escratch   # the cold starts
 """
 
 from __future__ import annotations
@@ -31,13 +41,18 @@ import sys
 import time
 from pathlib import Path
 
-ARMS = ("A", "B", "C", "D", "Dscratch")
+ARMS = ("A", "B", "C", "D", "Dscratch", "Ccov", "Ctyp", "E", "Ecov", "Escratch")
 NAMES = {
     "A": "100 uniformly at random",
     "B": "10 a class at random",
     "C": "cold-start paws suggest -n 100",
     "D": "2 rounds of 50, round 2 --init",
     "Dscratch": "D's 100 labels, from scratch",
+    "Ccov": "cold start, coverage on pixels",
+    "Ctyp": "cold start, typiclust on pixels",
+    "E": "label-free round, typiclust, --init",
+    "Ecov": "label-free round, coverage, --init",
+    "Escratch": "E's 100 labels, from scratch",
 }
 
 
@@ -99,6 +114,16 @@ class Bench:
             self.times[name] = paws(["train", *where, *self.common, *seeds, *args])
         return run
 
+    def label_free(self) -> Path:
+        """The seed's label-free round (no labels: ``loss.objective=simclr``), made once."""
+        run = self.dir / "S"
+        if not (run / "final.pt").is_file():
+            again = ["--resume", str(run)] if (run / "config.yaml").is_file() else []
+            where = again or ["--out", str(run)]
+            seeds = ["--set", f"run.seed={self.seed}", "--set", "loss.objective=simclr"]
+            self.times["S"] = paws(["train", *where, *self.common, *seeds])
+        return run
+
     def suggest(self, name: str, n: int, *args: str) -> Path:
         filled = self.dir / f"{name}.csv"
         if not filled.is_file():
@@ -123,6 +148,19 @@ class Bench:
             labels = self.suggest("C-labels", 100)
             run = self.train("C", "--set", f"data.labels_file={labels}")
             return run, self.minutes("C-labels", "C")
+        if arm in ("Ccov", "Ctyp"):
+            how = {"Ccov": "coverage", "Ctyp": "typiclust"}[arm]
+            labels = self.suggest(f"{arm}-labels", 100, "--strategy", how, "--features", "pixels")
+            run = self.train(arm, "--set", f"data.labels_file={labels}")
+            return run, self.minutes(f"{arm}-labels", arm)
+        if arm in ("E", "Ecov", "Escratch"):
+            s = self.label_free()
+            how = "coverage" if arm == "Ecov" else "typiclust"
+            name = "Ecov-labels" if arm == "Ecov" else "E-labels"
+            labels = self.suggest(name, 100, str(s), "--strategy", how)
+            init = [] if arm == "Escratch" else ["--init", str(s)]
+            run = self.train(arm, *init, "--set", f"data.labels_file={labels}")
+            return run, self.minutes("S", name, arm)
         first = self.suggest("D-labels1", 50)
         r1 = self.train("D-round1", "--set", f"data.labels_file={first}")
         second = self.suggest("D-labels2", 50, str(r1), "--strategy", a.strategy)
@@ -147,7 +185,17 @@ def summarise(scores: dict[str, dict[str, float]], minutes: dict[str, dict[str, 
         mins = minutes.get(arm, {})
         took = f"  ({sum(mins.values()) / len(mins):.1f} min a seed)" if mins else ""
         print(f"{arm:<10} {NAMES[arm]:<34} {cells}  mean {means[arm]:6.2f}%{took}")
-    for a, b, target in (("D", "A", 3), ("D", "B", 1), ("C", "A", 0), ("Dscratch", "A", 3)):
+    pairs = (
+        ("D", "A", 4),
+        ("D", "B", 1.5),
+        ("C", "A", 3),
+        ("Dscratch", "A", 3),
+        ("Ctyp", "Ccov", 0),
+        ("E", "A", 3),
+        ("E", "C", 0),
+        ("E", "Escratch", 0),
+    )
+    for a, b, target in pairs:
         if a in means and b in means:
             print(f"{a} - {b}: {means[a] - means[b]:+.2f} points (target > {target})")
 

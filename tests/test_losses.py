@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from paws.method.losses import (
     RoPAWS,
@@ -450,3 +451,18 @@ def test_ropaws_of_the_whole_batch_equals_the_local_batch_in_one_process():
         anchors, supports, labels, targets, t_sup, labels, ropaws=r, batch=(whole, rows)
     )
     assert not torch.allclose(alone[0], mixed[0])
+
+
+def test_nt_xent_over_two_processes_keys_is_the_whole_batch_loss():
+    from paws.method.losses import nt_xent
+
+    g = torch.Generator().manual_seed(0)
+    f, s = torch.randn(6, 5, generator=g), torch.randn(6, 5, generator=g)
+    whole = nt_xent(f, s, 0.3)
+    # Each process holds 3 images; its rows look for their pairs among both processes' rows.
+    keys = torch.cat([F.normalize(torch.cat([f[i : i + 3], s[i : i + 3]]), dim=1) for i in (0, 3)])
+    ranks = [nt_xent(f[i : i + 3], s[i : i + 3], 0.3, keys, 2 * i) for i in (0, 3)]
+    assert torch.allclose((ranks[0] + ranks[1]) / 2, whole, atol=1e-6)
+    # Alone, a process's own rows as keys are the default.
+    own = F.normalize(torch.cat([f[:3], s[:3]]), dim=1)
+    assert torch.allclose(nt_xent(f[:3], s[:3], 0.3, own, 0), nt_xent(f[:3], s[:3], 0.3))

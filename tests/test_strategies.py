@@ -138,3 +138,67 @@ def test_margins_of_hand_values():
     p = torch.tensor([[0.7, 0.2, 0.1], [0.4, 0.35, 0.25]])
     assert margins(p).tolist() == pytest.approx([0.5, 0.05])
     assert margins(torch.ones(3, 1)).tolist() == [1.0, 1.0, 1.0]
+
+
+def dense_core_and_halo() -> torch.Tensor:
+    """(29, 3) unit rows of one cluster: a dense core (row 0 at e1, 8 rows around it at
+    0.05 rad) and a sparse halo of 20 rows 0.4-1.2 rad away on one side, which pulls the
+    cluster's mean away from the core."""
+    core = [[1.0, 0.0, 0.0]]
+    for a in np.linspace(0, 2 * np.pi, 8, endpoint=False):
+        core.append([np.cos(0.05), np.sin(0.05) * np.cos(a), np.sin(0.05) * np.sin(a)])
+    halo = []
+    for i, t in enumerate(np.linspace(0.4, 1.2, 20)):
+        s = 0.05 * (-1) ** i
+        halo.append([np.cos(t), np.sin(t), s])
+    return unit_rows(torch.tensor(core + halo, dtype=torch.float32))
+
+
+def test_typiclust_picks_the_centre_of_the_dense_core_where_coverage_picks_the_halo():
+    from paws.labelling.strategies import typiclust_select
+
+    x = TensorSource(dense_core_and_halo())
+    assert typiclust_select(x, 1, neighbours=8).tolist() == [0]
+    # The cluster's mean lies towards the halo: the image nearest it is not in the core.
+    assert kmeans_select(x, 1).tolist()[0] >= 9
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_typiclust_picks_one_image_of_each_well_separated_cluster(seed):
+    from paws.labelling.strategies import typiclust_select
+
+    x, which = clusters(6, 30, seed=seed)
+    picks = typiclust_select(TensorSource(x), 6, seed=seed)
+    assert sorted(which[picks].tolist()) == list(range(6))
+
+
+def test_typiclust_never_picks_excluded_images_and_keeps_labelled_clusters_covered():
+    from paws.labelling.strategies import typiclust_select
+
+    x, which = clusters(4, 25, seed=3)
+    exclude = np.zeros(len(x), dtype=bool)
+    exclude[which == 1] = True  # cluster 1 is labelled already
+    labelled = x[which == 1][:3]
+    picks = typiclust_select(TensorSource(x), 3, labelled, exclude)
+    assert not exclude[picks].any()
+    assert sorted(which[picks].tolist()) == [0, 2, 3]
+
+
+def test_more_kmeans_restarts_never_end_with_a_higher_inertia():
+    from paws.labelling.strategies import kmeans_clusters
+
+    x, _ = clusters(12, 10, spread=0.3, seed=4)
+    one = kmeans_clusters(TensorSource(x), 8, seed=5, iters=3).inertia
+    five = kmeans_clusters(TensorSource(x), 8, seed=5, iters=3, restarts=5)
+    assert five.inertia <= one
+    # The kept clustering is one of the five, whole: its sizes count every row.
+    assert int(five.sizes.sum()) == len(x)
+
+
+def test_typiclust_takes_the_only_image_of_a_cluster_of_one():
+    from paws.labelling.strategies import typiclust_select
+
+    x, _ = clusters(2, 10, seed=6)
+    far = unit_rows(torch.ones(1, x.shape[1]) * torch.tensor([(-1) ** i for i in range(16)]))
+    picks = typiclust_select(TensorSource(torch.cat([x, far])), 3)
+    assert len(x) in picks.tolist() and len(set(picks.tolist())) == 3

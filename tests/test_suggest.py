@@ -14,6 +14,7 @@ from tiny import (
     error_line,
     read_rows,
     run_cli,
+    set_args,
     tiny_overrides,
     train_tiny,
     write_fashion,
@@ -27,6 +28,7 @@ from paws.labelling.strategies import (
     MemmapSource,
     TensorSource,
 )
+from paws.rundir import checkpoint
 
 
 def fill_from_folder_names(suggested: Path, out: Path) -> Path:
@@ -218,3 +220,41 @@ def test_candidates_of_no_labelled_class_are_grouped_as_new_classes():
         assert group[-1] == 0 and set(new.sizes) == {1, 2}
         assert all(new.sizes[k] == int((group == k).sum()) for k in (1, 2))
         assert (new.scores[new.group > 0] < new.threshold).all()
+
+
+# --------------------------------------------------------------------------------------------
+# A label-free first round: paws train with no labels, paws suggest on it, --init from it.
+
+
+def test_a_label_free_run_is_a_cold_start_for_suggest_and_starts_round_2(
+    pool, tmp_path, capsys, monkeypatch
+):
+    free = tmp_path / "free"
+    settings = ["data.dataset=folder", f"data.unlabeled={pool['unlabeled']}"]
+    tiny = [o for o in tiny_overrides({}) if not o.startswith("data.dataset")]
+    code, out, err = run_cli(
+        ["--quiet", "train", "--out", str(free), *set_args([*settings, *tiny])], capsys, monkeypatch
+    )
+    assert code == 0, err
+    assert "label-free" in out and not (free / "eval.json").exists()
+    state = checkpoint.load(free / "final.pt")
+    assert state["config"]["loss"]["objective"] == "simclr"
+    assert state["config"]["views"]["small_crops"] == 0
+    # paws suggest on it: a cold start in its embedding, TypiClust by default, no guesses.
+    csv_out = tmp_path / "first.csv"
+    code, _, err = run_cli(
+        ["--quiet", "suggest", str(free), "-n", "4", "--out", str(csv_out)], capsys, monkeypatch
+    )
+    assert code == 0, err
+    rows = read_rows(csv_out)
+    assert len(rows) == 4 and len({r["path"] for r in rows}) == 4
+    assert all(r["suggested_label"] == "" and "typical" in r["reason"] for r in rows)
+    # Round 2 from its weights, with the labels of the images it suggested.
+    labels = fill_from_folder_names(csv_out, tmp_path / "labels.csv")
+    round2 = [*settings, *tiny, f"data.labels_file={labels}", "support.classes=null"]
+    argv = ["--quiet", "train", "--init", str(free), "--out", str(tmp_path / "r2")]
+    code, _, err = run_cli([*argv, *set_args(round2)], capsys, monkeypatch)
+    assert code == 0, err
+    record = json.loads((tmp_path / "r2" / "init.json").read_text())
+    assert Path(record["checkpoint"]) == (free / "last.pt").resolve()
+    assert checkpoint.load(tmp_path / "r2" / "final.pt")["config"]["loss"]["objective"] == "paws"

@@ -34,7 +34,8 @@ def _suggest_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], 
         "run",
         nargs="?",
         metavar="RUN_DIR",
-        help="a trained run directory or checkpoint (none: a cold start, no labels yet)",
+        help="a trained run directory or checkpoint (none: a cold start, no labels yet; a "
+        "label-free run of paws train: a cold start in its embedding)",
     )
     p.add_argument(
         "--unlabeled",
@@ -62,9 +63,11 @@ def _suggest_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], 
     )
     p.add_argument(
         "--strategy",
-        choices=["mixed", "coverage", "uncertainty", "random", "kcenter"],
-        help="coverage (the default): the image nearest each k-means centre, the labelled "
-        "images fixed centres; mixed: typical images of the groups PAWS-NN is least sure of, "
+        choices=["mixed", "coverage", "typiclust", "uncertainty", "random", "kcenter"],
+        help="coverage (the default, but in a label-free run): the image nearest each "
+        "k-means centre, the labelled images fixed centres; typiclust (the default in a "
+        "label-free run): the most typical image of each k-means cluster; mixed: "
+        "typical images of the groups PAWS-NN is least sure of, "
         "spread over the suggested classes; uncertainty: smallest PAWS-NN margin; random; "
         "kcenter: k-center greedy (farthest first: outliers, worse than random for small "
         "batches)",
@@ -168,11 +171,10 @@ def _suggest(args: argparse.Namespace):
             raise UserError("--config applies to a cold start; a run has its own config")
         overrides = [*args.overrides, *device_set]
         device = runtime.setup(checkpoint_config(args.run, overrides))
-        strategy = args.strategy or "coverage"
         return suggest_from_run(
             args.run,
             args.n,
-            strategy,
+            args.strategy,
             args.unlabeled,
             overrides,
             device,
@@ -181,5 +183,6 @@ def _suggest(args: argparse.Namespace):
         )
     cfg = load_config(args.config, [*args.overrides, *device_set])
     device = runtime.setup(cfg)
-    strategy = args.strategy or "coverage"
-    return suggest_cold(cfg, args.n, args.unlabeled, strategy, args.features, device, args.seed)
+    return suggest_cold(
+        cfg, args.n, args.unlabeled, args.strategy, args.features, device, args.seed
+    )

@@ -80,6 +80,11 @@ def _train_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], in
         ev = result["eval"]
         if ev is not None:
             print(_results_line(ev))
+        if result.get("label_free"):
+            print(
+                "a label-free embedding (SimCLR): choose the first images to label with "
+                f"paws suggest {out} -n N, then train with their labels and --init {out}"
+            )
         if result.get("skipped"):
             print(
                 f"skipped {result['skipped']} unreadable images "

@@ -13,6 +13,9 @@ so they adapt, each said in one line:
 
 A class with fewer labelled images than ``support.images_per_class`` needs nothing here: the
 support sampler repeats its images (:class:`paws.method.sampling.SupportSampler`).
+
+With no labelled image at all, :func:`label_free` makes the run a label-free one
+(``loss.objective: simclr``); such a run has no supports and no small crops.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from paws.config.schema import MAX_STEPS, Config
 from paws.errors import UserError
 from paws.progress import info
 
-__all__ = ["fit_to_data", "support_classes", "total_steps", "check_length"]
+__all__ = ["fit_to_data", "label_free", "support_classes", "total_steps", "check_length"]
 
 
 def support_classes(cfg: Config, num_classes: int, world_size: int = 1) -> int:
@@ -97,6 +100,29 @@ def _length(cfg: Config, num_unlabeled: int) -> Config:
     return dataclasses.replace(cfg, optim=optim)
 
 
+def label_free(cfg: Config, num_labeled: int) -> Config:
+    """The config of a run with ``num_labeled`` labelled images: with none, or with
+    ``loss.objective: simclr`` asked for, a label-free run (SimCLR's NT-Xent on the two large
+    views, so no small crops: they would be made and never used), each change said in a
+    line; otherwise ``cfg`` unchanged.
+    """
+    if cfg.loss.objective == "paws" and num_labeled > 0:
+        return cfg
+    if cfg.loss.objective == "paws":
+        info(
+            "no labelled images: training a label-free embedding (loss.objective=simclr); "
+            "paws suggest on this run then chooses the first images to label"
+        )
+        cfg = dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, objective="simclr"))
+    if cfg.views.small_crops:
+        info(
+            "loss.objective simclr uses the 2 large views: views.small_crops "
+            f"{cfg.views.small_crops} -> 0"
+        )
+        cfg = dataclasses.replace(cfg, views=dataclasses.replace(cfg.views, small_crops=0))
+    return cfg
+
+
 def fit_to_data(cfg: Config, num_unlabeled: int, labels: np.ndarray, world_size: int = 1) -> Config:
     """The config with the data-dependent defaults filled in (see the module's doc).
 
@@ -111,6 +137,8 @@ def fit_to_data(cfg: Config, num_unlabeled: int, labels: np.ndarray, world_size:
     """
     cfg = _batch(cfg, num_unlabeled, world_size)
     cfg = _length(cfg, num_unlabeled)
+    if cfg.loss.objective == "simclr":
+        return cfg  # no supports
     classes = support_classes(cfg, len(np.unique(labels)), world_size)
     if classes != cfg.support.classes:
         cfg = dataclasses.replace(cfg, support=dataclasses.replace(cfg.support, classes=classes))

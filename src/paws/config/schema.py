@@ -272,7 +272,12 @@ _BUILT_IN_KEYS = {
 
 @dataclass
 class LossConfig:
-    tau: float = _f(0.1, "cosine-similarity temperature of soft nearest neighbours", (1e-4, 10.0))
+    tau: float = _f(
+        0.1,
+        "cosine-similarity temperature of soft nearest neighbours (and of NT-Xent with "
+        "objective simclr)",
+        (1e-4, 10.0),
+    )
     sharpen: float = _f(0.25, "target sharpening temperature T", (1e-3, 1.0))
     me_max: bool = _f(True, "mean-entropy maximisation regulariser")
     me_max_prior: Literal["uniform", "labeled", "estimated"] | list[float] = _f(
@@ -307,6 +312,12 @@ class LossConfig:
         "RoPAWS: weight of the supports, as a whole, relative to the unlabelled batch in the "
         "targets",
         (1e-3, 1e3),
+    )
+    objective: Literal["paws", "simclr"] = _f(
+        "paws",
+        "what pre-training minimises: paws (eq. 4, with the labelled supports) or simclr "
+        "(no labels: SimCLR's NT-Xent between the two large views, a label-free embedding "
+        "for paws suggest's first labels; chosen by itself when no image is labelled)",
     )
 
 
@@ -455,10 +466,11 @@ class Config:
         """Cross-field checks; returns self."""
         d, v = self.data, self.views
         self.model.validate()
-        if d.dataset == "folder" and not d.labeled and not d.labels_file:
+        if d.dataset == "folder" and not d.labeled and not d.labels_file and not d.unlabeled:
             raise UserError(
                 "data.dataset is 'folder' but data.labeled is not set: point it to "
-                "a folder of <class>/<image> files, or set data.labels_file"
+                "a folder of <class>/<image> files, or set data.labels_file (or data.unlabeled "
+                "alone, for a label-free run)"
             )
         if d.labels_columns is not None and len(d.labels_columns) != 2:
             raise UserError(

@@ -319,11 +319,12 @@ def step_batches(
     data: Datasets,
     cfg: Config,
     unl: UnlabeledSampler,
-    sup: SupportSampler,
+    sup: SupportSampler | None,
     steps: range,
     device: torch.device,
 ) -> Iterator[Batch]:
-    """The PAWS batches of ``steps``, each a function of (seed, step)."""
+    """The PAWS batches of ``steps``, each a function of (seed, step); without a support
+    sampler (a label-free run), batches of views alone, their supports empty."""
     loading, seed = Loading.of(cfg, data), cfg.run.seed
     views = multicrop_batches(
         data.unlabeled,
@@ -336,6 +337,10 @@ def step_batches(
         device,
         shard=(unl.global_size, unl.shard_rows()),
     )
+    if sup is None:
+        for step, v, wait_v in views:
+            yield Batch(step, v, v[0][:0], wait_v)
+        return
     supports = view_batches(
         data.labeled,
         lambda s: sup.local_batch(s)[0],

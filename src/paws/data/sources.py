@@ -40,6 +40,7 @@ __all__ = [
     "select_labeled",
     "labeled_from_file",
     "labeled_as_unlabeled",
+    "without_labels",
     "load_datasets",
     "normalisation",
 ]
@@ -397,6 +398,8 @@ def _folder_sets(cfg: Config) -> Datasets:
 
         def load(s: ImageSet) -> ImageSet:
             keep = [i for i, f in enumerate(s.files or []) if f in row]
+            if not len(s):  # no labelled images (a label-free run)
+                return ImageSet(s.labels, [], images=images[:0])
             if not keep:
                 raise UserError("every image of a set was unreadable and skipped")
             out = s.subset(keep)
@@ -449,6 +452,21 @@ def labeled_as_unlabeled(labeled: ImageSet) -> ImageSet:
         files=labeled.files,
         sources=labeled.sources,
     )
+
+
+def without_labels(data: Datasets) -> Datasets:
+    """The datasets of a label-free run (``loss.objective: simclr``): the unlabelled set alone,
+    no labelled images, no classes and no test set (nothing to classify it against). With
+    ``data.unlabeled_includes_labeled`` (the default) a built-in dataset's unlabelled set is
+    its whole training set."""
+    unl = data.unlabeled
+    empty = ImageSet(
+        labels=np.zeros(0, dtype=np.int64),
+        names=[],
+        images=unl.images[:0] if unl.images is not None else None,
+        files=[] if unl.files is not None else None,
+    )
+    return Datasets(unl, empty, None, [], data.channels, data.mean, data.std, data.skipped)
 
 
 def normalisation(

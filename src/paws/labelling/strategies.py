@@ -10,6 +10,9 @@ centre, k-means its (n, D) centres and one pass over the chunks an iteration.
   times (Sener & Savarese 2018); picks outliers first.
 - :func:`kmeans_select`: coverage by typical images, the image nearest each of n k-means
   centres, the labelled images held as fixed centres (TypiClust-like; better for small budgets).
+- :func:`typiclust_select`: TypiClust (Hacohen et al. 2022), in each of n k-means clusters
+  (several k-means++ restarts, the lowest inertia kept) the row of highest typicality, the
+  inverse mean distance to its nearest neighbours within the cluster: dense regions first.
 - :func:`margins`, :func:`least_margin`: uncertainty of PAWS-NN, the gap between its two most
   probable classes.
 - :func:`mixed_select`: typical images of uncertain regions, spread over the suggested classes.
@@ -34,6 +37,8 @@ __all__ = [
     "Clusters",
     "kmeans_clusters",
     "kmeans_select",
+    "typicality",
+    "typiclust_select",
     "margins",
     "least_margin",
     "mixed_select",
@@ -251,11 +256,13 @@ class Clusters:
             -1 where the cluster has none.
         sizes: (m,) rows in each free cluster.
         member: (N,) the free cluster of each row, -1 for rows nearest a labelled embedding.
+        inertia: the sum over rows of the squared distance to the nearest centre.
     """
 
     typical: np.ndarray
     sizes: np.ndarray
     member: np.ndarray
+    inertia: float = 0.0
 
 
 def kmeans_clusters(
@@ -267,6 +274,7 @@ def kmeans_clusters(
     seed: int = 0,
     sample: int = 20000,
     tick: Tick = None,
+    restarts: int = 1,
 ) -> Clusters:
     """k-means with m free centres; the labelled embeddings are centres that never move, so
     the free ones settle where nothing is labelled yet. Initialised by greedy k-means++ on a
@@ -282,21 +290,58 @@ def kmeans_clusters(
         seed: seed of the sample and of k-means++.
         sample: rows k-means++ starts from.
         tick: called once per chunk read.
+        restarts: k-means++ starts, each run for ``iters`` Lloyd iterations on the sample;
+            the one of lowest inertia there starts the iterations over all rows, so that the
+            clusters depend less on the seed at little more cost.
     """
     N = len(source)
     ok = np.ones(N, dtype=bool) if exclude is None else ~np.asarray(exclude, dtype=bool)
     fixed = labelled.float() if labelled is not None else torch.zeros(0, source.dim)
-    gen = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
     start = np.sort(rng.choice(N, min(N, max(sample, m)), replace=False))
-    free = _kmeans_pp(source.take(start), min(m, len(start)), fixed, gen)
+    free = _best_start(source.take(start), min(m, len(start)), fixed, seed, iters, restarts)
+    _lloyd(source, fixed, free, ok, iters, tick)
+    member = np.full(N, -1, dtype=np.int64)
+    _, counts, _, best_i, inertia = _assign(source, fixed, free, ok, tick, member)
+    return Clusters(best_i.numpy(), counts.numpy().astype(np.int64), member, inertia)
+
+
+def _lloyd(
+    source: EmbeddingSource,
+    fixed: torch.Tensor,
+    free: torch.Tensor,
+    ok: np.ndarray,
+    iters: int,
+    tick: Tick,
+) -> None:
+    """``iters`` Lloyd iterations, moving the free centres (m, D) in place."""
     for _ in range(iters):
-        sums, counts, _, _ = _assign(source, fixed, free, ok, tick)
+        sums, counts, _, _, _ = _assign(source, fixed, free, ok, tick)
         moved = counts > 0
         free[moved] = sums[moved] / counts[moved].unsqueeze(1)
-    member = np.full(N, -1, dtype=np.int64)
-    _, counts, _, best_i = _assign(source, fixed, free, ok, tick, member)
-    return Clusters(best_i.numpy(), counts.numpy().astype(np.int64), member)
+
+
+def _best_start(
+    x: torch.Tensor, m: int, fixed: torch.Tensor, seed: int, iters: int, restarts: int
+) -> torch.Tensor:
+    """(m, D) starting centres from the sample x (S, D): greedy k-means++ seeded by ``seed``;
+    with several restarts, each its own k-means++ followed by ``iters`` Lloyd iterations on
+    the sample, the centres of lowest inertia on the sample kept (the first restart is the
+    one-restart start, so more restarts never end worse on the sample)."""
+    best, best_inertia = None, float("inf")
+    sample = TensorSource(x)
+    every = np.ones(len(x), dtype=bool)
+    for r in range(max(1, restarts)):
+        s = seed if r == 0 else int(np.random.default_rng([seed, r]).integers(2**62))
+        free = _kmeans_pp(x, m, fixed, torch.Generator().manual_seed(s))
+        if restarts <= 1:
+            return free
+        _lloyd(sample, fixed, free, every, iters, None)
+        inertia = _assign(sample, fixed, free, every, None)[4]
+        if inertia < best_inertia:
+            best, best_inertia = free, inertia
+    assert best is not None
+    return best
 
 
 def kmeans_select(
@@ -333,12 +378,95 @@ def kmeans_select(
     order = np.argsort(-c.sizes, kind="stable")
     chosen = [int(c.typical[j]) for j in order if c.typical[j] >= 0]
     if len(chosen) < n:  # empty clusters: the rows worst covered by the others
-        fixed = labelled.float() if labelled is not None else torch.zeros(0, source.dim)
-        d = _nearest(source, torch.cat([fixed, source.take(np.asarray(chosen, dtype=np.int64))]))
-        d[torch.from_numpy(~ok)] = float("-inf")
-        d[torch.as_tensor(chosen, dtype=torch.long)] = float("-inf")
-        chosen += [int(i) for i in torch.argsort(d, descending=True)[: n - len(chosen)]]
+        chosen += _worst_covered(source, labelled, chosen, ok, n - len(chosen))
     return np.asarray(chosen, dtype=np.int64)
+
+
+def typicality(x: torch.Tensor, ref: torch.Tensor, k: int, rows: int = 1024) -> torch.Tensor:
+    """TypiClust's typicality: (n,) the inverse of the mean Euclidean distance of each row of
+    x (n, D) to its k nearest rows of ref (m, D), the row itself left out (x's rows are rows
+    of ref, each at distance 0 from itself), computed ``rows`` rows at a time."""
+    if len(ref) < 2:  # a cluster of one row: it is the cluster's only choice
+        return torch.ones(len(x))
+    k = max(1, min(k, len(ref) - 1))
+    out = torch.empty(len(x))
+    for r in range(0, len(x), rows):
+        d = torch.cdist(x[r : r + rows], ref)
+        near = d.topk(k + 1, dim=1, largest=False).values[:, 1:]
+        out[r : r + rows] = 1.0 / near.mean(dim=1).clamp_min(1e-12)
+    return out
+
+
+def typiclust_select(
+    source: EmbeddingSource,
+    n: int,
+    labelled: torch.Tensor | None = None,
+    exclude: np.ndarray | None = None,
+    iters: int = 10,
+    seed: int = 0,
+    restarts: int = 5,
+    neighbours: int = 20,
+    sample: int = 20000,
+    tick: Tick = None,
+) -> np.ndarray:
+    """TypiClust (Hacohen et al., ICML 2022): the most typical row of each of n k-means
+    clusters, so that the first labels sit in dense regions, one a region.
+
+    k-means (:func:`kmeans_clusters`, k-means++ ``restarts`` times, the lowest inertia kept,
+    the labelled embeddings fixed centres) cuts the rows into n clusters; in each, the row
+    chosen is the one of highest :func:`typicality` among the cluster's rows (the inverse mean
+    distance to its ``neighbours`` nearest rows of the cluster; a cluster of more than
+    ``sample`` rows is represented by ``sample`` of its rows, drawn with ``seed``, which
+    bounds the work at ``sample``**2 distances a cluster).
+
+    Args:
+        source: (N, D) unit rows.
+        n: clusters, and rows chosen.
+        labelled: (L, D) unit embeddings already labelled, or None.
+        exclude: (N,) bool, rows never chosen (still clustered, and neighbours).
+        iters, seed, restarts: Lloyd iterations, seed and restarts of k-means.
+        neighbours: k of the typicality.
+        sample: most rows of a cluster its neighbours are searched among.
+        tick: called once per chunk read.
+
+    Returns:
+        (n,) row indices (fewer if fewer rows can be chosen), the largest cluster's first.
+    """
+    ok = np.ones(len(source), dtype=bool) if exclude is None else ~np.asarray(exclude, bool)
+    n = min(n, int(ok.sum()))
+    if n <= 0:
+        return np.zeros(0, dtype=np.int64)
+    c = kmeans_clusters(source, n, labelled, exclude, iters, seed, sample, tick, restarts)
+    rng = np.random.default_rng(seed)
+    chosen: list[int] = []
+    for j in np.argsort(-c.sizes, kind="stable"):
+        members = np.flatnonzero(c.member == j)
+        if len(members) > sample:
+            members = np.sort(rng.choice(members, sample, replace=False))
+        mine = ok[members]
+        if not mine.any():
+            continue
+        x = source.take(members)
+        typ = typicality(x[torch.from_numpy(mine)], x, neighbours)
+        chosen.append(int(members[mine][int(typ.argmax())]))
+    if len(chosen) < n:  # empty clusters: the rows worst covered by the others
+        chosen += _worst_covered(source, labelled, chosen, ok, n - len(chosen))
+    return np.asarray(chosen, dtype=np.int64)
+
+
+def _worst_covered(
+    source: EmbeddingSource,
+    labelled: torch.Tensor | None,
+    chosen: list[int],
+    ok: np.ndarray,
+    count: int,
+) -> list[int]:
+    """``count`` rows that may be chosen, farthest from every labelled and chosen row first."""
+    fixed = labelled.float() if labelled is not None else torch.zeros(0, source.dim)
+    d = _nearest(source, torch.cat([fixed, source.take(np.asarray(chosen, dtype=np.int64))]))
+    d[torch.from_numpy(~ok)] = float("-inf")
+    d[torch.as_tensor(chosen, dtype=torch.long)] = float("-inf")
+    return [int(i) for i in torch.argsort(d, descending=True)[:count]]
 
 
 def _assign(
@@ -348,21 +476,24 @@ def _assign(
     ok: np.ndarray,
     tick: Tick,
     member: np.ndarray | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float]:
     """One pass: each row to its nearest centre (a fixed one where it is as near), written
     into ``member`` (N,) when given (-1 for a fixed centre).
 
     Returns:
-        ``(sums (n, D), counts (n,), best distance (n,), best row (n,) or -1)`` of the free
-        centres: the sum and number of their rows, and their nearest row that may be chosen.
+        ``(sums (n, D), counts (n,), best distance (n,), best row (n,) or -1, inertia)`` of
+        the free centres: the sum and number of their rows, and their nearest row that may be
+        chosen; the inertia is the total squared distance of the rows to their centres.
     """
     n = len(free)
     sums, counts = torch.zeros(n, free.shape[1]), torch.zeros(n)
     best, best_i = torch.full((n,), float("inf")), torch.full((n,), -1, dtype=torch.long)
+    inertia = 0.0
     for start, x in source.chunks():
         to_fixed = _min_dist(x, fixed)[0]
         dist, which = _min_dist(x, free)
         mine = dist < to_fixed
+        inertia += float(torch.minimum(dist, to_fixed).double().sum())
         if member is not None:
             member[start : start + len(x)] = np.where(mine.numpy(), which.numpy(), -1)
         sums.index_add_(0, which[mine], x[mine])
@@ -379,7 +510,7 @@ def _assign(
             best_i[c[better]] = torch.from_numpy(r[better.numpy()])
         if tick is not None:
             tick()
-    return sums, counts, best, best_i
+    return sums, counts, best, best_i, inertia
 
 
 def margins(probs: torch.Tensor) -> torch.Tensor:

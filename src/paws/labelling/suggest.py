@@ -9,6 +9,9 @@ labelled images; :mod:`paws.labelling.strategies` then chooses n of them by one 
   each of n k-means centres, the labelled images held as fixed centres
   (:func:`paws.labelling.strategies.kmeans_select`), in the trunk's embedding, so that new
   labels go where nothing is labelled yet;
+- ``typiclust``: the most typical image of each of n k-means clusters
+  (:func:`paws.labelling.strategies.typiclust_select`), the default in a label-free run's
+  embedding;
 - ``mixed``: typical images among the uncertain, spread over the suggested classes
   (:func:`paws.labelling.strategies.mixed_select`);
 - ``uncertainty``: the smallest margins between PAWS-NN's two most probable classes;
@@ -16,10 +19,12 @@ labelled images; :mod:`paws.labelling.strategies` then chooses n of them by one 
   (:func:`paws.labelling.strategies.k_center_greedy`);
 - ``random``: uniformly at random.
 
-With no run yet (the cold start), the first batch covers the data by k-means on features that
-need no labels (:data:`COLD_FEATURES`): the eval view's pixels, or the config's encoder (its
-``model.weights`` backbone, or random weights). Images already labelled are never suggested:
-matched by resolved path for files and by name for a built-in dataset's images.
+With no run yet (the cold start), the first batch is chosen by :data:`COLD_STRATEGY` on
+features that need no labels (:data:`COLD_FEATURES`): the eval view's pixels, or the config's
+encoder (its ``model.weights`` backbone, or random weights). A label-free run of ``paws train``
+(``loss.objective: simclr``) is a cold start in its trunk's embedding, with nothing to
+classify against, by :data:`LABEL_FREE_STRATEGY`. Images already labelled are never
+suggested (:mod:`paws.labelling.pools`).
 
 Embeddings of up to ``memory_rows`` images stay in memory; more go to a float16 file in a
 scratch folder, embedded and read in chunks, so memory stays bounded for any number of images.
@@ -31,7 +36,6 @@ import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -43,9 +47,10 @@ from paws.apply.embedding import embed_images
 from paws.config import Config
 from paws.data.images import ImageSet, expand_images
 from paws.data.loaders import Loading
-from paws.data.sources import Datasets, load_datasets, normalisation
+from paws.data.sources import Datasets, load_datasets, normalisation, without_labels
 from paws.errors import UserError
 from paws.labelling.new_classes import NewGroups, new_class_groups
+from paws.labelling.pools import check_n, file_pool, no_labels, on_disk, own_pool
 from paws.labelling.records import Pool, Suggestion, Suggestions
 from paws.labelling.strategies import (
     EmbeddingSource,
@@ -57,19 +62,21 @@ from paws.labelling.strategies import (
     margins,
     mixed_select,
     random_select,
+    typiclust_select,
     unit_rows,
 )
 from paws.method.known_score import KnownScore
 from paws.method.snn import snn_classify
 from paws.models import Architecture, build_network
-from paws.progress import Progress, info
+from paws.progress import Progress
 
 __all__ = [
     "STRATEGIES",
     "COLD_FEATURES",
+    "COLD_STRATEGY",
+    "LABEL_FREE_STRATEGY",
     "Suggestion",
     "Suggestions",
-    "Pool",
     "PixelFeatures",
     "embed_pool",
     "choose",
@@ -77,10 +84,20 @@ __all__ = [
     "suggest_cold",
 ]
 
-STRATEGIES = ("mixed", "coverage", "uncertainty", "random", "kcenter")
-GEOMETRIC = ("mixed", "coverage", "kcenter")  # strategies that use distances between images
+STRATEGIES = ("mixed", "coverage", "typiclust", "uncertainty", "random", "kcenter")
+GEOMETRIC = (
+    "mixed",
+    "coverage",
+    "typiclust",
+    "kcenter",
+)  # strategies that use distances between images
 SPACES = ("trunk", "head")
-KMEANS_ITERS = 10  # Lloyd iterations of coverage
+KMEANS_ITERS = 10  # Lloyd iterations of coverage and typiclust
+TYPICLUST_RESTARTS = 5  # k-means++ restarts of typiclust, the lowest inertia kept
+# The first labels' strategies, by benchmarks/cold_start_picks.py (benchmarks/RESULTS.md): on
+# pixels coverage, in a label-free run's embedding typiclust.
+COLD_STRATEGY = "coverage"
+LABEL_FREE_STRATEGY = "typiclust"
 COLD_FEATURES = ("auto", "pixels", "encoder")
 
 
@@ -196,6 +213,12 @@ def choose(
         with _ticks(progress, (KMEANS_ITERS + 2) * chunks) as tick:
             rows = kmeans_select(source, n, labelled, exclude, KMEANS_ITERS, seed, tick=tick)
         return rows, ["coverage"] * len(rows)
+    if strategy == "typiclust":
+        with _ticks(progress, TYPICLUST_RESTARTS * (KMEANS_ITERS + 2) * chunks) as tick:
+            rows = typiclust_select(
+                source, n, labelled, exclude, KMEANS_ITERS, seed, TYPICLUST_RESTARTS, tick=tick
+            )
+        return rows, ["typical of a k-means cluster"] * len(rows)
     if strategy == "kcenter":
         with _ticks(progress, (n + 2) * chunks) as tick:
             rows = k_center_greedy(source, n, labelled, exclude, tick=tick)
@@ -239,70 +262,13 @@ def _classify(
 
 
 # --------------------------------------------------------------------------------------------
-# Pools.
-
-
-def _file_pool(folder: str | Path, labelled: ImageSet | None, loading: Loading) -> Pool:
-    files = expand_images([folder])
-    known = {f.resolve() for f in (labelled.files or [])} if labelled is not None else set()
-    mask = np.array([f.resolve() in known for f in files], dtype=bool)
-    root = Path(folder).expanduser()
-    names = [str(f.relative_to(root)) for f in files]
-    images = ImageSet(labels=-np.ones(len(files), dtype=np.int64), names=names, files=files)
-    return Pool(images, mask, loading, builtin=False)
-
-
-def _own_pool(data: Datasets, cfg: Config, loading: Loading) -> Pool:
-    """The unlabelled set of a config, the labelled images marked."""
-    unl, lab = data.unlabeled, data.labeled
-    if unl.files is not None:
-        known = {f.resolve() for f in lab.files or []}
-        mask = np.array([f.resolve() in known for f in unl.files], dtype=bool)
-        return Pool(unl, mask, loading, builtin=False)
-    names = set(lab.names)
-    mask = np.array([name in names for name in unl.names], dtype=bool)
-    return Pool(unl, mask, loading, builtin=cfg.data.dataset != "folder")
-
-
-def _on_disk(cfg: Config) -> Config:
-    """A folder dataset's config that keeps its images as files (their paths go in the CSV)."""
-    if cfg.data.dataset != "folder":
-        return cfg
-    return replace(cfg, data=replace(cfg.data, in_memory=False))
-
-
-def _no_labels(cfg: Config) -> Config:
-    """A built-in dataset's config whose whole training set is the pool, with no labelled
-    subset drawn (a cold start has none)."""
-    d = replace(
-        cfg.data,
-        labels_per_class=None,
-        num_labels=None,
-        label_fraction=None,
-        split_file=None,
-        unlabeled_includes_labeled=True,
-    )
-    return replace(cfg, data=d)
-
-
-def _check_n(n: int, pool: Pool) -> None:
-    if n < 1:
-        raise UserError("-n must be at least 1")
-    left = int((~pool.labelled).sum())
-    if left == 0:
-        raise UserError("every candidate image is labelled already: nothing to suggest")
-    if n > left:
-        info(f"only {left} candidate images are not labelled yet: suggesting all of them")
-
-
-# --------------------------------------------------------------------------------------------
 # The two ways in.
 
 
 def suggest_from_run(
     path: str | Path,
     n: int,
-    strategy: str = "coverage",
+    strategy: str | None = None,
     unlabeled: str | Path | None = None,
     overrides: list[str] | None = None,
     device: torch.device | None = None,
@@ -314,9 +280,11 @@ def suggest_from_run(
     """Suggest ``n`` images to label next from a trained run (see the module's doc).
 
     Args:
-        path: run directory or checkpoint (a run means its final model).
+        path: run directory or checkpoint (a run means its final model); a label-free run's
+            (``loss.objective: simclr``) is a cold start in its embedding.
         n: how many images.
-        strategy: one of :data:`STRATEGIES`.
+        strategy: one of :data:`STRATEGIES` (default: ``coverage``; for a label-free run,
+            :data:`LABEL_FREE_STRATEGY`).
         unlabeled: a folder of candidate images (default: the run's own unlabelled set).
         overrides: config overrides (e.g. ``data.root=...`` to find the labelled set).
         device: compute device (default: the CPU).
@@ -331,7 +299,7 @@ def suggest_from_run(
         raise UserError(f"unknown space '{space}': choose one of {', '.join(SPACES)}")
     device = device or torch.device("cpu")
     cfg, net, state = rundir.restore_model(path, overrides)
-    cfg = _on_disk(cfg)
+    cfg = on_disk(cfg)
     net.to(device)
     try:
         data = load_datasets(cfg)
@@ -339,12 +307,20 @@ def suggest_from_run(
         raise UserError(
             f"cannot rebuild the run's labelled set ({e}); set data paths with --set"
         ) from e
+    label_free = cfg.loss.objective == "simclr"
+    if label_free:
+        data = without_labels(data)
     loading = Loading.of(cfg, data)
     if unlabeled is not None:
-        pool = _file_pool(unlabeled, data.labeled, loading)
+        pool = file_pool(unlabeled, data.labeled, loading)
     else:
-        pool = _own_pool(data, cfg, loading)
-    _check_n(n, pool)
+        pool = own_pool(data, cfg, loading)
+    check_n(n, pool)
+    if label_free:
+        return _suggest_label_free(
+            net, pool, n, strategy, cfg, device, seed, scratch, progress, space
+        )
+    strategy = strategy or "coverage"
     features = cfg.eval.features
     with tempfile.TemporaryDirectory(dir=scratch) as tmp:
         both = (net, data.labeled, pool, cfg, loading, device)
@@ -375,6 +351,31 @@ def _pick(i: int, reason: str, guess: str, confidence: float, new: NewGroups) ->
         return Suggestion(i, guess, confidence, reason)
     why = f"matches no labelled class (known score {new.scores[i]:.2f} < {new.threshold:.2f})"
     return Suggestion(i, f"new:{k}", None, f"{why}; {reason}", new.sizes[k])
+
+
+def _suggest_label_free(
+    net: torch.nn.Module,
+    pool: Pool,
+    n: int,
+    strategy: str | None,
+    cfg: Config,
+    device: torch.device,
+    seed: int,
+    scratch: Path | None,
+    progress: bool,
+    space: str,
+) -> Suggestions:
+    """The first labels, chosen in a label-free run's embedding (``loss.objective: simclr``):
+    a cold start with learnt features, by :data:`LABEL_FREE_STRATEGY` unless another is asked
+    for."""
+    strategy = strategy or LABEL_FREE_STRATEGY
+    with tempfile.TemporaryDirectory(dir=scratch) as tmp:
+        _, source = _embed_both(net, None, pool, cfg, pool.loading, device, space, tmp, progress)
+        rows, reasons = choose(
+            strategy, source, n, None, pool.labelled, seed=seed, progress=progress
+        )
+    picks = [Suggestion(int(i), None, None, r) for i, r in zip(rows, reasons)]
+    return Suggestions(pool, picks, strategy, f"the label-free run's {space} embedding")
 
 
 def _embed_both(
@@ -421,7 +422,7 @@ def suggest_cold(
     cfg: Config,
     n: int,
     unlabeled: str | Path | None = None,
-    strategy: str = "coverage",
+    strategy: str | None = None,
     features: str = "auto",
     device: torch.device | None = None,
     seed: int = 0,
@@ -436,7 +437,8 @@ def suggest_cold(
             ``data.labels_file`` or ``data.labeled`` count as labelled.
         n: how many images.
         unlabeled: a folder of candidate images.
-        strategy: ``coverage`` (k-means) or ``random``.
+        strategy: ``typiclust``, ``coverage``, ``kcenter`` or ``random`` (default:
+            :data:`COLD_STRATEGY`).
         features: one of :data:`COLD_FEATURES` (``auto``: the encoder when ``model.weights``
             is set, else pixels).
         device: compute device (default: the CPU).
@@ -447,11 +449,12 @@ def suggest_cold(
     if features not in COLD_FEATURES:
         raise UserError(f"unknown features '{features}': choose one of {', '.join(COLD_FEATURES)}")
     device = device or torch.device("cpu")
+    strategy = strategy or COLD_STRATEGY
     d = cfg.data
     has_labels = bool(d.labels_file or (d.dataset == "folder" and d.labeled))
     data: Datasets | None = None
     if unlabeled is None or has_labels:
-        data = load_datasets(_on_disk(cfg if has_labels else _no_labels(cfg)))
+        data = load_datasets(on_disk(cfg if has_labels else no_labels(cfg)))
     if unlabeled is not None:
         files = expand_images([unlabeled])
         from paws.data.images import is_grey
@@ -462,14 +465,14 @@ def suggest_cold(
             if data is not None
             else Loading(channels, *normalisation(cfg, "folder", channels), workers=d.workers)
         )
-        pool = _file_pool(unlabeled, data.labeled if has_labels and data else None, loading)
+        pool = file_pool(unlabeled, data.labeled if has_labels and data else None, loading)
     else:
         assert data is not None
         loading = Loading.of(cfg, data)
-        pool = _own_pool(data, cfg, loading)
+        pool = own_pool(data, cfg, loading)
         if not has_labels:
             pool.labelled[:] = False
-    _check_n(n, pool)
+    check_n(n, pool)
     model, which, what = _cold_model(cfg, features, loading.channels)
     model.to(device)
     with tempfile.TemporaryDirectory(dir=scratch) as tmp:

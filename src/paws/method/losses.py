@@ -23,6 +23,10 @@ Two options for uncurated unlabelled images, both off by default:
   matrix inverse.
 - ME-MAX with a prior: the regulariser becomes ``KL(pbar || prior)``, which pushes the mean
   prediction towards the prior (class frequencies) instead of towards uniform.
+
+Beside them, two losses PAWS relates itself to (Fig. 4): SuNCEt (:func:`supervised_nce`,
+also what tightening minimises) and SimCLR's NT-Xent (:func:`nt_xent`, also the objective of a
+label-free run, ``loss.objective: simclr``).
 """
 
 from __future__ import annotations
@@ -362,19 +366,32 @@ def supervised_nce(
     return losses.mean() if rows is None else losses[rows].mean()
 
 
-def nt_xent(first: torch.Tensor, second: torch.Tensor, tau: float = 0.1) -> torch.Tensor:
-    """Instance-discrimination loss (SimCLR NT-Xent) between two views of the same B images.
+def nt_xent(
+    first: torch.Tensor,
+    second: torch.Tensor,
+    tau: float = 0.1,
+    keys: torch.Tensor | None = None,
+    offset: int = 0,
+) -> torch.Tensor:
+    """Instance-discrimination loss (SimCLR NT-Xent) between two views of the same B images:
+    each of the 2B views must find the other view of its image among every view but itself.
 
     Args:
         first: (B, D) embeddings of view 1.
         second: (B, D) embeddings of view 2, row i a view of the same image as ``first[i]``.
         tau: temperature.
+        keys: (M, D) unit rows to find the other view among: ``[first; second]`` normalised,
+            of every process of a run, process by process (default: these 2B rows alone).
+        offset: where this process's ``[first; second]`` rows start in ``keys``.
 
     Returns:
         Scalar mean loss over the 2B rows.
     """
     z = F.normalize(torch.cat([first, second]).float(), dim=1)
+    keys = z if keys is None else keys.float()
     n = first.shape[0]
-    logits = (z @ z.T / tau).fill_diagonal_(float("-inf"))
-    positives = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
+    logits = z @ keys.T / tau
+    own = torch.arange(2 * n, device=z.device)
+    logits[own, own + offset] = float("-inf")
+    positives = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device) + offset
     return F.cross_entropy(logits, positives)

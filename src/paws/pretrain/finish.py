@@ -43,10 +43,10 @@ def _tighten_after_training(run: Run, step: int) -> dict[str, Any] | None:
 
     Returns:
         The tightening report (PAWS-NN not yet filled in, ``seconds`` and ``checkpoint``
-        added), or None when tightening is off or the labels do not allow it (fewer than 2
-        classes, or a class with a single image), which is said in a line.
+        added), or None when tightening is off, the run is label-free, or the labels do not
+        allow it (fewer than 2 classes, or a class with a single image: said in a line).
     """
-    if not run.cfg.tighten.after_training:
+    if not run.cfg.tighten.after_training or run.label_free:
         return None
     start = time.time()
     try:

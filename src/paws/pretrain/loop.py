@@ -44,7 +44,7 @@ class _Throughput:
 def _evaluate_during(run: Run, done: int, evals: rundir.MetricsLog, shown: dict) -> None:
     """PAWS-NN every ``run.eval_every`` steps (not at the last step: the end evaluates)."""
     every = run.cfg.run.eval_every
-    if not every or done % every or done >= run.steps or run.data.test is None:
+    if not every or done % every or done >= run.steps or run.data.test is None or run.label_free:
         return
     if distributed.is_main():
         ev = paws_nn(run.model, run.data, run.cfg, run.device)

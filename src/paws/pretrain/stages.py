@@ -120,7 +120,7 @@ class Run:
         scaler: the fp16 gradient scaler, or None.
         dtype: the autocast dtype, or None for fp32.
         unl: unlabelled batches.
-        sup: support batches.
+        sup: support batches, or None in a label-free run (``loss.objective: simclr``).
         steps: the run's length in steps.
         schedule: learning rate per step.
         labels: (S, K) smoothed labels of the gathered supports (the same every step).
@@ -140,7 +140,7 @@ class Run:
     scaler: torch.amp.GradScaler | None
     dtype: torch.dtype | None
     unl: UnlabeledSampler
-    sup: SupportSampler
+    sup: SupportSampler | None
     steps: int
     schedule: WarmupCosine
     labels: torch.Tensor
@@ -148,6 +148,12 @@ class Run:
     ropaws: RoPAWS | None = None
     start: int = 0
     last_good: tuple[Path, int] | None = field(default=None)
+
+    @property
+    def label_free(self) -> bool:
+        """The run learns without labels (``loss.objective: simclr``): no supports, nothing
+        to evaluate, tighten or choose between."""
+        return self.sup is None
 
     def state(self, step: int) -> dict[str, Any]:
         """The checkpoint of this run after ``step`` steps."""
@@ -249,28 +255,16 @@ def build_run(cfg: Config, out: Path, data: Datasets, device: torch.device) -> R
     model = training_model(cfg, arch, device)
     dtype = runtime.amp_dtype(cfg, device)
     unl = UnlabeledSampler(len(data.unlabeled), cfg.optim.batch_size, cfg.run.seed, rank, world)
-    s = cfg.support
-    sup = SupportSampler(
-        data.labeled.labels,
-        s.classes,
-        s.images_per_class,
-        cfg.run.seed,
-        rank,
-        world,
-        s.unique_classes,
-        data.classes,
-    )
+    sup, labels = _supports(cfg, data, device)
     steps = total_steps(cfg, unl.steps_per_epoch)
     o = cfg.optim
     warmup = int(round(o.warmup_epochs * unl.steps_per_epoch))
     schedule = WarmupCosine(o.start_lr, o.ref_lr, o.final_lr, warmup, steps)
-    positions = torch.from_numpy(sup.gathered_positions(s.views))
-    labels = smooth_labels(positions, s.classes, s.label_smoothing).to(device)
     optimizer = build_optimizer(cfg, model)
     scaler = runtime.grad_scaler(dtype)
     loss = cfg.loss
     prior = ClassPrior(
-        loss.me_max_prior,
+        loss.me_max_prior if sup is not None else "uniform",
         data.labeled.labels,
         len(data.classes),
         loss.me_max_prior_momentum,
@@ -294,6 +288,29 @@ def build_run(cfg: Config, out: Path, data: Datasets, device: torch.device) -> R
         prior,
         ropaws_of(cfg.loss),
     )
+
+
+def _supports(
+    cfg: Config, data: Datasets, device: torch.device
+) -> tuple[SupportSampler | None, torch.Tensor]:
+    """The support sampler and the (S, K) smoothed labels of the gathered supports; for a
+    label-free run (``loss.objective: simclr``), None and an empty (0, 0) tensor."""
+    if cfg.loss.objective == "simclr":
+        return None, torch.zeros(0, 0, device=device)
+    rank, world = distributed.get_rank(), distributed.get_world_size()
+    s = cfg.support
+    sup = SupportSampler(
+        data.labeled.labels,
+        s.classes,
+        s.images_per_class,
+        cfg.run.seed,
+        rank,
+        world,
+        s.unique_classes,
+        data.classes,
+    )
+    positions = torch.from_numpy(sup.gathered_positions(s.views))
+    return sup, smooth_labels(positions, s.classes, s.label_smoothing).to(device)
 
 
 def restore_run(run: Run, state: dict[str, Any]) -> None:

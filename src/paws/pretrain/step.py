@@ -5,6 +5,9 @@ classify every view against the supports by soft nearest neighbours; take the ot
 sharpened predictions as targets; minimise the cross-entropy plus ME-MAX; step LARS. Everything
 a step uses is a function of ``(seed, step)``, so a resumed run continues exactly where it
 stopped.
+
+A label-free run (``loss.objective: simclr``) takes :func:`simclr_step` instead: the same
+views and optimiser, SimCLR's NT-Xent between the two large views in place of eq. 4.
 """
 
 from __future__ import annotations
@@ -16,11 +19,11 @@ import torch
 from paws import distributed, runtime
 from paws.config.schema import LossConfig
 from paws.data.loaders import Batch
-from paws.method.losses import RoPAWS, paws_loss, sharpen, snn
+from paws.method.losses import RoPAWS, nt_xent, paws_loss, sharpen, snn
 from paws.method.monitor import monitor_metrics
 from paws.method.optim import backward_step
 
-__all__ = ["StepResult", "ropaws_of", "train_step"]
+__all__ = ["StepResult", "ropaws_of", "train_step", "simclr_step"]
 
 
 @dataclass
@@ -73,7 +76,7 @@ def train_step(
     monitor: bool = False,
     prior: torch.Tensor | None = None,
 ) -> StepResult:
-    """One PAWS step (paper section 3, eq. 4), in place on ``model`` and ``optimizer``.
+    """One PAWS step (section 3, eq. 4) on ``model`` and ``optimizer``, or :func:`simclr_step`.
 
     Args:
         model: the :class:`PAWSModel` (possibly wrapped in DistributedDataParallel).
@@ -83,16 +86,16 @@ def train_step(
         support_labels: (S, K) smoothed labels of the supports gathered from all ranks.
         loss_cfg: the run's ``loss`` section (temperatures, ME-MAX and its prior).
         ropaws: RoPAWS's hyperparameters (:func:`ropaws_of`), built once per run, or None.
-        scaler: gradient scaler for fp16.
-        dtype: autocast dtype of the forward pass, or None for fp32.
+        scaler, dtype: the fp16 gradient scaler; the forward's autocast dtype (None: fp32).
         monitor: also compute the monitor-only metrics of Fig. 4 (no gradient).
-        prior: (K,) ME-MAX prior of the step's support classes, or None for the paper's.
+        prior: (K,) ME-MAX prior of the step's support classes (None: the paper's uniform).
 
     Returns:
-        The step's scalars as tensors, without waiting for the device; ``.read()`` gives
-        floats averaged over ranks. With ``loss.me_max_prior: estimated`` also the step's
-        class mass (the mean soft nearest-neighbour prediction of its unlabelled images).
+        The step's scalars as tensors, not waiting for the device (``.read()``: floats averaged
+        over ranks), with ``loss.me_max_prior: estimated`` the step's class mass.
     """
+    if loss_cfg.objective == "simclr":
+        return simclr_step(model, optimizer, batch, loss_cfg.tau, scaler, dtype)
     device_type = batch.supports.device.type
     n_sup, n_img = batch.supports.shape[0], batch.views[0].shape[0]
     # One forward per crop size: the supports ride along with the two large views.
@@ -141,3 +144,40 @@ def train_step(
         else {}
     )
     return StepResult(loss.detach(), cross_entropy.detach(), me_max.detach(), extra, mass)
+
+
+def simclr_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batch: Batch,
+    tau: float,
+    scaler: torch.amp.GradScaler | None = None,
+    dtype: torch.dtype | None = None,
+) -> StepResult:
+    """One label-free step (``loss.objective: simclr``), in place on ``model`` and ``optimizer``:
+    SimCLR's NT-Xent between the two large views, every process's views the negatives.
+
+    The loss is taken on ``z`` (after the prediction head), so that every parameter gets a
+    gradient (as DistributedDataParallel requires) and the trunk ``paws suggest`` chooses in
+    is trained; the step's supports, if any, are not used.
+
+    Args:
+        model: the :class:`PAWSModel` (possibly wrapped in DistributedDataParallel).
+        optimizer: LARS.
+        batch: this rank's views ``[large 1, large 2, ...]``, each (B, C, h, w).
+        tau: the NT-Xent temperature (``loss.tau``).
+        scaler: gradient scaler for fp16.
+        dtype: autocast dtype of the forward pass, or None for fp32.
+
+    Returns:
+        The step's scalars: ``loss`` and ``cross_entropy`` are NT-Xent, ``me_max`` is 0.
+    """
+    n = batch.views[0].shape[0]
+    with runtime.autocast(batch.views[0].device.type, dtype):
+        _, z = model(batch.views[:2])
+    rows = torch.nn.functional.normalize(z.float(), dim=1)
+    keys = distributed.all_gather(rows)  # gradients reach every process's rows
+    loss = nt_xent(rows[:n], rows[n:], tau, keys, distributed.get_rank() * 2 * n)
+    backward_step(loss, optimizer, scaler)
+    loss = loss.detach()
+    return StepResult(loss, loss, torch.zeros_like(loss), {})

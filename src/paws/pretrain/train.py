@@ -1,6 +1,10 @@
 """The whole pre-training run, as ``paws train`` runs it: open -> fit -> start -> build ->
 restore -> loop -> finish.
 
+With no labelled image (or ``loss.objective: simclr``) the run is label-free
+(:func:`paws.config.adapt.label_free`): the same loop trains a SimCLR embedding of the
+unlabelled images, for ``paws suggest`` to choose the first labels in.
+
 :func:`paws.pretrain.stages.open_run` checks the run directory and finds the checkpoint to
 resume from; :func:`paws.config.adapt.fit_to_data` fits the defaults to the data;
 :func:`~paws.pretrain.stages.start_run` refuses a resume that changes the run and writes
@@ -21,8 +25,8 @@ import torch
 
 from paws import distributed, rundir, runtime, tracking
 from paws.config import Config, with_absolute_paths
-from paws.config.adapt import fit_to_data
-from paws.data.sources import Datasets, load_datasets
+from paws.config.adapt import fit_to_data, label_free
+from paws.data.sources import Datasets, load_datasets, without_labels
 from paws.errors import UserError
 from paws.files import check_out_dir, write_atomic
 from paws.pretrain.finish import finish_run
@@ -67,8 +71,8 @@ def train(
 
     Returns:
         ``{"status": "done" | "interrupted", "step", "eval": PAWS-NN summary or None,
-        "skipped": number of unreadable images skipped, "signal": signal number when
-        interrupted}``.
+        "skipped": number of unreadable images skipped, "label_free": no labels were used
+        (``loss.objective: simclr``), "signal": signal number when interrupted}``.
     """
     out = Path(out_dir)
     cfg = with_absolute_paths(cfg)  # the run reads the same data from any folder later
@@ -106,6 +110,9 @@ def _train(
     state = open_run(cfg, out, resume)
     cfg, start = open_init(cfg, out, init, state)
     data = data or load_datasets(cfg)
+    cfg = label_free(cfg, len(data.labeled))
+    if cfg.loss.objective == "simclr":
+        data = without_labels(data)
     info(f"data: {data.summary()}")
     cfg = fit_to_data(cfg, len(data.unlabeled), data.labeled.labels, distributed.get_world_size())
     start_run(cfg, out, state)
@@ -131,4 +138,4 @@ def _train(
     finally:
         tracked.close(status)
     distributed.barrier()
-    return {"eval": None, "skipped": len(data.skipped), **result}
+    return {"eval": None, "skipped": len(data.skipped), "label_free": run.label_free, **result}
