@@ -9,6 +9,7 @@ import pytest
 from tiny import (
     error_line,
     tiny_config,
+    tiny_overrides,
     write_config,
 )
 
@@ -85,3 +86,17 @@ def test_no_output_may_overwrite_an_input_or_land_in_the_data(shared_run, tmp_pa
     assert photo.read_bytes() == before
     assert not any(p.suffix == ".json" for p in (paths["labeled"] / "class0").iterdir())
     assert not (tmp_path / "s.csv").exists()
+
+
+def test_the_python_api_trains_and_suggests_as_the_commands_do(image_folders, tmp_path):
+    from tiny import read_rows
+
+    import paws
+
+    overrides = tiny_overrides(image_folders)
+    result = paws.train(overrides=overrides, out=tmp_path / "run")
+    assert result["status"] == "done" and (tmp_path / "run" / "choice.json").is_file()
+    s = paws.suggest(tmp_path / "run", 3, out=tmp_path / "next.csv")
+    rows = read_rows(tmp_path / "next.csv")
+    assert len(s.picks) == len(rows) == 3 and all(r["label"] == "" for r in rows)
+    assert paws.load(tmp_path / "run").classes == ["class0", "class1", "class2"]
