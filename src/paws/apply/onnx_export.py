@@ -29,6 +29,7 @@ import copy
 import importlib.util
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -161,9 +162,16 @@ def _require(*modules: str) -> None:
         raise UserError(f"ONNX export needs torch >= 2.5 (this is {torch.__version__})")
 
 
-def _export(module: nn.Module, example: torch.Tensor, path: Path, outputs: list[str]) -> int:
+def _export(
+    module: nn.Module,
+    example: torch.Tensor,
+    path: Path,
+    outputs: list[str],
+    written: Callable[[], None] | None = None,
+) -> int:
     """Write ``module`` as ONNX with a dynamic batch axis, whole or not at all
-    (:func:`paws.files.write_folder_files`); returns the opset."""
+    (:func:`paws.files.write_folder_files`); ``written()`` is called once the file is
+    complete in its staging folder, before it replaces the old one. Returns the opset."""
     size = sum(t.numel() * t.element_size() for t in module.state_dict().values())
     opset = [0]
 
@@ -181,6 +189,8 @@ def _export(module: nn.Module, example: torch.Tensor, path: Path, outputs: list[
         )
         if program is not None:
             opset[0] = int(program.model.opset_imports.get("", 0))
+        if written is not None:
+            written()
 
     write_folder_files(path.parent, path.name, write)
     return opset[0]
@@ -210,10 +220,15 @@ def export_onnx(predictor: Predictor, out_dir: str | Path, progress: bool = Fals
         dims = {"embeddings": graph(example)[1].shape[1], "features": trunk(example).shape[1]}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    # The description goes first and comes back last: an export stopped part-way over an
-    # earlier one leaves no onnx.json that describes models it did not write.
-    (out / DESCRIPTION).unlink(missing_ok=True)
-    opset = _export(graph, example, out / MODEL, ["probabilities", "embeddings"])
+
+    # The description goes once the first new model is complete (a full disk before that
+    # leaves the earlier export whole) and comes back last: an export stopped part-way over
+    # an earlier one leaves no onnx.json that describes models it did not write.
+    def unlink_description() -> None:
+        (out / DESCRIPTION).unlink(missing_ok=True)
+
+    outputs = ["probabilities", "embeddings"]
+    opset = _export(graph, example, out / MODEL, outputs, unlink_description)
     _export(trunk, example, out / ENCODER, ["features"])
     seconds = time.perf_counter() - start
     description = _description(predictor, dims, opset, seconds)
