@@ -60,7 +60,7 @@ def test_the_default_stays_when_the_gain_is_within_the_spread():
     choice = decide(CANDIDATES, scores, 5, "tighten.pt")
     diff = np.subtract(scores["final.pt"], scores["tighten.pt"])
     assert diff.mean() < diff.std(ddof=1) / np.sqrt(5)
-    assert choice.file == "tighten.pt" and "within the folds' spread" in choice.reason
+    assert choice.file == "tighten.pt" and "not beyond two standard errors" in choice.reason
 
 
 def test_a_gain_between_one_and_two_standard_errors_keeps_the_default():

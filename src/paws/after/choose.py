@@ -201,7 +201,8 @@ def decide(
             default,
             f"{what[default]} ({default}), the default: {what[best]} scored "
             f"{means[best]:.1f}% against {means[default]:.1f}% on {folds} folds of the "
-            f"labelled images, within the folds' spread ({gain:+.1f} ± {se:.1f} points)",
+            f"labelled images, not beyond two standard errors of the per-fold gain "
+            f"({gain:+.1f} ± {se:.1f} points)",
             scores,
             folds,
         )
