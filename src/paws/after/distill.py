@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from paws import rundir, runtime
-from paws.after.evaluate import classifier_accuracy, snn_probs
+from paws.after.evaluate import accuracy, classifier_accuracy, snn_probs
 from paws.after.finetune import crop_flip_views
 from paws.after.saved import open_pretrained, save_step
 from paws.config import Config, to_dict
@@ -271,9 +271,10 @@ def distill(
     device: torch.device,
     partial: Path | None = None,
     key: dict | None = None,
+    evaluate: bool = True,
 ) -> tuple[dict[str, Any], Classifier]:
     """Train the student (:func:`train_student`) and test it (and the teacher) when there is a
-    test set.
+    test set and ``evaluate`` (a run's finish has both tested already).
 
     Returns:
         ``(report, student)``: :func:`train_student`'s report with the ``distill`` settings,
@@ -283,11 +284,10 @@ def distill(
     student, report = train_student(cfg, teacher, arch, data, device, partial, key)
     report["settings"] = dict(vars(cfg.distill))
     report["test"] = report["teacher_test"] = None
-    if data.test is not None:
+    if evaluate and data.test is not None:
         report["test"] = classifier_accuracy(student, data, cfg, device)
         probs = snn_probs(teacher, data, cfg, device, data.test)
-        y = torch.from_numpy(data.test.labels)
-        report["teacher_test"] = {"top1": 100.0 * float((probs.argmax(1) == y).float().mean())}
+        report["teacher_test"] = {"top1": accuracy(probs, torch.from_numpy(data.test.labels))}
     return report, student
 
 

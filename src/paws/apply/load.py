@@ -107,32 +107,13 @@ def from_checkpoint(
     reader = _reader(prep, cfg.eval.batch_size, cfg.data)
     known = KnownScore.from_config(cfg)
     support, unlabeled = _run_sources(cfg)
+    args = (r.net, r.kind, r.arch, reader, device, known, cfg.eval.chunk_size)
+    sources = dict(support_source=support, unlabeled_source=unlabeled)
     if r.kind in checkpoint.CLASSIFIERS:
         classes = [str(c) for c in state.get("classes") or []]
-        return ClassifierPredictor(
-            r.net,
-            r.kind,
-            r.arch,
-            reader,
-            device,
-            known,
-            cfg.eval.chunk_size,
-            classes=classes,
-            support_source=support,
-            unlabeled_source=unlabeled,
-        )
+        return ClassifierPredictor(*args, classes=classes, **sources)
     return SoftNearestNeighbourPredictor(
-        r.net,
-        r.kind,
-        r.arch,
-        reader,
-        device,
-        known,
-        cfg.eval.chunk_size,
-        features=cfg.eval.features,
-        tau=cfg.eval.tau,
-        support_source=support,
-        unlabeled_source=unlabeled,
+        *args, features=cfg.eval.features, tau=cfg.eval.tau, **sources
     )
 
 

@@ -59,21 +59,26 @@ def _tighten_after_training(run: Run, step: int) -> dict[str, Any] | None:
 
 
 def _distill_after_training(
-    run: Run, step: int, teacher: torch.nn.Module
-) -> tuple[dict[str, Any], torch.nn.Module] | None:
-    """The student (``distill.after_training``, :mod:`paws.after.distill`) of ``teacher``
-    (the tightened model when the run tightens), saved as ``distill.pt``: ``(its report,
-    the student)``, or None when it is off."""
+    run: Run, step: int, teacher: str, tests: dict[str, dict[str, Any]]
+) -> bool:
+    """The student (``distill.after_training``, :mod:`paws.after.distill`) of ``run.model``
+    (the model ``teacher`` names), saved as ``distill.pt`` with ``distill.json``, its test
+    results added to ``tests`` (which holds the teacher's); False when it is off."""
     if not run.cfg.distill.after_training:
-        return None
+        return False
     start = time.time()
-    report, student = distill(run.cfg, teacher, run.arch, run.data, run.device)
-    opened = Opened(run.cfg, student, run.arch, step, run.out, run.device, run.data, start)
-    arch = run.arch.with_classifier(len(run.data.classes))
+    cfg, data, device = run.cfg, run.data, run.device
+    report, student = distill(cfg, run.model, run.arch, data, device, evaluate=False)
+    if data.test is not None:
+        tests[rundir.DISTILLED] = ev = classifier_eval(student, data, cfg, device)
+        report["test"] = {k: ev[k] for k in ("top1", "top5", "balanced_top1", "num_query")}
+        report["teacher_test"] = {"top1": tests[teacher]["top1"]}
+    opened = Opened(cfg, student, run.arch, step, run.out, device, data, start)
+    arch = run.arch.with_classifier(len(data.classes))
     save_step("distill", student, arch, opened, report, rundir.DISTILLED)
-    report["teacher"] = rundir.TIGHTENED if run.cfg.tighten.after_training else rundir.FINAL
+    report["teacher"] = teacher
     rundir.write_json(run.out / "distill.json", report)
-    return report, student
+    return True
 
 
 def _candidates(run: Run, pretrained: torch.nn.Module, files: list[str]) -> list[Candidate]:
@@ -167,11 +172,8 @@ def finish_run(run: Run, step: int, evals: rundir.MetricsLog) -> dict[str, Any] 
                 "num_query": tests[rundir.TIGHTENED]["num_query"],
             }
         rundir.write_json(run.out / "tighten.json", report)
-    distilled = _distill_after_training(run, step, run.model)
-    if distilled is not None:
+    if _distill_after_training(run, step, files[-1], tests):
         files.append(rundir.DISTILLED)
-        if data.test is not None:
-            tests[rundir.DISTILLED] = classifier_eval(distilled[1], data, cfg, device)
     choice = _choose(run, pretrained, files)
     return _results(run, step, choice, tests, report)
 
