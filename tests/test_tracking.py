@@ -387,3 +387,27 @@ def test_mlflow_says_nothing_below_a_warning_on_the_command_line(labeled_and_tes
     proc = run_paws("train", *set_args(settings), "--out", str(tmp_path / "run"))
     assert "mlflow: run " in proc.stderr  # paws's own line
     assert " INFO mlflow" not in proc.stderr and "INFO  [alembic" not in proc.stderr, proc.stderr
+
+
+def test_tensorboard_holds_the_config_against_the_final_numbers(labeled_and_test, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    out = train_tiny(
+        tmp_path / "run", tiny_overrides(labeled_and_test, *EVALUATED, "run.tensorboard=true")
+    )
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    content = events.PluginTagToContent("hparams")
+    data = [plugin_data_pb2.HParamsPluginData.FromString(c) for c in content.values()]
+    [start] = [d.session_start_info for d in data if d.HasField("session_start_info")]
+    config = load_config(out / "config.yaml")
+    assert start.hparams["optim.batch_size"].number_value == config.optim.batch_size
+    assert start.hparams["model.encoder"].string_value == config.model.encoder
+    [experiment] = [d.experiment for d in data if d.HasField("experiment")]
+    metrics = {m.name.tag for m in experiment.metric_infos}
+    assert "final/top1" in metrics
+    top1 = json.loads((out / "eval.json").read_text())["top1"]
+    [final] = events.Scalars("final/top1")
+    assert final.value == pytest.approx(top1, rel=1e-6)

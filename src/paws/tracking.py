@@ -97,7 +97,8 @@ def param_text(value: Any) -> str:
 
 
 class TensorBoard:
-    """Scalars and the config (as a text table) in ``RUN_DIR/tensorboard``; keeps no files."""
+    """Scalars and the config (as a text table) in ``RUN_DIR/tensorboard``, and at the end the
+    config beside the final numbers in TensorBoard's HParams view; keeps no files."""
 
     name, package, keeps_files = "tensorboard", "tensorboard", False
 
@@ -106,14 +107,29 @@ class TensorBoard:
 
         self.record = {"log_dir": "tensorboard"}
         self.writer = SummaryWriter(str(out / self.record["log_dir"]))
+        self.params: dict[str, Any] = {}
 
     def log_params(self, params: dict[str, Any]) -> None:
+        self.params = dict(params)
         rows = "\n".join(f"| {k} | {param_text(v)} |" for k, v in params.items())
         self.writer.add_text("config", "| key | value |\n| --- | --- |\n" + rows)
 
     def log_metrics(self, values: dict[str, float], step: int, prefix: str = "") -> None:
         for k, v in values.items():
             self.writer.add_scalar(prefix + k, v, step)
+        if prefix == "final/" and self.params:
+            self._hparams(values)
+
+    def _hparams(self, final: dict[str, float]) -> None:
+        """The config (plain values; lists and None as text) against the final numbers, so runs
+        of one folder compare in the HParams view; in the run's own log folder."""
+        from torch.utils.tensorboard.summary import hparams
+
+        plain = (bool, int, float, str)
+        config = {k: v if isinstance(v, plain) else param_text(v) for k, v in self.params.items()}
+        metrics = {f"final/{k}": float(v) for k, v in final.items()}
+        for summary in hparams(config, metrics):
+            self.writer.file_writer.add_summary(summary)
 
     def log_artifact(self, path: Path) -> None:
         pass  # the files are in the run directory, beside the logs
