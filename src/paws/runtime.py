@@ -18,9 +18,11 @@ import torch
 
 from paws import distributed
 from paws.errors import UserError
+from paws.progress import info
 
 __all__ = [
     "setup",
+    "thread_count",
     "device_for",
     "amp_dtype",
     "autocast",
@@ -60,6 +62,18 @@ def device_for(requested: str | torch.device, key: str = "run.device") -> torch.
     return torch.device(f"cuda:{distributed.local_rank()}")
 
 
+def thread_count(asked: int) -> int:
+    """The threads to compute with for ``run.threads`` = ``asked``: at most the cores this
+    process may run on, said in a line when fewer than asked (threads beyond the cores only
+    wait for each other: 1024 of them on 2 cores made a run take minutes to start)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = max(1, cores or 1)
+    if asked > cores:
+        info(f"run.threads is {asked} but this process has {cores} cores: using {cores}")
+        return cores
+    return asked
+
+
 def setup(cfg: Any) -> torch.device:
     """Set the process up for ``cfg`` (a :class:`paws.config.Config`); returns the device.
 
@@ -70,7 +84,7 @@ def setup(cfg: Any) -> torch.device:
     device = device_for(cfg.run.device)
     distributed.init(device)
     if cfg.run.threads:
-        torch.set_num_threads(cfg.run.threads)
+        torch.set_num_threads(thread_count(cfg.run.threads))
     # Denormal floats made small-loss CPU steps 10x slower; flushing them costs nothing.
     torch.set_flush_denormal(True)
     if cfg.run.deterministic:
