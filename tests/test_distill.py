@@ -24,7 +24,8 @@ from paws.data import load_datasets
 from paws.rundir import checkpoint, restore
 
 # Four epochs over the tiny run's unlabelled images, batches of 32.
-SMALL = ["distill.epochs=4", "distill.batch_size=32", "distill.labeled_batch=8"]
+# lr 0.2: at the default 0.05 the 20 steps of a tiny student leave it near chance on some CPUs
+SMALL = ["distill.epochs=4", "distill.lr=0.2", "distill.batch_size=32", "distill.labeled_batch=8"]
 
 
 def test_sharpened_targets_by_hand():
