@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from paws import runtime
 from paws.config import load_config
 
-
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+_cores = runtime.usable_cores
 
 
 def test_more_threads_than_cores_use_the_cores_and_say_so(capsys) -> None:

@@ -293,6 +293,9 @@ class _Recorder:
     def log_artifact(self, path):
         self.calls.append(("file", path.name))
 
+    def log_final(self, values, step):
+        self.log_metrics(values, step, tracking.FINAL)
+
     def close(self, status):
         self.calls.append(("close", status))
 

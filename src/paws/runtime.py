@@ -23,6 +23,7 @@ from paws.progress import info
 __all__ = [
     "setup",
     "thread_count",
+    "usable_cores",
     "device_for",
     "amp_dtype",
     "autocast",
@@ -62,12 +63,19 @@ def device_for(requested: str | torch.device, key: str = "run.device") -> torch.
     return torch.device(f"cuda:{distributed.local_rank()}")
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity where the OS has one), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
 def thread_count(asked: int) -> int:
     """The threads to compute with for ``run.threads`` = ``asked``: at most the cores this
     process may run on, said in a line when fewer than asked (threads beyond the cores only
     wait for each other: 1024 of them on 2 cores made a run take minutes to start)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    cores = max(1, cores or 1)
+    cores = usable_cores()
     if asked > cores:
         info(f"run.threads is {asked} but this process has {cores} cores: using {cores}")
         return cores

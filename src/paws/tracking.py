@@ -71,6 +71,9 @@ class Tracker(Protocol):
     def log_artifact(self, path: Path) -> None:
         """A copy of the file ``path``."""
 
+    def log_final(self, values: dict[str, float], step: int) -> None:
+        """The run's final numbers (eval.json's), as scalars named ``final/`` + key."""
+
     def close(self, status: str | None) -> None:
         """End the run as ``"done"``, ``"interrupted"`` or ``"failed"``; None: as it was."""
 
@@ -96,6 +99,10 @@ def param_text(value: Any) -> str:
 # The trackers.
 
 
+# The prefix of a run's final numbers (eval.json's) among a tracker's scalars.
+FINAL = "final/"
+
+
 class TensorBoard:
     """Scalars and the config (as a text table) in ``RUN_DIR/tensorboard``, and at the end the
     config beside the final numbers in TensorBoard's HParams view; keeps no files."""
@@ -117,18 +124,18 @@ class TensorBoard:
     def log_metrics(self, values: dict[str, float], step: int, prefix: str = "") -> None:
         for k, v in values.items():
             self.writer.add_scalar(prefix + k, v, step)
-        if prefix == "final/" and self.params:
-            self._hparams(values)
 
-    def _hparams(self, final: dict[str, float]) -> None:
-        """The config (plain values; lists and None as text) against the final numbers, so runs
-        of one folder compare in the HParams view; in the run's own log folder."""
+    def log_final(self, values: dict[str, float], step: int) -> None:
+        """The final scalars, and the config (plain values; lists and None as text) against
+        them, so runs of one folder compare in the HParams view."""
         from torch.utils.tensorboard.summary import hparams
 
+        self.log_metrics(values, step, FINAL)
+        if not self.params:
+            return
         plain = (bool, int, float, str)
         config = {k: v if isinstance(v, plain) else param_text(v) for k, v in self.params.items()}
-        metrics = {f"final/{k}": float(v) for k, v in final.items()}
-        for summary in hparams(config, metrics):
+        for summary in hparams(config, {FINAL + k: float(v) for k, v in values.items()}):
             self.writer.file_writer.add_summary(summary)
 
     def log_artifact(self, path: Path) -> None:
@@ -190,6 +197,9 @@ class MLflow:
 
     def log_artifact(self, path: Path) -> None:
         self.client.log_artifact(self.run_id, str(path))
+
+    def log_final(self, values: dict[str, float], step: int) -> None:
+        self.log_metrics(values, step, FINAL)
 
     def close(self, status: str | None) -> None:
         end = _MLFLOW_STATUS.get(status or "", self.found)
@@ -270,6 +280,9 @@ class WandB:
     def log_metrics(self, values: dict[str, float], step: int, prefix: str = "") -> None:
         self.run.log({"step": step, **{prefix + k: v for k, v in values.items()}})
 
+    def log_final(self, values: dict[str, float], step: int) -> None:
+        self.log_metrics(values, step, FINAL)
+
     def log_artifact(self, path: Path) -> None:
         # Files in the run's folder are uploaded with it (offline: by wandb sync); in a folder
         # of their own, as W&B writes its own config.yaml there.
@@ -344,7 +357,8 @@ class Tracking:
                 for k, v in flatten(summary).items()
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"
             }
-            self.log_metrics(values, int(summary.get("step", 0)), "final/")
+            step = int(summary.get("step", 0))
+            self._each(lambda t: t.log_final(values, step))
         for name in ("eval.json", "tighten.json", rundir.CHOICE):
             self.log_artifact(out / name)
 

@@ -26,7 +26,6 @@ number of inputs, and batches come out in input order.
 from __future__ import annotations
 
 import math
-import os
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -41,6 +40,7 @@ from PIL import Image
 from paws.data.images import MAX_IMAGE_PIXELS, read_image, tensor_channels, to_mode
 from paws.data.transforms import eval_batch, eval_resize
 from paws.errors import UserError
+from paws.runtime import usable_cores
 
 __all__ = [
     "Preprocessing",
@@ -148,10 +148,7 @@ def decode_workers(device: torch.device | str = "cpu") -> int:
     """Threads that decode while the network computes: the cores the network leaves (on a CPU,
     those beyond torch's compute threads, at least one; beside an accelerator, all but one),
     at most 8."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
+    cores = usable_cores()
     if torch.device(device).type == "cpu":
         return max(1, min(8, cores - torch.get_num_threads()))
     return max(1, min(8, cores - 1))
