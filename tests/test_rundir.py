@@ -1,5 +1,6 @@
 """A run directory (rundir/): which model it means, its metric columns, rebuilding a saved model,
-an empty config.yaml refused, and its lock: one paws train at a time, a stale lock ignored."""
+an empty config.yaml refused, every damaged run file read back in one line, and its lock: one
+paws train at a time, a stale lock ignored."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import os
 import pytest
 import torch
 from tiny import (
+    Cases,
     copy_run,
     error_line,
     logged_steps,
@@ -80,6 +82,53 @@ def test_an_empty_config_yaml_refuses_to_resume(made, tmp_path, capsys):
         "the run's config with --config FILE"
     )
     assert snapshot(run) == before
+
+
+# Damage a run file can take that its readers must refuse: bytes that are not the UTF-8 paws
+# writes, binary data, and JSON or CSV of another shape.
+def _run_file_damage(name: str, data: bytes):
+    yield "utf-16", data.decode().encode("utf-16")
+    yield "latin-1", "é".encode("latin-1") + data
+    yield "NUL bytes", data[:5] + b"\x00" + data[5:]
+    if name.endswith(".json"):
+        for kind in (b"[1, 2]", b'"text"', b"3"):
+            yield f"a JSON {kind.decode()}", kind
+        yield "a value of another kind", b'{"top1": "high", "classes": 3, "confusion": [["a"]]}'
+    if name.endswith(".csv"):
+        yield "a header without step", b"steps,top\n1,2\n"
+        yield "an unbalanced quote", b'step,"top1\n1,2\n'
+
+
+# Which command reads each file: the report reads them all, a resume its logs and config, the
+# choice of model every command that loads a run.
+_READERS = {
+    "metrics.csv": ("report", "resume"),
+    "evals.csv": ("report", "resume"),
+    "eval.json": ("report",),
+    "predictions.json": ("report",),
+    "choice.json": ("eval",),
+    "config.yaml": ("report", "resume"),
+}
+
+
+def test_every_damaged_run_file_ends_in_one_line_naming_it(made, tmp_path, capsys):
+    cases, n = Cases(capsys), 0
+    for name, readers in _READERS.items():
+        assert (made["run"] / name).is_file(), name
+        for damage, data in _run_file_damage(name, (made["run"] / name).read_bytes()):
+            if name == "config.yaml" and damage.startswith(("a header", "an unbalanced")):
+                continue
+            for reader in readers:
+                n += 1
+                run = copy_run(made, tmp_path / f"run{n}")
+                (run / name).write_bytes(data)
+                argv = {
+                    "report": ["report", str(run), "--out", str(tmp_path / f"report{n}")],
+                    "resume": ["train", "--resume", str(run)],
+                    "eval": ["eval", str(run)],
+                }[reader]
+                cases.refused(f"{reader}: {name} {damage}", argv, run, expect=name)
+    cases.check()
 
 
 def test_a_second_run_into_a_running_directory_is_refused(made, tmp_path, capsys):

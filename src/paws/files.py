@@ -6,6 +6,10 @@ folder cannot be written ends the command in its first second, not after the tra
 file is written through a temporary file in the same folder, flushed, fsynced and renamed over
 the old one (:func:`write_atomic`), so a full disk or a killed process leaves the previous file
 as it was, never a half-written or empty one.
+
+The text files paws reads back (configs, a run directory's CSV and JSON files) are read through
+:func:`read_text`, so that a file in another encoding, or binary data where text should be, ends
+in one line naming the file.
 """
 
 from __future__ import annotations
@@ -30,12 +34,42 @@ __all__ = [
     "reason",
     "disk_of",
     "check_not_input",
+    "read_text",
 ]
 
 
 def reason(e: OSError) -> str:
     """The words of an OS error, without its errno prefix."""
     return e.strerror or str(e) or type(e).__name__
+
+
+def read_text(path: str | Path, what: str, fix: str) -> str:
+    """The text of ``path``: UTF-8, a UTF-8 byte-order mark allowed.
+
+    Args:
+        path: the file.
+        what: what the file is, for the message ("config", "run file").
+        fix: what the user should do about a file that is not such text.
+
+    Raises:
+        UserError: a file that cannot be read, is UTF-16 or other non-UTF-8 bytes, or holds NUL
+            bytes (binary data), naming the file, the first bad byte and ``fix``.
+    """
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as e:
+        raise UserError(f"cannot read {what} {path}: {reason(e)}") from e
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise UserError(f"{what} {path} is UTF-16 text, not UTF-8; {fix}")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise UserError(
+            f"{what} {path} is not UTF-8 text (byte {e.start} is 0x{raw[e.start]:02x}); {fix}"
+        ) from e
+    if "\x00" in text:
+        raise UserError(f"{what} {path} holds binary data, not text; {fix}")
+    return text
 
 
 def write_with(path: str | Path, write: Callable[[IO[bytes]], None], noun: str = "") -> None:

@@ -23,7 +23,7 @@ from typing import Any
 
 from paws import distributed
 from paws.errors import UserError
-from paws.files import write_atomic
+from paws.files import read_text, write_atomic
 
 __all__ = [
     "CONFIG",
@@ -47,6 +47,8 @@ __all__ = [
     "truncate_rows",
     "write_json",
     "read_json",
+    "read_run_text",
+    "csv_rows",
     "write_results",
     "output_dir",
     "model_file",
@@ -126,8 +128,7 @@ class MetricsLog:
         self.path, self.tracker, self.prefix = path, tracker, prefix
         self.fields: list[str] | None = None
         if path.is_file() and distributed.is_main():
-            with open(path, newline="") as f:
-                self.fields = next(csv.reader(f), None)
+            self.fields = next(iter(csv_rows(path, ("step",))), None)
 
     def log(self, row: dict[str, Any]) -> None:
         """Append ``row`` (the first row written fixes the columns)."""
@@ -165,9 +166,13 @@ def truncate_rows(path: Path, last_step: int) -> None:
     """Drop CSV rows logged after ``last_step`` (steps a crashed run did after its checkpoint)."""
     if not path.is_file():
         return
-    with open(path, newline="") as f:
-        rows = list(csv.reader(f))
-    keep = rows[:1] + [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) <= last_step]
+    rows = csv_rows(path, ("step",))
+    if not rows:
+        return
+    at = rows[0].index("step")
+    keep = rows[:1] + [
+        r for r in rows[1:] if len(r) > at and r[at].isdigit() and int(r[at]) <= last_step
+    ]
     if len(keep) != len(rows):
         text = io.StringIO(newline="")
         csv.writer(text).writerows(keep)
@@ -234,11 +239,62 @@ def chosen_name(run: Path) -> str:
     return name
 
 
-def read_json(path: Path) -> Any:
-    """A JSON file of the run directory, or None when it does not exist."""
+def read_run_text(path: Path) -> str:
+    """The text of a file paws wrote into a run directory (UTF-8).
+
+    Raises:
+        UserError: a file in another encoding or holding binary data: it was damaged.
+    """
+    return read_text(path, "run file", "the file is damaged: remove it, or train the run again")
+
+
+def csv_rows(path: Path, need: tuple[str, ...] = ()) -> list[list[str]]:
+    """The rows of a CSV file of the run directory (``metrics.csv``, ``evals.csv``), the header
+    first.
+
+    Args:
+        path: the file.
+        need: columns the header must name (when the file has rows).
+
+    Raises:
+        UserError: a file that is not UTF-8 text, does not parse as CSV (strictly: an
+            unbalanced quote too), or whose header lacks a column of ``need``.
+    """
+    try:
+        rows = list(csv.reader(io.StringIO(read_run_text(path), newline=""), strict=True))
+    except csv.Error as e:
+        raise UserError(
+            f"run file {path} is not valid CSV ({e}): the file is damaged; remove it, or train "
+            "the run again"
+        ) from e
+    missing = [k for k in need if rows and k not in rows[0]]
+    if missing:
+        raise UserError(
+            f"run file {path} has no column {missing[0]!r} in its header: the file is damaged; "
+            "remove it, or train the run again"
+        )
+    return rows
+
+
+def read_json(path: Path, kind: type | None = None) -> Any:
+    """A JSON file of the run directory, or None when it does not exist.
+
+    Args:
+        path: the file.
+        kind: the type its top level must have (``dict`` for every record paws writes).
+
+    Raises:
+        UserError: a file that is not UTF-8 JSON, or whose top level is not a ``kind``.
+    """
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
+        value = json.loads(read_run_text(path))
     except json.JSONDecodeError as e:
         raise UserError(f"{path} is not valid JSON ({e.msg}, line {e.lineno})") from e
+    if kind is not None and not isinstance(value, kind):
+        raise UserError(
+            f"{path} holds a JSON {type(value).__name__}, not the {kind.__name__} paws writes: "
+            "the file is damaged; remove it, or train the run again"
+        )
+    return value

@@ -3,8 +3,8 @@ results, for reports and comparisons."""
 
 from __future__ import annotations
 
-import csv
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,7 +13,16 @@ import numpy as np
 
 from paws.config import read_yaml
 from paws.errors import UserError
-from paws.rundir.layout import CONFIG, EVALS, INIT, METRICS, model_file, read_json
+from paws.rundir.layout import (
+    CONFIG,
+    EVAL_COLUMNS,
+    EVALS,
+    INIT,
+    METRICS,
+    csv_rows,
+    model_file,
+    read_json,
+)
 
 __all__ = ["RunRecord", "load_run"]
 
@@ -72,12 +81,15 @@ class RunRecord:
         return max(0.0, end.stat().st_mtime - start.stat().st_mtime) / 60
 
 
-def _read_csv(path: Path) -> dict[str, np.ndarray]:
-    """Columns of a numeric CSV file as float arrays; empty cells become NaN."""
+def _read_csv(path: Path, need: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+    """Columns of a numeric CSV file as float arrays; empty cells become NaN.
+
+    Raises:
+        UserError: a file that is not UTF-8 CSV, or whose header lacks a column of ``need``.
+    """
     if not path.is_file():
         return {}
-    with open(path, newline="") as f:
-        rows = list(csv.reader(f))
+    rows = csv_rows(path, need)
     if not rows:
         return {}
     header, body = rows[0], rows[1:]
@@ -94,6 +106,68 @@ def _read_csv(path: Path) -> dict[str, np.ndarray]:
     }
 
 
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _numbers(v: Any) -> bool:
+    return isinstance(v, list) and all(_number(x) for x in v)
+
+
+# What the readers of a run's records rely on: each key that is there has a value of this kind.
+_KINDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "top1": (_number, "a number"),
+    "top5": (_number, "a number"),
+    "balanced_top1": (_number, "a number"),
+    "num_support": (_number, "a number"),
+    "classes": (lambda v: isinstance(v, list) and all(isinstance(c, str) for c in v), "names"),
+    "labels": (_numbers, "a list of numbers"),
+    "predictions": (_numbers, "a list of numbers"),
+    "confusion": (lambda v: isinstance(v, list) and all(_numbers(r) for r in v), "a matrix"),
+    "from": (lambda v: isinstance(v, str), "a path"),
+}
+
+
+def _record(path: Path, need: tuple[str, ...] = ()) -> dict[str, Any] | None:
+    """A JSON record of the run directory (None when absent), its values of the kinds the
+    report reads (:data:`_KINDS`), with every key of ``need``.
+
+    Raises:
+        UserError: naming the file and the first key that is missing or of another kind.
+    """
+    record = read_json(path, dict)
+    if record is None:
+        return None
+    for key in need:
+        if key not in record:
+            raise UserError(
+                f"{path} has no {key!r}: the file is damaged; remove it, or train the run again"
+            )
+    for key, value in record.items():
+        check, kind = _KINDS.get(key, (None, ""))
+        if check is not None and value is not None and not check(value):
+            raise UserError(
+                f"{path}: {key!r} is {str(value)[:40]!r}, not {kind}: the file is damaged; "
+                "remove it, or train the run again"
+            )
+    confusion, classes = record.get("confusion"), record.get("classes")
+    if confusion is not None and classes is not None and len(confusion) != len(classes):
+        raise UserError(f"{path}: the confusion matrix does not match its classes: damaged file")
+    return record
+
+
+def _config(path: Path) -> dict[str, Any]:
+    """config.yaml's sections, each a mapping."""
+    config = read_yaml(path) if path.is_file() else {}
+    for name, section in config.items():
+        if not isinstance(section, dict):
+            raise UserError(
+                f"{path}: section {name!r} is {str(section)[:40]!r}, not a mapping: the file is "
+                "damaged; train the run again"
+            )
+    return config
+
+
 def load_run(path: str | Path, name: str | None = None) -> RunRecord:
     """Read a run directory written by ``paws train``.
 
@@ -106,15 +180,14 @@ def load_run(path: str | Path, name: str | None = None) -> RunRecord:
         raise UserError(f"run directory not found: {run}")
     if not (run / METRICS).is_file() and not (run / CONFIG).is_file():
         raise UserError(f"{run} is not a run directory (no {METRICS} or {CONFIG})")
-    config = read_yaml(run / CONFIG) if (run / CONFIG).is_file() else {}
     return RunRecord(
         name=name or run.resolve().name,
         path=run,
-        config=config,
-        metrics=_read_csv(run / METRICS),
-        evals=_read_csv(run / EVALS),
-        predictions=read_json(run / "predictions.json"),
-        baseline=read_json(run / "baseline.json"),
-        summary=read_json(run / "eval.json"),
-        init=read_json(run / INIT),
+        config=_config(run / CONFIG),
+        metrics=_read_csv(run / METRICS, ("step",)),
+        evals=_read_csv(run / EVALS, EVAL_COLUMNS),
+        predictions=_record(run / "predictions.json", ("classes", "confusion")),
+        baseline=_record(run / "baseline.json"),
+        summary=_record(run / "eval.json"),
+        init=_record(run / INIT),
     )
