@@ -89,7 +89,20 @@ def test_wrong_types():
     assert "views.large_scale[1] must be float" in _error(["views.large_scale=[0.5, x]"])
     assert _error(["data.root=[1]"]) == "data.root must be str or null, got [1]"
     assert "optim.momentum must be a finite number" in _error(["optim.momentum=.nan"])
-    assert _error(["optim=3"]) == "config section 'optim' must be a mapping"
+    assert _error(["optim=3"]) == "config section 'optim' must be a mapping of keys, got '3'"
+
+
+@pytest.mark.parametrize("value", ["false", "[]", "0", "''", "[a]"])
+@pytest.mark.parametrize("section", ["optim", "data", "model"])
+def test_a_section_of_another_kind_is_refused_not_read_as_the_defaults(section, value, tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(f"{section}: {value}\n")
+    with pytest.raises(UserError, match=f"config section '{section}' must be a mapping of keys"):
+        load_config(path)
+    with pytest.raises(UserError, match=f"the config's '{section}' is .*, not a section of keys"):
+        load_config(path, [f"{section}.seed=1"])
+    path.write_text(f"{section}:\n")  # an empty section is the defaults
+    assert load_config(path) == Config()
 
 
 def test_gentle_conversions():

@@ -22,7 +22,7 @@ import yaml
 
 from paws.config.schema import Config, optimizer_defaults
 from paws.errors import UserError, first_line
-from paws.files import write_atomic
+from paws.files import read_text, write_atomic
 
 __all__ = [
     "load_config",
@@ -265,7 +265,10 @@ def _unknown(key: str, valid: list[str], where: str) -> UserError:
 
 def _build(cls: type, values: dict[str, Any], where: str) -> Any:
     if not isinstance(values, dict):
-        raise UserError(f"config section '{where.rstrip('.') or 'top level'}' must be a mapping")
+        raise UserError(
+            f"config section '{where.rstrip('.') or 'top level'}' must be a mapping of keys, "
+            f"got {str(values)[:60]!r}"
+        )
     hints = _hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
@@ -274,7 +277,8 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
             raise _unknown(str(key), list(fields), where)
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
-            kwargs[key] = _build(tp, value or {}, f"{where}{key}.")
+            # An empty section (``optim:``) is the defaults; ``optim: false`` is a mistake.
+            kwargs[key] = _build(tp, {} if value is None else value, f"{where}{key}.")
         else:
             kwargs[key] = _coerce(value, tp, f"{where}{key}")
             _check_range(kwargs[key], fields[key].metadata.get("range"), f"{where}{key}")
@@ -291,10 +295,25 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def _merge(base: dict, extra: dict) -> dict:
+def _merge(base: dict, extra: dict, where: str = "") -> dict:
+    """``base`` with the nested values of ``extra`` set into it.
+
+    Raises:
+        UserError: a key set below a value that is not a section (``--set optim.steps=4`` on a
+            config whose ``optim`` is ``false``): the value would be silently replaced.
+    """
     out = dict(base)
     for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        old = out.get(k)
+        if isinstance(v, dict) and isinstance(old, dict):
+            out[k] = _merge(old, v, f"{where}{k}.")
+        elif isinstance(v, dict) and old is not None:
+            raise UserError(
+                f"--set {where}{k}.{next(iter(v), '')}: the config's '{where}{k}' is "
+                f"{str(old)[:40]!r}, not a section of keys; fix the config"
+            )
+        else:
+            out[k] = v
     return out
 
 
@@ -310,26 +329,6 @@ def recipe_path(name_or_path: str) -> Path:
     raise UserError(f"config file not found: {name_or_path} (packaged recipes: {', '.join(names)})")
 
 
-def _read_text(path: Path) -> str:
-    """A config file's text: UTF-8 (a UTF-8 byte-order mark is allowed), else one line."""
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise UserError(f"cannot read config {path}: {e.strerror or e}") from e
-    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
-        raise UserError(f"config {path} is UTF-16 text; save it as UTF-8")
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise UserError(
-            f"config {path} is not UTF-8 text (byte {e.start} is 0x{raw[e.start]:02x}); "
-            "save it as UTF-8 YAML"
-        ) from e
-    if "\x00" in text:
-        raise UserError(f"config {path} holds binary data, not YAML text")
-    return text
-
-
 def read_yaml(path: Path) -> dict[str, Any]:
     """A YAML config file's mapping of sections, unchecked (:func:`from_dict` checks it).
 
@@ -338,7 +337,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
             mapping.
     """
     try:
-        data = _yaml_load(_read_text(path))
+        data = _yaml_load(read_text(path, "config", "save it as UTF-8 YAML"))
     except yaml.YAMLError as e:
         raise UserError(f"cannot parse {path}: {first_line(e)}") from e
     if data is None:
