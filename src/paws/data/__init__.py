@@ -3,6 +3,7 @@
 - :mod:`paws.data.images`: finding, reading and decoding image files; :class:`ImageSet`.
 - :mod:`paws.data.builtin`: the file formats of Fashion-MNIST and CIFAR.
 - :mod:`paws.data.sources`: a config's unlabelled, labelled and test sets (:func:`load_datasets`).
+- :mod:`paws.data.checks`: what in them looks unintended (a test set of the labelled images...).
 - :mod:`paws.data.loaders`: augmented views for each training step, and evaluation views.
 - :mod:`paws.data.transforms`: the multi-crop augmentation, batched on tensors and per image.
 """

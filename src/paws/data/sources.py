@@ -20,6 +20,7 @@ import torch
 
 from paws.config import Config, DataConfig
 from paws.data.builtin import FASHION_MNIST_CLASSES, STATS, load_cifar, load_fashion_mnist
+from paws.data.checks import suspicious
 from paws.data.images import (
     ImageSet,
     decode_images,
@@ -268,7 +269,6 @@ def _add_labels_file(
     new = [(k, r) for k, r in rows.items() if k not in chosen]
     outside = [(k, r) for k, r in new if k not in in_folder]
     names = sorted(set(classes) | {r.label for r in rows.values()})
-    _warn_case_only(names)
     added = sorted(set(names) - set(classes))
     if classes and added:
         info(f"labels file {labels.path} adds classes to {cfg.labeled}: {', '.join(added)}")
@@ -304,20 +304,6 @@ def _same_kind_as_folder(labels: LabelsFile, classes: Sequence[str], cfg: DataCo
                 f"the label '{r.label}' is a number, but {where} the class '{name}': label "
                 "every image by class name",
             )
-
-
-def _warn_case_only(names: Sequence[str]) -> None:
-    """One line when two classes differ only in case (``Zero`` and ``zero``): the user may
-    mean one class, or two."""
-    by_fold: dict[str, list[str]] = {}
-    for n in names:
-        by_fold.setdefault(n.casefold(), []).append(n)
-    clash = next((v for v in by_fold.values() if len(v) > 1), None)
-    if clash:
-        info(
-            f"warning: the classes {' and '.join(repr(c) for c in clash)} differ only in case "
-            "and are kept apart; rename one if they are one class"
-        )
 
 
 def _test_with_new_classes(
@@ -535,12 +521,20 @@ def _hf_sets(cfg: Config) -> Datasets:
 
 
 def load_datasets(cfg: Config) -> Datasets:
-    """Load the run's unlabelled, labelled and test sets as the config describes.
+    """Load the run's unlabelled, labelled and test sets as the config describes, saying in one
+    line each what looks unintended (:func:`paws.data.checks.suspicious`).
 
     Raises:
         UserError: a folder the config names does not exist (``data.root`` included: a
             dataset is never silently taken from elsewhere), or anything wrong with the data.
     """
+    data = _load(cfg)
+    for line in suspicious(data.classes, data.labeled, data.test):
+        info(line)
+    return data
+
+
+def _load(cfg: Config) -> Datasets:
     d = cfg.data
     if d.root and not Path(d.root).expanduser().exists():
         raise UserError(
