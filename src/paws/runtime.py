@@ -24,6 +24,7 @@ __all__ = [
     "setup",
     "thread_count",
     "usable_cores",
+    "free_memory",
     "device_for",
     "amp_dtype",
     "autocast",
@@ -69,6 +70,45 @@ def usable_cores() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not on Linux
         return max(1, os.cpu_count() or 1)
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes that a computation on ``device`` may still allocate, or None where that cannot be
+    known: a GPU's free memory; for the CPU, the memory the OS can give without swapping
+    (``MemAvailable``), within this process's control-group limit where it has one."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type != "cpu":
+        return None
+    free = _meminfo_available()
+    limit = _cgroup_room()
+    if free is None or limit is None:
+        return free if limit is None else limit
+    return min(free, limit)
+
+
+def _meminfo_available() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _cgroup_room() -> int | None:
+    """The memory a cgroup-v2 limit leaves this process's group (None: no limit, no cgroup)."""
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        if limit == "max":
+            return None
+        with open("/sys/fs/cgroup/memory.current") as f:
+            return max(0, int(limit) - int(f.read().strip()))
+    except (OSError, ValueError):
+        return None
 
 
 def thread_count(asked: int) -> int:

@@ -29,6 +29,7 @@ from paws.method.optim import LARS, WarmupCosine, param_groups
 from paws.method.priors import ClassPrior
 from paws.method.sampling import SupportSampler, UnlabeledSampler
 from paws.models import Architecture, PAWSModel, build_network, check_encoder, load_weights
+from paws.pretrain.memory import check_step_fits
 from paws.pretrain.step import ropaws_of
 from paws.progress import info
 from paws.rundir import checkpoint
@@ -252,6 +253,7 @@ def build_run(cfg: Config, out: Path, data: Datasets, device: torch.device) -> R
     and support labels (nothing is written)."""
     rank, world = distributed.get_rank(), distributed.get_world_size()
     arch = Architecture.from_config(cfg, data.channels)
+    check_step_fits(cfg, arch, device)
     model = training_model(cfg, arch, device)
     dtype = runtime.amp_dtype(cfg, device)
     unl = UnlabeledSampler(len(data.unlabeled), cfg.optim.batch_size, cfg.run.seed, rank, world)
