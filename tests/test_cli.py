@@ -36,6 +36,24 @@ def test_user_errors_are_one_line(shared_run, tmp_path, capsys):
         error_line(capsys.readouterr().err)
 
 
+def test_a_file_named_with_a_leading_dash_is_explained_and_read_after_dashes(
+    shared_run, tmp_path, capsys, monkeypatch
+):
+    paths, run_dir = shared_run
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(next(paths["test"].rglob("*.png")), tmp_path / "-x.png")
+    with pytest.raises(SystemExit) as e:
+        main(["--quiet", "predict", str(run_dir), "-x.png"])
+    assert e.value.code == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]  # after argparse's usage lines
+    assert line.endswith(
+        "(-x.png is read as an option; to name the file, write ./-x.png or put -- before it)"
+    )
+    for spelt in (["./-x.png"], ["--", "-x.png"]):
+        assert main(["--quiet", "predict", str(run_dir), *spelt]) == 0
+        assert "-x.png," in capsys.readouterr().out
+
+
 def test_debug_shows_the_traceback(tmp_path, capsys, monkeypatch):
     cfg = write_config(tmp_path / "cfg.yaml", tiny_config(tmp_path / "nowhere"))
     with pytest.raises(UserError, match="labelled folder not found"):

@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 import warnings
+from typing import NoReturn
 
 from paws.cli.base import COMMANDS
 from paws.errors import UserError, first_line
@@ -17,8 +18,25 @@ from paws.errors import UserError, first_line
 __all__ = ["main", "quiet_idle_threads"]
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, whose errors also say how to name a file that starts with a dash
+    (``paws predict RUN -x.png`` read ``-x.png`` as an unknown option, then asked for images)."""
+
+    argv: list[str] = []
+
+    def error(self, message: str) -> NoReturn:
+        dashed = [a for a in self.argv if a.startswith("-") and a != "-" and os.path.exists(a)]
+        if dashed:
+            message += (
+                f" ({dashed[0]} is read as an option; to name the file, write ./{dashed[0]} "
+                f"or put -- before it)"
+            )
+        super().error(message)
+
+
+def _parser(argv: list[str]) -> argparse.ArgumentParser:
+    _Parser.argv = argv
+    parser = _Parser(
         prog="paws", description="PAWS semi-supervised learning: pre-train, evaluate, apply."
     )
     parser.add_argument("--quiet", action="store_true", help="no progress output")
@@ -74,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         n += 1
     if n == len(argv) or argv[n].startswith("-") and argv[n] not in ("-h", "--help"):
         argv = [*argv[:n], "train", *argv[n:]]
-    parser = _parser()
+    parser = _parser(argv)
     args = parser.parse_args(argv)
     if args.command is None:
         args = parser.parse_args(["train"])
