@@ -10,6 +10,7 @@ from tiny import tiny_overrides, train_tiny, write_folder
 
 from paws.config import load_config
 from paws.config.adapt import fit_to_data
+from paws.errors import UserError
 from paws.pretrain.stages import total_steps
 
 
@@ -79,3 +80,32 @@ def test_a_folder_of_six_classes_with_one_and_two_labels_trains_with_no_override
     assert saved.support.classes == 6  # the resolved config is what ran
     assert (run / "tighten.pt").is_file()  # tightening coped with the classes of 1 and 2
     assert (run / "eval.json").is_file()
+
+
+@pytest.mark.parametrize("world", [2, 3, 4, 8])
+def test_the_default_config_fits_any_number_of_processes(world, capsys):
+    cfg = load_config()
+    fitted = fit_to_data(cfg, 60000, np.repeat(np.arange(10), 10), world_size=world)
+    k, batch = fitted.support.images_per_class, fitted.optim.batch_size
+    assert k % world == 0 and k - world < 5 <= k  # the next multiple of the processes
+    assert batch % world == 0 and batch > 128 - world
+    assert fitted.optim.ref_lr == pytest.approx(cfg.optim.ref_lr * math.sqrt(batch / 128))
+    err = capsys.readouterr().err
+    assert (k != 5) == (f"support.images_per_class (5) is not divisible by the {world}" in err)
+    assert (batch != 128) == (f"optim.batch_size (128) is not divisible by the {world}" in err)
+    assert fit_to_data(fitted, 60000, np.repeat(np.arange(10), 10), world_size=world) == fitted
+    shared = load_config(None, ["support.unique_classes=true"])  # classes are shared instead
+    assert fit_to_data(shared, 60000, np.arange(10), world_size=world).support.images_per_class == 5
+
+
+def test_a_resumed_run_keeps_its_sizes_and_names_the_process_counts_that_share_them():
+    labels = np.repeat(np.arange(10), 10)
+    two = fit_to_data(load_config(), 60000, labels, world_size=2)  # 6 images a class, 128
+    for world in (1, 2):
+        assert fit_to_data(two, 60000, labels, world_size=world, resumed=True) == two
+    with pytest.raises(UserError) as e:
+        fit_to_data(two, 60000, labels, world_size=4, resumed=True)
+    assert str(e.value) == (
+        "this run's optim.batch_size (128) and support.images_per_class (6) cannot be shared by "
+        "4 processes; resume it on 1, 2 processes"
+    )

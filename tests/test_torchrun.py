@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from tiny import set_args, tiny_overrides, write_folder
 
 # Every test here starts torchrun and paws processes: -m "not slow" leaves them out.
@@ -234,3 +235,23 @@ def test_a_rank_that_dies_leaves_one_line_and_a_run_that_resumes(folder: Path, t
         timeout=300,
     )
     assert r.returncode == 0, r.stderr
+
+
+def test_the_default_support_and_batch_sizes_fit_two_processes(folder: Path, tmp_path: Path):
+    # The default support.images_per_class (5) and a batch of 9 cannot be shared by 2
+    # processes: both adapt, each said in a line, and the run trains.
+    run = tmp_path / "run"
+    sizes = ["--set", "support.images_per_class=5", "--set", "optim.batch_size=9"]
+    args = [*_args(folder), *sizes, "--set", "optim.steps=2"]
+    r = subprocess.run(
+        _command(2, "train", "--out", str(run), *args),
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "support.images_per_class (5) is not divisible by the 2 processes: 6 images" in r.stderr
+    assert "optim.batch_size (9) is not divisible by the 2 processes: batches of 8" in r.stderr
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["support"]["images_per_class"] == 6 and saved["optim"]["batch_size"] == 8

@@ -6,8 +6,13 @@ so they adapt, each said in one line:
 - ``support.classes`` (default: every labelled class) is the number of labelled classes, at
   most as many as keep a support batch within 4 x ``optim.batch_size`` images (and, under
   several processes with ``support.unique_classes``, a multiple of their number);
-- ``optim.batch_size`` larger than the unlabelled set shrinks to it, and the learning rates
-  scale with the square root of the change, as the paper scales them;
+- ``optim.batch_size`` larger than the unlabelled set shrinks to it (under several processes,
+  to a multiple of their number), and the learning rates scale with the square root of the
+  change, as the paper scales them;
+- under several processes, ``support.images_per_class`` that they cannot share evenly grows to
+  the next multiple of their number (the default 5 under 2 processes: 6), so that the
+  defaults fit any process count as they fit any folder. A resumed run keeps its sizes: it
+  continues on a number of processes that shares them, and is told which in one line.
 - a run of ``optim.epochs`` shorter than ``optim.min_steps`` steps (a small folder) is
   lengthened to that many steps, its warm-up keeping its share of the run.
 
@@ -57,18 +62,24 @@ def support_classes(cfg: Config, num_classes: int, world_size: int = 1) -> int:
 
 def _batch(cfg: Config, num_unlabeled: int, world_size: int) -> Config:
     o = cfg.optim
-    if num_unlabeled >= o.batch_size:
+    if num_unlabeled >= o.batch_size and o.batch_size % world_size == 0:
         return cfg
-    batch = num_unlabeled - num_unlabeled % world_size
+    batch = min(num_unlabeled, o.batch_size)
+    batch -= batch % world_size
     if batch < 1:
         raise UserError(
             f"the unlabelled set has {num_unlabeled} images, fewer than the {world_size} "
             "processes; add unlabelled images"
         )
     scale = math.sqrt(batch / o.batch_size)
-    info(
+    why = (
         f"the unlabelled set has {num_unlabeled} images, fewer than optim.batch_size "
-        f"({o.batch_size}): batches of {batch}, learning rates scaled by sqrt({batch}/"
+        f"({o.batch_size})"
+        if num_unlabeled < o.batch_size
+        else f"optim.batch_size ({o.batch_size}) is not divisible by the {world_size} processes"
+    )
+    info(
+        f"{why}: batches of {batch}, learning rates scaled by sqrt({batch}/"
         f"{o.batch_size}) (optim.ref_lr {o.ref_lr:g} -> {o.ref_lr * scale:.3g})"
     )
     optim = dataclasses.replace(
@@ -79,6 +90,37 @@ def _batch(cfg: Config, num_unlabeled: int, world_size: int) -> Config:
         final_lr=o.final_lr * scale,
     )
     return dataclasses.replace(cfg, optim=optim)
+
+
+def _check_shares(cfg: Config, world_size: int) -> None:
+    """Refuse to resume a run on processes that cannot share its batches, naming the process
+    counts that can."""
+    s, batch = cfg.support, cfg.optim.batch_size
+    shared = s.classes if s.unique_classes else s.images_per_class
+    if cfg.loss.objective == "simclr" or shared is None:
+        shared = batch
+    if batch % world_size == 0 and shared % world_size == 0:
+        return
+    fit = [n for n in range(1, min(batch, shared) + 1) if batch % n == 0 and shared % n == 0]
+    what = "support.classes" if s.unique_classes else "support.images_per_class"
+    raise UserError(
+        f"this run's optim.batch_size ({batch}) and {what} ({shared}) cannot be shared by "
+        f"{world_size} processes; resume it on {', '.join(map(str, fit))} processes"
+    )
+
+
+def _support_images(cfg: Config, world_size: int) -> Config:
+    """``support.images_per_class`` raised to a multiple of ``world_size`` when the processes
+    share each class's images (not with ``support.unique_classes``, which shares classes)."""
+    s = cfg.support
+    if s.unique_classes or s.images_per_class % world_size == 0:
+        return cfg
+    k = -(-s.images_per_class // world_size) * world_size
+    info(
+        f"support.images_per_class ({s.images_per_class}) is not divisible by the "
+        f"{world_size} processes: {k} images a class, {k // world_size} on each"
+    )
+    return dataclasses.replace(cfg, support=dataclasses.replace(s, images_per_class=k))
 
 
 def _length(cfg: Config, num_unlabeled: int) -> Config:
@@ -123,7 +165,13 @@ def label_free(cfg: Config, num_labeled: int) -> Config:
     return cfg
 
 
-def fit_to_data(cfg: Config, num_unlabeled: int, labels: np.ndarray, world_size: int = 1) -> Config:
+def fit_to_data(
+    cfg: Config,
+    num_unlabeled: int,
+    labels: np.ndarray,
+    world_size: int = 1,
+    resumed: bool = False,
+) -> Config:
     """The config with the data-dependent defaults filled in (see the module's doc).
 
     Args:
@@ -131,14 +179,22 @@ def fit_to_data(cfg: Config, num_unlabeled: int, labels: np.ndarray, world_size:
         num_unlabeled: size of the unlabelled set.
         labels: (N,) class ids of the labelled images.
         world_size: number of processes.
+        resumed: the config of a run being resumed (fitted when it started): its batch and
+            support sizes are kept, whatever the number of processes now.
 
     Returns:
         A config whose values all apply as they are; fitting it again changes nothing.
+
+    Raises:
+        UserError: a resumed run whose sizes ``world_size`` processes cannot share.
     """
-    cfg = _batch(cfg, num_unlabeled, world_size)
+    if resumed:
+        _check_shares(cfg, world_size)
+    cfg = _batch(cfg, num_unlabeled, 1 if resumed else world_size)
     cfg = _length(cfg, num_unlabeled)
     if cfg.loss.objective == "simclr":
         return cfg  # no supports
+    cfg = cfg if resumed else _support_images(cfg, world_size)
     classes = support_classes(cfg, len(np.unique(labels)), world_size)
     if classes != cfg.support.classes:
         cfg = dataclasses.replace(cfg, support=dataclasses.replace(cfg.support, classes=classes))

@@ -114,7 +114,8 @@ def _train(
     if cfg.loss.objective == "simclr":
         data = without_labels(data)
     info(f"data: {data.summary()}")
-    cfg = fit_to_data(cfg, len(data.unlabeled), data.labeled.labels, distributed.get_world_size())
+    world = distributed.get_world_size()
+    cfg = fit_to_data(cfg, len(data.unlabeled), data.labeled.labels, world, state is not None)
     start_run(cfg, out, state)
     if data.skipped and distributed.is_main():
         # Listed here, counted in the result: ``paws train`` says it once, with its results.
