@@ -147,7 +147,7 @@ def finish_run(run: Run, step: int, evals: rundir.MetricsLog) -> dict[str, Any] 
         than 0).
     """
     if not rundir.finite(run.model, run.optimizer):
-        raise rundir.diverged(f"the weights became infinite or NaN by step {step}", run.last_good)
+        raise run.diverged(f"the weights became infinite or NaN by step {step}", step)
     if not distributed.is_main():
         return None
     final = run.state(step)

@@ -100,9 +100,7 @@ def run_steps(run: Run, metrics: rundir.MetricsLog, evals: rundir.MetricsLog) ->
                 # Reading the loss waits for the device: only on these steps.
                 values = r.read()
                 if not math.isfinite(values["loss"]):
-                    raise rundir.diverged(
-                        f"the loss became {values['loss']} by step {done}", run.last_good
-                    )
+                    raise run.diverged(f"the loss became {values['loss']} by step {done}", done)
                 shown["loss"] = values["loss"]
             progress.update(1, **shown, lr=lr)
             if log:

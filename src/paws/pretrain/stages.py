@@ -170,13 +170,33 @@ class Run:
             prior=self.prior.state_dict(),
         )
 
+    def diverged(self, what: str, step: int) -> UserError:
+        """The one-line error of this run's loss or weights no longer finite by ``step``,
+        naming the setting most likely to blame: a normalisation that scales pixels far
+        beyond the usual few units (``data.mean``, ``data.std``), else the learning rate of
+        that step (``optim.start_lr`` in the warm-up, ``optim.ref_lr`` after it)."""
+        m, s = self.data.mean, self.data.std
+        scale = max(max(abs(mu), abs(1 - mu)) / sd for mu, sd in zip(m, s))
+        if scale > PIXEL_SCALE:
+            fix = (
+                f"data.mean {list(m)} and data.std {list(s)} scale the pixels to {scale:.3g} "
+                "(the usual statistics: a few units); check them"
+            )
+        else:
+            lr = self.schedule(max(0, step - 1))
+            keys = (
+                "optim.start_lr or optim.ref_lr"
+                if step <= self.schedule.warmup_steps
+                else ("optim.ref_lr")
+            )
+            fix = f"the learning rate was {lr:.3g}: lower {keys}, or check the data"
+        return rundir.diverged(what, self.last_good, fix)
+
     def save_checkpoint(self, done: int) -> None:
         """Write ``last.pt`` after ``done`` steps (rank 0) and remember it as the last good
         checkpoint; a run whose weights are no longer finite stops instead."""
         if not rundir.finite(self.model, self.optimizer):
-            raise rundir.diverged(
-                f"the weights became infinite or NaN by step {done}", self.last_good
-            )
+            raise self.diverged(f"the weights became infinite or NaN by step {done}", done)
         if distributed.is_main():
             checkpoint.save(self.state(done), self.out / rundir.LAST)
         distributed.barrier()
@@ -246,6 +266,11 @@ def start_run(cfg: Config, out: Path, state: dict[str, Any] | None) -> None:
     if distributed.is_main():
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / rundir.CONFIG)
+
+
+# Normalised pixels beyond this many units are a normalisation mistake, not data (ImageNet's
+# statistics give at most 2.6; Fashion-MNIST's 2.8).
+PIXEL_SCALE = 100.0
 
 
 def build_run(cfg: Config, out: Path, data: Datasets, device: torch.device) -> Run:

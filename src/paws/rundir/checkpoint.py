@@ -262,11 +262,14 @@ def finite(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
 
 
-def diverged(what: str, last_good: tuple[Path, int] | None) -> UserError:
-    """The one-line error of a run whose loss or weights stopped being finite."""
+def diverged(
+    what: str, last_good: tuple[Path, int] | None, fix: str = "lower optim.ref_lr or check the data"
+) -> UserError:
+    """The one-line error of a run whose loss or weights stopped being finite: what happened,
+    the last good checkpoint, and ``fix`` (the setting to change)."""
     where = (
         f"the last good checkpoint is {last_good[0]} (step {last_good[1]})"
         if last_good
         else "no checkpoint was written before it"
     )
-    return UserError(f"{what}; {where}; lower optim.ref_lr or check the data")
+    return UserError(f"{what}; {where}; {fix}")
