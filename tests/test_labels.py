@@ -251,3 +251,10 @@ def test_classes_that_differ_only_in_case_are_kept_with_a_warning(folders, tmp_p
     data = _load(folders, _write(tmp_path, "path,label\nunl/u0/u0_0.png,One\n"))
     assert "One" in data.classes and "one" in data.classes
     assert "'One' and 'one' differ only in case" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("header", ["path,label,label", "path,path,label", "label,path,label"])
+def test_a_column_named_twice_is_refused(header, tmp_path):
+    path = _write(tmp_path, f"{header}\nunl/u0/u0_0.png,a,b\n")
+    with pytest.raises(UserError, match="has 2 columns named '(path|label)': which one holds"):
+        read_labels_file(path)

@@ -149,6 +149,12 @@ def read_labels_file(
     header = [h.strip() for h in table[0]] if table else []
     studio = labelstudio.is_export(header)
     path_col, label_col = _columns(p, header, columns, studio)
+    for name in (path_col, label_col):
+        if header.count(name) > 1:
+            raise UserError(
+                f"labels file {p} has {header.count(name)} columns named {name!r}: which one "
+                "holds the answer is unclear; keep one (or rename the others)"
+            )
     col = {name: header.index(name) for name in header}
     suggestions = "suggested_label" in col or studio
 
