@@ -155,6 +155,23 @@ def test_a_filled_suggestion_file_is_never_overwritten(shared_run, tmp_path, cap
     code, _, err = run_cli(["suggest", str(run), "-n", "2", "--out", str(out)], capsys, monkeypatch)
     assert code == 2
     assert "already holds 1 labels" in error_line(err)
+    # Excel's "Unicode text" (UTF-16, tabs) with a label filled in is read as such.
+    out.write_bytes("path\tlabel\na.png\tcat\n".encode("utf-16"))
+    code, _, err = run_cli(["suggest", str(run), "-n", "2", "--out", str(out)], capsys, monkeypatch)
+    assert code == 2 and "already holds 1 labels" in error_line(err)
+    # A file that is not a suggestion file is someone's: left as it is.
+    for data in (b"notes", "x".encode("utf-16"), b"\xff\xfe\x00\xd8", b"\xe9t\xe9,label\n"):
+        out.write_bytes(data)
+        code, _, err = run_cli(
+            ["suggest", str(run), "-n", "2", "--out", str(out)], capsys, monkeypatch
+        )
+        assert code == 2 and out.read_bytes() == data
+        assert "already exists and is not a suggestion file" in error_line(err)
+    # One paws wrote, still to fill in, is replaced by the new suggestions.
+    write_rows(out, ["path", "label", "suggested_label"], [["a.png", "", "cat"]])
+    code, _, err = run_cli(["suggest", str(run), "-n", "2", "--out", str(out)], capsys, monkeypatch)
+    assert code == 0, err
+    assert len(read_rows(out)) == 2
 
 
 # --------------------------------------------------------------------------------------------

@@ -3,29 +3,32 @@
 from __future__ import annotations
 
 import argparse
-import csv
 from collections.abc import Callable
 from pathlib import Path
 
 from paws.cli.base import _config_args, _data_folders, command
+from paws.data.labels import filled_labels
 from paws.errors import UserError
 from paws.files import check_not_input, check_out_file
 
 
 def _refuse_filled(out: Path) -> None:
-    """A suggestion file whose labels someone filled in is never overwritten."""
+    """A suggestion file whose labels someone filled in (or any file paws cannot read as
+    one) is never overwritten."""
     if not out.is_file():
         return
-    with open(out, newline="", encoding="utf-8-sig") as f:
-        rows = list(csv.reader(f))
-    if rows and "label" in rows[0]:
-        col = rows[0].index("label")
-        filled = sum(1 for r in rows[1:] if col < len(r) and r[col].strip())
-        if filled:
-            raise UserError(
-                f"{out} already holds {filled} labels; train with it "
-                f"(--set data.labels_file={out}) and choose another --out"
-            )
+    try:
+        filled = filled_labels(out)
+    except UserError as e:
+        raise UserError(
+            f"--out {out} already exists and is not a suggestion file ({e}); it is left as it "
+            "is: choose another --out"
+        ) from e
+    if filled:
+        raise UserError(
+            f"{out} already holds {filled} labels; train with it "
+            f"(--set data.labels_file={out}) and choose another --out"
+        )
 
 
 @command("suggest", "which images to label next: a CSV to fill in (and a contact sheet)")

@@ -49,6 +49,7 @@ __all__ = [
     "read_labels_file",
     "csv_path",
     "write_suggestions",
+    "filled_labels",
 ]
 
 LABEL_COLUMNS = ("path", "label")
@@ -227,6 +228,23 @@ def _collected(
         left = f" ({out.unlabelled} suggestions are still unlabelled)" if out.unlabelled else ""
         raise UserError(f"labels file {out.path} labels no image{left}; fill in the label column")
     return out
+
+
+def filled_labels(path: Path) -> int:
+    """How many rows of an existing suggestion or labels file have a label filled in (in any
+    encoding and separator :func:`read_labels_file` reads): work a new suggestion file must
+    not overwrite.
+
+    Raises:
+        UserError: a file that cannot be read as such a table, or has no label column: it is
+            someone's file, not one paws wrote.
+    """
+    rows = _table(path)
+    header = [h.strip() for h in rows[0]] if rows else []
+    if "label" not in header:
+        raise UserError(f"{path} has no label column")
+    col = header.index("label")
+    return sum(1 for r in rows[1:] if col < len(r) and r[col].strip())
 
 
 def _text(p: Path) -> str:
