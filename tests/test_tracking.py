@@ -149,6 +149,45 @@ def test_report_is_added_to_the_tracked_run(mlflow_run: Path, capsys, monkeypatc
     assert run.info.status == "FINISHED"  # as it was
 
 
+def test_an_export_joins_the_tracked_run_and_mlflow_serves_it_as_paws_predicts(
+    mlflow_run: Path, labeled_and_test, tmp_path, capsys, monkeypatch
+) -> None:
+    import mlflow.pyfunc
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
+
+    import paws
+
+    export = tmp_path / "export"
+    code, out, err = run_cli(
+        ["--quiet", "export", str(mlflow_run), "--out", str(export)], capsys, monkeypatch
+    )
+    assert code == 0, err
+    assert "export added to the run's tracked runs: mlflow" in out
+    run_id = tracking.read_records(mlflow_run)["mlflow"]["run_id"]
+    assert f"the export is the model runs:/{run_id}/model" in out
+    client = _client(_local(mlflow_run))
+    exported = {a.path for a in client.list_artifacts(run_id, "export")}
+    assert exported == {f"export/{f.name}" for f in export.iterdir() if f.is_file()}
+    assert client.get_run(run_id).info.status == "FINISHED"  # as it was
+
+    mlflow.set_tracking_uri(_local(mlflow_run))
+    served = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
+    files = sorted(str(f) for f in labeled_and_test["test"].rglob("*.png"))
+    answers = served.predict(pd.DataFrame({"path": files}))
+    local = paws.load(export).predictions(files)
+    assert answers["input"].tolist() == [p.source for p in local]
+    assert answers["label"].tolist() == [p.label for p in local]
+    assert answers["probability"].tolist() == pytest.approx([p.top[0][1] for p in local])
+    assert answers["unknown"].tolist() == [p.unknown for p in local]
+    # The same images as an array, and the top 2.
+    pixels = np.stack([np.asarray(Image.open(f)) for f in files[:3]])
+    top2 = served.predict(pixels, params={"top_k": 2})
+    assert top2["input"].tolist() == [0, 1, 2] and "class_2" in top2.columns
+    assert top2["class"].tolist() == answers["class"].tolist()[:3]
+
+
 def _stop_after(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
     """Send this process SIGTERM once metrics.csv has its row of ``step`` (the run stops, with
     a checkpoint, at the next step)."""
@@ -290,7 +329,7 @@ class _Recorder:
     def log_metrics(self, values, step, prefix=""):
         self.calls.append(("metrics", prefix, step))
 
-    def log_artifact(self, path):
+    def log_artifact(self, path, folder=""):
         self.calls.append(("file", path.name))
 
     def log_final(self, values, step):
@@ -379,7 +418,7 @@ def test_wandb_offline_as_asked_and_the_report_joins_its_one_run_folder(
     assert record["offline"] and Path(record["dir"]) == folder
     report = tmp_path / "report.html"
     report.write_text("<html></html>")
-    assert tracking.log_report(out, [report]) == ["wandb"]
+    assert tracking.log_files(out, [report]) == ["wandb"]
     assert [folder] == list((out / "wandb").glob("offline-run-*"))  # no second run folder
     assert (folder / "files" / "paws" / "report.html").read_text() == "<html></html>"
 

@@ -3,7 +3,9 @@
 A tracked run gets the resolved config as parameters (``section.key``), every metrics.csv and
 evals.csv row at its step (``train/<column>``, ``eval/<column>``), the numbers of eval.json
 (``final/top1``, ``final/pretrained.top1``, ...) and files: config.yaml, eval.json and
-tighten.json, and report.html and report.png when ``paws report`` draws the run alone. The run
+tighten.json, report.html and report.png when ``paws report`` draws the run alone, and the
+export folder when ``paws export`` exports it (for MLflow also as a model that
+``mlflow.pyfunc.load_model`` serves, :mod:`paws.apply.mlflow_model`). The run
 directory stays the record: a tracker that fails is reported once and dropped, and training
 goes on. Only rank 0 tracks.
 
@@ -49,7 +51,7 @@ __all__ = [
     "param_text",
     "read_records",
     "start",
-    "log_report",
+    "log_files",
 ]
 
 
@@ -68,8 +70,8 @@ class Tracker(Protocol):
     def log_metrics(self, values: dict[str, float], step: int, prefix: str = "") -> None:
         """Scalars at ``step``, each named ``prefix + key``."""
 
-    def log_artifact(self, path: Path) -> None:
-        """A copy of the file ``path``."""
+    def log_artifact(self, path: Path, folder: str = "") -> None:
+        """A copy of the file ``path``, in the run's files or their sub-folder ``folder``."""
 
     def log_final(self, values: dict[str, float], step: int) -> None:
         """The run's final numbers (eval.json's), as scalars named ``final/`` + key."""
@@ -138,7 +140,7 @@ class TensorBoard:
         for summary in hparams(config, {FINAL + k: float(v) for k, v in values.items()}):
             self.writer.file_writer.add_summary(summary)
 
-    def log_artifact(self, path: Path) -> None:
+    def log_artifact(self, path: Path, folder: str = "") -> None:
         pass  # the files are in the run directory, beside the logs
 
     def close(self, status: str | None) -> None:
@@ -161,7 +163,7 @@ class MLflow:
         self._metric, self._param = Metric, Param
         # A resumed run stays in its store; a new one goes where MLflow's variable says.
         uri = (previous or {}).get("tracking_uri", os.environ.get("MLFLOW_TRACKING_URI"))
-        local = f"sqlite:///{(out / 'mlflow.db').resolve()}"
+        local = self.store(out, None)
         self.client = mlflow.MlflowClient(uri or local)
         if previous:
             self.run_id = previous["run_id"]
@@ -182,6 +184,13 @@ class MLflow:
             info(f"mlflow: run {self.run_id} in experiment '{experiment}' of {where}")
         self.record = {"run_id": self.run_id, "tracking_uri": uri}
 
+    @staticmethod
+    def store(out: Path, record: dict[str, Any] | None) -> str:
+        """The tracking URI of the run ``record`` (trackers.json's) describes: the one it was
+        started in, else the local store of the run directory ``out``."""
+        uri = (record or {}).get("tracking_uri")
+        return uri or f"sqlite:///{(Path(out) / 'mlflow.db').resolve()}"
+
     def log_params(self, params: dict[str, Any]) -> None:
         # Parameters cannot change: a resumed run keeps the values it started with (its
         # config.yaml artifact is the new one).
@@ -195,8 +204,8 @@ class MLflow:
         metrics = [self._metric(prefix + k, float(v), ms, step) for k, v in values.items()]
         self.client.log_batch(self.run_id, metrics=metrics)
 
-    def log_artifact(self, path: Path) -> None:
-        self.client.log_artifact(self.run_id, str(path))
+    def log_artifact(self, path: Path, folder: str = "") -> None:
+        self.client.log_artifact(self.run_id, str(path), folder or None)
 
     def log_final(self, values: dict[str, float], step: int) -> None:
         self.log_metrics(values, step, FINAL)
@@ -261,17 +270,20 @@ class WandB:
             info(f"wandb: offline, {why}; logging to {where}; upload it with: wandb sync {where}")
 
     @staticmethod
-    def add_offline(record: dict[str, Any], files: Sequence[Path]) -> bool:
-        """Add ``files`` to the offline run folder ``record`` names, without opening another
-        run (which would be a second folder); False when there is no such folder."""
+    def add_offline(
+        record: dict[str, Any], files: Sequence[Path], folder: str = "", what: str = "report"
+    ) -> bool:
+        """Add ``files`` (in the sub-folder ``folder``) to the offline run folder ``record``
+        names, without opening another run (which would be a second folder); False when there
+        is no such folder."""
         where = Path(str(record.get("dir", "")))
         if not record.get("offline") or not (where / "files").is_dir():
             return False
-        folder = where / "files" / "paws"
-        folder.mkdir(exist_ok=True)
+        dest = where / "files" / "paws" / folder
+        dest.mkdir(parents=True, exist_ok=True)
         for f in files:
-            shutil.copy2(f, folder / Path(f).name)
-        info(f"wandb: report added to the offline run {where}; upload it with: wandb sync {where}")
+            shutil.copy2(f, dest / Path(f).name)
+        info(f"wandb: {what} added to the offline run {where}; upload it with: wandb sync {where}")
         return True
 
     def log_params(self, params: dict[str, Any]) -> None:
@@ -283,12 +295,12 @@ class WandB:
     def log_final(self, values: dict[str, float], step: int) -> None:
         self.log_metrics(values, step, FINAL)
 
-    def log_artifact(self, path: Path) -> None:
+    def log_artifact(self, path: Path, folder: str = "") -> None:
         # Files in the run's folder are uploaded with it (offline: by wandb sync); in a folder
         # of their own, as W&B writes its own config.yaml there.
-        folder = Path(self.run.dir) / "paws"
-        folder.mkdir(exist_ok=True)
-        shutil.copy2(path, folder / path.name)
+        dest = Path(self.run.dir) / "paws" / folder
+        dest.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, dest / path.name)
 
     def close(self, status: str | None) -> None:
         self.run.finish(exit_code=0 if status in ("done", None) else 1)
@@ -340,10 +352,11 @@ class Tracking:
         """Log scalars at ``step`` (a metrics row without its step) to every tracker."""
         self._each(lambda t: t.log_metrics(values, step, prefix))
 
-    def log_artifact(self, path: Path) -> None:
-        """Log a copy of the file ``path`` to every tracker that keeps files (if it exists)."""
+    def log_artifact(self, path: Path, folder: str = "") -> None:
+        """Log a copy of the file ``path`` (into the sub-folder ``folder`` of the run's files)
+        to every tracker that keeps files (if it exists)."""
         if Path(path).is_file():
-            self._each(lambda t: t.log_artifact(Path(path)))
+            self._each(lambda t: t.log_artifact(Path(path), folder))
 
     def log_results(self, out: Path) -> None:
         """The end of training: eval.json's numbers as ``final/...`` metrics, and eval.json,
@@ -446,8 +459,12 @@ def start(cfg: Config, out: Path, resume: bool = False) -> Tracking:
     return tracking
 
 
-def log_report(run_dir: str | Path, files: Sequence[Path]) -> list[str]:
-    """Add ``files`` (a run's report) to the tracked runs its ``trackers.json`` records.
+def log_files(
+    run_dir: str | Path, files: Sequence[Path], folder: str = "", what: str = "report"
+) -> list[str]:
+    """Add ``files`` made from a run after its training (its report, its export: ``what``),
+    in the sub-folder ``folder`` of the run's files, to the tracked runs its ``trackers.json``
+    records.
 
     Returns:
         The trackers that took them (a tracker that cannot is reported in a line).
@@ -459,14 +476,15 @@ def log_report(run_dir: str | Path, files: Sequence[Path]) -> list[str]:
         if cls is None or not cls.keeps_files:
             continue
         if importlib.util.find_spec(cls.package) is None:
-            info(f"{name} is not installed: the report is not added to the run's {name} run")
+            info(f"{name} is not installed: the {what} is not added to the run's {name} run")
             continue
         names.append(name)
-    added = ["wandb"] if "wandb" in names and WandB.add_offline(records["wandb"], files) else []
+    offline = "wandb" in names and WandB.add_offline(records["wandb"], files, folder, what)
+    added = ["wandb"] if offline else []
     # Only recorded runs are opened, so the experiment name is never used.
     tracking = _open([n for n in names if n not in added], out, "paws", records)
     for f in files:
-        tracking.log_artifact(Path(f))
+        tracking.log_artifact(Path(f), folder)
     logged = tracking.names
     tracking.close(None)
     return [*logged, *added]

@@ -274,9 +274,32 @@ def _export_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], i
                 + ", ".join(f"{v:.1e} ({k})" for k, v in diff.items())
                 + " on 7 random images"
             )
+        _track_export(src, out, args.format)
         return 0
 
     return run
+
+
+def _track_export(src: Path, out: Path, fmt: str) -> None:
+    """An export of a tracked run joins the run's tracked runs (files under ``export/`` or
+    ``export-onnx/``), and for MLflow, a safetensors export also as an MLflow model."""
+    from paws import rundir
+    from paws.tracking import log_files, read_records
+
+    run = rundir.output_dir(src)
+    records = read_records(run)
+    if not records:
+        return
+    files = sorted(f for f in out.iterdir() if f.is_file())
+    folder = "export-onnx" if fmt == "onnx" else "export"
+    tracked = log_files(run, files, folder, what="export")
+    if tracked:
+        print(f"export added to the run's tracked runs: {', '.join(tracked)}")
+    if fmt == "safetensors" and "mlflow" in tracked:
+        from paws.apply.mlflow_model import log_model
+
+        uri = log_model(run, out)
+        print(f"mlflow: the export is the model {uri}: mlflow.pyfunc.load_model serves it")
 
 
 @command("config", "show a resolved config, or every key with its doc")
@@ -331,14 +354,14 @@ def _report_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], i
 
     def run(args: argparse.Namespace) -> int:
         from paws.report import build_report
-        from paws.tracking import log_report
+        from paws.tracking import log_files
 
         if args.tsne_points < 0 or args.grid_images < 0:
             raise UserError("--tsne-points and --grid-images must be 0 or more")
         paths = build_report(args.runs, args.out, args.tsne_points, args.grid_images)
         print(f"report written: {paths['html']} and {paths['png']}")
         if len(args.runs) == 1:  # a run's own report goes to its tracked runs
-            tracked = log_report(args.runs[0], [paths["html"], paths["png"]])
+            tracked = log_files(args.runs[0], [paths["html"], paths["png"]])
             if tracked:
                 print(f"report added to the run's tracked runs: {', '.join(tracked)}")
         return 0
