@@ -4,6 +4,7 @@ its tracked run, MLFLOW_TRACKING_URI is respected, and a failing tracker never s
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import signal
@@ -13,9 +14,11 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import yaml
+from PIL import Image
 from tiny import (
     EVALUATED,
     RESUMABLE,
@@ -120,7 +123,7 @@ def test_mlflow_holds_the_run_directory(mlflow_run: Path) -> None:
     assert run.data.metrics["final/pretrained.top1"] == pytest.approx(summary["pretrained"]["top1"])
     assert _history(client, run.info.run_id, "final/top1")[0][0] == summary["step"] == 6
     files = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"config.yaml", "eval.json", "tighten.json"} <= files
+    assert {"config.yaml", "eval.json", "tighten.json", "confusion.png"} <= files
     local = Path(client.download_artifacts(run.info.run_id, "eval.json", str(mlflow_run.parent)))
     assert json.loads(local.read_text()) == summary
     assert (mlflow_run / "mlartifacts").is_dir()
@@ -335,6 +338,9 @@ class _Recorder:
     def log_final(self, values, step):
         self.log_metrics(values, step, tracking.FINAL)
 
+    def log_confusion(self, confusion, classes, step):
+        self.calls.append(("confusion", len(classes), step))
+
     def close(self, status):
         self.calls.append(("close", status))
 
@@ -453,3 +459,21 @@ def test_tensorboard_holds_the_config_against_the_final_numbers(labeled_and_test
     top1 = json.loads((out / "eval.json").read_text())["top1"]
     [final] = events.Scalars("final/top1")
     assert final.value == pytest.approx(top1, rel=1e-6)
+    # The confusion matrix as a picture, and its counts with the class names.
+    predictions = json.loads((out / "predictions.json").read_text())
+    [image] = events.Images("final/confusion")
+    picture = np.asarray(Image.open(io.BytesIO(image.encoded_image_string)).convert("RGB"))
+    assert np.array_equal(picture, tracking.confusion_image(np.array(predictions["confusion"])))
+    [text] = [e for e in events.Tensors("final/confusion/text_summary")]
+    table = text.tensor_proto.string_val[0].decode()
+    assert all(f"| {c} | " in table for c in predictions["classes"])
+
+
+def test_a_confusion_matrix_picture_is_its_rows_shares_from_white_to_blue():
+    picture = tracking.confusion_image(np.array([[3, 1], [0, 0]]), cell=2)
+    assert picture.shape == (4, 4, 3) and picture.dtype == np.uint8
+    white, blue = np.array([255, 255, 255]), np.array([8, 48, 107])
+    assert (picture[0, 0] == np.round(white + 0.75 * (blue - white))).all()  # 3 of the 4
+    assert (picture[0, 3] == np.round(white + 0.25 * (blue - white))).all()
+    assert (picture[3, 3] == white).all() and (picture[1, 1] == picture[0, 0]).all()  # no row
+    assert tracking.confusion_image(np.eye(3)).shape == (255, 255, 3)  # about 256 pixels

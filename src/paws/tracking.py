@@ -36,6 +36,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
+import numpy as np
+
 from paws import distributed, rundir
 from paws.config import Config, to_dict
 from paws.errors import UserError
@@ -52,6 +54,7 @@ __all__ = [
     "read_records",
     "start",
     "log_files",
+    "confusion_image",
 ]
 
 
@@ -75,6 +78,9 @@ class Tracker(Protocol):
 
     def log_final(self, values: dict[str, float], step: int) -> None:
         """The run's final numbers (eval.json's), as scalars named ``final/`` + key."""
+
+    def log_confusion(self, confusion: np.ndarray, classes: list[str], step: int) -> None:
+        """The final test confusion matrix, (K, K) counts (rows: true class), as a picture."""
 
     def close(self, status: str | None) -> None:
         """End the run as ``"done"``, ``"interrupted"`` or ``"failed"``; None: as it was."""
@@ -103,6 +109,36 @@ def param_text(value: Any) -> str:
 
 # The prefix of a run's final numbers (eval.json's) among a tracker's scalars.
 FINAL = "final/"
+
+
+def confusion_image(confusion: np.ndarray, cell: int | None = None) -> np.ndarray:
+    """A confusion matrix as a picture: each row normalised to the share of its true class,
+    from white (0) to dark blue (all of the row), each cell a square of ``cell`` pixels (by
+    default about 256 pixels in all, at least 8 a cell).
+
+    Args:
+        confusion: (K, K) counts, rows the true classes.
+        cell: the side of a cell in pixels.
+
+    Returns:
+        (K * cell, K * cell, 3) uint8 RGB.
+    """
+    cm = np.asarray(confusion, dtype=np.float64)
+    share = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+    white, blue = np.array([255.0, 255.0, 255.0]), np.array([8.0, 48.0, 107.0])
+    rgb = white + share[..., None] * (blue - white)
+    side = cell or max(8, 256 // max(1, len(cm)))
+    return np.round(rgb).astype(np.uint8).repeat(side, axis=0).repeat(side, axis=1)
+
+
+def _confusion_table(confusion: np.ndarray, classes: list[str]) -> str:
+    """The counts as a Markdown table, true classes down, predicted across."""
+    head = "| true \\ predicted | " + " | ".join(classes) + " |"
+    rule = "| --- " * (len(classes) + 1) + "|"
+    rows = [
+        f"| {c} | " + " | ".join(str(int(v)) for v in r) + " |" for c, r in zip(classes, confusion)
+    ]
+    return "\n".join([head, rule, *rows])
 
 
 class TensorBoard:
@@ -139,6 +175,12 @@ class TensorBoard:
         config = {k: v if isinstance(v, plain) else param_text(v) for k, v in self.params.items()}
         for summary in hparams(config, {FINAL + k: float(v) for k, v in values.items()}):
             self.writer.file_writer.add_summary(summary)
+
+    def log_confusion(self, confusion: np.ndarray, classes: list[str], step: int) -> None:
+        """The picture in the Images tab, the counts with the class names in the Text tab."""
+        image = confusion_image(confusion)
+        self.writer.add_image(FINAL + "confusion", image, step, dataformats="HWC")
+        self.writer.add_text(FINAL + "confusion", _confusion_table(confusion, classes), step)
 
     def log_artifact(self, path: Path, folder: str = "") -> None:
         pass  # the files are in the run directory, beside the logs
@@ -209,6 +251,9 @@ class MLflow:
 
     def log_final(self, values: dict[str, float], step: int) -> None:
         self.log_metrics(values, step, FINAL)
+
+    def log_confusion(self, confusion: np.ndarray, classes: list[str], step: int) -> None:
+        self.client.log_image(self.run_id, confusion_image(confusion), "confusion.png")
 
     def close(self, status: str | None) -> None:
         end = _MLFLOW_STATUS.get(status or "", self.found)
@@ -295,6 +340,12 @@ class WandB:
     def log_final(self, values: dict[str, float], step: int) -> None:
         self.log_metrics(values, step, FINAL)
 
+    def log_confusion(self, confusion: np.ndarray, classes: list[str], step: int) -> None:
+        import wandb
+
+        picture = wandb.Image(confusion_image(confusion), caption=", ".join(classes))
+        self.run.log({"step": step, FINAL + "confusion": picture})
+
     def log_artifact(self, path: Path, folder: str = "") -> None:
         # Files in the run's folder are uploaded with it (offline: by wandb sync); in a folder
         # of their own, as W&B writes its own config.yaml there.
@@ -359,11 +410,13 @@ class Tracking:
             self._each(lambda t: t.log_artifact(Path(path), folder))
 
     def log_results(self, out: Path) -> None:
-        """The end of training: eval.json's numbers as ``final/...`` metrics, and eval.json,
-        tighten.json and choice.json as files."""
+        """The end of training: eval.json's numbers as ``final/...`` metrics, the confusion
+        matrix of predictions.json as a picture, and eval.json, tighten.json and choice.json
+        as files."""
         if not self.trackers:
             return
-        summary = rundir.load_run(out).summary
+        record = rundir.load_run(out)
+        summary = record.summary
         if summary is not None:
             values = {
                 k: v
@@ -372,6 +425,9 @@ class Tracking:
             }
             step = int(summary.get("step", 0))
             self._each(lambda t: t.log_final(values, step))
+            if record.predictions is not None:
+                cm, classes = np.asarray(record.predictions["confusion"]), record.classes or []
+                self._each(lambda t: t.log_confusion(cm, classes, step))
         for name in ("eval.json", "tighten.json", rundir.CHOICE):
             self.log_artifact(out / name)
 
