@@ -106,6 +106,8 @@ MANIFEST_OPTIONAL |= {"classify.num_support"} | {f"classify.known.{k}" for k in 
 MANIFEST_OPTIONAL |= {"classify.known.features", "classify.known.quantile"}
 MANIFEST_OPTIONAL |= {f"classify.known.{k}" for k in ("neighbours", "nodes", "alpha")}
 MANIFEST_OPTIONAL |= {"sha256"}  # exports written before checksums were recorded
+MANIFEST_OPTIONAL |= {"source"}  # exports of no run's own checkpoint
+MANIFEST_VALID.update({"source.size": {"int"}, "source.mtime_ns": {"int"}})
 MANIFEST_VALID["sha256"] = {"none"}
 
 

@@ -40,6 +40,8 @@ __all__ = [
     "read_export",
     "check_manifest",
     "check_support",
+    "source_of",
+    "made_from",
 ]
 
 MANIFEST = "model.json"
@@ -66,6 +68,9 @@ class Export:
             the diffusion known score's graph: ``"graph_nodes"`` (G, F) and
             ``"graph_scores"`` (G,) (its threshold is ``classify["known"]["threshold"]``).
         batch_size: images per forward pass.
+        source: the checkpoint file of a run directory the export was made from, with the run's
+            own support and settings: ``{"checkpoint": file name, "size": bytes, "mtime_ns":
+            its modification time}`` (:func:`made_from`); None otherwise.
     """
 
     kind: str
@@ -76,6 +81,7 @@ class Export:
     weights: dict[str, torch.Tensor]
     support: dict[str, torch.Tensor] | None = None
     batch_size: int = 256
+    source: dict[str, Any] | None = None
 
 
 def is_export(path: str | Path) -> bool:
@@ -124,8 +130,27 @@ def write_export(export: Export, out_dir: str | Path) -> Path:
         "classify": classify,
         "sha256": sums,
     }
+    if export.source is not None:
+        manifest["source"] = dict(export.source)
     write_atomic(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     return out
+
+
+def source_of(checkpoint: Path) -> dict[str, Any]:
+    """What identifies a checkpoint file an export is made from: its name, size and time."""
+    stat = Path(checkpoint).stat()
+    return {"checkpoint": Path(checkpoint).name, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def made_from(folder: Path, checkpoint: Path) -> bool:
+    """Whether the export ``folder`` was made from ``checkpoint`` as it is now, with its run's
+    own support and settings (the manifest's ``source``): then it answers as the checkpoint
+    does, and opening it skips rebuilding the support and the known score's graph."""
+    try:
+        manifest = json.loads((Path(folder) / MANIFEST).read_text(encoding="utf-8"))
+        return isinstance(manifest, dict) and manifest.get("source") == source_of(checkpoint)
+    except (OSError, ValueError):
+        return False
 
 
 def _write_summed(path: Path, data: bytes) -> str:
@@ -194,6 +219,11 @@ _CLASSIFY = (
     ("chunk_size", lambda v: _is_int(v, 1, 2**31 - 1), "a whole number >= 1"),
     ("support", _plain_name, "a file name in the export folder"),
     ("num_support", lambda v: _is_int(v, 1, 2**40), "a whole number >= 1"),
+)
+_SOURCE = (
+    ("checkpoint", lambda v: _plain_name(v) and v.endswith(".pt"), "a checkpoint's file name"),
+    ("size", lambda v: _is_int(v, 0, 2**62), "a whole number of bytes"),
+    ("mtime_ns", lambda v: _is_int(v, 0, 2**63 - 1), "a whole number of nanoseconds"),
 )
 _KNOWN = (
     ("kind", lambda v: v in ("diffusion", "soft", "nearest"), "'diffusion', 'soft' or 'nearest'"),
@@ -272,6 +302,14 @@ def check_manifest(m: Any, path: Path) -> None:
     if unknown:
         names = ", ".join(k for k, _, _ in _KNOWN)
         raise _damaged(path, "classify.known", f"among {names}", unknown)
+    if "source" in m:  # the checkpoint of a run it was made from (optional)
+        source = m["source"]
+        if not isinstance(source, dict):
+            raise _damaged(path, "source", "a mapping", source)
+        for key, _, words in _SOURCE:
+            if key not in source:
+                raise _damaged(path, f"source.{key}", words, None)
+        _check_entries(path, source, "source.", _SOURCE)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -357,6 +395,7 @@ def read_export(folder: str | Path) -> Export:
         classify=classify,
         weights={},
         batch_size=int(m.get("batch_size", 256)),
+        source=dict(m["source"]) if "source" in m else None,
     )
     export.weights = _read_tensors(folder / _WEIGHTS)
     if classify["method"] != "linear" or "support" in classify:

@@ -14,7 +14,7 @@ import torch
 
 from paws import rundir
 from paws.apply.embedding import embed_images
-from paws.apply.export import MANIFEST, is_export, read_export
+from paws.apply.export import MANIFEST, is_export, made_from, read_export, source_of
 from paws.apply.predictor import (
     ClassifierPredictor,
     Prediction,
@@ -25,7 +25,7 @@ from paws.apply.predictor import (
     UnlabeledSource,
 )
 from paws.apply.reading import ImageReader, Preprocessing
-from paws.config import apply_overrides, from_dict
+from paws.config import apply_overrides, from_dict, load_config
 from paws.data.loaders import Loading
 from paws.data.sources import load_datasets
 from paws.errors import UserError, first_line
@@ -111,10 +111,14 @@ def from_checkpoint(
     sources = dict(support_source=support, unlabeled_source=unlabeled)
     if r.kind in checkpoint.CLASSIFIERS:
         classes = [str(c) for c in state.get("classes") or []]
-        return ClassifierPredictor(*args, classes=classes, **sources)
-    return SoftNearestNeighbourPredictor(
-        *args, features=cfg.eval.features, tau=cfg.eval.tau, **sources
-    )
+        predictor: Predictor = ClassifierPredictor(*args, classes=classes, **sources)
+    else:
+        predictor = SoftNearestNeighbourPredictor(
+            *args, features=cfg.eval.features, tau=cfg.eval.tau, **sources
+        )
+    if not overrides:  # the run's own support and settings: its exports say so
+        predictor.source = source_of(rundir.model_file(path))
+    return predictor
 
 
 def _width(net: torch.nn.Module, prep: Preprocessing, features: str) -> int:
@@ -222,6 +226,20 @@ def _graph_unlabeled(graph: KnownGraph) -> UnlabeledSource:
     return lambda predictor, progress: graph.unlabeled
 
 
+def _ready_export(run: Path) -> Path | None:
+    """``RUN/export`` when it was made from the model the run directory ``run`` means, as that
+    file is now, with the run's own support and settings (``paws train`` writes it at the end,
+    ``paws export RUN`` writes it again); None otherwise."""
+    if not run.is_dir() or not (run / rundir.LAST).is_file():
+        return None
+    folder = run / rundir.EXPORT
+    try:
+        model = rundir.model_file(run)
+    except UserError:
+        return None
+    return folder if is_export(folder) and model.is_file() and made_from(folder, model) else None
+
+
 def load(
     path: str | Path,
     device: str | torch.device = "auto",
@@ -229,6 +247,11 @@ def load(
     overrides: list[str] | None = None,
 ) -> Predictor:
     """Open a trained model for prediction and embedding.
+
+    A run directory opens its export of the model it means (``RUN/export``, which ``paws
+    train`` writes at its end) when that export is of the checkpoint as it is now and neither
+    ``support`` nor ``overrides`` is given: the same answers, in a fraction of a second instead
+    of rebuilding the support and the known score's graph from the run's data.
 
     Args:
         path: an export folder (``paws export``), a checkpoint file, or a run directory.
@@ -248,6 +271,11 @@ def load(
         [[('Sneaker', 0.91), ('Sandal', 0.06), ('Ankle boot', 0.02)]]
     """
     p = Path(path).expanduser()
+    ready = _ready_export(p) if support is None and not overrides else None
+    if ready is not None:
+        # The run's export of the model it means: the same answers, without rebuilding the
+        # support and the known score's graph from the run's data (seconds to minutes).
+        return from_export(ready, device, load_config(p / rundir.CONFIG).data)
     if is_export(p):
         reading = from_dict(apply_overrides({}, list(overrides or []))).data
         predictor = from_export(p, device, reading)

@@ -120,6 +120,9 @@ class Predictor(ABC):
         self._support, self._support_source = support, support_source
         self._unlabeled_source = unlabeled_source
         self._unlabeled: torch.Tensor | None = None
+        # The checkpoint of a run this predictor answers for with the run's own support
+        # (:func:`paws.apply.export.source_of`), recorded in its exports; None otherwise.
+        self.source: dict[str, Any] | None = None
 
     @property
     def preprocessing(self) -> Preprocessing:
@@ -368,6 +371,7 @@ class Predictor(ABC):
             classify=classify,
             weights=self.net.state_dict(),
             batch_size=self.batch_size,
+            source=self.source,
         )
 
 
@@ -444,6 +448,7 @@ class SoftNearestNeighbourPredictor(Predictor):
                 raise UserError("set_support needs labels, or a <class>/<image> folder")
             files, y, classes = scan_labeled_folder(images)
             images, labels = files, y
+        self.source = None  # no longer the run's own support
         y = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
         names = list(classes) if classes is not None else [str(i) for i in range(int(y.max()) + 1)]
         if y.numel() and (y.min() < 0 or y.max() >= len(names)):

@@ -389,6 +389,11 @@ class RunConfig:
     threads: int = _f(0, "CPU threads (0: all cores)", (0, 1024))
     log_every: int = _f(25, "steps between metric rows in metrics.csv", (1, MAX_STEPS))
     checkpoint_every: int = _f(500, "steps between checkpoints (last.pt)", (1, MAX_STEPS))
+    export: bool = _f(
+        True,
+        "at the end, export the model the run means to RUN_DIR/export (paws.load(RUN_DIR) "
+        "then opens in a fraction of a second)",
+    )
     eval_every: int = _f(
         0, "steps between PAWS-NN evaluations during training (0: at the end)", (0, MAX_STEPS)
     )

@@ -15,6 +15,7 @@ scores new images against it (the mean score of their nearest graph nodes).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -103,7 +104,9 @@ def class_masses(
     counts = torch.bincount(labels, minlength=num_classes).float().clamp_min(1)
     y[seeds, labels] = 1.0 / counts[labels]
 
-    rows = graph.to_sparse_csr()  # about 4 times faster products than COO on a CPU
+    with warnings.catch_warnings():  # torch's "beta" notice, once per process, is not ours
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        rows = graph.to_sparse_csr()  # about 4 times faster products than COO on a CPU
 
     def apply(x: torch.Tensor) -> torch.Tensor:
         return x - alpha * (rows @ x)

@@ -175,7 +175,24 @@ def finish_run(run: Run, step: int, evals: rundir.MetricsLog) -> dict[str, Any] 
     if _distill_after_training(run, step, files[-1], tests):
         files.append(rundir.DISTILLED)
     choice = _choose(run, pretrained, files)
-    return _results(run, step, choice, tests, report)
+    summary = _results(run, step, choice, tests, report)
+    _export_chosen(run)
+    return summary
+
+
+def _export_chosen(run: Run) -> None:
+    """``RUN/export``: the model the run means as ``paws export RUN`` writes it, so that
+    ``paws.load(RUN)`` opens it without rebuilding its support and the known score's graph
+    (``run.export``; a run without labelled images has nothing to classify against)."""
+    if not run.cfg.run.export or not len(run.data.labeled):
+        return
+    from paws.apply.load import from_checkpoint
+
+    try:
+        model = from_checkpoint(run.out, None, run.device)
+        model.export(run.out / rundir.EXPORT, progress=True)
+    except UserError as e:  # the run is saved; only the shortcut is missing
+        info(f"the model was not exported to {run.out / rundir.EXPORT} ({e})")
 
 
 def _top(ev: dict[str, Any]) -> dict[str, float]:

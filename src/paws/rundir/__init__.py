@@ -14,6 +14,7 @@ from paws.rundir.layout import (
     DISTILLED as DISTILLED,
     EVAL_COLUMNS as EVAL_COLUMNS,
     EVALS as EVALS,
+    EXPORT as EXPORT,
     FINAL as FINAL,
     FINETUNED as FINETUNED,
     INIT as INIT,

@@ -8,7 +8,9 @@ training), ``last.pt`` (the latest checkpoint), ``final.pt``, ``eval.json`` and
 ``tighten.pt`` and ``tighten.json``; when it started from another run's weights (``paws train
 --init``), ``init.json`` (that run and checkpoint); with experiment trackers,
 ``trackers.json`` (their runs, see :mod:`paws.tracking`) and their local stores. Later commands
-add ``baseline.json``, ``finetune.pt`` and ``finetune.json``. Only rank 0 writes.
+add ``baseline.json``, ``finetune.pt`` and ``finetune.json``. At its end a run exports the
+model it means to ``export/`` (``run.export``), which ``paws.load`` of the run directory opens
+while it is of that model as it is now. Only rank 0 writes.
 
 Which model a run directory means is decided here alone (:func:`model_file`).
 """
@@ -37,6 +39,7 @@ __all__ = [
     "FINETUNED",
     "DISTILLED",
     "CHOICE",
+    "EXPORT",
     "METRIC_COLUMNS",
     "MONITOR_COLUMNS",
     "EVAL_COLUMNS",
@@ -61,6 +64,7 @@ INIT = "init.json"  # where a run started with paws train --init took its weight
 LAST, FINAL, TIGHTENED, FINETUNED = "last.pt", "final.pt", "tighten.pt", "finetune.pt"
 DISTILLED = "distill.pt"  # the student (paws distill, distill.after_training)
 CHOICE = "choice.json"  # which model the run means, chosen on the labelled images alone
+EXPORT = "export"  # the export of the model the run means (paws.apply.export's format)
 
 
 # The monitor-only metrics of the paper's Fig. 4 (every run.monitor_every steps).
@@ -86,6 +90,7 @@ EVAL_COLUMNS = ("step", "top1", "top5")
 RESUME_SAFE_KEYS = (
     "run.log_every",
     "run.checkpoint_every",
+    "run.export",
     "run.eval_every",
     "run.monitor_every",
     "run.tensorboard",
