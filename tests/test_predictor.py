@@ -63,3 +63,12 @@ def test_predictions_say_which_images_are_unknown(shared_run):
     model.known_score = KnownScore(kind="nearest")
     model._threshold = None
     assert model.known_scores(own).tolist() == pytest.approx([1.0, 1.0], abs=1e-5)
+
+
+def test_no_readable_image_gives_empty_answers_not_an_error(shared_run, tmp_path):
+    _, run = shared_run
+    model = paws.load(run, device="cpu")
+    width = model.embed(sorted(run.parent.rglob("*.png"))[:1]).shape[1]
+    assert model.predictions([]) == [] and model.predict([]) == []
+    assert tuple(model.predict_proba([]).shape) == (0, len(model.classes))
+    assert tuple(model.embed([]).shape) == (0, width)

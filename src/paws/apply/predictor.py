@@ -270,8 +270,16 @@ class Predictor(ABC):
                 out[f].append(emb.float().cpu())
             e.positions += batch.positions
             e.sources += batch.sources
-        e.features = {f: torch.cat(v) for f, v in out.items()}
+        e.features = {f: torch.cat(v) if v else self._no_rows(f) for f, v in out.items()}
         return e
+
+    def _no_rows(self, features: str) -> torch.Tensor:
+        """(0, D) float32: the embeddings of no image (none given, or none readable), as wide
+        as the network's, so that every answer downstream is empty rather than an error."""
+        p = self.preprocessing
+        blank = torch.zeros(1, p.channels, p.size, p.size, device=self.device)
+        with torch.no_grad():
+            return self.net.embed_features(blank, [features])[0][:0].float().cpu()
 
     def embed(self, images: Images, features: str = "head", progress: bool = False) -> torch.Tensor:
         """Embeddings of ``images``: ``"head"`` (pre-trained: the space PAWS-NN classifies in;

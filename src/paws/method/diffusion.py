@@ -41,7 +41,7 @@ def nearest_nodes(
     q = F.normalize(queries.float(), dim=1)
     n = F.normalize(nodes.float(), dim=1)
     k = min(k, len(n) - (exclude is not None))
-    sims, index = [], []
+    sims, index = [q.new_zeros(0, k)], [torch.zeros(0, k, dtype=torch.long, device=q.device)]
     block = max(1, 2**25 // max(1, len(n)))
     for start in range(0, len(q), block):
         s = q[start : start + block] @ n.T
