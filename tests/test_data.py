@@ -240,6 +240,7 @@ def _views(data, cfg, index_fn, workers):
 
 def test_views_are_a_function_of_the_step_in_memory_and_on_disk(image_folders):
     index_fn = lambda step: np.arange(step, step + 4)  # noqa: E731
+    seen = {}
     for in_memory in ("true", "false"):
         cfg = load_config(None, tiny_overrides(image_folders, f"data.in_memory={in_memory}"))
         data = load_datasets(cfg)
@@ -255,6 +256,29 @@ def test_views_are_a_function_of_the_step_in_memory_and_on_disk(image_folders):
         if in_memory == "false":  # the number of worker processes does not change the views
             c = _views(data, cfg, index_fn, 2)
             assert all(torch.equal(x, y) for x, y in zip(a[1][1], c[1][1]))
+        seen[in_memory] = a
+    # Decoded from disk as a folder held in memory is, then augmented the same way: the same
+    # pixels whichever way the images are held.
+    for (_, va), (_, vb) in zip(seen["true"], seen["false"]):
+        assert all(torch.equal(x, y) for x, y in zip(va, vb))
+
+
+def test_large_images_on_disk_are_cropped_per_image_from_the_full_file(image_folders):
+    index_fn = lambda step: np.arange(step, step + 4)  # noqa: E731
+    base = tiny_overrides(image_folders, "data.in_memory=false")
+    cfg = load_config(None, base)
+    assert Loading.of(cfg, load_datasets(cfg)).size is not None  # small images: batched
+    per = load_config(None, [*base, "data.disk_views=per_image"])
+    data = load_datasets(per)
+    assert Loading.of(per, data).size is None
+    a, b = _views(data, per, index_fn, 0), _views(data, per, index_fn, 2)
+    assert [s for s, _ in a] == [2, 3] and a[0][1][0].shape == (4, 1, 12, 12)
+    for (_, va), (_, vb) in zip(a, b):  # a function of the step, whatever the workers
+        assert all(torch.equal(x, y) for x, y in zip(va, vb))
+    batched = _views(data, cfg, index_fn, 0)
+    assert not torch.equal(a[0][1][0], batched[0][1][0])  # another augmentation
+    large = load_config(None, [*base, "views.large_size=64", "views.small_size=32"])
+    assert Loading.of(large, data).size is None  # large images: per image by default
 
 
 def test_num_labels_draws_uniformly_from_the_whole_set_with_uneven_counts():

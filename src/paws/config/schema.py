@@ -118,6 +118,12 @@ class DataConfig:
     )
     memory_limit_gb: float = _f(4.0, "largest in-memory dataset for in_memory: auto", (0.0, 1e6))
     workers: int = _f(-1, "data-loader worker processes for on-disk datasets (-1: auto)", (-1, 256))
+    disk_views: Literal["auto", "batched", "per_image"] = _f(
+        "auto",
+        "images on disk: 'batched' (workers decode them to the in-memory size, the step augments "
+        "the batch: the views of a folder held in memory), 'per_image' (workers crop each from "
+        "the full-resolution file), 'auto' (batched below views.large_size 64)",
+    )
     on_bad_image: Literal["error", "skip"] = _f(
         "error", "a corrupt or non-image file: stop with an error, or skip it and report it"
     )

@@ -4,8 +4,16 @@ Every batch is a function of what it is for (a :class:`paws.method.sampling.Stre
 and the step, never of the order in which batches are drawn, the number of data-loader workers
 or the number of processes, so a resumed run continues exactly where it stopped. Images held in
 memory are augmented as whole batches on the compute device
-(:class:`paws.data.transforms.BatchViews`); images on disk are decoded and augmented per image
-in data-loader workers.
+(:class:`paws.data.transforms.BatchViews`). Images on disk are read in data-loader workers,
+in one of two ways (``data.disk_views``):
+
+- batched (the default for small images, ``views.large_size`` < 64): the workers only decode
+  each file to the size a folder held in memory has (``Loading.size``) and the batch is
+  augmented as in memory, so a folder's views are the same pixels whether it fits in memory
+  or not. On 2 idle cores the per-image way made such a step 1.73 times the bare encoder, the
+  workers' augmentation competing with the step's threads (``benchmarks/RESULTS.md``);
+- per image (large images, ImageNet): each view is cropped in a worker from the
+  full-resolution file, as the paper's recipes crop.
 """
 
 from __future__ import annotations
@@ -23,8 +31,8 @@ import torch
 
 from paws.config import Config, ViewsConfig
 from paws.data.eval_view import Preprocessing, batches_of, decode_workers, read_batches
-from paws.data.images import MAX_IMAGE_PIXELS, ImageSet, read_image
-from paws.data.sources import Datasets
+from paws.data.images import MAX_IMAGE_PIXELS, ImageSet, read_image, square
+from paws.data.sources import Datasets, memory_size
 from paws.data.transforms import (
     BatchViews,
     ShardGenerator,
@@ -61,6 +69,9 @@ class Loading:
         workers: data-loader worker processes for images on disk (-1: automatic).
         skip_bad: report and skip unreadable files instead of stopping (``data.on_bad_image``).
         max_pixels: larger images are unreadable (``data.max_image_pixels``).
+        size: for batched views of images on disk (``data.disk_views``), the side they are
+            decoded to before the batch is augmented, that of a folder held in memory
+            (:func:`paws.data.sources.memory_size`); None: views cropped per image.
     """
 
     channels: int
@@ -69,6 +80,7 @@ class Loading:
     workers: int = 0
     skip_bad: bool = False
     max_pixels: int = MAX_IMAGE_PIXELS
+    size: int | None = None
 
     @classmethod
     def of(cls, cfg: Config, data: Datasets) -> Loading:
@@ -80,7 +92,14 @@ class Loading:
             cfg.data.workers,
             cfg.data.on_bad_image == "skip",
             cfg.data.max_image_pixels,
+            memory_size(cfg) if _batched_on_disk(cfg) else None,
         )
+
+
+def _batched_on_disk(cfg: Config) -> bool:
+    """Whether images on disk are decoded to the in-memory size and augmented as a batch."""
+    mode = cfg.data.disk_views
+    return mode == "batched" or (mode == "auto" and cfg.views.large_size < 64)
 
 
 @dataclass
@@ -148,21 +167,28 @@ class _BadFiles:
 
 
 class _StepFiles(torch.utils.data.Dataset):
-    """Files read per item; the item key is (step, index) and seeds that item's augmentation,
-    so views depend neither on the number of workers nor on resuming."""
+    """Files read per item, the item key ``(step, index)``: decoded as a folder held in memory
+    holds them, (C, size, size) uint8, or with ``transform`` its views, seeded by the key so
+    that they depend neither on the number of workers nor on resuming. An unreadable file is
+    replaced by the next readable one (``data.on_bad_image: skip``)."""
 
     def __init__(
-        self, images: ImageSet, transform: Callable, loading: Loading, seed: int, stream: int
+        self,
+        images: ImageSet,
+        loading: Loading,
+        seed: int,
+        stream: int,
+        transform: Callable | None = None,
     ):
-        self.images, self.transform, self.channels = images, transform, loading.channels
-        self.max_pixels = loading.max_pixels
+        self.images, self.channels, self.size = images, loading.channels, loading.size
+        self.max_pixels, self.transform = loading.max_pixels, transform
         self.seed, self.stream = seed, int(stream)
         self.bad = _BadFiles(loading.skip_bad)
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, key: tuple[int, int]) -> list[torch.Tensor]:
+    def __getitem__(self, key: tuple[int, int]) -> Any:
         step, i = key
         files = self.images.files or []
         for attempt in range(len(files)):
@@ -174,6 +200,8 @@ class _StepFiles(torch.utils.data.Dataset):
                 self.bad.handle(e, path)
         else:
             raise UserError(f"none of the {len(files)} images could be read")
+        if self.transform is None:
+            return torch.from_numpy(np.array(square(img, self.size)))  # writable, contiguous
         seed = np.random.SeedSequence([self.seed, step, self.stream, i]).generate_state(1)[0]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(seed))
@@ -192,7 +220,10 @@ class _StepIndex(torch.utils.data.Sampler):
         return len(self.steps)
 
 
-def _stack_views(items: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+def _stack(items: list[Any]) -> Any:
+    """A batch of decoded images (N, C, S, S), or of per-image views: one tensor a view."""
+    if isinstance(items[0], torch.Tensor):
+        return torch.stack(items)
     return [torch.stack(v) for v in zip(*items)]
 
 
@@ -203,7 +234,7 @@ def _loader(dataset: torch.utils.data.Dataset, batches: Any, workers: int, devic
         batch_sampler=batches,
         num_workers=workers,
         pin_memory=device.type == "cuda",
-        collate_fn=_stack_views,
+        collate_fn=_stack,
         prefetch_factor=4 if workers else None,
         worker_init_fn=_worker_init,
     )
@@ -218,28 +249,37 @@ def _augmented(
     stream: int,
     device: torch.device,
     shard: Shard | None,
-    in_memory: Callable[[torch.Tensor, Any], list[torch.Tensor]],
+    augment: Callable[[torch.Tensor, Any], list[torch.Tensor]],
     per_image: Callable[[], Callable],
 ) -> Iterator[tuple[int, list[torch.Tensor], float]]:
-    """``(step, views, seconds waited)`` for each step: ``in_memory(x, generator)`` augments a
-    uint8 batch on ``device``; ``per_image()`` makes the transform that data-loader workers
-    apply to each file."""
+    """``(step, views, seconds waited)`` for each step: ``augment(x, generator)`` augments the
+    step's uint8 batch ``x`` on ``device``, indexed from memory or decoded from disk in
+    data-loader workers (``Loading.size``); otherwise the workers apply ``per_image()`` to
+    each file. The wait counts the batch's reading and its augmentation."""
+    if not images.in_memory and loading.size is None:
+        dataset = _StepFiles(images, loading, seed, stream, per_image())
+        loader = _loader(dataset, _StepIndex(index_fn, steps), loading.workers, device)
+        t0 = time.perf_counter()
+        for step, batch in zip(steps, loader):
+            yield step, [v.to(device, non_blocking=True) for v in batch], time.perf_counter() - t0
+            t0 = time.perf_counter()
+        return
     if images.in_memory:
         on_device = images.images.to(device)
-        for step in steps:
-            t0 = time.perf_counter()
-            x = on_device[torch.from_numpy(np.asarray(index_fn(step))).to(device)]
-            gen: Any = step_generator(seed, step, stream)
-            if shard is not None:
-                gen = ShardGenerator(gen, shard[0], shard[1])
-            out = in_memory(x, gen)
-            yield step, out, time.perf_counter() - t0
-        return
-    dataset = _StepFiles(images, per_image(), loading, seed, stream)
-    loader = _loader(dataset, _StepIndex(index_fn, steps), loading.workers, device)
+        batches: Iterator[torch.Tensor] = (
+            on_device[torch.from_numpy(np.asarray(index_fn(step))).to(device)] for step in steps
+        )
+    else:
+        dataset = _StepFiles(images, loading, seed, stream)
+        loader = _loader(dataset, _StepIndex(index_fn, steps), loading.workers, device)
+        batches = (x.to(device, non_blocking=True) for x in loader)
     t0 = time.perf_counter()
-    for step, batch in zip(steps, loader):
-        yield step, [v.to(device, non_blocking=True) for v in batch], time.perf_counter() - t0
+    for step, x in zip(steps, batches):
+        gen: Any = step_generator(seed, step, stream)
+        if shard is not None:
+            gen = ShardGenerator(gen, shard[0], shard[1])
+        out = augment(x, gen)
+        yield step, out, time.perf_counter() - t0
         t0 = time.perf_counter()
 
 
@@ -258,8 +298,9 @@ def multicrop_batches(
 
     Random parameters come from ``(seed, step, stream)`` and, under several processes, an
     image's place in the global batch: ``shard`` is ``(global batch size, positions of this
-    process's images in it)``, so views do not depend on the number of processes (on disk: on
-    the image index).
+    process's images in it)``, so views depend neither on the number of processes nor, when
+    batched (``data.disk_views``), on whether the images are in memory or on disk (per image:
+    on the image index).
 
     Yields:
         ``(step, [large 1, large 2, small 1, ...], seconds waited)``, views (n, C, h, w).

@@ -10,8 +10,8 @@
   functions never wait for the device (no data-dependent branches), so on a GPU the next step's
   augmentation is queued while the current step computes.
 - :func:`multicrop_transform` / :func:`support_transform` build ``torchvision.transforms.v2``
-  pipelines applied per image in data-loader workers, for datasets read from disk (ImageNet
-  and large folders).
+  pipelines applied per image in data-loader workers, for large images read from disk
+  (ImageNet: each view cropped from the full-resolution file; ``data.disk_views``).
 
 The evaluation view's resize and crop, :func:`eval_batch`, is the arithmetic of the one rule of
 :mod:`paws.data.eval_view`.
