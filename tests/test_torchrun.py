@@ -163,6 +163,7 @@ def test_two_processes_write_from_rank_0_only(two_then_one: dict):
         "config.yaml",
         "eval.json",
         "evals.csv",
+        "export",
         "final.pt",
         "last.pt",
         "metrics.csv",
