@@ -37,11 +37,12 @@ from paws.rundir import checkpoint
 __all__ = ["from_checkpoint", "from_export", "load", "Prediction"]
 
 
-def _run_sources(cfg: Any) -> tuple[SupportSource, UnlabeledSource]:
+def _run_sources(cfg: Any, data: Any = None) -> tuple[SupportSource, UnlabeledSource]:
     """The default support of a checkpoint, the run's labelled images, and the unlabelled
     images of its diffusion known score (at most ``eval.unknown_nodes`` of the run's), each
-    embedded exactly as ``paws eval`` embeds them; the run's data are read once for both."""
-    held: dict[str, Any] = {}
+    embedded exactly as ``paws eval`` embeds them; the run's data (``data`` when the caller
+    holds them already) are read once for both."""
+    held: dict[str, Any] = {} if data is None else {"data": data}
 
     def datasets() -> Any:
         if "data" not in held:
@@ -86,7 +87,10 @@ def _reader(preprocessing: Preprocessing, batch_size: int, reading: Any) -> Imag
 
 
 def from_checkpoint(
-    path: str | Path, overrides: list[str] | None = None, device: str | torch.device = "auto"
+    path: str | Path,
+    overrides: list[str] | None = None,
+    device: str | torch.device = "auto",
+    data: Any = None,
 ) -> Predictor:
     """A :class:`Predictor` from a checkpoint of kind pretrain, tighten or finetune.
 
@@ -95,6 +99,8 @@ def from_checkpoint(
         overrides: ``key=value`` config overrides (e.g. ``data.root=...`` to find the labelled
             set, ``eval.tau=...``).
         device: compute device.
+        data: the run's datasets (:func:`paws.data.load_datasets` of its config), when the
+            caller holds them (the end of training): not read again.
     """
     r = rundir.restore(path, overrides)
     cfg, state = r.cfg, r.state
@@ -106,7 +112,7 @@ def from_checkpoint(
     prep = Preprocessing(cfg.views.large_size, cfg.views.eval_crop, mean, std, int(channels))
     reader = _reader(prep, cfg.eval.batch_size, cfg.data)
     known = KnownScore.from_config(cfg)
-    support, unlabeled = _run_sources(cfg)
+    support, unlabeled = _run_sources(cfg, data)
     args = (r.net, r.kind, r.arch, reader, device, known, cfg.eval.chunk_size)
     sources = dict(support_source=support, unlabeled_source=unlabeled)
     if r.kind in checkpoint.CLASSIFIERS:

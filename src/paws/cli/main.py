@@ -10,7 +10,8 @@ import argparse
 import os
 import sys
 import warnings
-from typing import NoReturn
+from collections.abc import Sequence
+from typing import Any, NoReturn
 
 from paws.cli.base import COMMANDS
 from paws.errors import UserError, first_line
@@ -22,7 +23,9 @@ class _Parser(argparse.ArgumentParser):
     """argparse's parser, whose errors also say how to name a file that starts with a dash
     (``paws predict RUN -x.png`` read ``-x.png`` as an unknown option, then asked for images)."""
 
-    argv: list[str] = []
+    def __init__(self, *args: Any, argv: Sequence[str] = (), **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.argv = list(argv)  # the command line, for the hint
 
     def error(self, message: str) -> NoReturn:
         dashed = [a for a in self.argv if a.startswith("-") and a != "-" and os.path.exists(a)]
@@ -35,15 +38,16 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser(argv: list[str]) -> argparse.ArgumentParser:
-    _Parser.argv = argv
     parser = _Parser(
-        prog="paws", description="PAWS semi-supervised learning: pre-train, evaluate, apply."
+        prog="paws",
+        description="PAWS semi-supervised learning: pre-train, evaluate, apply.",
+        argv=argv,
     )
     parser.add_argument("--quiet", action="store_true", help="no progress output")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (add_args, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text, argv=argv)
         p.set_defaults(make_runner=add_args(p))
         # Also accepted after the command (paws train --quiet); SUPPRESS keeps a value given
         # before it.

@@ -189,7 +189,7 @@ def _export_chosen(run: Run) -> None:
     from paws.apply.load import from_checkpoint
 
     try:
-        model = from_checkpoint(run.out, None, run.device)
+        model = from_checkpoint(run.out, None, run.device, run.data)  # the data in hand
         model.export(run.out / rundir.EXPORT, progress=True)
     except UserError as e:  # the run is saved; only the shortcut is missing
         info(f"the model was not exported to {run.out / rundir.EXPORT} ({e})")

@@ -51,6 +51,7 @@ __all__ = [
     "write_json",
     "read_json",
     "read_run_text",
+    "DAMAGED",
     "csv_rows",
     "write_results",
     "output_dir",
@@ -65,6 +66,9 @@ LAST, FINAL, TIGHTENED, FINETUNED = "last.pt", "final.pt", "tighten.pt", "finetu
 DISTILLED = "distill.pt"  # the student (paws distill, distill.after_training)
 CHOICE = "choice.json"  # which model the run means, chosen on the labelled images alone
 EXPORT = "export"  # the export of the model the run means (paws.apply.export's format)
+
+# What a user can do about a run file that is damaged, the end of every message saying so.
+DAMAGED = "the file is damaged; remove it, or train the run again"
 
 
 # The monitor-only metrics of the paper's Fig. 4 (every run.monitor_every steps).
@@ -250,7 +254,7 @@ def read_run_text(path: Path) -> str:
     Raises:
         UserError: a file in another encoding or holding binary data: it was damaged.
     """
-    return read_text(path, "run file", "the file is damaged: remove it, or train the run again")
+    return read_text(path, "run file", DAMAGED)
 
 
 def csv_rows(path: Path, need: tuple[str, ...] = ()) -> list[list[str]]:
@@ -268,16 +272,10 @@ def csv_rows(path: Path, need: tuple[str, ...] = ()) -> list[list[str]]:
     try:
         rows = list(csv.reader(io.StringIO(read_run_text(path), newline=""), strict=True))
     except csv.Error as e:
-        raise UserError(
-            f"run file {path} is not valid CSV ({e}): the file is damaged; remove it, or train "
-            "the run again"
-        ) from e
+        raise UserError(f"run file {path} is not valid CSV ({e}): {DAMAGED}") from e
     missing = [k for k in need if rows and k not in rows[0]]
     if missing:
-        raise UserError(
-            f"run file {path} has no column {missing[0]!r} in its header: the file is damaged; "
-            "remove it, or train the run again"
-        )
+        raise UserError(f"run file {path} has no column {missing[0]!r} in its header: {DAMAGED}")
     return rows
 
 
@@ -300,6 +298,6 @@ def read_json(path: Path, kind: type | None = None) -> Any:
     if kind is not None and not isinstance(value, kind):
         raise UserError(
             f"{path} holds a JSON {type(value).__name__}, not the {kind.__name__} paws writes: "
-            "the file is damaged; remove it, or train the run again"
+            f"{DAMAGED}"
         )
     return value

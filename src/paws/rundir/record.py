@@ -15,6 +15,7 @@ from paws.config import read_yaml
 from paws.errors import UserError
 from paws.rundir.layout import (
     CONFIG,
+    DAMAGED,
     EVAL_COLUMNS,
     EVALS,
     INIT,
@@ -140,19 +141,14 @@ def _record(path: Path, need: tuple[str, ...] = ()) -> dict[str, Any] | None:
         return None
     for key in need:
         if key not in record:
-            raise UserError(
-                f"{path} has no {key!r}: the file is damaged; remove it, or train the run again"
-            )
+            raise UserError(f"{path} has no {key!r}: {DAMAGED}")
     for key, value in record.items():
         check, kind = _KINDS.get(key, (None, ""))
         if check is not None and value is not None and not check(value):
-            raise UserError(
-                f"{path}: {key!r} is {str(value)[:40]!r}, not {kind}: the file is damaged; "
-                "remove it, or train the run again"
-            )
+            raise UserError(f"{path}: {key!r} is {str(value)[:40]!r}, not {kind}: {DAMAGED}")
     confusion, classes = record.get("confusion"), record.get("classes")
     if confusion is not None and classes is not None and len(confusion) != len(classes):
-        raise UserError(f"{path}: the confusion matrix does not match its classes: damaged file")
+        raise UserError(f"{path}: the confusion matrix does not match its classes: {DAMAGED}")
     return record
 
 
