@@ -149,6 +149,21 @@ def _positions(unique_classes: bool) -> dict[str, np.ndarray]:
     return {k: np.stack(v) for k, v in got.items()}
 
 
+def _helpers() -> dict[str, object]:
+    """Rows gathered from uneven shards (3 rows on rank 0, 5 on rank 1) and gradients
+    averaged over ranks (rank r holds r + 1 everywhere; a bias without a gradient)."""
+    rank = distributed.get_rank()
+    rows = torch.arange(3 + 2 * rank, dtype=torch.float32) * 10 + rank
+    layer = torch.nn.Linear(2, 1)
+    layer.weight.grad = torch.full_like(layer.weight, float(rank + 1))
+    distributed.average_gradients(layer.parameters())
+    return {
+        "gathered": distributed.gather_rows(torch.stack([rows, -rows], dim=1)),
+        "weight_grad": layer.weight.grad.clone(),
+        "bias_grad": layer.bias.grad,
+    }
+
+
 def _worker(rank: int, port: int, out_dir: str) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
@@ -164,6 +179,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             "steps": {(u, t): _steps(u, t) for u in (False, True) for t in STEPS},
             "positions": {u: _positions(u) for u in (False, True)},
             "ropaws": _steps(False, torch.float64, ROPAWS_CFG),
+            "helpers": _helpers(),
         }
         torch.save(result, Path(out_dir) / f"rank{rank}.pt")
     finally:
@@ -330,3 +346,41 @@ def test_two_processes_take_the_one_process_ropaws_step_with_a_prior(two_ranks: 
                 assert got[f"scalars{step}"][key] == pytest.approx(value, abs=1e-6), (rank, key)
             for name, g in ref[f"grads{step}"].items():
                 torch.testing.assert_close(got[f"grads{step}"][name], g, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_uneven_rows_are_gathered_and_gradients_averaged(two_ranks: list[dict]):
+    rows = torch.cat([torch.arange(3.0) * 10, torch.arange(5.0) * 10 + 1])
+    expected = torch.stack([rows, -rows], dim=1)
+    for rank in two_ranks:
+        h = rank["helpers"]
+        assert torch.equal(h["gathered"], expected)
+        assert torch.equal(h["weight_grad"], torch.full((1, 2), 1.5))  # (1 + 2) / 2
+        assert h["bias_grad"] is None
+
+
+def test_local_batchnorm_keeps_the_weights_and_the_answers():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 3, 3), distributed.GlobalBatchNorm(3), torch.nn.Flatten(0, -1)
+    )
+    head = distributed.GlobalBatchNorm(4)
+    with torch.no_grad():
+        for bn in (model[1], head):
+            bn.weight.uniform_(0.5, 2)
+            bn.bias.uniform_(-1, 1)
+            bn.running_mean.uniform_(-1, 1)
+    x, z = torch.randn(5, 1, 6, 6), torch.randn(7, 4)
+    for original in (model, head):
+        local = distributed.local_batchnorm(original)
+        kinds = {type(m) for m in local.modules()}
+        assert distributed.GlobalBatchNorm not in kinds
+        assert local.state_dict().keys() == original.state_dict().keys()
+        for key, value in original.state_dict().items():
+            assert torch.equal(local.state_dict()[key], value)
+    for original, data in ((model, x), (head, z)):
+        for training in (False, True):
+            original.train(training)
+            local = distributed.local_batchnorm(original)
+            assert local.training == training
+            assert torch.allclose(local(data), original(data), atol=1e-6)

@@ -8,6 +8,7 @@ rank 0 writes files and prints results.
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -256,3 +257,40 @@ def test_the_default_support_and_batch_sizes_fit_two_processes(folder: Path, tmp
     assert "optim.batch_size (9) is not divisible by the 2 processes: batches of 8" in r.stderr
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["support"]["images_per_class"] == 6 and saved["optim"]["batch_size"] == 8
+
+
+def test_the_student_trains_on_global_batches_under_two_processes(folder: Path, tmp_path: Path):
+    # A run of 2 processes that ends with the student: every process trains it, rank 0's
+    # choice trains its copies on folds alone (a global batch norm there would wait for
+    # rank 1), and the files are written once.
+    run = tmp_path / "run"
+    student = ["distill.epochs=2", "distill.batch_size=8", "distill.labeled_batch=4"]
+    args = [*_args(folder), "--set", "optim.steps=4"]
+    args += ["--set", "distill.after_training=true", *set_args(student)]
+    r = subprocess.run(
+        _command(2, "train", "--out", str(run), *args),
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    assert (run / "distill.pt").is_file() and (run / "distill.json").is_file()
+    choice = json.loads((run / "choice.json").read_text())
+    assert "distill.pt" in choice["candidates"]
+    # `paws distill` of that run in 1 and in 2 processes: the same global batches, so the same
+    # steps and the same first loss (later ones drift by float32 rounding, as in pre-training).
+    reports = {}
+    for processes in (1, 2):
+        out = tmp_path / f"student{processes}"
+        command = _command(processes, "distill", str(run), "--out", str(out), "--json")
+        done = subprocess.run(
+            [*command, *set_args(student)], capture_output=True, text=True, env=_env(), timeout=300
+        )
+        assert done.returncode == 0, done.stderr
+        reports[processes] = json.loads(done.stdout)
+        assert sorted(p.name for p in out.iterdir()) == ["distill.json", "distill.pt"]
+    one, two = reports[1], reports[2]
+    assert one["steps"] == two["steps"] == 4 and one["kept"] == two["kept"] == 18
+    assert two["loss_first"] == pytest.approx(one["loss_first"], abs=1e-4)
+    assert two["test"]["num_query"] == one["test"]["num_query"] == 9

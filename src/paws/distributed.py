@@ -27,6 +27,7 @@ __all__ = [
     "is_main",
     "barrier",
     "all_gather",
+    "gather_rows",
     "gather_views",
     "all_reduce_sum",
     "all_reduce_mean",
@@ -35,6 +36,8 @@ __all__ = [
     "convert_batchnorm",
     "check_plain_batchnorm",
     "data_parallel",
+    "average_gradients",
+    "local_batchnorm",
     "GlobalBatchNorm",
     "destroy",
     "lost_peer",
@@ -164,6 +167,28 @@ def all_gather(x: torch.Tensor) -> torch.Tensor:
     return _AllGather.apply(x) if is_initialized() else x
 
 
+def gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows of ``x`` in rank order, where ranks may hold different numbers of rows
+    (a set split by :func:`numpy.array_split`); no gradient is passed.
+
+    Args:
+        x: (N_r, ...) this rank's rows; the trailing dimensions are the same on every rank.
+
+    Returns:
+        (sum of N_r, ...), identical on every rank; ``x`` itself in one process.
+    """
+    if not is_initialized():
+        return x
+    sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(get_world_size())]
+    dist.all_gather(sizes, torch.tensor([len(x)], device=x.device))
+    most = int(max(sizes).item())
+    padded = torch.zeros((most, *x.shape[1:]), dtype=x.dtype, device=x.device)
+    padded[: len(x)] = x.detach()
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[: int(n.item())] for part, n in zip(parts, sizes)])
+
+
 def gather_views(x: torch.Tensor, views: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The whole batch of every rank, view by view, and where this rank's images are in it.
 
@@ -249,6 +274,60 @@ class GlobalBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
         return y
 
 
+def average_gradients(params: Any) -> None:
+    """Replace each parameter's gradient by its mean over ranks, in one all-reduce (a no-op in
+    one process): the step of a loss averaged over equal shares of a global batch. For loops
+    that call the network more than once before a backward pass, which
+    DistributedDataParallel's hooks do not allow."""
+    if not is_initialized():
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= get_world_size()
+    for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(part.view_as(g))
+
+
+def local_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
+    """``module`` with every global batch norm (:func:`convert_batchnorm`) made plain again, for
+    a copy that one rank trains alone while the others wait: a global one would wait for them.
+    The weights and running statistics are kept."""
+    out = module
+    if isinstance(module, (GlobalBatchNorm, torch.nn.SyncBatchNorm)):
+        out = _rebuilt_bn(module, _AnyBatchNorm)
+    for name, child in module.named_children():
+        out.add_module(name, local_batchnorm(child))
+    return out
+
+
+class _AnyBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
+    """Plain batch norm over inputs of any rank (a global one's layers held 1-D or 2-D)."""
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"expected at least 2-D input, got {x.dim()}-D")
+
+
+def _rebuilt_bn(module: torch.nn.Module, kind: type) -> torch.nn.Module:
+    """A batch norm of class ``kind`` with ``module``'s settings, state and mode."""
+    like = next(iter(module.parameters()), module.running_mean)
+    out = kind(
+        module.num_features,
+        module.eps,
+        module.momentum,
+        module.affine,
+        module.track_running_stats,
+        device=like.device if like is not None else None,
+        dtype=like.dtype if like is not None else None,
+    )
+    out.load_state_dict(module.state_dict())
+    out.train(module.training)
+    return out
+
+
 def convert_batchnorm(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """Make every batch-norm layer global across ranks (the paper's "global batch norm").
 
@@ -306,18 +385,7 @@ def _swap_bn(module: torch.nn.Module) -> torch.nn.Module:
     if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and not isinstance(
         module, GlobalBatchNorm
     ):
-        like = next(iter(module.parameters()), module.running_mean)
-        out = GlobalBatchNorm(
-            module.num_features,
-            module.eps,
-            module.momentum,
-            module.affine,
-            module.track_running_stats,
-            device=like.device if like is not None else None,
-            dtype=like.dtype if like is not None else None,
-        )
-        out.load_state_dict(module.state_dict())
-        out.train(module.training)
+        out = _rebuilt_bn(module, GlobalBatchNorm)
     for name, child in module.named_children():
         out.add_module(name, _swap_bn(child))
     return out

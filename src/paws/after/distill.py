@@ -19,8 +19,15 @@ noisy student / FixMatch (arg-max targets, confidence-thresholded). This module 
   with a cosine decay, as fine-tuning (:mod:`paws.after.finetune`).
 - Every batch is a function of (seed, step), so the student resumes exactly from its last
   checkpoint (``distill.last.pt``, every ``distill.checkpoint_every`` steps): run ``paws
-  distill RUN`` again after an interruption. It trains in one process (under torchrun, rank 0
-  trains it after pre-training).
+  distill RUN`` again after an interruption.
+- Under torchrun (``paws train`` ending with the student, or ``paws distill`` itself), every
+  process trains the one student on its share of each global batch (``distill.batch_size``
+  images over all processes): each computes the teacher's targets for its part of the
+  unlabelled images and gathers the rest, an image's augmentation depends on its place in the
+  global batch only, batch norm spans the processes (``run.sync_bn``), and the gradients are
+  averaged before each step, so the steps are those of one process with the whole batch. The
+  copies the run's choice trains on folds of the labels (``shared=False``) train in rank 0
+  alone, with batch norm made local.
 
 What was measured for each choice is in ``benchmarks/RESULTS.md`` ("The student").
 """
@@ -36,7 +43,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from paws import rundir, runtime
+from paws import distributed, rundir, runtime
 from paws.after.evaluate import accuracy, classifier_accuracy, snn_probs
 from paws.after.finetune import crop_flip_views
 from paws.after.saved import open_pretrained, save_step
@@ -94,24 +101,52 @@ def distill_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def teacher_targets(
-    teacher: PAWSModel, data: Datasets, cfg: Config, device: torch.device, progress: bool = False
+    teacher: PAWSModel,
+    data: Datasets,
+    cfg: Config,
+    device: torch.device,
+    progress: bool = False,
+    shared: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`sharpen_targets` of the teacher's PAWS-NN probabilities on the evaluation view of
-    every unlabelled image, against ``data.labeled``: ``(targets (N, K), kept (N,))``."""
-    probs = snn_probs(teacher, data, cfg, device, data.unlabeled, progress)
+    every unlabelled image, against ``data.labeled``: ``(targets (N, K), kept (N,))``. With
+    ``shared`` under several processes, each computes its part and all receive every row."""
+    images = data.unlabeled
+    if shared and distributed.is_initialized():
+        part = np.array_split(np.arange(len(images)), distributed.get_world_size())
+        images = images.subset(part[distributed.get_rank()])
+    probs = snn_probs(teacher, data, cfg, device, images, progress)
+    if shared:
+        probs = distributed.gather_rows(probs.to(device)).cpu()
     d = cfg.distill
     return sharpen_targets(probs, d.temperature, d.targets, d.threshold)
 
 
-def _student(cfg: Config, teacher: PAWSModel, arch: Architecture, classes: int) -> Classifier:
+def _student(
+    cfg: Config, teacher: PAWSModel, arch: Architecture, classes: int, shared: bool
+) -> Classifier:
     """The student before training: the teacher's trunk and first head layer (copied) or new
-    weights of the same architecture (``distill.init``), with a zero linear classifier."""
+    weights of the same architecture (``distill.init``), with a zero linear classifier; its
+    batch norm global across processes when they train it together (``shared`` and
+    ``run.sync_bn``), local otherwise."""
+    device = next(teacher.parameters()).device
     if cfg.distill.init == "teacher":
-        base = copy.deepcopy(teacher)
+        base = distributed.local_batchnorm(copy.deepcopy(teacher))
     else:
-        device = next(teacher.parameters()).device
         base = build_network(arch.with_classifier(None), seed=cfg.run.seed).to(device)
+    if shared and cfg.run.sync_bn:
+        base = distributed.convert_batchnorm(base, device)
     return Classifier.from_pretrained(base, classes)
+
+
+def _shared_batch(size: int, what: str, shared: bool) -> int:
+    """``size`` lowered to a multiple of the processes that share it (said in a line)."""
+    world = distributed.get_world_size() if shared else 1
+    if size % world == 0:
+        return size
+    fitted = size - size % world
+    info(f"{what} ({size}) is not divisible by the {world} processes: batches of {fitted}")
+    return fitted
 
 
 def _state(
@@ -177,10 +212,12 @@ def _views(
     stream: int,
     device: torch.device,
 ) -> Any:
-    """Crop + flip views of ``images[order.local_batch(step)]`` for each of ``steps``."""
+    """Crop + flip views of ``images[order.local_batch(step)]`` for each of ``steps``, each
+    image's drawn by its place in the step's global batch."""
     views, loading = crop_flip_views(cfg.views), Loading.of(cfg, data)
+    shard = (order.global_size, order.shard_rows())
     return view_batches(
-        images, order.local_batch, steps, views, 1, loading, cfg.run.seed, stream, device
+        images, order.local_batch, steps, views, 1, loading, cfg.run.seed, stream, device, shard
     )
 
 
@@ -193,6 +230,7 @@ def train_student(
     partial: Path | None = None,
     key: dict | None = None,
     progress: bool = True,
+    shared: bool = False,
 ) -> tuple[Classifier, dict[str, Any]]:
     """Train a student on ``data``'s unlabelled images against ``teacher`` (left unchanged).
 
@@ -206,27 +244,34 @@ def train_student(
         partial: where the resumable state goes (None: not saved).
         key: what identifies the training for resuming (the teacher and settings).
         progress: show progress.
+        shared: every process of a torchrun trains this student together (each calls this
+            with the same arguments); False: this process trains it alone.
 
     Returns:
         ``(student in eval mode, report)``: ``steps``, ``kept`` (unlabelled images trained on),
         ``num_unlabeled``, ``resumed_from``, ``loss_first``, ``loss_last``.
     """
     d = cfg.distill
-    targets, kept = teacher_targets(teacher, data, cfg, device, progress)
+    targets, kept = teacher_targets(teacher, data, cfg, device, progress, shared)
     pool = np.flatnonzero(kept.numpy())
-    batch = min(d.batch_size, len(pool))
-    if batch < 2:
+    rank, world = (distributed.get_rank(), distributed.get_world_size()) if shared else (0, 1)
+    batch = _shared_batch(min(d.batch_size, len(pool)), "distill.batch_size", shared)
+    if batch < max(2, world):
         raise UserError(
             f"the student needs 2 unlabelled images the teacher is sure of (distill.threshold "
             f"{d.threshold:g} keeps {len(pool)})"
         )
-    order = EpochSampler(len(pool), batch, cfg.run.seed, Stream.DISTILL)
+    order = EpochSampler(len(pool), batch, cfg.run.seed, Stream.DISTILL, rank, world)
     steps = max(1, math.ceil(d.epochs * order.steps_per_epoch))
     lab_batch = min(d.labeled_batch, len(data.labeled)) if d.labeled_weight > 0 else 0
+    lab_batch = _shared_batch(lab_batch, "distill.labeled_batch", shared)
     lab_order = None
-    if lab_batch >= 2:
-        lab_order = EpochSampler(len(data.labeled), lab_batch, cfg.run.seed, Stream.DISTILL_LABELED)
-    student = _student(cfg, teacher, arch, len(data.classes)).to(device)
+    if lab_batch >= max(2, world):
+        lab_order = EpochSampler(
+            len(data.labeled), lab_batch, cfg.run.seed, Stream.DISTILL_LABELED, rank, world
+        )
+    student = _student(cfg, teacher, arch, len(data.classes), shared).to(device)
+    sync = (lambda: distributed.average_gradients(student.parameters())) if world > 1 else None
     optimizer, schedule = _optimiser(student, d.lr, steps)
     dtype = runtime.amp_dtype(cfg, device)
     scaler = runtime.grad_scaler(dtype)
@@ -250,11 +295,14 @@ def train_student(
                 _, xl, _ = next(lab)
                 yl = y_lab[torch.from_numpy(lab_order.local_batch(step)).to(device)]
                 loss = loss + d.labeled_weight * F.cross_entropy(student(xl).float(), yl)
-        backward_step(loss, optimizer, scaler)
-        losses.append(loss.item())
+        backward_step(loss, optimizer, scaler, sync)
+        losses.append(
+            float(distributed.all_reduce_mean(loss.detach())) if world > 1 else loss.item()
+        )
         if bar is not None:
             bar.update(1, loss=losses[-1])
-        if partial is not None and ((step + 1) % d.checkpoint_every == 0 or step + 1 == steps):
+        saves = (step + 1) % d.checkpoint_every == 0 or step + 1 == steps
+        if partial is not None and saves and rank == 0:
             checkpoint.save(_state(cfg, student, optimizer, scaler, step + 1, key), partial)
     if bar is not None:
         bar.close()
@@ -272,16 +320,18 @@ def distill(
     partial: Path | None = None,
     key: dict | None = None,
     evaluate: bool = True,
+    shared: bool = False,
 ) -> tuple[dict[str, Any], Classifier]:
-    """Train the student (:func:`train_student`) and test it (and the teacher) when there is a
-    test set and ``evaluate`` (a run's finish has both tested already).
+    """Train the student (:func:`train_student`, ``shared`` by every process of a torchrun)
+    and test it (and the teacher) when there is a test set and ``evaluate`` (a run's finish
+    has both tested already).
 
     Returns:
         ``(report, student)``: :func:`train_student`'s report with the ``distill`` settings,
         ``test`` (``{"top1", "top5", "balanced_top1", "num_query"}`` or None) and
         ``teacher_test`` (the teacher's PAWS-NN ``{"top1"}`` or None).
     """
-    student, report = train_student(cfg, teacher, arch, data, device, partial, key)
+    student, report = train_student(cfg, teacher, arch, data, device, partial, key, shared=shared)
     report["settings"] = dict(vars(cfg.distill))
     report["test"] = report["teacher_test"] = None
     if evaluate and data.test is not None:
@@ -309,6 +359,8 @@ def distill_checkpoint(
     Writes ``distill.pt`` (a checkpoint of kind ``"distill"`` that ``paws eval``, ``predict``,
     ``embed``, ``export`` and ``paws.load`` read as a classifier) and ``distill.json`` into
     ``out_dir`` (default: the run directory), and keeps ``distill.last.pt`` while training.
+    Under torchrun every process trains the student on its share of each batch, and rank 0
+    tests it and writes the files.
 
     Args:
         path: a run directory (its teacher: :func:`teacher_file`) or a pre-trained or
@@ -328,10 +380,21 @@ def distill_checkpoint(
     key = {"teacher": str(source.resolve()), "step": opened.step, **vars(opened.cfg.distill)}
     key.pop("after_training", None)
     key.pop("checkpoint_every", None)
+    main = distributed.is_main()
     report, student = distill(
-        opened.cfg, opened.net, opened.arch, opened.data, opened.device, partial, key
+        opened.cfg,
+        opened.net,
+        opened.arch,
+        opened.data,
+        opened.device,
+        partial,
+        key,
+        evaluate=main,
+        shared=True,
     )
     report["teacher"] = source.name
+    if not main:
+        return report
     arch = opened.arch.with_classifier(len(opened.data.classes))
     save_step("distill", student, arch, opened, report, rundir.DISTILLED)
     rundir.write_json(opened.out / "distill.json", report)

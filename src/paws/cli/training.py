@@ -241,10 +241,17 @@ def _distill_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], 
     )
 
     def run(args: argparse.Namespace) -> int:
+        from paws import distributed
         from paws.after.distill import distill_checkpoint
 
         device = _setup_for(args.checkpoint, args.overrides, pretrained=True)
-        r = distill_checkpoint(args.checkpoint, args.overrides, args.out, device=device)
+        try:  # under torchrun, every process trains the student
+            r = distill_checkpoint(args.checkpoint, args.overrides, args.out, device=device)
+            main = distributed.is_main()
+        finally:
+            distributed.destroy()
+        if not main:
+            return 0
         if args.json:
             _print_json(r)
             return 0

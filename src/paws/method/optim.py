@@ -15,7 +15,7 @@ which also get no weight decay.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -182,14 +182,21 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
-def backward_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: Any) -> None:
+def backward_step(
+    loss: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    scaler: Any,
+    sync: Callable[[], None] | None = None,
+) -> None:
     """Zero the gradients, back-propagate ``loss`` (a scalar) and step the optimiser, through
-    ``scaler`` (a ``torch.amp.GradScaler`` for fp16 autocast) when it is not None."""
+    ``scaler`` (a ``torch.amp.GradScaler`` for fp16 autocast) when it is not None; ``sync``
+    runs between the backward pass and the step (gradients averaged over processes)."""
     optimizer.zero_grad(set_to_none=True)
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+    if sync is not None:
+        sync()
     if scaler is not None:
-        scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
     else:
-        loss.backward()
         optimizer.step()

@@ -63,12 +63,16 @@ def _distill_after_training(
 ) -> bool:
     """The student (``distill.after_training``, :mod:`paws.after.distill`) of ``run.model``
     (the model ``teacher`` names), saved as ``distill.pt`` with ``distill.json``, its test
-    results added to ``tests`` (which holds the teacher's); False when it is off."""
+    results added to ``tests`` (which holds the teacher's); False when it is off. Under
+    torchrun every process trains it, from rank 0's teacher; rank 0 tests and saves it."""
     if not run.cfg.distill.after_training:
         return False
     start = time.time()
     cfg, data, device = run.cfg, run.data, run.device
-    report, student = distill(cfg, run.model, run.arch, data, device, evaluate=False)
+    _share_weights(run.model)
+    report, student = distill(cfg, run.model, run.arch, data, device, evaluate=False, shared=True)
+    if not distributed.is_main():
+        return True
     if data.test is not None:
         tests[rundir.DISTILLED] = ev = classifier_eval(student, data, cfg, device)
         report["test"] = {k: ev[k] for k in ("top1", "top5", "balanced_top1", "num_query")}
@@ -79,6 +83,15 @@ def _distill_after_training(
     report["teacher"] = teacher
     rundir.write_json(run.out / "distill.json", report)
     return True
+
+
+def _share_weights(model: torch.nn.Module) -> None:
+    """Every process's ``model`` takes rank 0's weights (its tightened model: only rank 0
+    tightens); nothing in one process."""
+    if not distributed.is_initialized():
+        return
+    state = {k: v.cpu() for k, v in model.state_dict().items()} if distributed.is_main() else None
+    model.load_state_dict(distributed.broadcast_object(state))
 
 
 def _candidates(run: Run, pretrained: torch.nn.Module, files: list[str]) -> list[Candidate]:
@@ -148,22 +161,43 @@ def finish_run(run: Run, step: int, evals: rundir.MetricsLog) -> dict[str, Any] 
     """
     if not rundir.finite(run.model, run.optimizer):
         raise run.diverged(f"the weights became infinite or NaN by step {step}", step)
-    if not distributed.is_main():
+    main = distributed.is_main()
+    tests: dict[str, dict[str, Any]] = {}
+    files, pretrained, report = [rundir.FINAL], None, None
+    if main:
+        pretrained, report = _tested_and_tightened(run, step, evals, tests)
+        if report is not None:
+            files.append(rundir.TIGHTENED)
+    if _distill_after_training(run, step, files[-1], tests):
+        files.append(rundir.DISTILLED)
+    if not main:
         return None
+    choice = _choose(run, pretrained, files)
+    summary = _results(run, step, choice, tests, report)
+    _export_chosen(run)
+    return summary
+
+
+def _tested_and_tightened(
+    run: Run, step: int, evals: rundir.MetricsLog, tests: dict[str, dict[str, Any]]
+) -> tuple[torch.nn.Module, dict[str, Any] | None]:
+    """Rank 0's part before the student: ``last.pt`` and ``final.pt``, PAWS-NN on the test set
+    (into ``tests`` and ``evals.csv``), tightening and PAWS-NN again (``tighten.json``).
+
+    Returns:
+        ``(a copy of the pre-trained model, the tightening report or None)``.
+    """
     final = run.state(step)
     checkpoint.save(final, run.out / rundir.LAST)
     checkpoint.save(final, run.out / rundir.FINAL)
     cfg, data, device = run.cfg, run.data, run.device
-    tests: dict[str, dict[str, Any]] = {}
     if data.test is not None:
         tests[rundir.FINAL] = paws_nn(run.model, data, cfg, device, progress=True)
         rundir.truncate_rows(run.out / rundir.EVALS, step - 1)  # a finished run resumed
         evals.log({"step": step, **{k: tests[rundir.FINAL][k] for k in ("top1", "top5")}})
     pretrained = copy.deepcopy(run.model).eval()
-    files = [rundir.FINAL]
     report = _tighten_after_training(run, step)
     if report is not None:
-        files.append(rundir.TIGHTENED)
         if data.test is not None:
             tests[rundir.TIGHTENED] = paws_nn(run.model, data, cfg, device, progress=True)
             report["paws_nn_before"] = _top(tests[rundir.FINAL])
@@ -172,12 +206,7 @@ def finish_run(run: Run, step: int, evals: rundir.MetricsLog) -> dict[str, Any] 
                 "num_query": tests[rundir.TIGHTENED]["num_query"],
             }
         rundir.write_json(run.out / "tighten.json", report)
-    if _distill_after_training(run, step, files[-1], tests):
-        files.append(rundir.DISTILLED)
-    choice = _choose(run, pretrained, files)
-    summary = _results(run, step, choice, tests, report)
-    _export_chosen(run)
-    return summary
+    return pretrained, report
 
 
 def _export_chosen(run: Run) -> None:
