@@ -10,6 +10,7 @@ from tiny import logged_steps, tiny_overrides, train_tiny
 
 from paws import rundir
 from paws.pretrain.finish import DEFAULT_ORDER
+from paws.report import build_report
 from paws.rundir import checkpoint
 
 
@@ -79,3 +80,19 @@ def test_a_run_that_distils_offers_its_student_to_the_choice(image_folders, tmp_
     assert len(choice["candidates"]["distill.pt"]["held_out_top1"]) == 2
     assert ev["candidates"]["distill.pt"]["top1"] == report["test"]["top1"]
     assert ev["top1"] == ev["candidates"][choice["model"]]["top1"]
+
+
+def test_a_run_that_means_its_student_is_reported_like_any_other(image_folders, tmp_path):
+    changes = ["distill.after_training=true", "distill.epochs=2", "distill.batch_size=8"]
+    run = train_tiny(
+        tmp_path / "run", tiny_overrides(image_folders, "eval.choice_folds=0", *changes)
+    )
+    # A run whose labels chose its student: what the report draws comes from the classifier.
+    choice = _json(run / "choice.json")
+    rundir.write_json(run / "choice.json", dict(choice, model="distill.pt"))
+    assert rundir.model_file(run) == run / "distill.pt"
+    paths = build_report([run], tmp_path / "report", tsne_points=8, grid_images=4)
+    page = paths["html"].read_text()
+    assert "not a pre-trained model" not in page and "no predictions.json" not in page
+    assert 'alt="t-SNE map of test embeddings"' in page and "distill.pt" in page
+    assert 'alt="Test images: predicted and true labels"' in page

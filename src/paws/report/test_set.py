@@ -18,17 +18,19 @@ from paws.data.loaders import Loading
 from paws.data.sources import load_datasets
 from paws.errors import UserError
 from paws.report.figures import INSTALL, plot_grid
-from paws.rundir import RunRecord, restore_model
+from paws.rundir import RunRecord, restore
 
 __all__ = ["test_view", "tsne_map", "prediction_grid"]
 
 
 def test_view(run: RunRecord, data: Any, cache: dict[str, Any]) -> tuple[Any, Any, Any]:
-    """(config, model, datasets) of a run, loading each distinct dataset once."""
+    """(config, model, datasets) of a run, loading each distinct dataset once; the model is the
+    one the run means, a PAWS model or a classifier (its student)."""
     ckpt = run.model
     if not ckpt.is_file():
         raise UserError(f"no {ckpt.name} in the run directory")
-    cfg, model, _ = restore_model(ckpt)
+    restored = restore(ckpt)
+    cfg, model = restored.cfg, restored.net
     if data is None:
         key = json.dumps(run.config.get("data", {}), sort_keys=True) + str(cfg.views.large_size)
         if key not in cache:
