@@ -99,14 +99,15 @@ def _interrupt(processes: int, run: Path, folder: Path, after: int = 2) -> tuple
     return p.returncode, err
 
 
-def _resume(processes: int, run: Path) -> subprocess.CompletedProcess:
-    r = subprocess.run(
-        _command(processes, "train", "--resume", str(run)),
-        capture_output=True,
-        text=True,
-        env=_env(),
-        timeout=300,
+def _completed(processes: int, *args: str) -> subprocess.CompletedProcess:
+    """``paws ARGS`` in ``processes`` processes, run to its end."""
+    return subprocess.run(
+        _command(processes, *args), capture_output=True, text=True, env=_env(), timeout=300
     )
+
+
+def _resume(processes: int, run: Path) -> subprocess.CompletedProcess:
+    r = _completed(processes, "train", "--resume", str(run))
     assert r.returncode == 0, r.stderr
     return r
 
@@ -229,14 +230,7 @@ def test_a_rank_that_dies_leaves_one_line_and_a_run_that_resumes(folder: Path, t
     assert said == [f"{lost}checkpoint with: paws train --resume {run}"] or (
         not said and f"continue with: paws train --resume {run}" in err
     ), err
-    r = subprocess.run(
-        _command(1, "train", "--resume", str(run)),
-        capture_output=True,
-        text=True,
-        env=_env(),
-        timeout=300,
-    )
-    assert r.returncode == 0, r.stderr
+    _resume(1, run)
 
 
 def test_the_default_support_and_batch_sizes_fit_two_processes(folder: Path, tmp_path: Path):
@@ -245,13 +239,7 @@ def test_the_default_support_and_batch_sizes_fit_two_processes(folder: Path, tmp
     run = tmp_path / "run"
     sizes = ["--set", "support.images_per_class=5", "--set", "optim.batch_size=9"]
     args = [*_args(folder), *sizes, "--set", "optim.steps=2"]
-    r = subprocess.run(
-        _command(2, "train", "--out", str(run), *args),
-        capture_output=True,
-        text=True,
-        env=_env(),
-        timeout=300,
-    )
+    r = _completed(2, "train", "--out", str(run), *args)
     assert r.returncode == 0, r.stderr
     assert "support.images_per_class (5) is not divisible by the 2 processes: 6 images" in r.stderr
     assert "optim.batch_size (9) is not divisible by the 2 processes: batches of 8" in r.stderr
@@ -267,13 +255,7 @@ def test_the_student_trains_on_global_batches_under_two_processes(folder: Path, 
     student = ["distill.epochs=2", "distill.batch_size=8", "distill.labeled_batch=4"]
     args = [*_args(folder), "--set", "optim.steps=4"]
     args += ["--set", "distill.after_training=true", *set_args(student)]
-    r = subprocess.run(
-        _command(2, "train", "--out", str(run), *args),
-        capture_output=True,
-        text=True,
-        env=_env(),
-        timeout=300,
-    )
+    r = _completed(2, "train", "--out", str(run), *args)
     assert r.returncode == 0, r.stderr
     assert (run / "distill.pt").is_file() and (run / "distill.json").is_file()
     choice = json.loads((run / "choice.json").read_text())
@@ -283,9 +265,8 @@ def test_the_student_trains_on_global_batches_under_two_processes(folder: Path, 
     reports = {}
     for processes in (1, 2):
         out = tmp_path / f"student{processes}"
-        command = _command(processes, "distill", str(run), "--out", str(out), "--json")
-        done = subprocess.run(
-            [*command, *set_args(student)], capture_output=True, text=True, env=_env(), timeout=300
+        done = _completed(
+            processes, "distill", str(run), "--out", str(out), "--json", *set_args(student)
         )
         assert done.returncode == 0, done.stderr
         reports[processes] = json.loads(done.stdout)
