@@ -111,9 +111,10 @@ def teacher_targets(
     """:func:`sharpen_targets` of the teacher's PAWS-NN probabilities on the evaluation view of
     every unlabelled image, against ``data.labeled``: ``(targets (N, K), kept (N,))``. With
     ``shared`` under several processes, each computes its part and all receive every row."""
-    images = data.unlabeled
-    if shared and distributed.is_initialized():
-        part = np.array_split(np.arange(len(images)), distributed.get_world_size())
+    images, world = data.unlabeled, distributed.get_world_size()
+    shared = shared and 1 < world <= len(images)  # every part holds an image
+    if shared:
+        part = np.array_split(np.arange(len(images)), world)
         images = images.subset(part[distributed.get_rank()])
     probs = snn_probs(teacher, data, cfg, device, images, progress)
     if shared:
