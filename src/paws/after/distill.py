@@ -222,6 +222,29 @@ def _views(
     )
 
 
+def _orders(
+    cfg: Config, kept: int, labeled: int, shared: bool
+) -> tuple[EpochSampler, EpochSampler | None]:
+    """The batches of the ``kept`` unlabelled images and of the ``labeled`` ones (None when
+    the labelled term is off or has fewer than 2 images), split over the processes that share
+    the student."""
+    d = cfg.distill
+    rank, world = (distributed.get_rank(), distributed.get_world_size()) if shared else (0, 1)
+    batch = _shared_batch(min(d.batch_size, kept), "distill.batch_size", shared)
+    if batch < max(2, world):
+        raise UserError(
+            f"the student needs 2 unlabelled images the teacher is sure of (distill.threshold "
+            f"{d.threshold:g} keeps {kept})"
+        )
+    order = EpochSampler(kept, batch, cfg.run.seed, Stream.DISTILL, rank, world)
+    lab_batch = min(d.labeled_batch, labeled) if d.labeled_weight > 0 else 0
+    lab_batch = _shared_batch(lab_batch, "distill.labeled_batch", shared)
+    if lab_batch < max(2, world):
+        return order, None
+    stream = Stream.DISTILL_LABELED
+    return order, EpochSampler(labeled, lab_batch, cfg.run.seed, stream, rank, world)
+
+
 def train_student(
     cfg: Config,
     teacher: PAWSModel,
@@ -256,21 +279,8 @@ def train_student(
     targets, kept = teacher_targets(teacher, data, cfg, device, progress, shared)
     pool = np.flatnonzero(kept.numpy())
     rank, world = (distributed.get_rank(), distributed.get_world_size()) if shared else (0, 1)
-    batch = _shared_batch(min(d.batch_size, len(pool)), "distill.batch_size", shared)
-    if batch < max(2, world):
-        raise UserError(
-            f"the student needs 2 unlabelled images the teacher is sure of (distill.threshold "
-            f"{d.threshold:g} keeps {len(pool)})"
-        )
-    order = EpochSampler(len(pool), batch, cfg.run.seed, Stream.DISTILL, rank, world)
+    order, lab_order = _orders(cfg, len(pool), len(data.labeled), shared)
     steps = max(1, math.ceil(d.epochs * order.steps_per_epoch))
-    lab_batch = min(d.labeled_batch, len(data.labeled)) if d.labeled_weight > 0 else 0
-    lab_batch = _shared_batch(lab_batch, "distill.labeled_batch", shared)
-    lab_order = None
-    if lab_batch >= max(2, world):
-        lab_order = EpochSampler(
-            len(data.labeled), lab_batch, cfg.run.seed, Stream.DISTILL_LABELED, rank, world
-        )
     student = _student(cfg, teacher, arch, len(data.classes), shared).to(device)
     sync = (lambda: distributed.average_gradients(student.parameters())) if world > 1 else None
     optimizer, schedule = _optimiser(student, d.lr, steps)
