@@ -30,6 +30,7 @@ from paws import rundir
 from paws.after.evaluate import paws_nn, snn_probs
 from paws.after.saved import open_pretrained
 from paws.after.tighten import tighten
+from paws.method.priors import ClassPrior
 
 
 def class_shares(probs: torch.Tensor) -> np.ndarray:
@@ -39,14 +40,13 @@ def class_shares(probs: torch.Tensor) -> np.ndarray:
 
 
 def prior_of(cfg, data) -> np.ndarray | None:
-    """(K,) the class prior ``loss.me_max_prior`` names (None for ``estimated``)."""
+    """(K,) the class prior ``loss.me_max_prior`` names (None for ``estimated``: the estimate
+    moves during training)."""
     kind, k = cfg.loss.me_max_prior, len(data.classes)
     if kind == "estimated":
         return None
-    if kind == "uniform":
-        return np.full(k, 1.0 / k)
-    freq = np.bincount(data.labeled.labels, minlength=k) if kind == "labeled" else np.asarray(kind)
-    return freq / freq.sum()
+    probs = ClassPrior(kind, data.labeled.labels, k).probs  # None: the paper's uniform
+    return np.full(k, 1.0 / k) if probs is None else probs.double().numpy()
 
 
 def models_of(run: Path, opened, steps: list[int]) -> dict[str, torch.nn.Module]:

@@ -140,9 +140,15 @@ def _student(
     return Classifier.from_pretrained(base, classes)
 
 
-def _shared_batch(size: int, what: str, shared: bool) -> int:
-    """``size`` lowered to a multiple of the processes that share it (said in a line)."""
-    world = distributed.get_world_size() if shared else 1
+def _place(shared: bool) -> tuple[int, int]:
+    """``(rank, processes)`` among those that train the student: ``(0, 1)`` when this process
+    trains it alone."""
+    return (distributed.get_rank(), distributed.get_world_size()) if shared else (0, 1)
+
+
+def _shared_batch(size: int, what: str, world: int) -> int:
+    """``size`` lowered to a multiple of the ``world`` processes that share it (said in a
+    line)."""
     if size % world == 0:
         return size
     fitted = size - size % world
@@ -229,8 +235,8 @@ def _orders(
     the labelled term is off or has fewer than 2 images), split over the processes that share
     the student."""
     d = cfg.distill
-    rank, world = (distributed.get_rank(), distributed.get_world_size()) if shared else (0, 1)
-    batch = _shared_batch(min(d.batch_size, kept), "distill.batch_size", shared)
+    rank, world = _place(shared)
+    batch = _shared_batch(min(d.batch_size, kept), "distill.batch_size", world)
     if batch < max(2, world):
         raise UserError(
             f"the student needs 2 unlabelled images the teacher is sure of (distill.threshold "
@@ -238,7 +244,7 @@ def _orders(
         )
     order = EpochSampler(kept, batch, cfg.run.seed, Stream.DISTILL, rank, world)
     lab_batch = min(d.labeled_batch, labeled) if d.labeled_weight > 0 else 0
-    lab_batch = _shared_batch(lab_batch, "distill.labeled_batch", shared)
+    lab_batch = _shared_batch(lab_batch, "distill.labeled_batch", world)
     if lab_batch < max(2, world):
         return order, None
     stream = Stream.DISTILL_LABELED
@@ -278,7 +284,7 @@ def train_student(
     d = cfg.distill
     targets, kept = teacher_targets(teacher, data, cfg, device, progress, shared)
     pool = np.flatnonzero(kept.numpy())
-    rank, world = (distributed.get_rank(), distributed.get_world_size()) if shared else (0, 1)
+    rank, world = _place(shared)
     order, lab_order = _orders(cfg, len(pool), len(data.labeled), shared)
     steps = max(1, math.ceil(d.epochs * order.steps_per_epoch))
     student = _student(cfg, teacher, arch, len(data.classes), shared).to(device)
