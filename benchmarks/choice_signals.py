@@ -11,9 +11,12 @@ unlabelled images (PAWS-NN answers against the run's labelled images; their own 
 - ``agree``: the share of answers equal to the pre-trained model's;
 
 and the test set's top-1 of each, only to judge those signals. ``--tighten-steps`` tightens the
-pre-trained model again at other lengths (``tighten.steps``) and adds those models to the rows.
+pre-trained model again at other lengths (``tighten.steps``) and adds those models to the rows;
+``--interpolate`` keeps each of them at those points between the pre-trained (0) and the SuNCEt
+weights (1) (``tighten.interpolate``; default: the config's).
 
     python benchmarks/choice_signals.py runs/s0 runs/s1 [--tighten-steps 60] [--n 10000]
+    python benchmarks/choice_signals.py runs/s0 --tighten-steps 60 --interpolate 0.25 0.5 0.75 1
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import torch
 from paws import rundir
 from paws.after.evaluate import paws_nn, snn_probs
 from paws.after.saved import open_pretrained
-from paws.after.tighten import tighten
+from paws.after.tighten import interpolate_weights, tighten
 from paws.method.priors import ClassPrior
 
 
@@ -49,22 +52,29 @@ def prior_of(cfg, data) -> np.ndarray | None:
     return np.full(k, 1.0 / k) if probs is None else probs.double().numpy()
 
 
-def models_of(run: Path, opened, steps: list[int]) -> dict[str, torch.nn.Module]:
+def models_of(
+    run: Path, opened, steps: list[int], shares: list[float] | None
+) -> dict[str, torch.nn.Module]:
     """The run's pre-trained and tightened models, and the pre-trained one tightened again for
-    each of ``steps``."""
+    each of ``steps``, kept at each of ``shares`` of the way to the SuNCEt weights (None: the
+    config's ``tighten.interpolate``)."""
     models = {"final.pt": opened.net}
     if (run / rundir.TIGHTENED).is_file():
         models["tighten.pt"] = rundir.restore(run / rundir.TIGHTENED).net.to(opened.device)
+    start = {k: v.detach().clone() for k, v in opened.net.state_dict().items()}
     for s in steps:
         cfg = copy.deepcopy(opened.cfg)
-        cfg.tighten.steps = s
-        model = copy.deepcopy(opened.net)
-        tighten(cfg, model, opened.data, opened.device, evaluate=False)
-        models[f"tighten {s} steps"] = model.eval()
+        cfg.tighten.steps, cfg.tighten.interpolate = s, 1.0
+        suncet = copy.deepcopy(opened.net)
+        tighten(cfg, suncet, opened.data, opened.device, evaluate=False)
+        for a in shares or [opened.cfg.tighten.interpolate]:
+            model = copy.deepcopy(suncet)
+            interpolate_weights(model, start, a)
+            models[f"tighten {s} steps, {a:g} of the way"] = model.eval()
     return models
 
 
-def signals(run: Path, steps: list[int], n: int) -> list[dict]:
+def signals(run: Path, steps: list[int], n: int, shares: list[float] | None = None) -> list[dict]:
     """One row a model of ``run``: its test top-1 and the unlabelled images' signals."""
     opened = open_pretrained(run / rundir.FINAL, out_dir=run)
     cfg, data, device = opened.cfg, opened.data, opened.device
@@ -75,7 +85,7 @@ def signals(run: Path, steps: list[int], n: int) -> list[dict]:
     choice = run / rundir.CHOICE
     chosen = json.loads(choice.read_text())["model"] if choice.is_file() else None
     rows, base = [], None
-    for name, model in models_of(run, opened, steps).items():
+    for name, model in models_of(run, opened, steps, shares).items():
         probs = snn_probs(model, data, cfg, device, queries)
         answers = probs.argmax(dim=1)
         base = answers if base is None else base
@@ -102,10 +112,15 @@ def main() -> None:
     p.add_argument(
         "--tighten-steps", type=int, nargs="*", default=[], help="tighten again at these lengths"
     )
+    p.add_argument(
+        "--interpolate", type=float, nargs="*", help="shares of the way to the SuNCEt weights"
+    )
     p.add_argument("--n", type=int, default=10000, help="unlabelled images scored")
     p.add_argument("--json", type=Path, help="also write the rows here")
     args = p.parse_args()
-    rows = [r for run in args.runs for r in signals(run, args.tighten_steps, args.n)]
+    rows = [
+        r for run in args.runs for r in signals(run, args.tighten_steps, args.n, args.interpolate)
+    ]
     print("| run | model | test top-1 | tv prior | max share | agree | chosen |")
     print("| --- | --- | ---: | ---: | ---: | ---: | --- |")
     for r in rows:

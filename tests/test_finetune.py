@@ -12,7 +12,7 @@ import torch.nn as nn
 from tiny import error_line, write_folder
 
 from paws.after.finetune import crop_flip_views, finetune_checkpoint, validation_split
-from paws.after.tighten import freeze_batchnorm, tighten_checkpoint
+from paws.after.tighten import freeze_batchnorm, interpolate_weights, tighten_checkpoint
 from paws.apply.load import from_checkpoint
 from paws.cli import main
 from paws.config import load_config
@@ -174,6 +174,43 @@ def test_tighten_freezes_batchnorm_and_trains_the_rest(shared_run, tmp_path, cap
     assert report["paws_nn_after"]["num_query"] == 48
     # paws eval reads the tightened checkpoint like a pre-trained one.
     assert main(["--quiet", "eval", str(tmp_path / "tighten.pt")]) == 0
+
+
+def test_interpolate_weights_moves_floats_between_the_ends_and_keeps_counts():
+    model = nn.Sequential(nn.Linear(2, 1), nn.BatchNorm1d(1))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[4.0, -2.0]]))
+        model[1].running_mean.fill_(3.0)
+    model[1].num_batches_tracked.fill_(7)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[0.0, 2.0]]))
+        model[1].running_mean.fill_(1.0)
+    model[1].num_batches_tracked.fill_(9)
+    interpolate_weights(model, start, 0.25)  # 0.75 x start + 0.25 x now
+    assert torch.allclose(model[0].weight, torch.tensor([[3.0, -1.0]]))
+    assert torch.allclose(model[1].running_mean, torch.tensor([2.5]))
+    assert int(model[1].num_batches_tracked) == 9
+    interpolate_weights(model, start, 1.0)  # nothing moves
+    assert torch.allclose(model[0].weight, torch.tensor([[3.0, -1.0]]))
+    interpolate_weights(model, start, 0.0)  # back at the start
+    assert torch.allclose(model[0].weight, start["0.weight"])
+
+
+def test_the_tightened_model_is_halfway_between_pre_training_and_suncet(shared_run, tmp_path):
+    _, run_dir = shared_run
+    steps = ["tighten.steps=5", "tighten.classes=4"]
+    tighten_checkpoint(run_dir, [*steps, "tighten.interpolate=1"], tmp_path / "suncet")
+    report = tighten_checkpoint(run_dir, steps, tmp_path / "half")  # the default, 0.5
+    assert report["interpolate"] == 0.5
+    before = checkpoint.load(run_dir / "last.pt")["model"]
+    suncet = checkpoint.load(tmp_path / "suncet" / "tighten.pt")["model"]
+    half = checkpoint.load(tmp_path / "half" / "tighten.pt")["model"]
+    moved = [k for k in before if not torch.equal(before[k], suncet[k])]
+    assert moved
+    for k in before:
+        if before[k].is_floating_point():
+            assert torch.allclose(half[k], (before[k] + suncet[k]) / 2, atol=1e-6), k
 
 
 def test_tighten_copes_with_classes_of_one_image_and_needs_one_class_of_two(shared_run, tmp_path):
